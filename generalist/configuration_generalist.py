@@ -1,0 +1,100 @@
+"""`GeneralistConfig`: the backbone's config plus what the multi-modal wrapper adds."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from generalist.vocab import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_LOSS_WEIGHTS,
+    IMAGE,
+    IMAGE_CHANNELS,
+    MODALITY_NAMES,
+    PAD,
+    PATCH_SIZE,
+    VocabLayout,
+)
+
+DEFAULT_TEXT_VOCAB = 2048  # the size of tokenizers_cfg/default's BPE
+
+# A tiny Llama-style backbone that trains on a laptop CPU (about 3.5M parameters with our vocabulary).
+TINY_LLAMA = {
+    "hidden_size": 192,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+class GeneralistConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~generalist.GeneralistForCausalLM`.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The backbone: any 🤗 transformers causal LM config (rebuilt from a dict by its
+            ``model_type``; a tiny Llama by default). Its ``vocab_size`` is overwritten by the
+            vocabulary layout's.
+        vocab_layout (`dict`, *optional*):
+            :class:`~generalist.vocab.VocabLayout` as a dict (``text_size`` etc.), copied from the
+            tokenizer so that a checkpoint can refuse a tokenizer that does not match it.
+        image_size (`int`): side of the square box images are fitted into (multiple of ``patch_size``).
+        patch_size (`int`): side of an image patch (16 in Gato).
+        image_channels (`int`): channels of a patch (RGB).
+        patch_encoder_channels (`int`): width of the ResNet block that embeds each patch (Gato §2.2).
+        max_local_positions (`int`): most tokens in one observation that get a local position embedding.
+        loss_weights (`dict[str, float]`, *optional*): loss weight per modality
+            (``pad, special, text, caption, image, observation, action, reward, return``).
+        initializer_range (`float`): std of the normal init of the wrapper's own weights.
+    """
+
+    model_type = "generalist"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=TINY_LLAMA),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vocab_layout: dict | None = None
+    image_size: int = DEFAULT_IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    image_channels: int = IMAGE_CHANNELS
+    patch_encoder_channels: int = 32
+    max_local_positions: int = 512
+    loss_weights: dict | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        layout = VocabLayout.from_dict(self.vocab_layout) if self.vocab_layout else VocabLayout(DEFAULT_TEXT_VOCAB)
+        self.vocab_layout = layout.to_dict()
+        self.text_config.vocab_size = layout.vocab_size
+        self.text_config.pad_token_id = layout.special_id(PAD)
+        weights = dict(DEFAULT_LOSS_WEIGHTS)
+        for name, w in (self.loss_weights or {}).items():
+            if name not in MODALITY_NAMES:
+                raise ValueError(f"loss_weights: unknown modality {name!r}; expected one of {MODALITY_NAMES}")
+            if not w >= 0:
+                raise ValueError(f"loss_weights[{name!r}] must be >= 0, got {w!r}")
+            weights[name] = float(w)
+        self.loss_weights = weights
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        for name in ("patch_size", "patch_encoder_channels", "max_local_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout.from_dict(self.vocab_layout)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.layout.special_id(IMAGE)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size

@@ -1,0 +1,233 @@
+"""`GeneralistForCausalLM`: any 🤗 causal LM backbone fed with Gato-style multi-modal embeddings.
+
+::
+
+    input_ids ──embed──┐                                   (B, T, D)
+    local_positions ───+──► inputs_embeds ──► backbone ──► logits (B, T, V) ──► weighted loss
+    patches ──ResNet block + row/col──► scattered at <image> tokens
+
+Attention, caching and the LM head are the backbone's own: the wrapper never re-implements them,
+so it keeps the backbone's speed and its KV cache (``past_key_values`` / ``use_cache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from generalist.configuration_generalist import GeneralistConfig
+from generalist.vocab import MODALITY_NAMES, Modality
+
+GROUP_NORM_GROUPS = 8
+
+
+@dataclass
+class GeneralistCausalLMOutput(ModelOutput):
+    """Output of :class:`GeneralistForCausalLM`.
+
+    Attributes:
+        loss: weighted mean next-token loss (scalar) when ``labels`` are given.
+        logits: (B, T, V) next-token logits (only the last ``logits_to_keep`` positions if set).
+        cache: the backbone's KV cache, to feed back with the next tokens (``past_key_values`` in
+            transformers < 5.24; that name still reads it).
+        modality_losses: unweighted mean loss per target modality present in the batch (for logging).
+        modality_counts: number of target tokens per modality in the batch.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    modality_losses: dict[str, torch.Tensor] | None = None
+    modality_counts: dict[str, torch.Tensor] | None = None
+
+
+class PatchResidualBlock(nn.Module):
+    """Pre-activation ResNet v2 block (He et al. 2016) with GroupNorm, as Gato §2.2 uses for patches."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = min(GROUP_NORM_GROUPS, channels)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, P, P)
+        h = self.conv1(F.gelu(self.norm1(x)))
+        h = self.conv2(F.gelu(self.norm2(h)))
+        return x + h
+
+
+class PatchEncoder(nn.Module):
+    """Flat normalised patches (N, C*P*P) + (row, col) -> embeddings (N, D)."""
+
+    def __init__(self, config: GeneralistConfig, hidden_size: int):
+        super().__init__()
+        self.channels, self.patch_size = config.image_channels, config.patch_size
+        width = config.patch_encoder_channels
+        self.stem = nn.Conv2d(self.channels, width, 3, padding=1)
+        self.block = PatchResidualBlock(width)
+        self.proj = nn.Linear(width * self.patch_size**2, hidden_size)
+        grid = config.image_size // config.patch_size
+        self.row_embed = nn.Embedding(grid, hidden_size)
+        self.col_embed = nn.Embedding(grid, hidden_size)
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = patches.view(-1, self.channels, self.patch_size, self.patch_size)  # (N, C, P, P)
+        x = self.block(self.stem(x))  # (N, W, P, P)
+        x = self.proj(x.flatten(1))  # (N, D)
+        return x + self.row_embed(positions[:, 0]) + self.col_embed(positions[:, 1])
+
+
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross entropy of next-token prediction and its weighted mean.
+
+    logits (B, T, V) predict labels shifted by one; ``weights`` (B, T) belong to the *targets*.
+    Returns the per-target loss (B, T-1) and sum(w * loss) / sum(w) (0 when all weights are 0).
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    w = weights[:, 1:] * (targets != -100)
+    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    loss = (token_loss * w).sum() / w.sum().clamp_min(1e-8)
+    return token_loss, loss
+
+
+class GeneralistPreTrainedModel(PreTrainedModel):
+    config_class = GeneralistConfig
+    config: GeneralistConfig
+    base_model_prefix = "generalist"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
+    """One causal LM over text, image patches, discrete and continuous values (Reed et al. 2022).
+
+    Inputs are the keys of :meth:`GeneralistTokenizer.collate`: ``input_ids``, ``attention_mask``,
+    ``modality_ids``, ``local_positions``, ``patches``, ``patch_positions`` and ``labels``.
+    """
+
+    def __init__(self, config: GeneralistConfig):
+        super().__init__(config)
+        self.backbone = AutoModelForCausalLM.from_config(config.text_config)
+        hidden = config.text_config.hidden_size
+        self.patch_encoder = PatchEncoder(config, hidden)
+        # index 0 = "not inside an observation" and stays a zero vector
+        self.local_position_embed = nn.Embedding(config.max_local_positions + 1, hidden, padding_idx=0)
+        self.register_buffer("loss_weight_table", torch.tensor(
+            [config.loss_weights[name] for name in MODALITY_NAMES]), persistent=False)
+        self._no_split_modules = getattr(self.backbone, "_no_split_modules", None)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def embed(self, input_ids: torch.Tensor, local_positions: torch.Tensor | None = None,
+              patches: torch.Tensor | None = None, patch_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with patch embeddings at ``<image>`` tokens plus local positions (B, T, D)."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        n_image = int(image_mask.sum())
+        n_patches = 0 if patches is None else patches.shape[0]
+        if n_image != n_patches:
+            raise ValueError(f"{n_image} <image> tokens but {n_patches} patches were given")
+        if n_image:
+            patch_embeds = self.patch_encoder(patches.to(embeds.dtype), patch_positions)  # (P, D)
+            embeds = embeds.masked_scatter(image_mask[..., None], patch_embeds.to(embeds.dtype))
+        if local_positions is not None:
+            local = local_positions.clamp(max=self.config.max_local_positions)
+            embeds = embeds + self.local_position_embed(local)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        local_positions: torch.LongTensor | None = None,
+        patches: torch.FloatTensor | None = None,
+        patch_positions: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> GeneralistCausalLMOutput:
+        if cache is None:  # the pre-5.24 name of the cache argument
+            cache = kwargs.pop("past_key_values", None)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, local_positions, patches, patch_positions)
+        out = self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        loss = modality_losses = modality_counts = None
+        if labels is not None:
+            if modality_ids is None:
+                weights = torch.ones_like(labels, dtype=out.logits.dtype)
+                modality_ids = torch.full_like(labels, int(Modality.TEXT))
+            else:
+                weights = self.loss_weight_table.to(out.logits.dtype)[modality_ids]  # (B, T)
+            token_loss, loss = weighted_token_loss(out.logits, labels, weights)
+            modality_losses, modality_counts = _per_modality(token_loss.detach(), labels[:, 1:], modality_ids[:, 1:])
+        return GeneralistCausalLMOutput(
+            loss=loss, logits=out.logits, cache=out.cache,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+            modality_losses=modality_losses, modality_counts=modality_counts,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, patches=None,
+                                      patch_positions=None, local_positions=None, **kwargs):
+        """For ``generate``: patches and local positions only go in with the prefill."""
+        inputs = self.backbone.prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
+        prefill = cache is None or cache.get_seq_length() == 0
+        n = inputs["input_ids"].shape[1] if inputs.get("input_ids") is not None else 0
+        inputs["input_ids"] = input_ids[:, -n:] if n else input_ids
+        if prefill:
+            inputs.update(patches=patches, patch_positions=patch_positions, local_positions=local_positions)
+        return inputs
+
+
+def _per_modality(token_loss: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean unweighted loss and count of target tokens per modality (only modalities present)."""
+    valid = targets != -100
+    losses, counts = {}, {}
+    for m in Modality:
+        if m in (Modality.PAD, Modality.IMAGE):
+            continue
+        sel = valid & (modality == m)
+        n = sel.sum()
+        if n > 0:
+            losses[m.name.lower()] = token_loss[sel].mean()
+            counts[m.name.lower()] = n
+    return losses, counts

@@ -1,0 +1,573 @@
+"""`GeneralistTokenizer`: one object that turns every modality into one token stream.
+
+It knows no model. Its output is a *sample*: a dict of numpy arrays
+
+====================  ==========================  ==================================================
+key                   shape / dtype               meaning
+====================  ==========================  ==================================================
+``input_ids``         (L,) int64                  token ids in the layout of :mod:`generalist.vocab`
+``modality_ids``      (L,) int64                  :class:`~generalist.vocab.Modality` of each token
+``local_positions``   (L,) int64                  1 + index of the token inside its observation
+                                                  (Gato §2.2); 0 for tokens outside observations
+``patches``           (P, C*16*16) float32        pixels of each ``<image>`` token, in token order
+``patch_positions``   (P, 2) int64                (row, column) of each patch inside its image
+====================  ==========================  ==================================================
+
+and :meth:`GeneralistTokenizer.collate` pads a list of samples into a batch of torch tensors that
+:class:`~generalist.modeling_generalist.GeneralistForCausalLM` takes as keyword arguments
+(plus ``attention_mask`` and ``labels``).
+
+One control timestep is laid out as (DESIGN.md)::
+
+    [R_t] [o_t: text | image patches | discrete & continuous values] <sep> [a_t] [r_t]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from generalist.task_spec import FieldSpec, TaskSpec
+from generalist.vocab import (
+    BOS,
+    DEFAULT_IMAGE_SIZE,
+    EOS,
+    IMAGE,
+    IMAGE_CHANNELS,
+    MU_LAW_M,
+    MU_LAW_MU,
+    NO_RETURN,
+    PAD,
+    PATCH_SIZE,
+    SEP,
+    Modality,
+    VocabLayout,
+)
+
+CONFIG_FILE = "tokenizer_config.json"
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+TASK_SPECS_FILE = "task_specs.json"
+
+Sample = dict[str, np.ndarray]
+SAMPLE_KEYS = ("input_ids", "modality_ids", "local_positions", "patches", "patch_positions")
+PATCH_DIM = IMAGE_CHANNELS * PATCH_SIZE * PATCH_SIZE
+
+
+class TokenizationError(ValueError):
+    """Input that cannot be tokenized; the message names the field, the value and what was expected."""
+
+
+# --- mu-law (Gato §2.1) ----------------------------------------------------------------------------
+
+
+def mu_law_encode(x: np.ndarray, mu: float = MU_LAW_MU, m: float = MU_LAW_M) -> np.ndarray:
+    """F(x) = sign(x) log(|x| mu + 1) / log(M mu + 1), not yet clipped."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sign(x) * np.log1p(np.abs(x) * mu) / np.log1p(m * mu)
+
+
+def mu_law_decode(y: np.ndarray, mu: float = MU_LAW_MU, m: float = MU_LAW_M) -> np.ndarray:
+    """Inverse of :func:`mu_law_encode` on [-1, 1]."""
+    return np.sign(y) * np.expm1(np.abs(y) * np.log1p(m * mu)) / mu
+
+
+# --- the sample under construction ---------------------------------------------------------------
+
+
+def empty_sample() -> Sample:
+    return {
+        "input_ids": np.zeros(0, np.int64),
+        "modality_ids": np.zeros(0, np.int64),
+        "local_positions": np.zeros(0, np.int64),
+        "patches": np.zeros((0, PATCH_DIM), np.float32),
+        "patch_positions": np.zeros((0, 2), np.int64),
+    }
+
+
+def concat_samples(samples: Sequence[Sample]) -> Sample:
+    """Join samples end to end (patches follow their placeholder tokens)."""
+    if not samples:
+        return empty_sample()
+    return {k: np.concatenate([s[k] for s in samples]) for k in SAMPLE_KEYS}
+
+
+def slice_sample(sample: Sample, start: int, stop: int | None = None) -> Sample:
+    """Tokens ``[start, stop)`` of a sample, with exactly the patches of the image tokens kept."""
+    n = len(sample["input_ids"])
+    start, stop, _ = slice(start, stop).indices(n)
+    is_image = sample["modality_ids"] == Modality.IMAGE
+    p0, p1 = int(is_image[:start].sum()), int(is_image[:stop].sum())
+    out = {k: sample[k][start:stop] for k in ("input_ids", "modality_ids", "local_positions")}
+    out["patches"] = sample["patches"][p0:p1]
+    out["patch_positions"] = sample["patch_positions"][p0:p1]
+    return out
+
+
+def _tokens(ids: np.ndarray, modality: Modality, local: np.ndarray | None = None) -> Sample:
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    s = empty_sample()
+    s["input_ids"] = ids
+    s["modality_ids"] = np.full(len(ids), int(modality), np.int64)
+    s["local_positions"] = np.zeros(len(ids), np.int64) if local is None else local
+    return s
+
+
+class GeneralistTokenizer:
+    """Gato-style tokenizer for text, images, discrete and continuous values (Reed et al. 2022, §2).
+
+    Args:
+        text_tokenizer: a trained 🤗 ``tokenizers.Tokenizer`` (any BPE JSON file works).
+        image_size: every image is fitted into an ``image_size`` x ``image_size`` box (see
+            :meth:`preprocess_image`), so it always gives ``(image_size / 16) ** 2`` patches.
+        task_specs: the tasks this tokenizer (and the model trained with it) knows.
+    """
+
+    def __init__(self, text_tokenizer: Tokenizer, image_size: int = DEFAULT_IMAGE_SIZE,
+                 task_specs: Iterable[TaskSpec] = ()):
+        if image_size % PATCH_SIZE or image_size <= 0:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH_SIZE}, got {image_size}")
+        self.text_tokenizer = text_tokenizer
+        self.layout = VocabLayout(text_size=text_tokenizer.get_vocab_size())
+        self.image_size = image_size
+        self.task_specs: dict[str, TaskSpec] = {}
+        for spec in task_specs:
+            self.add_task_spec(spec)
+        self.pad_id, self.bos_id, self.eos_id, self.sep_id, self.image_id, self.no_return_id = (
+            self.layout.special_id(t) for t in (PAD, BOS, EOS, SEP, IMAGE, NO_RETURN)
+        )
+
+    # --- vocabulary ---
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.image_size // PATCH_SIZE) ** 2
+
+    def add_task_spec(self, spec: TaskSpec) -> None:
+        self.task_specs[spec.name] = spec
+
+    def get_task_spec(self, task: str | TaskSpec) -> TaskSpec:
+        if isinstance(task, TaskSpec):
+            return task
+        try:
+            return self.task_specs[task]
+        except KeyError:
+            raise KeyError(f"unknown task {task!r}; this tokenizer knows {sorted(self.task_specs)}") from None
+
+    # --- continuous values ---
+    def encode_continuous(self, x: np.ndarray, field: str = "value") -> np.ndarray:
+        """mu-law companding, clip to [-1, 1], 1024 uniform bins (vectorised; ±inf saturate)."""
+        x = np.asarray(x, dtype=np.float64)
+        if np.isnan(x).any():
+            bad = np.argwhere(np.isnan(x))[0].tolist()
+            raise TokenizationError(f"{field}: NaN at index {bad}; continuous values must not be NaN")
+        y = np.clip(mu_law_encode(x), -1.0, 1.0)
+        bins = self.layout.num_continuous
+        idx = np.minimum(np.floor((y + 1.0) / 2.0 * bins).astype(np.int64), bins - 1)  # +1 -> last bin
+        return idx + self.layout.continuous_offset
+
+    def decode_continuous(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids -> bin centres, mapped back through the inverse mu-law."""
+        idx = np.asarray(ids, dtype=np.int64) - self.layout.continuous_offset
+        self._check_range(idx, self.layout.num_continuous, "continuous")
+        y = -1.0 + (idx + 0.5) * 2.0 / self.layout.num_continuous
+        return mu_law_decode(y).astype(np.float32)
+
+    # --- discrete values ---
+    def encode_discrete(self, x, field: str = "value", n: Sequence[int] | int | None = None,
+                        start: Sequence[int] | int = 0) -> np.ndarray:
+        """Integers 0..n-1 (after subtracting ``start``) -> their own id range."""
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_)):
+            if np.issubdtype(x.dtype, np.floating) and np.all(np.isfinite(x)) and np.all(x == np.round(x)):
+                x = x.astype(np.int64)
+            else:
+                raise TokenizationError(f"{field}: discrete values must be integers, got {x!r}")
+        v = x.astype(np.int64) - np.asarray(start, np.int64)
+        limit = np.asarray(self.layout.num_discrete if n is None else n, np.int64)
+        bad = (v < 0) | (v >= limit)
+        if bad.any():
+            i = tuple(np.argwhere(bad)[0])
+            raise TokenizationError(
+                f"{field}: value {x[i] if x.ndim else x.item()} at index {list(i)} is outside the space "
+                f"(expected {int(np.broadcast_to(np.asarray(start), x.shape)[i])} <= value < "
+                f"{int(np.broadcast_to(np.asarray(start), x.shape)[i] + np.broadcast_to(limit, x.shape)[i])})"
+            )
+        return v + self.layout.discrete_offset
+
+    def decode_discrete(self, ids) -> np.ndarray:
+        idx = np.asarray(ids, dtype=np.int64) - self.layout.discrete_offset
+        self._check_range(idx, self.layout.num_discrete, "discrete")
+        return idx
+
+    @staticmethod
+    def _check_range(idx: np.ndarray, size: int, kind: str) -> None:
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
+            raise TokenizationError(f"ids outside the {kind} range (offsets {idx.min()}..{idx.max()})")
+
+    # --- text ---
+    def encode_text(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizationError(f"text must be a str, got {type(text).__name__}")
+        return self.text_tokenizer.encode(text).ids
+
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """Text ids -> str; ids of other kinds (specials, values) are skipped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.layout.text_size]
+        return self.text_tokenizer.decode(ids)
+
+    # --- images ---
+    def preprocess_image(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """Any image -> uint8 (S, S, 3), S = ``image_size``.
+
+        The rule: convert to RGB (grey, palette and alpha modes are converted by PIL, alpha dropped),
+        scale bilinearly so the longer side is S (aspect ratio kept), centre on a black S x S canvas.
+        An (S, S, 3) uint8 array is used as is.
+        """
+        s = self.image_size
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise TokenizationError(f"image arrays must be uint8 (H, W, C), got dtype {image.dtype}")
+            if image.ndim == 2:
+                image = image[..., None]
+            if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+                raise TokenizationError(f"image arrays must have shape (H, W, 1|3|4), got {image.shape}")
+            if image.shape == (s, s, 3):
+                return image
+            image = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        if not isinstance(image, Image.Image):
+            raise TokenizationError(f"images must be PIL images or uint8 arrays, got {type(image).__name__}")
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = s / max(w, h)
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if new != (w, h):
+            image = image.resize(new, Image.BILINEAR)
+        canvas = Image.new("RGB", (s, s))
+        canvas.paste(image, ((s - new[0]) // 2, (s - new[1]) // 2))
+        return np.asarray(canvas, dtype=np.uint8)
+
+    def encode_image(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """Image -> patches float32 (N_patches, C*16*16), row-major, pixels in [-1, 1] / sqrt(16)."""
+        return self._patchify(self.preprocess_image(image)[None])[0]
+
+    def _patchify(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (T, S, S, C) -> float32 (T, N, C*P*P) (Gato §2.2 normalisation)."""
+        t, s = images.shape[0], self.image_size
+        g = s // PATCH_SIZE
+        x = images.reshape(t, g, PATCH_SIZE, g, PATCH_SIZE, IMAGE_CHANNELS)
+        x = x.transpose(0, 1, 3, 5, 2, 4).reshape(t, g * g, PATCH_DIM)  # (T, N, C*P*P), channel-first
+        return ((x.astype(np.float32) / 127.5 - 1.0) / np.sqrt(PATCH_SIZE)).astype(np.float32)
+
+    def _patch_positions(self, n_images: int) -> np.ndarray:
+        g = self.image_size // PATCH_SIZE
+        rows, cols = np.divmod(np.arange(g * g), g)
+        return np.tile(np.stack([rows, cols], 1), (n_images, 1)).astype(np.int64)
+
+    # --- samples: text, image-caption ---
+    def encode_text_sample(self, text: str) -> Sample:
+        """Plain text for language modelling: ``<bos> text <eos>``."""
+        return concat_samples([
+            _tokens([self.bos_id], Modality.SPECIAL),
+            _tokens(self.encode_text(text) + [self.eos_id], Modality.TEXT),
+        ])
+
+    def encode_image_caption(self, image, caption: str | None = None) -> Sample:
+        """``<bos> <image>*N <sep> caption <eos>``; without a caption, the prompt for captioning."""
+        parts = [_tokens([self.bos_id], Modality.SPECIAL), self._image_tokens(self.preprocess_image(image)[None]),
+                 _tokens([self.sep_id], Modality.SPECIAL)]
+        if caption is not None:
+            parts.append(_tokens(self.encode_text(caption) + [self.eos_id], Modality.CAPTION))
+        return concat_samples(parts)
+
+    def _image_tokens(self, frames: np.ndarray, local_start: int = 0) -> Sample:
+        s = _tokens(np.full(len(frames) * self.patches_per_image, self.image_id), Modality.IMAGE)
+        s["patches"] = self._patchify(frames).reshape(-1, PATCH_DIM)
+        s["patch_positions"] = self._patch_positions(len(frames))
+        return s
+
+    # --- control episodes ---
+    def _field_columns(self, fld: FieldSpec, values, t: int, role: str) -> list[Sample]:
+        """One field for ``t`` steps -> ``t`` per-step samples (observation or action tokens)."""
+        modality = Modality.OBSERVATION if role == "observation" else Modality.ACTION
+        if fld.kind == "text":
+            if isinstance(values, str) or len(values) != t:
+                raise TokenizationError(f"{fld.name}: expected {t} strings, got {values!r:.80}")
+            return [_tokens(self.encode_text(v), modality) for v in values]
+        if fld.kind == "image":
+            frames = self._frames(fld, values, t)
+            return [self._image_tokens(frames[i:i + 1]) for i in range(t)]
+        arr = np.asarray(values)
+        if arr.ndim == 0 or arr.shape[0] != t or int(np.prod(arr.shape[1:])) != fld.size:
+            raise TokenizationError(
+                f"{fld.name}: expected values of shape ({t}, {', '.join(map(str, fld.shape))}) "
+                f"(T steps of {fld.space_type} {fld.shape}), got {arr.shape}")
+        arr = arr.reshape(t, fld.size)
+        if fld.kind == "continuous":
+            ids = self.encode_continuous(arr, field=fld.name)
+            if role == "action":
+                self._check_bounds(fld, arr)
+        else:
+            ids = self.encode_discrete(arr, field=fld.name, n=fld.n, start=fld.start)
+        return [_tokens(row, modality) for row in ids]
+
+    def _check_bounds(self, fld: FieldSpec, arr: np.ndarray) -> None:
+        low, high = np.asarray(fld.low), np.asarray(fld.high)
+        bad = (arr < low - 1e-6) | (arr > high + 1e-6)
+        if bad.any():
+            t, j = np.argwhere(bad)[0]
+            raise TokenizationError(
+                f"{fld.name}: action value {arr[t, j]:.6g} at step {t}, element {j} is outside the "
+                f"Box bounds [{low[j]:.6g}, {high[j]:.6g}]")
+
+    def _frames(self, fld: FieldSpec, values, t: int) -> np.ndarray:
+        if isinstance(values, np.ndarray) and values.dtype == np.uint8 and values.shape[1:] == (
+                self.image_size, self.image_size, IMAGE_CHANNELS) and len(values) == t:
+            return values
+        if len(values) != t:
+            raise TokenizationError(f"{fld.name}: expected {t} images, got {len(values)}")
+        return np.stack([self.preprocess_image(np.asarray(v) if not isinstance(v, Image.Image) else v)
+                         for v in values])
+
+    def encode_steps(
+        self,
+        task: str | TaskSpec,
+        observations: dict[str, Any],
+        actions: dict[str, Any] | None = None,
+        rewards: np.ndarray | None = None,
+        returns_to_go: np.ndarray | None = None,
+    ) -> list[Sample]:
+        """Encode T timesteps; one sample per step ``[R_t] [o_t] <sep> [a_t] [r_t]``.
+
+        ``returns_to_go`` None means "no return" (Gato mode). Without ``actions`` each step ends
+        after ``<sep>`` (the prompt for the next action); without ``rewards`` after the action.
+        """
+        spec = self.get_task_spec(task)
+        t = self._num_steps(spec, observations)
+        obs_cols = [self._field_columns(f, self._get(observations, f, "observations"), t, "observation")
+                    for f in spec.observation_fields]
+        act_cols = [] if actions is None else [
+            self._field_columns(f, self._get(actions, f, "actions"), t, "action") for f in spec.action_fields]
+        if returns_to_go is None:
+            ret = [_tokens([self.no_return_id], Modality.SPECIAL)] * t
+        else:
+            rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
+            ret = [_tokens([i], Modality.RETURN) for i in self.encode_continuous(rtg, "returns_to_go")]
+        rew = []
+        if rewards is not None:
+            r = self._scalars(rewards, t, "rewards") * spec.reward_scale
+            rew = [_tokens([i], Modality.REWARD) for i in self.encode_continuous(r, "rewards")]
+        sep = _tokens([self.sep_id], Modality.SPECIAL)
+        steps = []
+        for i in range(t):
+            obs = concat_samples([col[i] for col in obs_cols])
+            obs["local_positions"] = np.arange(1, len(obs["input_ids"]) + 1, dtype=np.int64)
+            parts = [ret[i], obs, sep] + [col[i] for col in act_cols] + ([rew[i]] if rew else [])
+            steps.append(concat_samples(parts))
+        return steps
+
+    @staticmethod
+    def _get(values: dict[str, Any], fld: FieldSpec, what: str):
+        try:
+            return values[fld.name]
+        except KeyError:
+            raise TokenizationError(f"{what} has no field {fld.name!r}; got fields {sorted(values)}") from None
+
+    @staticmethod
+    def _num_steps(spec: TaskSpec, observations: dict[str, Any]) -> int:
+        first = spec.observation_fields[0]
+        if first.name not in observations:
+            raise TokenizationError(f"observations has no field {first.name!r}; got fields {sorted(observations)}")
+        return len(observations[first.name])
+
+    @staticmethod
+    def _scalars(x, t: int, name: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if len(x) != t:
+            raise TokenizationError(f"{name}: expected {t} values (one per step), got {len(x)}")
+        return x
+
+    def encode_episode(
+        self,
+        task: str | TaskSpec,
+        observations: dict[str, Any],
+        actions: dict[str, Any],
+        rewards: np.ndarray,
+        condition_on_return: bool = True,
+        start: bool = True,
+        end: bool = True,
+        **_: Any,
+    ) -> Sample:
+        """A whole (or the first part of an) episode -> one sample.
+
+        ``<bos>`` (if ``start``) + T steps + ``<eos>`` (if ``end``). Returns-to-go are the
+        undiscounted sums of the remaining rewards; with ``condition_on_return=False`` every ``R_t``
+        is ``<no_return>``. Extra keys of an episode dict (``task``, ``source``...) are ignored, so
+        ``encode_episode(**episode)`` works.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if len(rewards) == 0:
+            raise TokenizationError("episode is empty (0 steps)")
+        rtg = np.cumsum(rewards[::-1])[::-1] if condition_on_return else None
+        steps = self.encode_steps(task, observations, actions, rewards, rtg)
+        head = [_tokens([self.bos_id], Modality.SPECIAL)] if start else []
+        tail = [_tokens([self.eos_id], Modality.SPECIAL)] if end else []
+        return concat_samples(head + steps + tail)
+
+    # --- decoding actions ---
+    def action_token_ranges(self, task: str | TaskSpec) -> list[tuple[int, int]]:
+        """Half-open id range ``[lo, hi)`` allowed for each action token of a task, in order.
+
+        Continuous elements allow only the bins whose centres lie inside the Box bounds; discrete
+        elements only the values of their space.
+        """
+        spec = self.get_task_spec(task)
+        out = []
+        for fld in spec.action_fields:
+            if fld.kind == "continuous":
+                for lo, hi in zip(fld.low, fld.high, strict=True):
+                    ids = self.encode_continuous(np.array([lo, hi]))
+                    a, b = int(ids[0]), int(ids[1]) + 1
+                    centres = self.decode_continuous(np.arange(a, b))
+                    inside = np.flatnonzero((centres >= lo) & (centres <= hi))
+                    out.append((a + int(inside[0]), a + int(inside[-1]) + 1) if len(inside) else (a, b))
+            else:
+                base = self.layout.discrete_offset
+                out += [(base, base + n) for n in fld.n]
+        return out
+
+    def decode_action(self, task: str | TaskSpec, ids: Sequence[int]):
+        """Action token ids of one step -> the action as the env expects it (clipped to its Box)."""
+        spec = self.get_task_spec(task)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) != spec.action_size:
+            raise TokenizationError(f"{spec.name}: expected {spec.action_size} action tokens, got {len(ids)}")
+        leaves, i = {}, 0
+        for fld in spec.action_fields:
+            chunk = ids[i:i + fld.size]
+            i += fld.size
+            if fld.kind == "continuous":
+                v = np.clip(self.decode_continuous(chunk), fld.low, fld.high).astype(fld.dtype)
+            else:
+                v = (self.decode_discrete(chunk) + np.asarray(fld.start)).astype(fld.dtype)
+            leaves[fld.name] = v.reshape(fld.shape) if fld.shape else v.reshape(()).item()
+        return spec.unflatten_action(leaves)
+
+    def encode_action(self, task: str | TaskSpec, action) -> np.ndarray:
+        """One env action -> its action token ids (the inverse of :meth:`decode_action`)."""
+        spec = self.get_task_spec(task)
+        leaves = spec.flatten_action(action)
+        cols = [self._field_columns(f, [leaves[f.name]], 1, "action")[0]["input_ids"] for f in spec.action_fields]
+        return np.concatenate(cols)
+
+    # --- batching ---
+    def encode(self, item) -> Sample:
+        """One item of any modality -> a sample (see :meth:`__call__`)."""
+        if isinstance(item, str):
+            return self.encode_text_sample(item)
+        if isinstance(item, dict):
+            if "input_ids" in item:
+                return item
+            if "caption" in item or "image" in item:
+                return self.encode_image_caption(item["image"], item.get("caption"))
+            if "observations" in item:
+                return self.encode_episode(item.get("spec") or item["task"], **{
+                    k: v for k, v in item.items() if k not in ("task", "spec")})
+        raise TokenizationError(
+            f"cannot tokenize {type(item).__name__}: expected a str, an {{'image', 'caption'}} dict, an "
+            "episode dict {'task', 'observations', 'actions', 'rewards'} or an encoded sample")
+
+    def __call__(self, items, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize and batch a list of texts, image–caption dicts and episode dicts (mixed)."""
+        if isinstance(items, str | dict):
+            items = [items]
+        return self.collate([self.encode(x) for x in items], max_length=max_length)
+
+    def collate(self, samples: Sequence[Sample], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Right-pad samples into a batch. Longer samples than ``max_length`` keep their first tokens.
+
+        Returns ``input_ids``, ``attention_mask``, ``modality_ids``, ``local_positions``, ``labels``
+        (B, L) and ``patches`` (P, C*16*16), ``patch_positions`` (P, 2) over the whole batch in order.
+        """
+        if max_length is not None:
+            samples = [slice_sample(s, 0, max_length) for s in samples]
+        length = max(len(s["input_ids"]) for s in samples)
+        b = len(samples)
+        input_ids = np.full((b, length), self.pad_id, np.int64)
+        modality = np.full((b, length), int(Modality.PAD), np.int64)
+        local = np.zeros((b, length), np.int64)
+        mask = np.zeros((b, length), np.int64)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n], modality[i, :n], local[i, :n], mask[i, :n] = (
+                s["input_ids"], s["modality_ids"], s["local_positions"], 1)
+        labels = np.where(mask == 1, input_ids, -100)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask),
+            "modality_ids": torch.from_numpy(modality),
+            "local_positions": torch.from_numpy(local),
+            "labels": torch.from_numpy(labels),
+            "patches": torch.from_numpy(np.concatenate([s["patches"] for s in samples])),
+            "patch_positions": torch.from_numpy(np.concatenate([s["patch_positions"] for s in samples])),
+        }
+
+    # --- save / load ---
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[Path]:
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        config = {"tokenizer_class": type(self).__name__, "image_size": self.image_size,
+                  "layout": self.layout.to_dict(), "mu_law": {"mu": MU_LAW_MU, "M": MU_LAW_M},
+                  "patch_size": PATCH_SIZE}
+        files = [d / CONFIG_FILE, d / TEXT_TOKENIZER_FILE, d / TASK_SPECS_FILE]
+        files[0].write_text(json.dumps(config, indent=2))
+        self.text_tokenizer.save(str(files[1]))
+        files[2].write_text(json.dumps({k: v.to_dict() for k, v in self.task_specs.items()}, indent=2))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> GeneralistTokenizer:
+        """Load from a directory written by :meth:`save_pretrained`, or from a 🤗 Hub repo id."""
+        d = Path(name_or_path)
+        if not d.is_dir():
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(str(name_or_path), allow_patterns=[
+                CONFIG_FILE, TEXT_TOKENIZER_FILE, TASK_SPECS_FILE], **hub_kwargs))
+        config = _read_json(d / CONFIG_FILE)
+        try:
+            text = Tokenizer.from_file(str(d / TEXT_TOKENIZER_FILE))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise OSError(f"cannot read text tokenizer {d / TEXT_TOKENIZER_FILE}: {e}") from e
+        specs = [TaskSpec.from_dict(s) for s in _read_json(d / TASK_SPECS_FILE).values()] if (
+            d / TASK_SPECS_FILE).exists() else []
+        tok = cls(text, image_size=config.get("image_size", DEFAULT_IMAGE_SIZE), task_specs=specs)
+        saved = VocabLayout.from_dict(config["layout"])
+        if saved != tok.layout:
+            raise ValueError(f"{d / CONFIG_FILE}: saved vocabulary layout {saved} does not match the text "
+                             f"tokenizer's (text vocabulary {tok.layout.text_size})")
+        return tok
+
+    @classmethod
+    def from_text_tokenizer_file(cls, path: str | os.PathLike, **kwargs) -> GeneralistTokenizer:
+        """Use any 🤗 ``tokenizers`` JSON file for the text part."""
+        return cls(Tokenizer.from_file(str(path)), **kwargs)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OSError(f"{path} not found; is this a directory written by save_pretrained?") from None
+    except json.JSONDecodeError as e:
+        raise OSError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from e

@@ -1,0 +1,273 @@
+"""Control datasets: the task catalogue and the builder that collects, scales and documents them.
+
+After collection, each task's spec gets the numbers the tokenizer and the evaluation need, all
+measured on the collected episodes:
+
+* ``expert_return`` / ``random_return``: mean episode return of the ``expert`` / ``random`` sources
+  (the anchors of expert-normalised scores and the default Decision Transformer target);
+* ``return_scale``: so that ``max(|expert|, |random|) * return_scale <= RETURN_TARGET`` — returns
+  then fall where the mu-law bins are fine;
+* ``reward_scale``: so that the largest ``|r| * reward_scale`` is about 1 (a sparse goal bonus,
+  e.g. MountainCarContinuous' +100, must not be clipped; mu-law keeps small rewards resolved).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from datasets_build.base import BuildOptions, DatasetKind, prepare_folder
+from datasets_build.collector import (
+    DEFAULT_SOURCE_MIX,
+    EXPERT,
+    RANDOM,
+    CollectStats,
+    ControlTask,
+    collect_task,
+    plan_episodes,
+    split_episodes,
+    task_spec,
+)
+from datasets_build.common import (
+    TASK_SPECS,
+    markdown_table,
+    nice_scale,
+    now_iso,
+    package_versions,
+    write_card,
+    write_json_atomic,
+)
+from datasets_build.episodes import episode_features, load_shards
+from datasets_build.experts.classic import (
+    AcrobotEnergyPump,
+    CartPoleLQR,
+    MountainCarPump,
+    PendulumSwingUp,
+)
+from datasets_build.wrappers import ExpertOnKey, PixelsAndState
+from generalist.task_spec import TaskSpec
+
+RETURN_TARGET = 10.0  # |typical return| * return_scale stays at or below this
+REWARD_TARGET = 1.0  # the largest |per-step reward| * reward_scale is about this (never clipped)
+RAW_PROBE_SECONDS = 1.0  # time spent measuring raw env.step speed per task, for the card
+RAW_PROBE_MAX_STEPS = 5000
+BUILD_CONFIG = "build_config.json"
+
+
+# --- the task catalogue ---
+
+
+def _classic(env_id: str, expert: Callable[[int], Any], notes: str) -> ControlTask:
+    return ControlTask(env_id, partial(gym.make, env_id), expert, notes)
+
+
+CORE_TASKS: tuple[ControlTask, ...] = (
+    _classic("CartPole-v1", CartPoleLQR, "discrete-time LQR on the linearised cart-pole, bang-bang"),
+    _classic("Acrobot-v1", AcrobotEnergyPump, "energy pumping: torque along the second joint's velocity"),
+    _classic("MountainCar-v0", MountainCarPump, "energy pumping: push along the velocity"),
+    _classic("MountainCarContinuous-v0", partial(MountainCarPump, continuous=True),
+             "energy pumping: full throttle along the velocity"),
+    _classic("Pendulum-v1", PendulumSwingUp, "energy-shaping swing-up, PD near upright"),
+)
+
+
+def _make_pixels(env_id: str) -> gym.Env:
+    return PixelsAndState(gym.make(env_id, render_mode="rgb_array"))
+
+
+def _on_state(expert_class: Callable[[int], Any], num_envs: int) -> ExpertOnKey:
+    return ExpertOnKey(expert_class(num_envs), key="state")
+
+
+PIXEL_TASKS: tuple[ControlTask, ...] = (
+    ControlTask("Pendulum-v1-pixels", partial(_make_pixels, "Pendulum-v1"),
+                partial(_on_state, PendulumSwingUp),
+                "Pendulum-v1 with a 64x64 rendered frame next to the state; expert: swing-up + PD"),
+    ControlTask("CartPole-v1-pixels", partial(_make_pixels, "CartPole-v1"), partial(_on_state, CartPoleLQR),
+                "CartPole-v1 with a 64x64 rendered frame next to the state; expert: LQR"),
+)
+
+BABYAI_LEVELS = ("BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0",
+                 "BabyAI-OpenDoor-v0")
+METAWORLD_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-topdown-v3")
+
+
+def _make_babyai(env_id: str) -> gym.Env:
+    import minigrid  # noqa: F401 - registers the BabyAI-* env ids
+
+    return gym.make(env_id)
+
+
+def _babyai_expert(num_envs: int):
+    from datasets_build.experts.babyai import BabyAIExpert
+
+    return BabyAIExpert(num_envs)
+
+
+def babyai_tasks() -> tuple[ControlTask, ...]:
+    return tuple(ControlTask(level, partial(_make_babyai, level), _babyai_expert,
+                             "minigrid's BabyAIBot planner") for level in BABYAI_LEVELS)
+
+
+def _make_metaworld(env_name: str) -> gym.Env:
+    from datasets_build.experts.metaworld import make_metaworld_env
+
+    return make_metaworld_env(env_name)
+
+
+def _metaworld_expert(num_envs: int, env_name: str):
+    from datasets_build.experts.metaworld import MetaWorldExpert
+
+    return MetaWorldExpert(num_envs, env_name)
+
+
+def metaworld_tasks() -> tuple[ControlTask, ...]:
+    return tuple(ControlTask(f"metaworld/{name}", partial(_make_metaworld, name),
+                             partial(_metaworld_expert, env_name=name),
+                             f"metaworld.policies scripted policy for {name}, clipped to [-1, 1]")
+                 for name in METAWORLD_TASKS)
+
+
+# --- the builder ---
+
+
+@dataclass
+class ControlDatasetBuilder:
+    """Collects mixed-quality episodes of several tasks into one dataset folder."""
+
+    name: str
+    tasks: Callable[[], Sequence[ControlTask]]
+    description: str
+    default_episodes: int
+    source_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MIX))
+    kind: DatasetKind = "control"
+
+    def build(self, root: Path, options: BuildOptions) -> Path:
+        folder, done = prepare_folder(root, self.name, options)
+        if done:
+            return folder
+        start = time.perf_counter()
+        episodes = options.episodes or self.default_episodes
+        counts = split_episodes(episodes, self.source_mix)
+        tasks = list(self.tasks())
+        self._check_config(folder, tasks, counts, options)
+
+        specs = {task.name: task_spec(task) for task in tasks}
+        features = episode_features(list(specs.values()))
+        stats: dict[str, CollectStats] = {}
+        for task in tasks:
+            specs[task.name], stats[task.name] = collect_task(
+                task, folder, counts, seed=options.seed, num_envs=options.num_envs,
+                episodes_per_shard=options.episodes_per_shard, max_shards=options.max_shards,
+                progress=options.progress, features=features)
+        planned = [p for t in tasks for p in plan_episodes(t.name, counts, options.episodes_per_shard)]
+        if not all((folder / p).exists() for p in planned):
+            return folder  # interrupted on purpose (max_shards); a later build resumes
+        self._finish(folder, tasks, specs, stats, options, time.perf_counter() - start)
+        return folder
+
+    def _check_config(self, folder: Path, tasks: list[ControlTask], counts: dict[str, int],
+                      options: BuildOptions) -> None:
+        """Refuse to resume a folder that was started with different episode settings."""
+        config = {"tasks": [t.name for t in tasks], "episodes_per_source": counts,
+                  "episodes_per_shard": options.episodes_per_shard, "seed": options.seed}
+        path = folder / BUILD_CONFIG
+        if path.exists():
+            previous = json.loads(path.read_text())
+            if previous != config:
+                raise ValueError(f"{folder} was started with {previous}, not {config}; "
+                                 "rebuild with --overwrite or choose another --out")
+        else:
+            write_json_atomic(path, config)
+
+    def _finish(self, folder: Path, tasks: list[ControlTask], specs: dict[str, TaskSpec],
+                stats: dict[str, CollectStats], options: BuildOptions, seconds: float) -> None:
+        dataset = load_shards(folder)
+        columns = dataset.select_columns(["task", "source", "rewards", "episode_return"]).with_format("numpy")
+        all_tasks = np.asarray(columns["task"]).astype(str)
+        all_sources = np.asarray(columns["source"]).astype(str)
+        all_returns = np.asarray(columns["episode_return"], dtype=np.float64)
+        all_rewards = columns["rewards"]
+        table: list[list[Any]] = []
+        for task in tasks:
+            mine = all_tasks == task.name
+            sources, returns = all_sources[mine], all_returns[mine]
+            rewards = np.concatenate([np.asarray(all_rewards[i], dtype=np.float64) for i in np.flatnonzero(mine)])
+            expert_return = float(returns[sources == EXPERT].mean())
+            random_return = float(returns[sources == RANDOM].mean())
+            specs[task.name] = replace(
+                specs[task.name],
+                expert_return=expert_return,
+                random_return=random_return,
+                return_scale=nice_scale(RETURN_TARGET, max(abs(expert_return), abs(random_return))),
+                reward_scale=nice_scale(REWARD_TARGET, float(np.abs(rewards).max())),
+            )
+            raw = raw_steps_per_second(task)
+            s = stats[task.name]
+            table.append([task.name, len(returns), len(rewards), expert_return, random_return,
+                          float(returns.min()), float(returns.max()), specs[task.name].return_scale,
+                          specs[task.name].reward_scale, raw, s.steps_per_second if s.steps else "resumed"])
+        write_json_atomic(folder / TASK_SPECS, {name: spec.to_dict() for name, spec in specs.items()})
+
+        per_source = {}
+        for source in self.source_mix:
+            per_source[source] = int((all_sources == source).sum())
+        record = {
+            "name": self.name,
+            "builder": f"datasets_build.control.ControlDatasetBuilder({self.name!r})",
+            "command": options.command,
+            "seed": options.seed,
+            "build_date": now_iso(),
+            "build_time_s": round(seconds, 2),
+            "episodes": len(dataset),
+            "steps": int(sum(row[2] for row in table)),
+            "episodes_per_source": per_source,
+            "num_envs": options.num_envs,
+            "tasks": {row[0]: {"episodes": row[1], "steps": row[2], "expert_return": row[3],
+                               "random_return": row[4], "min_return": row[5], "max_return": row[6],
+                               "return_scale": row[7], "reward_scale": row[8],
+                               "raw_env_steps_per_s": row[9], "collector_steps_per_s": row[10]}
+                      for row in table},
+            "versions": package_versions(),
+        }
+        header = ["task", "episodes", "steps", "expert return", "random return", "min", "max",
+                  "return_scale", "reward_scale", "raw env steps/s (1 env)",
+                  f"collector steps/s ({options.num_envs} envs)"]
+        experts = "\n".join(f"- **{t.name}**: {t.notes}" for t in tasks)
+        sources = ", ".join(f"`{s}` ({n} episodes)" for s, n in per_source.items())
+        write_card(folder, f"{self.name}", self.description, record, {
+            "Tasks and returns": markdown_table(header, table),
+            "Experts": experts,
+            "Sources (mixed quality)": f"{sources}. `noisy-e`: epsilon-random actions with probability e "
+                                       "(discrete) or gaussian noise of std e x half the action range, "
+                                       "clipped (continuous).",
+            "Format": "One row per episode; see `datasets_build/episodes.py`. Load with "
+                      "`datasets_build.load_episodes(folder)` and `iter_episodes`.",
+        })
+
+
+def raw_steps_per_second(task: ControlTask) -> float:
+    """Speed of bare ``env.step`` with random actions on one env (the collector's upper bound)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env = task.make_env()
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        steps, start = 0, time.perf_counter()
+        while steps < RAW_PROBE_MAX_STEPS and time.perf_counter() - start < RAW_PROBE_SECONDS:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            steps += 1
+            if terminated or truncated:
+                env.reset()
+        elapsed = time.perf_counter() - start
+        env.close()
+    return steps / elapsed

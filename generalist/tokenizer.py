@@ -120,6 +120,29 @@ def _tokens(ids: np.ndarray, modality: Modality, local: np.ndarray | None = None
     return s
 
 
+def _block(ids: np.ndarray, modality: Modality, patches: np.ndarray | None = None,
+           patch_positions: np.ndarray | None = None) -> Sample:
+    """A block of T steps: ids (T, k); patches (T, p, D) and positions (T, p, 2) follow the ids."""
+    ids = np.asarray(ids, np.int64)
+    t = ids.shape[0]
+    return {
+        "input_ids": ids,
+        "modality_ids": np.full(ids.shape, int(modality), np.int64),
+        "local_positions": np.zeros(ids.shape, np.int64),
+        "patches": np.zeros((t, 0, PATCH_DIM), np.float32) if patches is None else patches,
+        "patch_positions": np.zeros((t, 0, 2), np.int64) if patch_positions is None else patch_positions,
+    }
+
+
+def _concat_blocks(blocks: Sequence[Sample]) -> Sample:
+    return {k: np.concatenate([b[k] for b in blocks], axis=1) for k in SAMPLE_KEYS}
+
+
+def _row(block: Sample | list[Sample], i: int) -> Sample:
+    """Step ``i`` of a block (or of a list of per-step samples) as a sample."""
+    return block[i] if isinstance(block, list) else {k: v[i] for k, v in block.items()}
+
+
 class GeneralistTokenizer:
     """Gato-style tokenizer for text, images, discrete and continuous values (Reed et al. 2022, §2).
 
@@ -284,29 +307,34 @@ class GeneralistTokenizer:
 
     def encode_image_caption(self, image, caption: str | None = None) -> Sample:
         """``<bos> <image>*N <sep> caption <eos>``; without a caption, the prompt for captioning."""
-        parts = [_tokens([self.bos_id], Modality.SPECIAL), self._image_tokens(self.preprocess_image(image)[None]),
-                 _tokens([self.sep_id], Modality.SPECIAL)]
+        image_tokens = self._image_tokens(self.preprocess_image(image)[None])
+        parts = [_tokens([self.bos_id], Modality.SPECIAL), image_tokens, _tokens([self.sep_id], Modality.SPECIAL)]
         if caption is not None:
             parts.append(_tokens(self.encode_text(caption) + [self.eos_id], Modality.CAPTION))
         return concat_samples(parts)
 
-    def _image_tokens(self, frames: np.ndarray, local_start: int = 0) -> Sample:
+    def _image_tokens(self, frames: np.ndarray) -> Sample:
         s = _tokens(np.full(len(frames) * self.patches_per_image, self.image_id), Modality.IMAGE)
         s["patches"] = self._patchify(frames).reshape(-1, PATCH_DIM)
         s["patch_positions"] = self._patch_positions(len(frames))
         return s
 
     # --- control episodes ---
-    def _field_columns(self, fld: FieldSpec, values, t: int, role: str) -> list[Sample]:
-        """One field for ``t`` steps -> ``t`` per-step samples (observation or action tokens)."""
-        modality = Modality.OBSERVATION if role == "observation" else Modality.ACTION
+    # A *block* is a sample whose arrays have a leading step axis: ids (T, k), patches (T, p, D).
+    # Fixed-size fields give blocks, so a whole episode is laid out with array concatenation;
+    # only text fields (variable length per step) need the per-step path.
+
+    def _field_block(self, fld: FieldSpec, values, t: int, modality: Modality) -> Sample | list[Sample]:
+        """One field for ``t`` steps -> a block, or ``t`` per-step samples for text."""
         if fld.kind == "text":
             if isinstance(values, str) or len(values) != t:
                 raise TokenizationError(f"{fld.name}: expected {t} strings, got {values!r:.80}")
             return [_tokens(self.encode_text(v), modality) for v in values]
         if fld.kind == "image":
             frames = self._frames(fld, values, t)
-            return [self._image_tokens(frames[i:i + 1]) for i in range(t)]
+            n = self.patches_per_image
+            return _block(np.full((t, n), self.image_id), Modality.IMAGE,
+                          patches=self._patchify(frames), patch_positions=self._patch_positions(t).reshape(t, n, 2))
         arr = np.asarray(values)
         if arr.ndim == 0 or arr.shape[0] != t or int(np.prod(arr.shape[1:])) != fld.size:
             raise TokenizationError(
@@ -315,11 +343,11 @@ class GeneralistTokenizer:
         arr = arr.reshape(t, fld.size)
         if fld.kind == "continuous":
             ids = self.encode_continuous(arr, field=fld.name)
-            if role == "action":
+            if modality == Modality.ACTION:
                 self._check_bounds(fld, arr)
         else:
             ids = self.encode_discrete(arr, field=fld.name, n=fld.n, start=fld.start)
-        return [_tokens(row, modality) for row in ids]
+        return _block(ids, modality)
 
     def _check_bounds(self, fld: FieldSpec, arr: np.ndarray) -> None:
         low, high = np.asarray(fld.low), np.asarray(fld.high)
@@ -352,29 +380,37 @@ class GeneralistTokenizer:
         ``returns_to_go`` None means "no return" (Gato mode). Without ``actions`` each step ends
         after ``<sep>`` (the prompt for the next action); without ``rewards`` after the action.
         """
+        steps = self._steps(task, observations, actions, rewards, returns_to_go)
+        return steps if isinstance(steps, list) else [_row(steps, i) for i in range(len(steps["input_ids"]))]
+
+    def _steps(self, task, observations, actions, rewards, returns_to_go) -> Sample | list[Sample]:
+        """The steps as one block (fixed layout) or as per-step samples (text fields)."""
         spec = self.get_task_spec(task)
         t = self._num_steps(spec, observations)
-        obs_cols = [self._field_columns(f, self._get(observations, f, "observations"), t, "observation")
-                    for f in spec.observation_fields]
-        act_cols = [] if actions is None else [
-            self._field_columns(f, self._get(actions, f, "actions"), t, "action") for f in spec.action_fields]
+        obs = [self._field_block(f, self._get(observations, f, "observations"), t, Modality.OBSERVATION)
+               for f in spec.observation_fields]
+        act = [] if actions is None else [
+            self._field_block(f, self._get(actions, f, "actions"), t, Modality.ACTION) for f in spec.action_fields]
         if returns_to_go is None:
-            ret = [_tokens([self.no_return_id], Modality.SPECIAL)] * t
+            ret = _block(np.full((t, 1), self.no_return_id), Modality.SPECIAL)
         else:
             rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
-            ret = [_tokens([i], Modality.RETURN) for i in self.encode_continuous(rtg, "returns_to_go")]
+            ret = _block(self.encode_continuous(rtg, "returns_to_go")[:, None], Modality.RETURN)
         rew = []
         if rewards is not None:
             r = self._scalars(rewards, t, "rewards") * spec.reward_scale
-            rew = [_tokens([i], Modality.REWARD) for i in self.encode_continuous(r, "rewards")]
-        sep = _tokens([self.sep_id], Modality.SPECIAL)
-        steps = []
+            rew = [_block(self.encode_continuous(r, "rewards")[:, None], Modality.REWARD)]
+        sep = _block(np.full((t, 1), self.sep_id), Modality.SPECIAL)
+        if all(isinstance(b, dict) for b in obs):  # fixed layout: lay out all steps at once
+            obs_block = _concat_blocks(obs)
+            obs_block["local_positions"][:] = np.arange(1, obs_block["input_ids"].shape[1] + 1)
+            return _concat_blocks([ret, obs_block, sep, *act, *rew])
+        per_step = []
         for i in range(t):
-            obs = concat_samples([col[i] for col in obs_cols])
-            obs["local_positions"] = np.arange(1, len(obs["input_ids"]) + 1, dtype=np.int64)
-            parts = [ret[i], obs, sep] + [col[i] for col in act_cols] + ([rew[i]] if rew else [])
-            steps.append(concat_samples(parts))
-        return steps
+            o = concat_samples([_row(b, i) for b in obs])
+            o["local_positions"] = np.arange(1, len(o["input_ids"]) + 1, dtype=np.int64)
+            per_step.append(concat_samples([_row(ret, i), o, _row(sep, i), *(_row(b, i) for b in act + rew)]))
+        return per_step
 
     @staticmethod
     def _get(values: dict[str, Any], fld: FieldSpec, what: str):
@@ -419,7 +455,9 @@ class GeneralistTokenizer:
         if len(rewards) == 0:
             raise TokenizationError("episode is empty (0 steps)")
         rtg = np.cumsum(rewards[::-1])[::-1] if condition_on_return else None
-        steps = self.encode_steps(task, observations, actions, rewards, rtg)
+        steps = self._steps(task, observations, actions, rewards, rtg)
+        if isinstance(steps, dict):  # block (T, k, ...) -> flat (T*k, ...)
+            steps = [{k: v.reshape(-1, *v.shape[2:]) for k, v in steps.items()}]
         head = [_tokens([self.bos_id], Modality.SPECIAL)] if start else []
         tail = [_tokens([self.eos_id], Modality.SPECIAL)] if end else []
         return concat_samples(head + steps + tail)
@@ -467,8 +505,8 @@ class GeneralistTokenizer:
         """One env action -> its action token ids (the inverse of :meth:`decode_action`)."""
         spec = self.get_task_spec(task)
         leaves = spec.flatten_action(action)
-        cols = [self._field_columns(f, [leaves[f.name]], 1, "action")[0]["input_ids"] for f in spec.action_fields]
-        return np.concatenate(cols)
+        return np.concatenate([
+            self._field_block(f, [leaves[f.name]], 1, Modality.ACTION)["input_ids"][0] for f in spec.action_fields])
 
     # --- batching ---
     def encode(self, item) -> Sample:

@@ -1,0 +1,223 @@
+"""Publishing a trained generalist: the model card and pushes to the 🤗 Hub that never stop a run.
+
+A push is a network call in the middle of hours of training, so it must not be able to hurt the run:
+:func:`push_folder` retries with exponential backoff and reports failure instead of raising, and
+:class:`HubPusher` uploads from a background thread, from a hard-linked snapshot of the folder, so
+the training loop neither waits for the network nor loses anything when a checkpoint it is
+uploading is rotated away. The local checkpoint is always written first and never depends on a push.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+# What a model repo holds: save_pretrained artifacts of the model and the tokenizer, and the card.
+# Training state (optimizer moments, RNG) stays local.
+UPLOAD_IGNORE = ["state/*", "state/**", "trainer_state.json", ".tmp*", "*.tmp"]
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload generalist checkpoint",
+    retries: int = 4,
+    backoff_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Create ``repo_id`` if needed and upload ``folder``; retry with backoff; True when it landed.
+
+    Waits ``backoff_s * 2**k`` seconds before retry ``k + 1``. Every failure is logged with its
+    reason; after the last one this returns False rather than raising, because a training run
+    must outlive a Hub outage.
+    """
+    api = HfApi(token=token)
+    for attempt in range(retries + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                              commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE)
+            logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
+            return True
+        except Exception as e:  # network, auth, server errors: all are worth a retry, none may kill training
+            if attempt == retries:
+                logger.warning("push of %s to %s failed after %d attempts: %r; the local copy is kept",
+                               folder, repo_id, retries + 1, e)
+                return False
+            wait = backoff_s * 2**attempt
+            logger.warning("push to %s failed (%r); retry %d/%d in %.1fs", repo_id, e, attempt + 1, retries, wait)
+            sleep(wait)
+    return False
+
+
+class HubPusher:
+    """Uploads folders to one repo in a background thread; at most one upload waits (the newest wins).
+
+    ``submit`` snapshots the folder with hard links (no copy of the weights), so the caller may
+    delete or rotate the original right away. ``close`` waits for the pending upload.
+    """
+
+    def __init__(self, repo_id: str, staging_dir: str | os.PathLike, *, token: str | None = None,
+                 private: bool = False, retries: int = 4, backoff_s: float = 2.0):
+        self.repo_id, self.token, self.private = repo_id, token, private
+        self.retries, self.backoff_s = retries, backoff_s
+        self.staging_dir = Path(staging_dir)
+        self.results: list[tuple[str, bool]] = []  # (commit message, landed) of every finished push
+        self._pending: tuple[Path, str] | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._count = 0
+        self._thread = threading.Thread(target=self._run, name="hub-pusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: str | os.PathLike, commit_message: str) -> None:
+        self._count += 1
+        snapshot = self.staging_dir / f"push-{self._count:05d}"
+        _link_tree(Path(folder), snapshot)
+        with self._cond:
+            if self._pending is not None:  # superseded before it started: drop it
+                shutil.rmtree(self._pending[0], ignore_errors=True)
+            self._pending = (snapshot, commit_message)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                snapshot, message = self._pending
+                self._pending = None
+            ok = push_folder(snapshot, self.repo_id, token=self.token, private=self.private,
+                             commit_message=message, retries=self.retries, backoff_s=self.backoff_s)
+            self.results.append((message, ok))
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def close(self) -> list[tuple[str, bool]]:
+        """Finish the pending upload and stop; returns ``(commit message, landed)`` per push."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        return self.results
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder by hard links where the filesystem allows (instant, no extra space)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns("state", "trainer_state.json", ".tmp*"))
+
+
+# --- model card ----------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_card(
+    *,
+    model_id: str,
+    mixture: Mapping[str, float],
+    metrics: Mapping[str, Mapping[str, float]],
+    reproduce: str,
+    summary: Mapping[str, Any],
+    tasks: list[str] = (),
+) -> str:
+    """The README.md of a checkpoint: what it is, what it was trained on, how well, how to rebuild it.
+
+    Args:
+        model_id: the repo id (or run name) the card is for; used in the loading snippet.
+        mixture: dataset name -> sampling weight.
+        metrics: row name (``train``, ``eval``) -> modality -> loss.
+        reproduce: the exact command that trained it.
+        summary: key facts (parameters, steps, tokens, wall time...).
+        tasks: control tasks the tokenizer knows.
+    """
+    total = sum(mixture.values()) or 1.0
+    mix_rows = [[name, f"{w / total:.1%}"] for name, w in mixture.items()]
+    modalities = sorted({m for row in metrics.values() for m in row})
+    metric_rows = [[split, *[row.get(m, "") for m in modalities]] for split, row in metrics.items()]
+    front = "\n".join(["---", "library_name: transformers", "license: apache-2.0", "pipeline_tag: text-generation",
+                       "tags:", "- generalist", "- gato", "- decision-transformer", "- multimodal",
+                       "- reinforcement-learning",
+                       *(["datasets:"] + [f"- {name}" for name in mixture] if mixture else []), "---"])
+    facts = "\n".join(f"- **{k}**: {v}" for k, v in summary.items())
+    return f"""{front}
+
+# {model_id}
+
+A generalist agent in the style of Gato (Reed et al. 2022): one causal transformer over text, image
+patches, discrete and continuous values, trained with the `generalist` library. The same weights run
+Gato-style prompting, Decision Transformer (return-conditioned) and Trajectory Transformer (planning)
+decoding, image captioning and text generation.
+
+## Use
+
+```python
+import generalist  # registers the model type with transformers
+from generalist import GeneralistForCausalLM, GeneralistTokenizer
+
+model = GeneralistForCausalLM.from_pretrained("{model_id}")
+tokenizer = GeneralistTokenizer.from_pretrained("{model_id}")
+```
+
+## Training
+
+{facts}
+
+Mixture (share of packed training sequences):
+
+{_table(["dataset", "weight"], mix_rows)}
+
+Control tasks: {", ".join(f"`{t}`" for t in tasks) if tasks else "none"}.
+
+## Results
+
+Next-token cross entropy per target modality (nats):
+
+{_table(["split", *modalities], metric_rows) if metric_rows else "not measured"}
+
+## Reproduce
+
+```bash
+{reproduce}
+```
+"""
+
+
+def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write :func:`model_card` as ``folder/README.md``."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(model_card(**kwargs))
+    return path

@@ -1,0 +1,287 @@
+"""The training data stream: sample sources by mixture weight, prompt Gato-style, pack to a fixed length.
+
+Everything here needs only the tokenizer (no model, no dataset builder), so it runs inside
+``DataLoader`` workers, where tokenization belongs: the training step never waits for it.
+
+::
+
+    PackedStream (IterableDataset)            batch b of rank r = sequences b*B .. b*B+B-1
+      └─ sequence i: rng = default_rng([seed, r, i])
+           ├─ pick a source by mixture weight (one source per sequence, as in Gato)
+           └─ source.pack(rng) -> exactly seq_len tokens
+                TextSource      <bos> text <eos> <bos> text <eos> ...   (long texts: a random window)
+                CaptionSource   <bos> <image>*N <sep> caption <eos> ...
+                ControlSource   [end of a demonstration episode of the same task] + live episode(s) of
+                                that task; returns-to-go shown, or every R_t = <no_return>
+
+A sequence depends only on ``(seed, rank, index)``, never on what was drawn before, so the stream
+resumes exactly from a batch index, gives every rank its own shard (by ``rank`` in the seed) and
+gives the same batches whatever the number of workers.
+
+Weights mean *share of sequences* (hence of tokens: every sequence has ``seq_len`` of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample, slice_sample
+from generalist.vocab import Modality
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """How sequences are built.
+
+    Attributes:
+        seq_len: tokens per packed sequence (the model's context in training).
+        return_prob: probability that a control sequence shows returns-to-go (Decision Transformer
+            conditioning); otherwise every ``R_t`` is ``<no_return>`` (Gato mode).
+        prompt_prob: probability that a ``<no_return>`` control sequence starts with the end of
+            another episode of the same task as a demonstration (Gato's prompt).
+        prompt_fraction: at most this share of ``seq_len`` goes to the demonstration.
+    """
+
+    seq_len: int = 512
+    return_prob: float = 0.5
+    prompt_prob: float = 0.25
+    prompt_fraction: float = 0.25
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        for name in ("return_prob", "prompt_prob", "prompt_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+class Source(Protocol):
+    """A dataset in the mixture: packs one full sequence from its own items."""
+
+    name: str
+
+    def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
+        """Exactly ``cfg.seq_len`` tokens and a small dict describing what went in."""
+        ...
+
+
+def fit(sample: Sample, room: int, seq_len: int, rng: np.random.Generator) -> Sample:
+    """A sample longer than the context is cut to a random ``seq_len`` window; then to ``room``."""
+    n = len(sample["input_ids"])
+    if n > seq_len:
+        start = int(rng.integers(0, n - seq_len + 1))
+        sample = slice_sample(sample, start, start + seq_len)
+    return slice_sample(sample, 0, room) if len(sample["input_ids"]) > room else sample
+
+
+def _length(sample: Sample) -> int:
+    return len(sample["input_ids"])
+
+
+@dataclass
+class TextSource:
+    """Plain text for language modelling (``<bos> text <eos>`` samples, packed end to end)."""
+
+    name: str
+    texts: Sequence[str]
+
+    def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
+        parts, room = [], cfg.seq_len
+        while room > 0:
+            sample = fit(tok.encode_text_sample(self.texts[int(rng.integers(len(self.texts)))]), room, cfg.seq_len, rng)
+            parts.append(sample)
+            room -= _length(sample)
+        return concat_samples(parts), {"source": self.name, "kind": "text"}
+
+
+@dataclass
+class CaptionSource:
+    """Image–caption pairs (items with ``image`` and ``caption``), packed end to end."""
+
+    name: str
+    items: Sequence[Mapping[str, Any]]
+
+    def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
+        parts, room = [], cfg.seq_len
+        while room > 0:
+            item = self.items[int(rng.integers(len(self.items)))]
+            sample = fit(tok.encode_image_caption(item["image"], item["caption"]), room, cfg.seq_len, rng)
+            parts.append(sample)
+            room -= _length(sample)
+        return concat_samples(parts), {"source": self.name, "kind": "caption"}
+
+
+def _episode_slice(episode: Mapping[str, Any], t0: int, t1: int) -> tuple[dict, dict, np.ndarray]:
+    obs = {k: v[t0:t1] for k, v in episode["observations"].items()}
+    act = {k: v[t0:t1] for k, v in episode["actions"].items()}
+    return obs, act, np.asarray(episode["rewards"], np.float64)[t0:t1]
+
+
+@dataclass
+class ControlSource:
+    """Episodes of one or more control tasks (dicts as ``datasets_build.iter_episodes`` yields them).
+
+    Args:
+        name: the dataset's name in the mixture.
+        episodes: random-access episodes ``{"task", "observations", "actions", "rewards", ...}``.
+        tasks: the task of each episode (so that a demonstration of the same task is found without
+            reading every episode).
+    """
+
+    name: str
+    episodes: Sequence[Mapping[str, Any]]
+    tasks: Sequence[str]
+
+    def __post_init__(self):
+        if len(self.tasks) != len(self.episodes):
+            raise ValueError(f"{self.name}: {len(self.tasks)} task names for {len(self.episodes)} episodes")
+        if not len(self.episodes):
+            raise ValueError(f"{self.name}: no episodes")
+        tasks = np.asarray([str(t) for t in self.tasks])
+        self.by_task = {t: np.flatnonzero(tasks == t) for t in np.unique(tasks)}
+
+    # --- encoding pieces of an episode ---
+    @staticmethod
+    def _steps(tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, t1: int,
+               condition_on_return: bool) -> list[Sample]:
+        """Steps ``t0..t1-1`` of an episode, returns-to-go counted over the whole episode."""
+        obs, act, rew = _episode_slice(episode, t0, t1)
+        rtg = None
+        if condition_on_return:
+            rewards = np.asarray(episode["rewards"], np.float64)
+            rtg = np.cumsum(rewards[::-1])[::-1][t0:t1]
+        return tok.encode_steps(episode["task"], obs, act, rew, rtg)
+
+    def _episode_tokens(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, room: int,
+                        condition_on_return: bool) -> Sample:
+        """Encode from step ``t0`` (``<bos>`` if 0) until ``room`` tokens are filled or ``<eos>``.
+
+        Steps are encoded in chunks sized from the first step's length, so a long episode costs
+        about one context of tokenization, not the whole episode.
+        """
+        n_steps = len(episode["rewards"])
+        parts = []
+        if t0 == 0:
+            parts.append(_special(tok, tok.bos_id))
+        used = sum(_length(p) for p in parts)
+        t, per_step = t0, None
+        while used < room and t < n_steps:
+            chunk = 1 if per_step is None else max(1, -(-(room - used) // per_step))
+            steps = self._steps(tok, episode, t, min(n_steps, t + chunk), condition_on_return)
+            if per_step is None:
+                per_step = max(1, _length(steps[0]))
+            parts += steps
+            used += sum(_length(s) for s in steps)
+            t += len(steps)
+        if t >= n_steps and used < room:
+            parts.append(_special(tok, tok.eos_id))
+        return slice_sample(concat_samples(parts), 0, room)
+
+    def _demonstration(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int) -> Sample:
+        """The end of an episode in at most ``budget`` tokens, starting at a step boundary if one fits."""
+        n_steps = len(episode["rewards"])
+        per_step = max(1, _length(self._steps(tok, episode, n_steps - 1, n_steps, False)[0]))
+        t0 = max(0, n_steps - (budget // per_step + 1))
+        steps = self._steps(tok, episode, t0, n_steps, False) + [_special(tok, tok.eos_id)]
+        lengths = np.cumsum([_length(s) for s in steps[::-1]])  # suffix lengths, shortest first
+        k = int(np.searchsorted(lengths, budget, side="right"))  # most whole steps (plus <eos>) that fit
+        if k >= 2:
+            return concat_samples(steps[len(steps) - k:])
+        tail = concat_samples(steps)
+        return slice_sample(tail, max(0, _length(tail) - budget))
+
+    def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
+        first = int(rng.integers(len(self.episodes)))
+        task = str(self.tasks[first])
+        same_task = self.by_task[task]
+        condition = bool(rng.random() < cfg.return_prob)
+        parts, room = [], cfg.seq_len
+        meta: dict[str, Any] = {"source": self.name, "kind": "control", "task": task,
+                                "condition_on_return": condition, "prompt_episode": None}
+        if not condition and rng.random() < cfg.prompt_prob:
+            others = same_task[same_task != first] if len(same_task) > 1 else same_task
+            j = int(others[rng.integers(len(others))])
+            demo = self._demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len))
+            parts.append(demo)
+            room -= _length(demo)
+            meta["prompt_episode"], meta["prompt_task"] = j, str(self.tasks[j])
+        index, live = first, []
+        while room > 0:
+            episode = self.episodes[index]
+            n_steps = len(episode["rewards"])
+            # a live episode longer than what is left starts at a random step (Gato's random window)
+            per_step = max(1, _length(self._steps(tok, episode, 0, 1, condition)[0]))
+            fits = room // per_step
+            t0 = 0 if n_steps <= fits else int(rng.integers(0, n_steps - max(fits, 1) + 1))
+            sample = self._episode_tokens(tok, episode, t0, room, condition)
+            parts.append(sample)
+            room -= _length(sample)
+            live.append(index)
+            index = int(same_task[rng.integers(len(same_task))])
+        meta["episodes"] = live
+        return concat_samples(parts), meta
+
+
+def _special(tok: GeneralistTokenizer, token_id: int) -> Sample:
+    """One structural token (``<bos>``/``<eos>``) as a sample."""
+    sample = empty_sample()
+    sample["input_ids"] = np.array([token_id], np.int64)
+    sample["modality_ids"] = np.array([int(Modality.SPECIAL)], np.int64)
+    sample["local_positions"] = np.zeros(1, np.int64)
+    return sample
+
+
+class Mixture:
+    """Sources with weights; draws one full sequence per call, deterministic in ``(seed, rank, index)``."""
+
+    def __init__(self, sources: Sequence[Source], weights: Sequence[float], tok: GeneralistTokenizer,
+                 cfg: PackingConfig):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"need one weight per source, got {len(sources)} sources and {len(weights)} weights")
+        w = np.asarray(weights, np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 and not all 0, got {list(weights)}")
+        self.sources, self.probs, self.tok, self.cfg = list(sources), w / w.sum(), tok, cfg
+
+    def sequence(self, seed: int, rank: int, index: int) -> tuple[Sample, dict]:
+        rng = np.random.default_rng([seed, rank, index])
+        source = self.sources[int(rng.choice(len(self.sources), p=self.probs))]
+        sample, meta = source.pack(rng, self.tok, self.cfg)
+        if _length(sample) != self.cfg.seq_len:
+            raise RuntimeError(f"{source.name} packed {_length(sample)} tokens instead of {self.cfg.seq_len}")
+        return sample, meta
+
+    def batch(self, seed: int, rank: int, batch_index: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Collated batch ``batch_index``: sequences ``batch_index * batch_size + k``."""
+        first = batch_index * batch_size
+        samples = [self.sequence(seed, rank, first + k)[0] for k in range(batch_size)]
+        return self.tok.collate(samples)
+
+
+class PackedStream(IterableDataset):
+    """Endless collated batches of one rank, from ``start_batch`` on (use ``DataLoader(batch_size=None)``).
+
+    Worker ``w`` of ``W`` builds batches ``start_batch + w, start_batch + w + W, ...``; the DataLoader
+    takes them round robin, so the order is the same for any number of workers.
+    """
+
+    def __init__(self, mixture: Mixture, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0,
+                 num_batches: int | None = None):
+        super().__init__()
+        self.mixture, self.batch_size, self.seed, self.rank = mixture, batch_size, seed, rank
+        self.start_batch, self.num_batches = start_batch, num_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        stop = None if self.num_batches is None else self.start_batch + self.num_batches
+        b = self.start_batch + worker
+        while stop is None or b < stop:
+            yield self.mixture.batch(self.seed, self.rank, b, self.batch_size)
+            b += workers

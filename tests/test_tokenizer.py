@@ -106,7 +106,7 @@ def test_hand_checked_episode_layout(tok):
                 r1, *c(obs[1]), tok.sep_id, d + 0, c(np.array([3.0]))[0],
                 tok.eos_id]
     assert sample["input_ids"].tolist() == [int(i) for i in expected]
-    S, R, O, A, W = Modality.SPECIAL, Modality.RETURN, Modality.OBSERVATION, Modality.ACTION, Modality.REWARD
+    S, R, O, A, W = Modality.SPECIAL, Modality.RETURN, Modality.OBSERVATION, Modality.ACTION, Modality.REWARD  # noqa: E741
     assert sample["modality_ids"].tolist() == [S, R, O, O, S, A, W, R, O, O, S, A, W, S]
     assert sample["local_positions"].tolist() == [0, 0, 1, 2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0]
     unconditioned = tok.encode_episode(spec, {"observation": obs}, {"action": np.array([2, 0])}, np.array([1, 3.0]),

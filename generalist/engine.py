@@ -1,0 +1,393 @@
+"""The decoding engine: token ids and allowed-token constraints in, next tokens out.
+
+It knows no decoding mode, environment or :class:`~generalist.TaskSpec`; the modes in
+:mod:`generalist.modes` drive it (after karpathy/nanochat's ``engine.py``). What it does:
+
+* **Prefill once, then feed only new tokens.** :meth:`Engine.prefill` runs the context through the
+  model and keeps the backbone's KV cache; :meth:`Engine.feed` appends a chunk of new tokens per row.
+  A batch-1 prefill can be copied to ``num_rows`` rows (one prompt shared by many environments or
+  beams) with the cache's own ``batch_repeat_interleave``.
+* **Rows that drift apart.** Rows (environments, beams) may hold different numbers of real tokens:
+  each row keeps a 0/1 attention mask over the cache and its own position counter, so a chunk is
+  *left-padded* per row (pads are masked, never attended), and a row whose episode restarts simply
+  masks out its whole past (:meth:`Engine.forget`) and counts positions from 0 again. All rows share
+  one cache length; when that grows past the context window, the caller re-prefills from what it
+  wants to keep (the agent keeps its last whole steps). This is one general mechanism instead of a
+  lock-step assumption, and it is exact: a row's logits equal those of the row decoded alone.
+* **Beams.** :meth:`Engine.repeat` and :meth:`Engine.select` expand and gather rows through the
+  cache's ``batch_repeat_interleave`` / ``reorder_cache``: the shared prefix is never recomputed.
+* **Constraints.** :func:`constrain` restricts logits to an id range or a boolean mask (an action
+  token can only be an id valid for the action space); :func:`sample_next_token` then does greedy,
+  temperature, top-k and top-p (nucleus) sampling with a seeded ``torch.Generator``.
+
+With ``use_cache=False`` the same API recomputes the whole sequence for every new token: the
+reference for tests ("cached and uncached decoding give the same tokens") and benchmarks.
+
+Only transformers' ``Cache`` methods are used (``get_seq_length``, ``reorder_cache``,
+``batch_repeat_interleave``), never its per-layer tensors, whose layout changes between releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from generalist.modeling_generalist import GeneralistForCausalLM
+from generalist.tokenizer import PATCH_DIM, Sample
+
+Allowed = tuple[int, int] | range | torch.Tensor | None
+"""Which ids may be sampled: a half-open ``(lo, hi)`` range, a bool mask ``(V,)`` or ``(B, V)``, or all."""
+
+
+# --- sampling: standalone functions ----------------------------------------------------------------
+
+
+def constrain(logits: torch.Tensor, allowed: Allowed) -> tuple[torch.Tensor, int]:
+    """Restrict ``logits`` (B, V) to the allowed ids.
+
+    Returns ``(sub_logits, offset)``: for a range, the sliced logits (B, hi - lo) and ``lo`` (token
+    id = index + offset), which is cheaper than masking the whole vocabulary; for a mask, logits
+    with the disallowed ids at -inf and offset 0.
+    """
+    if allowed is None:
+        return logits, 0
+    if isinstance(allowed, range):
+        allowed = (allowed.start, allowed.stop)
+    if isinstance(allowed, tuple):
+        lo, hi = allowed
+        if not 0 <= lo < hi <= logits.shape[-1]:
+            raise ValueError(f"allowed id range [{lo}, {hi}) is empty or outside the vocabulary "
+                             f"[0, {logits.shape[-1]})")
+        return logits[..., lo:hi], lo
+    if allowed.dtype != torch.bool or allowed.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"allowed mask must be bool (..., {logits.shape[-1]}), "
+                         f"got {allowed.dtype} {tuple(allowed.shape)}")
+    if not allowed.any(-1).all():
+        raise ValueError("allowed mask allows no token for some row")
+    return logits.masked_fill(~allowed, float("-inf")), 0
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Sample one token per row from logits (B, V) -> (B,) int64.
+
+    ``temperature == 0`` is greedy (argmax). ``top_k`` keeps the k most likely tokens; ``top_p``
+    keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus
+    sampling, Holtzman et al. 2020; the Trajectory Transformer's ``cdf`` filter, Janner et al. 2021).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        if top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if top_p <= 0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """New tokens for every row, left-padded to a common length ``n``.
+
+    Attributes:
+        input_ids, attention_mask, local_positions: (B, n); the mask is 0 on left padding.
+        patches, patch_positions: (P, C*16*16) and (P, 2) for the ``<image>`` tokens, in row-major order.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    local_positions: torch.Tensor
+    patches: torch.Tensor | None = None
+    patch_positions: torch.Tensor | None = None
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor) -> Chunk:
+        """Plain tokens (actions, rewards, text): (B, n) ids, no padding, no local positions."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[:, None]
+        return cls(ids, torch.ones_like(ids), torch.zeros_like(ids))
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], pad_id: int) -> Chunk:
+        """Left-pad tokenizer samples (one per row) into a chunk."""
+        n = max(len(s["input_ids"]) for s in samples)
+        b = len(samples)
+        ids = np.full((b, n), pad_id, np.int64)
+        mask = np.zeros((b, n), np.int64)
+        local = np.zeros((b, n), np.int64)
+        for i, s in enumerate(samples):
+            k = len(s["input_ids"])
+            if k:
+                ids[i, n - k:], mask[i, n - k:], local[i, n - k:] = s["input_ids"], 1, s["local_positions"]
+        patches = [s["patches"] for s in samples if len(s["patches"])]
+        chunk = cls(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(local))
+        if patches:
+            chunk.patches = torch.from_numpy(np.concatenate(patches))
+            chunk.patch_positions = torch.from_numpy(np.concatenate(
+                [s["patch_positions"] for s in samples if len(s["patches"])]))
+        return chunk
+
+
+@dataclass
+class DecodeState:
+    """Everything a batch of rows has been fed so far.
+
+    Attributes:
+        cache: the backbone's KV cache (``None`` for the uncached engine).
+        attention_mask: (B, L) 1 where a cached position is a real token of the row's current sequence.
+        next_position: (B,) position id of the row's next real token.
+        logits: (B, V) float32 next-token logits after the last fed token.
+        history: the uncached engine's record of every input (it recomputes from it).
+    """
+
+    cache: Cache | None
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor | None = None
+    history: dict | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Cache length: positions held per row, padding and forgotten tokens included."""
+        return self.attention_mask.shape[1]
+
+
+class Engine:
+    """KV-cached, batched decoding over :class:`~generalist.GeneralistForCausalLM`.
+
+    Args:
+        model: the model (put in eval mode here).
+        seed: seed of the engine's ``torch.Generator`` (all sampling draws from it).
+        use_cache: ``False`` recomputes the whole sequence for every feed (reference / benchmarks).
+
+    Example::
+
+        engine = Engine(model, seed=0)
+        state = engine.prefill(tok.encode_text_sample("hello")[...], num_rows=4)
+        ids = engine.generate(state, 5, temperature=0.8, top_k=20)   # (4, 5)
+    """
+
+    def __init__(self, model: GeneralistForCausalLM, seed: int = 0, use_cache: bool = True):
+        self.model = model.eval()
+        self.use_cache = use_cache
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pad_id = int(model.config.text_config.pad_token_id)
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 2048))
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    # --- feeding ---
+    def new_state(self, batch_size: int) -> DecodeState:
+        """An empty state (no tokens yet) for ``batch_size`` rows."""
+        return DecodeState(
+            cache=DynamicCache(config=self.model.config.text_config) if self.use_cache else None,
+            attention_mask=torch.zeros(batch_size, 0, dtype=torch.long),
+            next_position=torch.zeros(batch_size, dtype=torch.long),
+            history=None if self.use_cache else _empty_history(batch_size),
+        )
+
+    @torch.inference_mode()
+    def prefill(self, samples: Sample | Sequence[Sample], num_rows: int = 1) -> DecodeState:
+        """Run a context through the model.
+
+        One sample with ``num_rows > 1``: a batch-1 prefill whose cache is then copied to every row.
+        A list of samples: one row each, left-padded.
+        """
+        if isinstance(samples, dict):
+            state = self.new_state(1)
+            self.feed(state, Chunk.from_samples([samples], self.pad_id))
+            if num_rows > 1:
+                self.repeat(state, num_rows)
+            return state
+        state = self.new_state(len(samples))
+        self.feed(state, Chunk.from_samples(samples, self.pad_id))
+        return state
+
+    @torch.inference_mode()
+    def feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor) -> DecodeState:
+        """Append new tokens to every row; ``state.logits`` then predicts each row's next token.
+
+        ``chunk`` is a :class:`Chunk`, a list of samples (one per row), or ids (B,) / (B, n).
+        """
+        if isinstance(chunk, torch.Tensor):
+            chunk = Chunk.from_ids(chunk)
+        elif not isinstance(chunk, Chunk):
+            chunk = Chunk.from_samples(chunk, self.pad_id)
+        if chunk.input_ids.shape[0] != state.batch_size:
+            raise ValueError(f"chunk has {chunk.input_ids.shape[0]} rows, the state {state.batch_size}")
+        mask = chunk.attention_mask
+        positions = (state.next_position[:, None] + mask.cumsum(1) - 1).clamp_min(0)  # (B, n)
+        state.next_position = state.next_position + mask.sum(1)
+        state.attention_mask = torch.cat([state.attention_mask, mask], 1)  # (B, L + n)
+        if state.cache is None:
+            state.logits = self._forward_uncached(state, chunk, positions)
+            return state
+        full_mask = None if bool(state.attention_mask.all()) else state.attention_mask
+        out = self.model(
+            input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
+            patch_positions=chunk.patch_positions, attention_mask=full_mask, position_ids=positions,
+            cache=state.cache, use_cache=True, logits_to_keep=1,
+        )
+        state.cache = out.cache
+        state.logits = out.logits[:, -1].float()  # (B, V)
+        return state
+
+    def _forward_uncached(self, state: DecodeState, chunk: Chunk, positions: torch.Tensor) -> torch.Tensor:
+        h = state.history
+        h["input_ids"] = torch.cat([h["input_ids"], chunk.input_ids], 1)
+        h["local_positions"] = torch.cat([h["local_positions"], chunk.local_positions], 1)
+        h["position_ids"] = torch.cat([h["position_ids"], positions], 1)
+        is_image = chunk.input_ids == self.model.config.image_token_id  # (B, n)
+        counts = is_image.sum(1).tolist()
+        if sum(counts):
+            parts = torch.split(torch.cat([chunk.patches, chunk.patch_positions.to(chunk.patches.dtype)], 1), counts)
+            h["patches"] = [torch.cat([old, new]) for old, new in zip(h["patches"], parts, strict=True)]
+        patches = torch.cat(h["patches"])  # rows in order = row-major order of <image> tokens
+        out = self.model(
+            input_ids=h["input_ids"], local_positions=h["local_positions"],
+            patches=patches[:, :PATCH_DIM] if len(patches) else None,
+            patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
+            attention_mask=state.attention_mask, position_ids=h["position_ids"], use_cache=False, logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    # --- rows ---
+    def repeat(self, state: DecodeState, n: int) -> DecodeState:
+        """Each row becomes ``n`` consecutive copies (row i -> rows i*n .. i*n+n-1)."""
+        if n == 1:
+            return state
+        if state.cache is not None:
+            state.cache.batch_repeat_interleave(n)
+        return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
+
+    def select(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
+        """Keep rows ``rows`` (B',) in that order; rows may repeat (beam search survivors)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if state.cache is not None:
+            state.cache.reorder_cache(rows)
+        return self._index_rows(state, rows)
+
+    def _index_rows(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
+        state.attention_mask = state.attention_mask[rows]
+        state.next_position = state.next_position[rows]
+        if state.logits is not None:
+            state.logits = state.logits[rows]
+        if state.history is not None:
+            h = state.history
+            for key in ("input_ids", "local_positions", "position_ids"):
+                h[key] = h[key][rows]
+            h["patches"] = [h["patches"][i] for i in rows.tolist()]
+        return state
+
+    def forget(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        """Rows ``rows`` start a new sequence: their past is masked out and positions restart at 0.
+
+        The cache keeps the (now unattended) entries until the next re-prefill.
+        """
+        if len(rows):
+            rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+            state.attention_mask[rows_t] = 0
+            state.next_position[rows_t] = 0
+        return state
+
+    def truncate(self, state: DecodeState, length: int) -> DecodeState:
+        """Drop every cached position after the first ``length`` (``Cache.crop``).
+
+        ``state.logits`` is left as it was; callers that truncate restore it (TT planning does).
+        """
+        extra = state.length - length
+        if extra <= 0:
+            return state
+        if state.cache is not None:
+            state.cache.crop(-extra)
+        removed = state.attention_mask[:, length:]  # (B, extra)
+        state.next_position = state.next_position - removed.sum(1)
+        state.attention_mask = state.attention_mask[:, :length]
+        if state.history is not None:
+            h = state.history
+            dropped = (h["input_ids"][:, length:] == self.model.config.image_token_id).sum(1).tolist()
+            for key in ("input_ids", "local_positions", "position_ids"):
+                h[key] = h[key][:, :length]
+            h["patches"] = [p[: len(p) - k] for p, k in zip(h["patches"], dropped, strict=True)]
+        return state
+
+    # --- sampling ---
+    def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+        """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``."""
+        logits, offset = constrain(state.logits, allowed)
+        return sample_next_token(logits, self.generator, temperature, top_k, top_p) + offset
+
+    @torch.inference_mode()
+    def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, feed_last: bool = True) -> torch.Tensor:
+        """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
+
+        Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
+        (a control loop feeds it together with the next step's tokens, saving a forward pass).
+        """
+        out = []
+        for j, allow in enumerate(allowed):
+            token = self.sample(state, allow, temperature, top_k, top_p)  # (B,)
+            out.append(token)
+            if j < len(allowed) - 1 or feed_last:
+                self.feed(state, token[:, None])
+        return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
+
+    @torch.inference_mode()
+    def generate_until(self, state: DecodeState, stop_id: int, max_new_tokens: int, allowed: Allowed = None,
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+                       ) -> list[list[int]]:
+        """Sample until each row emits ``stop_id`` (not returned) or ``max_new_tokens``; ragged output."""
+        b = state.batch_size
+        done = torch.zeros(b, dtype=torch.bool)
+        out: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(max_new_tokens):
+            token = self.sample(state, allowed, temperature, top_k, top_p)  # (B,)
+            stopped = token == stop_id
+            for i in torch.nonzero(~done & ~stopped).flatten().tolist():
+                out[i].append(int(token[i]))
+            done |= stopped
+            if bool(done.all()):
+                break
+            # finished rows are fed a masked pad token, so they stay aligned and unchanged
+            mask = (~done).long()[:, None]
+            self.feed(state, Chunk(torch.where(done, self.pad_id, token)[:, None], mask, torch.zeros_like(mask)))
+        return out
+
+
+def _empty_history(batch_size: int) -> dict:
+    empty = torch.zeros(batch_size, 0, dtype=torch.long)
+    return {"input_ids": empty, "local_positions": empty, "position_ids": empty,
+            "patches": [torch.zeros(0, PATCH_DIM + 2) for _ in range(batch_size)]}

@@ -12,10 +12,15 @@ so it keeps the backbone's speed and its KV cache (``past_key_values`` / ``use_c
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -25,6 +30,7 @@ from generalist.configuration_generalist import GeneralistConfig
 from generalist.vocab import MODALITY_NAMES, Modality
 
 GROUP_NORM_GROUPS = 8
+CHECKSUMS_FILE = "checksums.json"  # sha256 of each weight file, written by save_pretrained
 
 
 @dataclass
@@ -132,6 +138,29 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         self._no_split_modules = getattr(self.backbone, "_no_split_modules", None)
         self.post_init()
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus a sha256 of each weight file, checked on load."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        d = Path(save_directory)
+        sums = {p.name: _sha256(p) for p in sorted(d.glob("*.safetensors"))}
+        (d / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load as transformers does; a truncated or corrupted weight file is an ``OSError`` naming it."""
+        d = Path(pretrained_model_name_or_path)
+        if (d / CHECKSUMS_FILE).is_file():
+            for name, digest in json.loads((d / CHECKSUMS_FILE).read_text()).items():
+                if not (d / name).is_file():
+                    raise OSError(f"{d / name} is missing (listed in {d / CHECKSUMS_FILE})")
+                if _sha256(d / name) != digest:
+                    raise OSError(f"{d / name} is corrupted or truncated: its sha256 differs from {CHECKSUMS_FILE}")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as e:
+            raise OSError(f"{pretrained_model_name_or_path}: a model.safetensors file is truncated or corrupted "
+                          f"({e})") from e
+
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
@@ -231,3 +260,11 @@ def _per_modality(token_loss: torch.Tensor, targets: torch.Tensor, modality: tor
             losses[m.name.lower()] = token_loss[sel].mean()
             counts[m.name.lower()] = n
     return losses, counts
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

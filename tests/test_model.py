@@ -93,3 +93,19 @@ def test_bad_config_values_are_errors():
         GeneralistConfig(loss_weights={"actions": 1.0})
     with pytest.raises(ValueError, match="multiple of patch_size"):
         GeneralistConfig(image_size=40)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "truncate-no-checksums"])
+def test_damaged_weights_are_an_error_naming_the_file(tiny_config, tmp_path, damage):
+    GeneralistForCausalLM(tiny_config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF  # a bit flip inside a tensor: only the checksum can see it
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    if damage == "truncate-no-checksums":
+        (tmp_path / "checksums.json").unlink()
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

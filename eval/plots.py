@@ -1,0 +1,72 @@
+"""Figures shared by the evaluation scripts and the report: caption grids and frame strips.
+
+Everything renders with matplotlib's Agg backend into a PNG file, so it works on a headless machine
+and inside tests.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+MATCH_COLOUR = "#1a7f37"
+MISS_COLOUR = "#b42318"
+
+
+@dataclass
+class CaptionExample:
+    image: Image.Image | np.ndarray
+    generated: str
+    reference: str
+    exact: bool
+
+
+def caption_grid(examples: Sequence[CaptionExample], path: Path, columns: int = 4, wrap: int = 28) -> Path:
+    """Images with the generated caption (green if it matches the reference, red if not) and the reference."""
+    if not examples:
+        raise ValueError("caption_grid needs at least one example")
+    columns = min(columns, len(examples))
+    rows = -(-len(examples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ex in zip(axes.flat, examples, strict=False):
+        ax.imshow(np.asarray(ex.image))
+        gen = textwrap.fill(f"model: {ex.generated or '(empty)'}", wrap)
+        ref = textwrap.fill(f"truth: {ex.reference}", wrap)
+        ax.set_title(gen, fontsize=8, color=MATCH_COLOUR if ex.exact else MISS_COLOUR, loc="left")
+        ax.text(0, -0.04, ref, transform=ax.transAxes, fontsize=8, va="top", ha="left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frame_strip(frames: Sequence[np.ndarray], path: Path, labels: Sequence[str] | None = None,
+                title: str | None = None) -> Path:
+    """A row of rendered frames (H, W, 3 uint8), e.g. evenly spaced steps of one rollout."""
+    if not len(frames):
+        raise ValueError("frame_strip needs at least one frame")
+    fig, axes = plt.subplots(1, len(frames), figsize=(2.4 * len(frames), 2.6), squeeze=False)
+    for i, (ax, frame) in enumerate(zip(axes[0], frames, strict=True)):
+        ax.imshow(np.asarray(frame))
+        ax.axis("off")
+        if labels is not None:
+            ax.set_title(labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -78,9 +78,9 @@ def write_datasets(root: Path) -> dict[str, float]:
                                            "caption": [c["caption"] for c in items]}, features=features)
         for split, items in (("train", cap[:20]), ("test", cap[20:]))
     }).save_to_disk(str(root / "tiny_captions"))
-    specs = task_specs()
-    folder = root / "tiny_control"
-    for k, (name, spec) in enumerate(specs.items()):
+    # one task per control dataset (tasks with different leaves cannot share arrow columns)
+    for dataset, (name, spec) in zip(("tiny_box", "tiny_disc"), task_specs().items(), strict=True):
+        folder = root / dataset
         eps = [e for e in episodes(12) if e["task"] == name]
         rows = {"task": [e["task"] for e in eps], "source": [e["source"] for e in eps],
                 "seed": list(range(len(eps))), "rewards": [e["rewards"] for e in eps],
@@ -89,6 +89,6 @@ def write_datasets(root: Path) -> dict[str, float]:
                 "observation": [e["observations"]["observation"] for e in eps],
                 "action": [e["actions"]["action"] for e in eps]}
         datasets.Dataset.from_dict(rows, features=episode_features(spec)).save_to_disk(
-            str(folder / SHARDS_DIR / f"{k:05d}"))
-    (folder / TASK_SPECS).write_text(json.dumps({n: s.to_dict() for n, s in specs.items()}))
-    return {"tiny_text": 1.0, "tiny_captions": 1.0, "tiny_control": 2.0}
+            str(folder / SHARDS_DIR / "00000"))
+        (folder / TASK_SPECS).write_text(json.dumps({name: spec.to_dict()}))
+    return {"tiny_text": 1.0, "tiny_captions": 1.0, "tiny_box": 1.0, "tiny_disc": 1.0}

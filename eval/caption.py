@@ -16,7 +16,7 @@ The held-out split of our caption set contains attribute/object *compositions* n
 training, so these numbers measure generalisation, not recall.
 
 Writes ``OUT/caption.json`` (metrics + every caption) and ``OUT/caption_examples.png`` (a grid of
-images with generated and reference captions); ``OUT`` defaults to ``MODEL/eval``.
+images with generated and reference captions); ``OUT`` defaults to the run folder's ``eval/``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import tyro
 from tqdm.auto import tqdm
 
-from eval.checkpoint import load_checkpoint, load_split, write_json
+from eval.checkpoint import default_out, load_checkpoint, load_split, write_json
 from eval.metrics import CiderD, bleu, exact_match, normalize
 from eval.plots import CaptionExample, caption_grid
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
@@ -59,7 +59,7 @@ class Args:
     examples: int = 12
     """Images shown in the example grid."""
     out: Path | None = None
-    """Folder for ``caption.json`` and ``caption_examples.png``; defaults to ``MODEL/eval``."""
+    """Folder for ``caption.json`` and ``caption_examples.png``; defaults to the run folder's ``eval/``."""
     device: str = "cpu"
     """Torch device."""
     seed: int = 0
@@ -118,7 +118,7 @@ def main(args: Args) -> dict:
     seconds = time.perf_counter() - began
     references = [[r] for r in refs]
     scores, per_image = score_captions(generated, references)
-    out = args.out or args.model / "eval"
+    out = args.out or default_out(args.model)
     shown = [CaptionExample(images[i], generated[i], refs[i], normalize(generated[i]) == normalize(refs[i]))
              for i in range(min(args.examples, len(images)))]
     grid = caption_grid(shown, out / EXAMPLES_FILE) if shown else None

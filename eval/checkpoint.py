@@ -18,6 +18,10 @@ from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 
 MODEL_CONFIG_FILE = "config.json"
+FINAL_MODEL_DIR = "model"  # where train.py exports the final model inside a run folder
+EVAL_DIR = "eval"  # where every eval.* script writes its results inside a run folder
+RUN_MARKERS = ("train_metrics.csv", "args.json", "metrics.json")  # files only a run folder has
+DATASET_DIR = "data"  # datasets_build writes the DatasetDict here, next to its card and build record
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -25,16 +29,19 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest checkpoint folder somewhere below a run folder.
+    """A checkpoint folder itself, a run folder's final model, or its newest checkpoint.
 
-    "Newest" is by modification time, so a run folder that keeps intermediate checkpoints next to
-    the final one resolves to the one written last.
+    ``train.py`` exports the final model to ``RUN/model`` and keeps intermediate checkpoints under
+    ``RUN/checkpoints``; a run that was stopped early has only the latter, so the newest one (by
+    modification time) is used then.
     """
     path = Path(path)
     if is_checkpoint(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: no such folder")
+    if is_checkpoint(path / FINAL_MODEL_DIR):
+        return path / FINAL_MODEL_DIR
     found = [p.parent for p in path.rglob(MODEL_CONFIG_FILE) if is_checkpoint(p.parent)]
     if not found:
         raise FileNotFoundError(
@@ -55,11 +62,29 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return model, tokenizer, folder
 
 
+def default_out(model_arg: str | Path) -> Path:
+    """Where results go without ``--out``: the run folder's ``eval/`` (next to eval.control's results).
+
+    ``--model`` may name the run folder or its exported model; results belong to the run either way,
+    so that ``python -m eval.report RUN`` finds them. A loose checkpoint gets its own ``eval/``.
+    """
+    path = Path(model_arg)
+    for folder in (path, path.parent):
+        if any((folder / marker).exists() for marker in RUN_MARKERS):
+            return folder / EVAL_DIR
+    return path / EVAL_DIR
+
+
 def load_split(data: str | Path, split: str) -> Dataset:
-    """One split of a dataset written with ``save_to_disk`` (a ``DatasetDict`` or a single ``Dataset``)."""
+    """One split of a dataset written with ``save_to_disk`` (a ``DatasetDict`` or a single ``Dataset``).
+
+    ``data`` is either the saved dataset itself or a ``datasets_build`` folder that holds it in ``data/``.
+    """
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"--data {data}: no such dataset folder")
+    if (data / DATASET_DIR).is_dir() and not any((data / f).exists() for f in ("dataset_dict.json", "state.json")):
+        data = data / DATASET_DIR
     loaded = load_from_disk(str(data))
     if isinstance(loaded, DatasetDict):
         if split not in loaded:

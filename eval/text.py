@@ -11,7 +11,7 @@ for the training loss). Documents longer than ``max_length`` are cut into consec
 context inside their window (the usual non-overlapping evaluation: a slight over-estimate of the
 perplexity a model with unlimited context would get).
 
-Writes ``OUT/text.json`` (``OUT`` defaults to ``MODEL/eval``).
+Writes ``OUT/text.json`` (``OUT`` defaults to the run folder's ``eval/``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from eval.checkpoint import load_checkpoint, load_split, write_json
+from eval.checkpoint import default_out, load_checkpoint, load_split, write_json
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.tokenizer import Sample, slice_sample
 
@@ -50,7 +50,7 @@ class Args:
     max_samples: int | None = None
     """Evaluate only the first N documents (quick checks)."""
     out: Path | None = None
-    """Folder for ``text.json``; defaults to ``MODEL/eval``."""
+    """Folder for ``text.json``; defaults to the run folder's ``eval/``."""
     device: str = "cpu"
     """Torch device."""
 
@@ -118,7 +118,7 @@ def main(args: Args) -> dict:
         **asdict(result),
         "seconds": round(time.perf_counter() - began, 2),
     }
-    path = write_json((args.out or args.model / "eval") / "text.json", payload)
+    path = write_json((args.out or default_out(args.model)) / "text.json", payload)
     print(f"perplexity {result.perplexity:.3f} (nll {result.nll:.4f} nats over {result.tokens} text tokens, "
           f"{result.documents} documents) -> {path}")
     return payload

@@ -251,7 +251,7 @@ class Engine:
         state.next_position = state.next_position + mask.sum(1)
         state.attention_mask = torch.cat([state.attention_mask, mask], 1)  # (B, L + n)
         if state.cache is None:
-            state.logits = self._forward_uncached(state, chunk, positions)
+            self._set_logits(state, self._forward_uncached(state, chunk, positions), mask)
             return state
         full_mask = None if bool(state.attention_mask.all()) else state.attention_mask
         out = self.model(
@@ -260,8 +260,16 @@ class Engine:
             cache=state.cache, use_cache=True, logits_to_keep=1,
         )
         state.cache = out.cache
-        state.logits = out.logits[:, -1].float()  # (B, V)
+        self._set_logits(state, out.logits[:, -1].float(), mask)
         return state
+
+    @staticmethod
+    def _set_logits(state: DecodeState, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        """New next-token logits (B, V); a row fed only padding keeps its previous ones."""
+        empty = mask.sum(1) == 0  # (B,)
+        if state.logits is not None and bool(empty.any()):
+            logits[empty] = state.logits[empty]
+        state.logits = logits
 
     def _forward_uncached(self, state: DecodeState, chunk: Chunk, positions: torch.Tensor) -> torch.Tensor:
         h = state.history
@@ -316,9 +324,10 @@ class Engine:
         The cache keeps the (now unattended) entries until the next re-prefill.
         """
         if len(rows):
-            rows_t = torch.as_tensor(list(rows), dtype=torch.long)
-            state.attention_mask[rows_t] = 0
-            state.next_position[rows_t] = 0
+            hit = torch.zeros(state.batch_size, dtype=torch.bool)
+            hit[torch.as_tensor(list(rows), dtype=torch.long)] = True
+            state.attention_mask = state.attention_mask.masked_fill(hit[:, None], 0)
+            state.next_position = state.next_position.masked_fill(hit, 0)
         return state
 
     def truncate(self, state: DecodeState, length: int) -> DecodeState:

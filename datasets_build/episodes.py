@@ -12,9 +12,10 @@ r_0..r_{T-1} (the observation after the last action is dropped).
 
 Image leaves are stored as a list of PNG-encoded ``datasets.Image`` frames: rendered frames are
 mostly flat background and compress ~10x, while arrow's nested uint8 tensors would take ~2.4x
-the raw bytes (an offset per innermost list). Other array leaves are stored as arrow tensors with a dynamic first (time) dimension
-(``Array2D((None, d))`` ... ``Array4D((None, H, W, C))``) in the leaf's dtype, so that loading with
-the numpy format gives contiguous ``(T, ...)`` arrays without a per-element Python conversion.
+the raw bytes (an offset per innermost list). Other array leaves are stored as arrow tensors
+with a dynamic first (time) dimension (``Array2D((None, d))``, ``Array3D((None, h, w))``...) in
+the leaf's dtype, so that loading with the numpy format gives contiguous ``(T, ...)`` arrays
+without a per-element Python conversion.
 All tasks of one dataset share one schema, so when tasks disagree on a numeric leaf (CartPole's
 ``observation`` has 4 values, Pendulum's 3; CartPole's ``action`` is an integer, Pendulum's a
 float vector), that column falls back to :data:`FLAT_NUMERIC`: per step, the leaf's values

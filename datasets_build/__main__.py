@@ -1,0 +1,86 @@
+"""``python -m datasets_build <name|mixture|all> --out data/``: build datasets (see ``--help``)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from datasets_build.base import BuildOptions
+from datasets_build.registry import DATASETS, MIXTURES, resolve
+
+OFFLINE_IMPORTS = ("minari", "d4rl")
+
+
+@dataclass
+class Args:
+    """Build generalist datasets: control episodes (experts, noisy experts, random play), image
+    captions and text. Interrupted builds resume where they stopped."""
+
+    name: Annotated[str, tyro.conf.Positional] = "demo"
+    """a dataset (control-core, control-pixels, babyai, metaworld, captions, text), a mixture (demo,
+    full), `all`, or an import: `minari` (needs --minari-id) / `d4rl` (needs --d4rl-path)"""
+    out: Path = Path("data")
+    """root folder; each dataset goes to <out>/<dataset name>/"""
+    episodes: int | None = None
+    """control episodes per task, all sources together (default: each dataset's own)"""
+    num_envs: int = 8
+    """envs stepped together per task (gymnasium SyncVectorEnv)"""
+    seed: int = 0
+    """build seed: every episode seed and generated sample derives from it"""
+    episodes_per_shard: int = 16
+    """episodes of one (task, source) per atomically written shard"""
+    samples: int | None = None
+    """caption scenes in the train split (default 4000; test gets 15% more, held out)"""
+    overwrite: bool = False
+    """delete existing datasets and build them again"""
+    progress: bool = True
+    """show progress bars"""
+    minari_id: str | None = None
+    """Minari dataset id to import from $MINARI_DATASETS_PATH (with name `minari`)"""
+    d4rl_path: Path | None = None
+    """D4RL-style .hdf5/.npz file to import (with name `d4rl`)"""
+    d4rl_task: str = "d4rl-task"
+    """task name given to the imported D4RL-style episodes"""
+    list: bool = False
+    """list datasets and mixtures, then exit"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(Args, args=argv)
+    if args.list:
+        for name, builder in DATASETS.items():
+            print(f"{name:16s} {builder.kind:9s} {builder.description}")
+        for name, weights in MIXTURES.items():
+            print(f"mixture {name}: {weights}")
+        return
+    options = BuildOptions(
+        episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
+        episodes_per_shard=args.episodes_per_shard, overwrite=args.overwrite, progress=args.progress,
+        samples=args.samples, command=shlex.join(["python", "-m", "datasets_build", *(argv or sys.argv[1:])]),
+    )
+    if args.name in OFFLINE_IMPORTS:
+        from datasets_build.offline import import_d4rl, import_minari
+
+        if args.name == "minari":
+            if not args.minari_id:
+                raise SystemExit("`minari` needs --minari-id")
+            print(import_minari(args.minari_id, args.out, options))
+        else:
+            if args.d4rl_path is None:
+                raise SystemExit("`d4rl` needs --d4rl-path")
+            print(import_d4rl(args.d4rl_path, args.d4rl_task, args.out, options))
+        return
+    for name in resolve(args.name):
+        start = time.perf_counter()
+        folder = DATASETS[name].build(args.out, options)
+        print(f"{name}: {folder} ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
+from datasets_build.common import is_built
+from datasets_build.registry import load_split_dataset
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 
@@ -21,7 +23,6 @@ MODEL_CONFIG_FILE = "config.json"
 FINAL_MODEL_DIR = "model"  # where train.py exports the final model inside a run folder
 EVAL_DIR = "eval"  # where every eval.* script writes its results inside a run folder
 RUN_MARKERS = ("train_metrics.csv", "args.json", "metrics.json")  # files only a run folder has
-DATASET_DIR = "data"  # datasets_build writes the DatasetDict here, next to its card and build record
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -78,14 +79,13 @@ def default_out(model_arg: str | Path) -> Path:
 def load_split(data: str | Path, split: str) -> Dataset:
     """One split of a dataset written with ``save_to_disk`` (a ``DatasetDict`` or a single ``Dataset``).
 
-    ``data`` is either the saved dataset itself or a ``datasets_build`` folder that holds it in ``data/``.
+    ``data`` is either the saved dataset itself or a dataset folder built by ``datasets_build``.
     """
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"--data {data}: no such dataset folder")
-    if (data / DATASET_DIR).is_dir() and not any((data / f).exists() for f in ("dataset_dict.json", "state.json")):
-        data = data / DATASET_DIR
-    loaded = load_from_disk(str(data))
+    # a datasets_build folder is opened the way training opens it
+    loaded = load_split_dataset(data.name, data.parent) if is_built(data) else load_from_disk(str(data))
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
             raise KeyError(f"--data {data} has no split {split!r}; it has {sorted(loaded)}")

@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +121,8 @@ class Args:
     """gradient clipping norm"""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on a CUDA GPU that has it, else full precision (or what `accelerate launch` was given)"""
+    cpu: bool = False
+    """train on the CPU even where a GPU is present (without one the CPU is used anyway, gloo between processes)"""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
@@ -148,6 +149,10 @@ class Args:
     """create the Hub repo as private"""
     hub_token: str | None = None
     """Hub token (default: HF_TOKEN or the cached login)"""
+    hub_retries: int = 4
+    """retries of a failed push (the run goes on either way; the local checkpoint is never touched)"""
+    hub_backoff_s: float = 2.0
+    """wait before the first retry, doubled at each next one"""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -167,7 +172,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     preset = pre.parse_known_args(argv)[0].preset
     default = dataclasses.replace(Args(), preset=preset, **PRESETS[preset])
-    return tyro.cli(Args, default=default, args=argv, description=__doc__)
+    return tyro.cli(Args, default=default, args=argv, description=__doc__, use_underscores=True)
+
+
+def command_line(args: Args) -> str:
+    """The shortest ``python train.py`` command that gives ``args`` (flags that differ from the preset)."""
+    default = dataclasses.replace(Args(), **PRESETS[args.preset])
+    flags = [] if args.preset == "demo" else [f"--preset {args.preset}"]
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if f.name in ("preset", "resume", "overwrite", "hub_token") or value == getattr(default, f.name):
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{f.name}" if value else f"--no_{f.name}")
+        elif value is not None:
+            flags.append(f"--{f.name} {shlex.quote(str(value))}")
+    return " ".join(["python train.py", *flags])
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -403,6 +423,8 @@ def main(args: Args) -> dict[str, Any]:
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     accelerator = Accelerator(
+        # accelerate only picks CPU multi-processing (gloo) when told to use the CPU
+        cpu=args.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=mixed_precision,
         # a batch without images leaves the patch encoder without gradients
@@ -488,13 +510,15 @@ def main(args: Args) -> dict[str, Any]:
         (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
         train_log = MetricLog(run_dir / "train_metrics.csv", writer, step if resume_from else None)
         eval_log = MetricLog(run_dir / "eval_metrics.csv", writer, step if resume_from else None)
-    reproduce = "python train.py " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "train.py" else (
-        f"python train.py --preset {args.preset}")
+    reproduce = command_line(args)
+    if accelerator.num_processes > 1:
+        reproduce = f"accelerate launch --num_processes {accelerator.num_processes} {reproduce.removeprefix('python ')}"
     hub = None
     if args.push_to_hub and is_main:
         if not args.hub_model_id:
             raise SystemExit("--push_to_hub needs --hub_model_id user/name")
-        hub = HubPusher(args.hub_model_id, run_dir / ".hub-staging", token=args.hub_token, private=args.hub_private)
+        hub = HubPusher(args.hub_model_id, run_dir / ".hub-staging", token=args.hub_token, private=args.hub_private,
+                         retries=args.hub_retries, backoff_s=args.hub_backoff_s)
 
     def card(folder: Path, metrics: dict[str, dict[str, float]]) -> None:
         write_model_card(folder, model_id=args.hub_model_id or run_name, mixture=weights, metrics=metrics,

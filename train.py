@@ -268,7 +268,8 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1)
             continue
         if not folder.exists():
             raise FileNotFoundError(f"dataset {name!r} not found at {folder}; build it or pass --data_root")
-        dd = datasets.load_from_disk(str(folder))
+        # datasets_build writes caption/text datasets under <name>/data; a bare save_to_disk folder works too
+        dd = datasets.load_from_disk(str(folder / "data" if (folder / "data").is_dir() else folder))
         splits = dd if isinstance(dd, datasets.DatasetDict) else {"train": dd}
         train_ds = splits["train"]
         eval_ds = next((splits[s] for s in ("validation", "test") if s in splits), train_ds)

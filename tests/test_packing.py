@@ -1,0 +1,125 @@
+"""Properties of the packed training stream (generalist.packing), on tiny in-memory data."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from generalist import GeneralistTokenizer
+from generalist.packing import (
+    CaptionSource,
+    ControlSource,
+    Mixture,
+    PackedStream,
+    PackingConfig,
+    TextSource,
+)
+from generalist.vocab import Modality
+from tests import train_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def tok() -> GeneralistTokenizer:
+    tok = GeneralistTokenizer.from_pretrained("tokenizers_cfg/default")
+    for spec in fx.task_specs().values():
+        tok.add_task_spec(spec)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sources():
+    eps = fx.episodes(12)
+    return [TextSource("text", fx.texts()), CaptionSource("captions", fx.captions()),
+            ControlSource("control", eps, [e["task"] for e in eps])]
+
+
+def mixture(tok, sources, weights=(1, 1, 2), **cfg) -> Mixture:
+    return Mixture(sources, list(weights), tok, PackingConfig(**{"seq_len": 96, **cfg}))
+
+
+@pytest.mark.parametrize("seq_len", [7, 96, 333])
+def test_every_sequence_has_exactly_seq_len_tokens_and_one_patch_per_image_token(tok, sources, seq_len):
+    mix = mixture(tok, sources, seq_len=seq_len)
+    for i in range(60):
+        sample, meta = mix.sequence(seed=0, rank=0, index=i)
+        assert {len(sample[k]) for k in ("input_ids", "modality_ids", "local_positions")} == {seq_len}
+        n_image = int((sample["input_ids"] == tok.image_id).sum())
+        assert n_image == int((sample["modality_ids"] == Modality.IMAGE).sum())
+        assert len(sample["patches"]) == len(sample["patch_positions"]) == n_image
+
+
+def test_batches_feed_the_model_shapes(tok, sources):
+    batch = mixture(tok, sources).batch(seed=0, rank=0, batch_index=0, batch_size=4)
+    assert batch["input_ids"].shape == (4, 96) and bool(batch["attention_mask"].all())
+    assert batch["patches"].shape[0] == int((batch["input_ids"] == tok.image_id).sum())
+
+
+def test_sources_are_drawn_with_their_mixture_weights(tok, sources):
+    weights = (1, 1, 2)
+    mix = mixture(tok, sources, weights, seq_len=16)
+    n = 1200
+    counts = Counter(mix.sequence(seed=3, rank=0, index=i)[1]["source"] for i in range(n))
+    for source, w in zip(sources, weights, strict=True):
+        expected = w / sum(weights)
+        assert abs(counts[source.name] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
+
+
+def test_demonstration_prompt_comes_from_another_episode_of_the_same_task(tok, sources):
+    eps = fx.episodes(12)
+    control = ControlSource("control", eps, [e["task"] for e in eps])
+    mix = Mixture([control], [1.0], tok, PackingConfig(seq_len=200, return_prob=0.0, prompt_prob=1.0))
+    for i in range(40):
+        sample, meta = mix.sequence(seed=0, rank=0, index=i)
+        assert meta["prompt_episode"] is not None
+        assert meta["prompt_task"] == meta["task"] == eps[meta["prompt_episode"]]["task"]
+        assert meta["prompt_episode"] != meta["episodes"][0]
+        assert all(eps[j]["task"] == meta["task"] for j in meta["episodes"])
+        # the prompt is the *end* of an episode: Gato mode shows no return, and it closes with <eos>
+        ids = sample["input_ids"]
+        assert tok.eos_id in ids[: int(0.25 * 200)]
+        assert not (sample["modality_ids"] == Modality.RETURN).any()
+
+
+def test_return_conditioning_is_shown_or_replaced_by_no_return(tok):
+    eps = fx.episodes(6)
+    control = ControlSource("control", eps, [e["task"] for e in eps])
+    shown = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=1.0)).sequence(0, 0, 0)[0]
+    hidden = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=0.0, prompt_prob=0.0)
+                     ).sequence(0, 0, 0)[0]
+    assert (shown["modality_ids"] == Modality.RETURN).any() and tok.no_return_id not in shown["input_ids"]
+    assert not (hidden["modality_ids"] == Modality.RETURN).any() and tok.no_return_id in hidden["input_ids"]
+
+
+def test_long_text_is_cut_into_a_window_of_the_context(tok):
+    long = " ".join(["robot moves left"] * 400)
+    mix = Mixture([TextSource("long", [long])], [1.0], tok, PackingConfig(seq_len=64))
+    starts = {int(mix.sequence(0, 0, i)[0]["input_ids"][0]) for i in range(20)}
+    assert len(starts) > 1  # random windows, not always the beginning
+
+
+def test_stream_is_deterministic_per_rank_and_independent_of_workers(tok, sources):
+    mix = mixture(tok, sources)
+
+    def batches(rank: int, start: int, workers: int, n: int = 4) -> list[torch.Tensor]:
+        stream = PackedStream(mix, batch_size=2, seed=7, rank=rank, start_batch=start, num_batches=n)
+        return [b["input_ids"] for b in DataLoader(stream, batch_size=None, num_workers=workers)]
+
+    single, two_workers = batches(0, 0, 0), batches(0, 0, 2)
+    assert all(torch.equal(a, b) for a, b in zip(single, two_workers, strict=True))
+    resumed = batches(0, 2, 0, n=2)  # a stream resumed at batch 2 continues the same sequence
+    assert all(torch.equal(a, b) for a, b in zip(single[2:], resumed, strict=True))
+    other_rank = batches(1, 0, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(single, other_rank, strict=True))
+
+
+def test_bad_settings_are_refused(tok, sources):
+    with pytest.raises(ValueError, match="seq_len"):
+        PackingConfig(seq_len=1)
+    with pytest.raises(ValueError, match="return_prob"):
+        PackingConfig(return_prob=1.5)
+    with pytest.raises(ValueError, match="weights"):
+        Mixture(sources, [0, 0, 0], tok, PackingConfig())

@@ -34,11 +34,14 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import gymnasium as gym  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
 from eval import caption as caption_eval  # noqa: E402
-from eval.checkpoint import EVAL_DIR  # noqa: E402
+from eval.checkpoint import EVAL_DIR, load_checkpoint, resolve_checkpoint  # noqa: E402
+from eval.plots import frame_strip  # noqa: E402
 from generalist.vocab import MODALITY_NAMES  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -52,6 +55,19 @@ TEXT_RESULTS = "text.json"
 LOSS_MODALITIES = tuple(m for m in MODALITY_NAMES if m not in ("pad", "special", "image"))
 EXAMPLE_ROWS = 8
 NOT_RUN = "_not run_"
+ROLLOUT_FRAMES = 6
+RETURN_KEYS = ("mean_return", "return_mean", "return", "mean")  # how a result may name its mean return
+NORMALISED_KEYS = ("normalized_score", "normalised_score", "expert_normalized", "score")
+PREFERRED_ROLLOUT_TASKS = ("CartPole-v1", "Pendulum-v1", "Acrobot-v1")  # small, readable frames
+
+
+@dataclass
+class RolloutStrip:
+    path: Path
+    task: str
+    mode: str
+    episode_return: float
+    steps: int
 
 
 @dataclass
@@ -91,7 +107,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if abs(value) >= 1e5:
+        if abs(value) >= 1e3:
             return f"{value:,.0f}"
         return f"{value:.{digits}f}"
     return str(value)
@@ -177,12 +193,169 @@ def curves_section(run_dir: Path, figures: Path) -> str:
     return "\n\n".join(out)
 
 
-def control_section(run_dir: Path, figures: Path) -> str:
+def make_render_env(task: str) -> gym.Env | None:
+    """One env of ``task`` that renders ``rgb_array`` frames, or None if this machine cannot make it.
+
+    The datasets' catalogue knows how each task's env is built (pixel tasks wrap a rendering env);
+    plain gymnasium ids are made with ``render_mode="rgb_array"``.
+    """
+    from datasets_build.control import CORE_TASKS, PIXEL_TASKS
+
+    catalogue = {t.name: t for t in (*CORE_TASKS, *PIXEL_TASKS)}
+    if task in catalogue:
+        env = catalogue[task].make_env()
+        if env.render_mode == "rgb_array":
+            return env
+        env.close()
+    try:
+        return gym.make(task, render_mode="rgb_array")
+    except (gym.error.Error, ImportError, TypeError):
+        return None
+
+
+def render_rollout(checkpoint: Path, path: Path, task: str | None = None, max_steps: int = 200,
+                   frames: int = ROLLOUT_FRAMES, seed: int = 0) -> RolloutStrip | None:
+    """Roll the checkpoint out for one episode with :class:`generalist.agent.Agent` and save a strip.
+
+    Decision Transformer mode aiming at the task's expert return where the spec has one, Gato mode
+    (no prompt) otherwise. Returns None when no task of the tokenizer can be made here.
+    """
+    from generalist.agent import Agent
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    names = [task] if task else sorted(tokenizer.task_specs, key=lambda n: (n not in PREFERRED_ROLLOUT_TASKS, n))
+    for name in names:
+        env = make_render_env(name)
+        if env is None:
+            continue
+        spec = tokenizer.get_task_spec(name)
+        mode = "dt" if spec.expert_return is not None else "gato"
+        agent = Agent(model, tokenizer, mode=mode, seed=seed)
+        agent.reset(spec, num_envs=None)
+        obs, _ = env.reset(seed=seed)
+        shots, total, steps, done = [env.render()], 0.0, 0, False
+        while not done and steps < max_steps:
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
+            agent.observe(reward, terminated, truncated)
+            total, steps, done = total + float(reward), steps + 1, terminated or truncated
+            shots.append(env.render())
+        env.close()
+        keep = np.unique(np.linspace(0, len(shots) - 1, min(frames, len(shots))).round().astype(int))
+        title = f"{name}, {mode} mode: return {total:.1f} in {steps} steps"
+        frame_strip([shots[i] for i in keep], path, labels=[f"t = {i}" for i in keep], title=title)
+        return RolloutStrip(path, name, mode, total, steps)
+    return None
+
+
+def control_records(results: Any) -> list[dict[str, Any]]:
+    """Flat ``{task, mode, score...}`` records from eval.control's results.
+
+    Accepts a list of records, ``{"results": [...]}``, or ``{task: {mode: {score...}}}``.
+    """
+    if isinstance(results, dict) and isinstance(results.get("results"), list | dict):
+        results = results["results"]
+    if isinstance(results, list):
+        return [r for r in results if isinstance(r, dict) and "task" in r and "mode" in r]
+    if isinstance(results, dict):
+        return [{"task": task, "mode": mode, **scores}
+                for task, modes in results.items() if isinstance(modes, dict)
+                for mode, scores in modes.items() if isinstance(scores, dict)]
+    return []
+
+
+def _score(record: dict[str, Any], keys: Sequence[str]) -> float | None:
+    return next((float(record[k]) for k in keys if isinstance(record.get(k), int | float)), None)
+
+
+def plot_dt_sweep(sweep: list[dict[str, Any]], path: Path) -> Path:
+    """Achieved against target return per task, with the diagonal (a perfectly obedient agent)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    lo, hi = math.inf, -math.inf
+    for task in sorted({r["task"] for r in sweep}):
+        pts = sorted((float(r["target_return"]), _score(r, RETURN_KEYS)) for r in sweep
+                     if r["task"] == task and _score(r, RETURN_KEYS) is not None)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", label=task, markersize=4)
+            lo, hi = min(lo, *(min(p) for p in pts)), max(hi, *(max(p) for p in pts))
+    if math.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], ":", color="grey", label="achieved = target")
+    ax.set_xlabel("target return (DT prompt)")
+    ax.set_ylabel("achieved return")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Decision Transformer: return conditioning")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def saved_frames(eval_dir: Path) -> list[np.ndarray]:
+    """Rollout frames eval.control saved (``*frames*.npy``: (T, H, W, 3) uint8), if any."""
+    for f in sorted(eval_dir.glob("**/*frames*.npy")):
+        arr = np.load(f)
+        if arr.ndim == 4 and arr.shape[-1] in (3, 4) and len(arr):
+            return list(arr)
+    return []
+
+
+def control_section(run_dir: Path, figures: Path, rollout: bool = True) -> str:
     out = ["## Control"]
-    found = sorted((run_dir / EVAL_DIR).glob("control*.json"))
-    if not found:
-        return "\n\n".join(out + [f"{NOT_RUN}: `python -m eval.control --model {run_dir}`."])
-    raise NotImplementedError(f"control results {found} not yet readable")
+    eval_dir = run_dir / EVAL_DIR
+    found = sorted(eval_dir.glob("control*.json"))
+    records = [r for f in found for r in control_records(read_json(f))]
+    if not records:
+        out.append(f"{NOT_RUN}: no control results in `{EVAL_DIR}/` "
+                   f"(`python -m eval.control --model {run_dir}`; `train.py` runs it after training).")
+    else:
+        modes = sorted({str(r["mode"]) for r in records})
+        by_task: dict[str, dict[str, dict]] = {}
+        for r in records:
+            by_task.setdefault(str(r["task"]), {})[str(r["mode"])] = r
+        normalised = any(_score(r, NORMALISED_KEYS) is not None for r in records)
+        out.append("Mean episode return per task and decoding mode"
+                   + (" (expert-normalised score in brackets: 0 = random, 1 = expert)." if normalised else "."))
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "–"
+            ret, norm = _score(r, RETURN_KEYS), _score(r, NORMALISED_KEYS)
+            text = fmt(ret, 1) if ret is not None else "–"
+            return f"{text} ({norm:.2f})" if norm is not None else text
+
+        out.append(table(["task"] + modes, [[task] + [cell(by_task[task].get(m)) for m in modes]
+                                            for task in sorted(by_task)]))
+    sweep = []
+    for f in found:
+        data = read_json(f)
+        if isinstance(data, dict):
+            sweep += [r for r in data.get("dt_sweep", []) if isinstance(r, dict) and "target_return" in r]
+    if sweep:
+        out.append(image(plot_dt_sweep(sweep, figures / "dt_sweep.png"), run_dir, "DT return sweep"))
+    elif records:
+        out.append(f"DT return sweep: {NOT_RUN}.")
+    frames = saved_frames(eval_dir)
+    strip = figures / "rollout.png"
+    if frames:
+        keep = np.unique(np.linspace(0, len(frames) - 1, min(ROLLOUT_FRAMES, len(frames))).round().astype(int))
+        frame_strip([frames[i] for i in keep], strip, labels=[f"t = {i}" for i in keep])
+        out.append("A rollout saved by eval.control:\n\n" + image(strip, run_dir, "rollout"))
+    elif rollout and (made := _own_rollout(run_dir, strip)) is not None:
+        out.append(f"One episode rendered for this report ({made.task}, {made.mode} mode, return "
+                   f"{made.episode_return:.1f} in {made.steps} steps):\n\n" + image(strip, run_dir, "rollout"))
+    else:
+        out.append(f"Rollout strip: {NOT_RUN}.")
+    return "\n\n".join(out)
+
+
+def _own_rollout(run_dir: Path, path: Path) -> RolloutStrip | None:
+    """Render one episode when eval.control saved no frames; None without a checkpoint or a makeable task."""
+    try:
+        checkpoint = resolve_checkpoint(run_dir)
+    except FileNotFoundError:
+        return None
+    return render_rollout(checkpoint, path)
 
 
 def caption_section(run_dir: Path) -> str:

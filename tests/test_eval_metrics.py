@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,9 @@ from eval import caption as caption_eval
 from eval import report
 from eval import text as text_eval
 from eval.metrics import CiderD, bleu, cider_d, exact_match, normalize, words
-from generalist import GeneralistForCausalLM
+from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.vocab import Modality
+from tests.conftest import DEFAULT_TOKENIZER
 
 # --- CIDEr-D ---------------------------------------------------------------------------------------
 
@@ -151,9 +153,11 @@ def _text_data(path):
 
 
 @pytest.fixture
-def run_dir(tmp_path, random_model, tok):
+def run_dir(tmp_path, random_model):
     """A run folder as train.py leaves it: metric CSVs (written by train.py's own logger), summary, model."""
     train = pytest.importorskip("train")
+    tok = GeneralistTokenizer.from_pretrained(DEFAULT_TOKENIZER)
+    tok.add_task_spec(TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=22.0))
     run = tmp_path / "runs" / "tiny"
     run.mkdir(parents=True)
     modalities = ("text", "caption", "action")
@@ -205,13 +209,38 @@ def test_report_from_a_synthetic_run(run_dir, tmp_path):
     ppl = json.loads((run_dir / "eval" / report.TEXT_RESULTS).read_text())["perplexity"]
     assert report.fmt(ppl) in md
     assert "16,384" in md  # training tokens from metrics.json
+    # no control results yet: said so, and one episode rendered with the Agent for the strip
+    assert f"{report.NOT_RUN}: no control results" in md
+    assert "![rollout](report/rollout.png)" in md and "CartPole-v1, dt mode" in md
+    assert (run_dir / "report" / "rollout.png").stat().st_size > 0
+
+
+def test_report_control_section_reads_results_sweep_and_frames(tmp_path):
+    # eval.control had not landed when this was written: the results below follow the layout
+    # eval.report documents (records of task, mode, mean_return, normalized_score; dt_sweep; frames)
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    results = {"results": [{"task": "CartPole-v1", "mode": "gato", "mean_return": 187.5, "normalized_score": 0.34},
+                           {"task": "CartPole-v1", "mode": "dt", "mean_return": 412.0, "normalized_score": 0.81},
+                           {"task": "Pendulum-v1", "mode": "dt", "mean_return": -640.25}],
+               "dt_sweep": [{"task": "CartPole-v1", "target_return": t, "mean_return": 0.8 * t} for t in (100, 300)]}
+    (run / "eval" / "control.json").write_text(json.dumps(results))
+    np.save(run / "eval" / "rollout_frames.npy", np.zeros((9, 32, 48, 3), np.uint8))
+    md = report.control_section(run, run / "report")
+    assert "| CartPole-v1 | 412.0 (0.81) | 187.5 (0.34) |" in md  # columns: modes sorted (dt, gato)
+    assert "| Pendulum-v1 | -640.2 | – |" in md or "| Pendulum-v1 | -640.3 | – |" in md
+    assert "![DT return sweep](report/dt_sweep.png)" in md and (run / "report" / "dt_sweep.png").is_file()
+    assert "A rollout saved by eval.control" in md and (run / "report" / "rollout.png").is_file()
+    # the nested {task: {mode: scores}} layout gives the same records
+    nested = report.control_records({"CartPole-v1": {"dt": {"mean_return": 412.0}}})
+    assert nested == [{"task": "CartPole-v1", "mode": "dt", "mean_return": 412.0}]
 
 
 def test_report_says_not_run_and_invents_nothing(tmp_path):
     run = tmp_path / "empty-run"
     run.mkdir()
     md = report.build_report(run)
-    assert md.count(report.NOT_RUN) == 5  # run, curves, control, captions, text
+    assert md.count(report.NOT_RUN) == 6  # run, curves, control results, rollout strip, captions, text
     assert not any(ch.isdigit() for line in md.splitlines() if line.startswith("|") for ch in line)
     assert not (run / "report").exists() or not any((run / "report").iterdir())
 

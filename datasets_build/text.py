@@ -3,7 +3,8 @@
 Each topic (``"assert"``, ``"class"``, ``"formatstrings"``...) is split into paragraphs that are
 packed into documents of at most :data:`MAX_CHARS` characters, so a row fits a small model's
 context. Topics, not rows, are split between ``train`` and ``validation`` (deterministically, by a
-hash of the topic name), so validation text is really unseen.
+hash of the topic name), and chunks that recur verbatim across topics are kept once (in train), so
+validation text is really unseen.
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ class TextDatasetBuilder:
             return folder
         start = time.perf_counter()
         splits: dict[str, list[str]] = {"train": [], "validation": []}
-        for topic in sorted(topics):
+        seen: set[str] = set()  # a few boilerplate paragraphs recur across topics: keep one copy
+        for topic in sorted(topics, key=lambda t: derive_seed(options.seed, self.name, t) % 100 < VALIDATION_PERCENT):
             in_validation = derive_seed(options.seed, self.name, topic) % 100 < VALIDATION_PERCENT
-            splits["validation" if in_validation else "train"] += pack_paragraphs(topics[topic])
+            for chunk in pack_paragraphs(topics[topic]):
+                if chunk not in seen:
+                    seen.add(chunk)
+                    splits["validation" if in_validation else "train"].append(chunk)
         data = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()})
         with atomic_dir(folder / "data") as tmp, quiet_datasets():
             data.save_to_disk(str(tmp))

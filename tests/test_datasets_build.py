@@ -1,0 +1,238 @@
+"""Dataset builders: real properties of tiny builds (CPU, no network)."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from datasets_build import iter_episodes, load_episodes
+from datasets_build.base import BuildOptions
+from datasets_build.captions import HELD_OUT_PAIRS, CaptionDatasetBuilder, caption_compositions
+from datasets_build.collector import EXPERT, RANDOM, split_episodes
+from datasets_build.common import is_built
+from datasets_build.control import CORE_TASKS, PIXEL_TASKS, ControlDatasetBuilder
+from datasets_build.episodes import SHARDS_DIR, shard_dirs
+from datasets_build.registry import DATASETS, MIXTURES, load_split_dataset
+from datasets_build.text import TextDatasetBuilder
+from datasets_build.wrappers import PixelsAndState
+
+SHORT_EPISODE = 40
+TINY = BuildOptions(episodes=10, num_envs=4, episodes_per_shard=2, progress=False)
+
+
+def check_episodes(folder: Path) -> dict[str, dict[str, list[float]]]:
+    """Check the episode contract for every row; return {task: {source: [returns]}}."""
+    dataset, specs = load_episodes(folder)
+    returns: dict[str, dict[str, list[float]]] = {}
+    rows = dataset.select_columns(["episode_return", "seed"]).to_list()
+    for episode, row in zip(iter_episodes(dataset, specs), rows, strict=True):
+        spec = specs[episode["task"]]
+        steps = len(episode["rewards"])
+        assert steps > 0 and episode["rewards"].dtype == np.float32
+        assert episode["terminated"] or episode["truncated"], "episodes must be complete"
+        np.testing.assert_allclose(episode["rewards"].sum(dtype=np.float64), row["episode_return"], rtol=1e-6)
+        for leaf in spec.observation_fields:
+            assert len(episode["observations"][leaf.name]) == steps
+        action_space = spec.action_space()
+        for t in range(steps):
+            action = spec.unflatten_action({k: v[t] for k, v in episode["actions"].items()})
+            assert action_space.contains(action), (episode["task"], t, action)
+        returns.setdefault(episode["task"], {}).setdefault(episode["source"], []).append(row["episode_return"])
+    return returns
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory) -> Path:
+    return DATASETS["control-core"].build(tmp_path_factory.mktemp("core"), TINY)
+
+
+def test_core_episodes_are_complete_and_consistent(core):
+    returns = check_episodes(core)
+    assert set(returns) == {t.name for t in CORE_TASKS}
+    counts = split_episodes(TINY.episodes, ControlDatasetBuilder("x", tuple, "", 1).source_mix)
+    for task, by_source in returns.items():
+        assert {s: len(r) for s, r in by_source.items()} == counts, task
+
+
+def test_core_experts_are_experts(core):
+    _, specs = load_episodes(core)
+    cartpole = specs["CartPole-v1"]
+    assert cartpole.expert_return >= 475
+    for name, spec in specs.items():
+        gap = spec.expert_return - spec.random_return
+        assert gap > 0.5 * abs(spec.random_return) or gap > 50, (name, spec.expert_return, spec.random_return)
+        assert abs(spec.expert_return) * spec.return_scale <= 10.0 + 1e-9
+        assert abs(spec.random_return) * spec.return_scale <= 10.0 + 1e-9
+
+
+def test_core_card_records_the_build(core):
+    import json
+
+    record = json.loads((core / "build.json").read_text())
+    assert record["episodes"] == 10 * len(CORE_TASKS) and record["steps"] > 0
+    assert record["tasks"]["CartPole-v1"]["expert_return"] >= 475
+    assert "gymnasium" in record["versions"]
+    assert "CartPole-v1" in (core / "README.md").read_text()
+
+
+def _identity(folder: Path) -> Counter:
+    dataset, _ = load_episodes(folder)
+    rows = dataset.select_columns(["task", "source", "seed", "episode_return"]).to_list()
+    return Counter((r["task"], r["source"], r["seed"], round(r["episode_return"], 4)) for r in rows)
+
+
+def test_interrupted_build_resumes_without_duplicates(tmp_path):
+    builder = ControlDatasetBuilder("resume", lambda: CORE_TASKS[:2], "", default_episodes=10)
+    reference = _identity(builder.build(tmp_path / "reference", TINY))
+
+    root = tmp_path / "interrupted"
+    folder = builder.build(root, BuildOptions(**{**TINY.__dict__, "max_shards": 2}))
+    assert not is_built(folder) and len(shard_dirs(folder)) == 4  # 2 shards per task, then "crash"
+    shutil.rmtree(shard_dirs(folder)[0])  # a lost shard
+    (folder / SHARDS_DIR / "CartPole-v1" / ".tmp-expert-00001-123").mkdir()  # a half-written one
+    folder = builder.build(root, TINY)
+    assert is_built(folder)
+    resumed = _identity(folder)
+    assert resumed == reference and max(resumed.values()) == 1
+    assert not list((folder / SHARDS_DIR).rglob(".tmp-*"))
+
+
+def test_episodes_do_not_depend_on_num_envs(tmp_path):
+    builder = ControlDatasetBuilder("envs", lambda: CORE_TASKS[4:5], "", default_episodes=6)
+    one = _identity(builder.build(tmp_path / "one", BuildOptions(**{**TINY.__dict__, "num_envs": 1})))
+    three = _identity(builder.build(tmp_path / "three", BuildOptions(**{**TINY.__dict__, "num_envs": 3})))
+    assert one == three
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    builder = ControlDatasetBuilder("cfg", lambda: CORE_TASKS[:1], "", default_episodes=5)
+    builder.build(tmp_path, BuildOptions(**{**TINY.__dict__, "max_shards": 1}))
+    with pytest.raises(ValueError, match="was started with"):
+        builder.build(tmp_path, BuildOptions(**{**TINY.__dict__, "seed": 1}))
+
+
+def _short_pendulum_pixels() -> gym.Env:
+    return PixelsAndState(gym.make("Pendulum-v1", render_mode="rgb_array", max_episode_steps=SHORT_EPISODE))
+
+
+def test_pixel_observations_are_images(tmp_path):
+    task = replace(PIXEL_TASKS[0], make_env=_short_pendulum_pixels)  # same task, shorter episodes
+    builder = ControlDatasetBuilder("pixels", lambda: [task], "", default_episodes=5)
+    folder = builder.build(tmp_path, BuildOptions(num_envs=5, progress=False))
+    check_episodes(folder)
+    dataset, specs = load_episodes(folder)
+    spec = specs["Pendulum-v1-pixels"]
+    assert [f.kind for f in spec.observation_fields] == ["image", "continuous"]
+    episode = next(iter_episodes(dataset, specs))
+    image = episode["observations"]["observation.image"]
+    assert image.dtype == np.uint8 and image.shape == (len(episode["rewards"]), 64, 64, 3)
+    assert image.min() < 128 < image.max()  # something is drawn on the background
+    assert not np.array_equal(image[0], image[-1])  # and it moves
+
+
+def test_captions_hold_out_compositions(tmp_path):
+    folder = CaptionDatasetBuilder().build(tmp_path, BuildOptions(samples=300, progress=False))
+    data = load_split_dataset(folder.name, tmp_path)
+    assert set(data) == {"train", "test"}
+    train_pairs = set().union(*map(caption_compositions, data["train"]["caption"]))
+    test_pairs = set().union(*map(caption_compositions, data["test"]["caption"]))
+    assert train_pairs and not train_pairs & HELD_OUT_PAIRS
+    assert test_pairs & HELD_OUT_PAIRS
+    for caption in data["test"]["caption"]:
+        assert caption_compositions(caption) & HELD_OUT_PAIRS or "on the right of the track" in caption
+    assert not any("leaning left, the cart on the right" in c for c in data["train"]["caption"])
+    assert len(set(data["train"]["caption"])) > 0.5 * len(data["train"])  # real variety
+    image = np.asarray(data["train"][0]["image"])
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+
+
+def test_text_splits_are_disjoint(tmp_path):
+    folder = TextDatasetBuilder().build(tmp_path, BuildOptions(progress=False))
+    data = load_split_dataset(folder.name, tmp_path)
+    train, validation = set(data["train"]["text"]), set(data["validation"]["text"])
+    assert train and validation and not train & validation
+    assert max(map(len, train | validation)) <= 2000
+
+
+def test_d4rl_arrays_become_episodes(tmp_path):
+    from datasets_build.offline import import_d4rl
+
+    steps = 25
+    terminals, timeouts = np.zeros(steps, bool), np.zeros(steps, bool)
+    terminals[9], timeouts[19] = True, True  # 2 episodes, then 5 trailing steps of no episode
+    rng = np.random.default_rng(0)
+    path = tmp_path / "toy.npz"
+    np.savez(path, observations=rng.normal(size=(steps, 3)), actions=rng.uniform(-1, 1, (steps, 2)),
+             rewards=np.arange(steps, dtype=np.float32), terminals=terminals, timeouts=timeouts)
+    folder = import_d4rl(path, "toy-v0", tmp_path / "out", BuildOptions(progress=False))
+    check_episodes(folder)
+    dataset, _ = load_episodes(folder)
+    assert dataset["terminated"] == [True, False] and dataset["truncated"] == [False, True]
+    assert dataset["episode_return"] == [float(sum(range(10))), float(sum(range(10, 20)))]
+
+
+def test_minari_dataset_is_imported(tmp_path, monkeypatch):
+    minari = pytest.importorskip("minari")
+    import gymnasium as gym
+
+    from datasets_build.offline import import_minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = minari.DataCollector(gym.make("CartPole-v1"))
+    env.action_space.seed(0)
+    returns = []
+    for seed in range(3):
+        env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    env.create_dataset(dataset_id="toy/cartpole-v0", algorithm_name="random", ref_min_score=20.0,
+                       ref_max_score=500.0)
+    folder = import_minari("toy/cartpole-v0", tmp_path / "out", BuildOptions(progress=False))
+    check_episodes(folder)
+    dataset, specs = load_episodes(folder)
+    assert sorted(dataset["episode_return"]) == sorted(returns)
+    assert specs["toy/cartpole-v0"].expert_return == 500.0
+
+
+@pytest.mark.slow
+def test_babyai_bot_is_an_expert(tmp_path):
+    pytest.importorskip("minigrid")
+    builder = ControlDatasetBuilder("babyai", lambda: DATASETS["babyai"].tasks()[:1], "", default_episodes=5)
+    folder = builder.build(tmp_path, BuildOptions(num_envs=5, progress=False))
+    returns = check_episodes(folder)
+    dataset, specs = load_episodes(folder)
+    spec = next(iter(specs.values()))
+    assert {f.kind for f in spec.observation_fields} == {"text", "discrete"}
+    episode = next(iter_episodes(dataset, specs))
+    assert isinstance(episode["observations"]["observation.mission"][0], str)
+    (task,) = returns
+    assert np.mean(returns[task][EXPERT]) > 0.5 > np.mean(returns[task][RANDOM])
+
+
+@pytest.mark.slow
+def test_metaworld_scripted_policy_is_an_expert(tmp_path):
+    pytest.importorskip("metaworld")
+    builder = ControlDatasetBuilder("mw", lambda: DATASETS["metaworld"].tasks()[:1], "", default_episodes=5)
+    folder = builder.build(tmp_path, BuildOptions(num_envs=5, progress=False))
+    returns = check_episodes(folder)
+    (task,) = returns
+    assert np.mean(returns[task][EXPERT]) > 3 * np.mean(returns[task][RANDOM])
+
+
+def test_registry_and_cli():
+    from datasets_build.__main__ import main
+
+    for weights in MIXTURES.values():
+        assert set(weights) <= set(DATASETS) and abs(sum(weights.values()) - 1.0) < 1e-9
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0

@@ -16,6 +16,11 @@ source (inside RUN)                  section
 ``eval/text.json``                   validation perplexity
 ===================================  ===========================================================
 
+Control results are read as records ``{task, mode, mean_return[, normalized_score]}`` (a list,
+``{"results": [...]}`` or ``{task: {mode: {...}}}``), a DT sweep as ``{"dt_sweep": [{task,
+target_return, mean_return}]}`` and rollout frames as ``eval/*frames*.npy`` (T, H, W, 3) uint8; without
+saved frames one episode is rendered here with :class:`generalist.agent.Agent`.
+
 A section whose inputs are missing says "not run" and how to run it: the report never fills a
 gap with a number it did not read. The body has no YAML header and links its figures relative to
 the run folder, so it can be appended to a model card as it is.
@@ -57,7 +62,7 @@ EXAMPLE_ROWS = 8
 NOT_RUN = "_not run_"
 ROLLOUT_FRAMES = 6
 RETURN_KEYS = ("mean_return", "return_mean", "return", "mean")  # how a result may name its mean return
-NORMALISED_KEYS = ("normalized_score", "normalised_score", "expert_normalized", "score")
+NORMALISED_KEYS = ("normalized_score", "normalised_score", "expert_normalized")
 PREFERRED_ROLLOUT_TASKS = ("CartPole-v1", "Pendulum-v1", "Acrobot-v1")  # small, readable frames
 
 

@@ -5,9 +5,11 @@ as the episode runs (Chen et al. 2021, §3, Algorithm 1). Optionally, Multi-Game
 Transformer's expert-action inference (Lee et al. 2022, §3.4) *samples* each ``R_t`` from the
 model's own return distribution tilted toward high returns:
 
-    P(R_t | expert, ...) ∝ P(R_t | ...) · exp(κ · (R_t − R_low) / (R_high − R_low))
+    P(R_t | expert, ...) ∝ P(R_t | ...) · exp(κ · clip((R_t − R_low) / (R_high − R_low), 0, 1))
 
-so no target has to be chosen by hand.
+so no target has to be chosen by hand. The clip is ours: MGDT's return bins span only plausible
+returns, while our mu-law bins reach far past any task's returns, and an unclipped tilt would pick
+the largest representable return however unlikely the model finds it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def sample_expert_returns(engine: Engine, state: DecodeState, tok: GeneralistTok
     (lo, hi), centres = continuous_values(tok)
     returns = centres / spec.return_scale  # (1024,) return of each bin, in task units
     logits, _ = constrain(state.logits.double(), (lo, hi))  # (B, 1024)
-    tilted = logits.log_softmax(-1) + kappa * ((returns - low) / (high - low))[None]
+    tilt = ((returns - low) / (high - low)).clamp(0.0, 1.0)  # (1024,)
+    tilted = logits.log_softmax(-1) + kappa * tilt[None]
     index = sample_next_token(tilted, engine.generator, temperature)  # (B,)
     return returns[index].numpy()
 

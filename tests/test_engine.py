@@ -1,0 +1,102 @@
+"""Engine: sampling primitives, constraints, and cached == uncached decoding (greedy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from generalist import GeneralistConfig, GeneralistForCausalLM
+from generalist.engine import Chunk, Engine, constrain, sample_next_token
+from tests.conftest import TINY_LLAMA
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)).eval()
+
+
+def test_sample_next_token_greedy_topk_topp():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 5.0]])
+    assert sample_next_token(logits, g, temperature=0).tolist() == [1, 3]
+    assert sample_next_token(logits, g, temperature=1.0, top_k=1).tolist() == [1, 3]
+    assert sample_next_token(logits, g, temperature=1.0, top_p=1e-3).tolist() == [1, 3]
+    draws = torch.stack([sample_next_token(logits, g, 1.0, top_k=2) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, g, temperature=-1)
+
+
+def test_sampling_is_seeded():
+    logits = torch.randn(8, 50)
+    a = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0)
+    b = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0)
+    assert torch.equal(a, b)
+
+
+def test_constrain_range_and_mask():
+    logits = torch.randn(3, 10)
+    sub, off = constrain(logits, (4, 7))
+    assert sub.shape == (3, 3) and off == 4
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 9]] = True
+    masked, off = constrain(logits, mask)
+    assert off == 0 and set(masked.argmax(-1).tolist()) <= {2, 9}
+    with pytest.raises(ValueError, match="range"):
+        constrain(logits, (5, 20))
+    with pytest.raises(ValueError, match="no token"):
+        constrain(logits, torch.zeros(10, dtype=torch.bool))
+
+
+def _drive(engine: Engine, tok) -> list[list[int]]:
+    """A scripted session touching every engine path: ragged prefill with images, feeds, forget,
+    repeat/select (beams), truncate, generate and generate_until."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    samples = [tok.encode_image_caption(image), tok.encode_text_sample("short"),
+               tok.encode_text_sample("a somewhat longer text sample here")]
+    state = engine.prefill(samples)
+    out = [engine.generate(state, [(0, 500)] * 4).flatten().tolist()]
+    engine.forget(state, [1])
+    engine.feed(state, [tok.encode_text_sample("x"), tok.encode_text_sample("yy zz"), tok.encode_text_sample("w")])
+    engine.repeat(state, 2)
+    engine.select(state, torch.tensor([5, 0, 2, 2]))
+    length = state.length
+    out.append(engine.generate(state, [None] * 3).flatten().tolist())
+    engine.truncate(state, length)
+    engine.feed(state, torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]]))
+    out += engine.generate_until(state, stop_id=tok.eos_id, max_new_tokens=6, allowed=(0, tok.layout.text_size + 1))
+    return out
+
+
+def test_cached_and_uncached_decoding_give_identical_tokens(model, tok):
+    cached = _drive(Engine(model, seed=0, use_cache=True), tok)
+    uncached = _drive(Engine(model, seed=0, use_cache=False), tok)
+    assert cached == uncached
+
+
+def test_left_padded_rows_match_rows_decoded_alone(model, tok):
+    engine = Engine(model)
+    a, b = tok.encode_text_sample("one two three four five"), tok.encode_text_sample("six")
+    together = engine.prefill([a, b])
+    alone = [engine.prefill([s]) for s in (a, b)]
+    torch.testing.assert_close(together.logits[0], alone[0].logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together.logits[1], alone[1].logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_batch1_prefill_is_copied_to_rows(model, tok):
+    engine = Engine(model)
+    state = engine.prefill(tok.encode_text_sample("shared prompt"), num_rows=5)
+    assert state.batch_size == 5 and state.cache.get_seq_length() == state.length
+    assert torch.allclose(state.logits, state.logits[:1].expand(5, -1))
+
+
+def test_forget_restarts_a_row(model, tok):
+    engine = Engine(model)
+    state = engine.prefill([tok.encode_text_sample("old context"), tok.encode_text_sample("other")])
+    engine.forget(state, [0])
+    engine.feed(state, Chunk.from_ids(torch.tensor([[7], [8]])))
+    fresh = engine.prefill([{**tok.encode_text_sample(""), "input_ids": np.array([7]),
+                             "modality_ids": np.array([2]), "local_positions": np.array([0])}])
+    torch.testing.assert_close(state.logits[0], fresh.logits[0], atol=1e-4, rtol=1e-4)

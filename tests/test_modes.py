@@ -88,12 +88,13 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, input_ids, cache=None, **_):
         ids = input_ids if not isinstance(cache, HistoryCache) else torch.cat([cache.ids, input_ids], 1)
         tok, v = self.tok, self.tok.vocab_size
+        base = tok.layout.discrete_offset
         logits = torch.full((ids.shape[0], 1, v), -1e4)
         for i, row in enumerate(ids.tolist()):
             since_sep = len(row) - 1 - max(j for j, t in enumerate(row) if t == tok.sep_id)
-            actions = [t - tok.layout.discrete_offset for t in row if tok.layout.discrete_offset <= t < tok.layout.discrete_offset + 3]
+            actions = [t - base for t in row if base <= t < base + 3]
             if since_sep == 0:
-                logits[i, 0, tok.layout.discrete_offset: tok.layout.discrete_offset + 3] = 0.0
+                logits[i, 0, base: base + 3] = 0.0
             elif since_sep in (1, 2):  # reward of this step, then the return-to-go after it
                 r, future = self.reward_of(actions)
                 logits[i, 0, int(tok.encode_continuous(np.array([r if since_sep == 1 else future]))[0])] = 0.0

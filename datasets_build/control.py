@@ -13,6 +13,8 @@ measured on the collected episodes:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 import warnings
@@ -101,10 +103,19 @@ BABYAI_LEVELS = ("BabyAI-GoToRedBallGrey-v0", "BabyAI-GoToLocal-v0", "BabyAI-Pic
 METAWORLD_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-topdown-v3")
 
 
+class QuietReset(gym.Wrapper):
+    """BabyAI's level generator prints every rejected layout ("Sampling rejected: ..."); keep
+    the build log readable."""
+
+    def reset(self, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.env.reset(**kwargs)
+
+
 def _make_babyai(env_id: str) -> gym.Env:
     import minigrid  # noqa: F401 - registers the BabyAI-* env ids
 
-    return gym.make(env_id)
+    return QuietReset(gym.make(env_id))
 
 
 def _babyai_expert(num_envs: int):

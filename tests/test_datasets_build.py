@@ -236,3 +236,13 @@ def test_registry_and_cli():
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_ensure_built_builds_what_is_missing(tmp_path):
+    from datasets_build.registry import ensure_built
+
+    folders = ensure_built("text", tmp_path, BuildOptions(progress=False))
+    assert is_built(folders["text"])
+    stamp = (folders["text"] / "build.json").stat().st_mtime_ns
+    ensure_built("text", tmp_path, BuildOptions(progress=False))  # already built: untouched
+    assert (folders["text"] / "build.json").stat().st_mtime_ns == stamp

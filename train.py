@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,8 @@ class Args:
     """after training, run the eval package (rollouts, captions, text) on the final model when it is installed"""
     eval_episodes: int = 5
     """control episodes per task in the final evaluation"""
+    eval_samples: int = 64
+    """images to caption and documents to score per dataset in the final evaluation"""
 
     # --- hub ---
     push_to_hub: bool = False
@@ -207,10 +210,16 @@ class Column(Sequence):
 
 
 class EpisodeRows(Sequence):
-    """Random access to the episodes of a control dataset, in ``iter_episodes``' format."""
+    """Random access to the episodes of a control dataset, in ``iter_episodes``' format.
 
-    def __init__(self, dataset, specs, indices: np.ndarray):
+    Decoding an episode reads all of its steps (a pixel episode is megabytes) although a sequence
+    uses a window of it, so decoded episodes are kept, up to ``cache_bytes`` per worker process.
+    """
+
+    def __init__(self, dataset, specs, indices: np.ndarray, cache_bytes: int = 1 << 30):
         self.dataset, self.specs, self.indices = dataset, specs, indices
+        self.cache: OrderedDict[int, dict] = OrderedDict()
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -218,7 +227,21 @@ class EpisodeRows(Sequence):
     def __getitem__(self, i: int) -> dict:
         from datasets_build import iter_episodes
 
-        return next(iter_episodes(self.dataset.select([int(self.indices[i])]), self.specs))
+        row = int(self.indices[i])
+        if row in self.cache:
+            self.cache.move_to_end(row)
+            return self.cache[row]
+        episode = next(iter_episodes(self.dataset.select([row]), self.specs))
+        self.cache[row] = episode
+        self.cached_bytes += _nbytes(episode)
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            self.cached_bytes -= _nbytes(self.cache.popitem(last=False)[1])
+        return episode
+
+
+def _nbytes(episode: dict) -> int:
+    arrays = [*episode["observations"].values(), *episode["actions"].values(), episode["rewards"]]
+    return sum(a.nbytes if isinstance(a, np.ndarray) else 64 * len(a) for a in arrays)
 
 
 def parse_mixture(mixture: str) -> dict[str, float]:
@@ -399,17 +422,48 @@ def plot_curves(train_rows: list[dict], eval_rows: list[dict], path: Path) -> No
     plt.close(fig)
 
 
-def final_evaluation(export_dir: Path, run_dir: Path, args: Args) -> dict[str, Any]:
-    """Run the ``eval`` package on the final model where it is available; never fails the run."""
+def final_evaluation(export_dir: Path, run_dir: Path, sources: Sequence, args: Args) -> dict[str, Any]:
+    """Run the ``eval`` package on the final model, one script per kind of dataset; never fails the run.
+
+    Each script writes its JSON into ``run_dir/eval``; ``eval.report`` then gathers them with the
+    curves into ``run_dir/report.md``. A missing script or a failure is recorded, not raised:
+    evaluation is a report on the trained model, not a gate in front of it.
+    """
+    import importlib
+
     results: dict[str, Any] = {}
+    out = run_dir / "eval"
+    jobs = []
+    for source in sources:
+        data = args.data_root / source.name
+        if isinstance(source, CaptionSource):
+            jobs.append((f"caption/{source.name}", "eval.caption",
+                         dict(model=export_dir, data=data, max_samples=args.eval_samples, out=out)))
+        elif isinstance(source, TextSource):
+            jobs.append((f"text/{source.name}", "eval.text",
+                         dict(model=export_dir, data=data, max_samples=args.eval_samples, out=out)))
+    if any(isinstance(s, ControlSource) for s in sources):
+        jobs.append(("control", "eval.control", dict(model=export_dir, data_root=args.data_root,
+                                                      episodes=args.eval_episodes, out=out)))
+    for name, module_name, kwargs in jobs:
+        t0 = time.perf_counter()
+        try:
+            module = importlib.import_module(module_name)
+            fields = {f.name for f in dataclasses.fields(module.Args)}
+            result = module.main(module.Args(**{k: v for k, v in kwargs.items() if k in fields}))
+            shown = {k: v for k, v in (result if isinstance(result, dict) else {}).items()
+                     if isinstance(v, int | float) or k == "metrics"}  # scalars, not per-sample lists
+            results[name] = {"seconds": round(time.perf_counter() - t0, 1), **shown}
+        except ImportError as e:
+            results[name] = f"not run: {e}"
+        except Exception as e:  # keep the trained model and the other evaluations either way
+            results[name] = f"failed: {e!r}"
     try:
-        from eval import control
-    except ImportError:
-        return {"control": "eval.control is not installed"}
-    try:
-        results["control"] = control.evaluate(export_dir, episodes=args.eval_episodes, out_dir=run_dir / "eval")
-    except Exception as e:  # evaluation is a report, not a gate: keep the trained model either way
-        results["control"] = f"failed: {e!r}"
+        from eval.report import write_report
+
+        results["report"] = str(write_report(run_dir))
+    except Exception as e:
+        results["report"] = f"not written: {e!r}"
     return results
 
 
@@ -565,7 +619,7 @@ def main(args: Args) -> dict[str, Any]:
     n_mod = len(MODALITIES)
     sums, counts = torch.zeros(n_mod, device=accelerator.device), torch.zeros(n_mod, device=accelerator.device)
     loss_sum, loss_n, tokens_window, grad_norm = torch.zeros((), device=accelerator.device), 0, 0, float("nan")
-    wait_s = 0.0
+    wait_s, overhead_s, start_tokens = 0.0, 0.0, tokens_seen  # overhead: evaluation and checkpoints
     t_start = t_window = time.perf_counter()
     bar = tqdm(total=args.total_steps, initial=step, disable=not is_main, desc=run_name, dynamic_ncols=True)
     while step < args.total_steps:
@@ -609,12 +663,16 @@ def main(args: Args) -> dict[str, Any]:
                 eval_log.add({"step": step, "tokens": tokens_seen, **losses}, "eval")
             last_metrics["held-out"] = losses
             t_window += time.perf_counter() - t_eval  # evaluation time is not training throughput
+            overhead_s += time.perf_counter() - t_eval
         if (args.save_every and step % args.save_every == 0) or step == args.total_steps:
             t_save = time.perf_counter()
             save_checkpoint()
             t_window += time.perf_counter() - t_save
+            overhead_s += time.perf_counter() - t_save
     bar.close()
-    wall = elapsed_before + time.perf_counter() - t_start
+    session_s = time.perf_counter() - t_start
+    wall = elapsed_before + session_s
+    train_tps = (tokens_seen - start_tokens) / max(session_s - overhead_s, 1e-9)
 
     # --- the final model: export, plots, evaluation, card, hub ---
     export_dir = run_dir / "model"
@@ -627,25 +685,28 @@ def main(args: Args) -> dict[str, Any]:
     (hash_dir / f"rank{accelerator.process_index}.txt").write_text(param_hash(accelerator.unwrap_model(model)))
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "tokens": tokens_seen,
-                               "train_wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9),
+                               "train_wall_s": wall, "tokens_per_s": train_tps,
+                               "eval_and_checkpoint_s": overhead_s,
                                "parameters": n_params, "processes": accelerator.num_processes,
                                "final": last_metrics}
     if is_main:
         plot_curves(train_log.rows, eval_log.rows, run_dir / "learning_curves.png")
-        if args.run_eval:
-            summary["evaluation"] = final_evaluation(export_dir, run_dir, args)
         card(export_dir, last_metrics)
         shutil.copy(export_dir / "README.md", run_dir / "README.md")
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
         writer.close()
-        if hub is not None:
-            hub.submit(export_dir, f"final model, step {step}")
-            summary["hub_pushes"] = hub.close()
         accelerator.print(
             f"done: {step} steps, {tokens_seen:,} tokens in {wall / 60:.1f} min ({summary['tokens_per_s']:,.0f} tok/s)"
             "\n" + "\n".join(f"  {split:>8}: " + "  ".join(f"{m} {v:.3f}" for m, v in row.items())
                              for split, row in last_metrics.items())
             + f"\nmodel, tokenizer and card: {export_dir}\ncurves: {run_dir / 'learning_curves.png'}")
+        if args.run_eval:
+            accelerator.print("evaluating the final model ...")
+            summary["evaluation"] = final_evaluation(export_dir, run_dir, eval_sources, args)
+            (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+        if hub is not None:
+            hub.submit(export_dir, f"final model, step {step}")
+            summary["hub_pushes"] = hub.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -1,0 +1,122 @@
+"""Hub pushes, intercepted at the huggingface_hub boundary: what lands loads; a failing Hub never hurts a run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from accelerate.state import AcceleratorState
+
+import train
+from generalist import GeneralistForCausalLM, GeneralistTokenizer
+from generalist.hub import model_card, push_folder
+from tests import train_fixtures as fx
+from tests.test_train import tiny_flags
+
+
+class FakeHub:
+    """Stands in for the Hub: ``upload_folder`` copies into ``root/<repo_id>``; the first ``failures`` raise."""
+
+    def __init__(self, root: Path, failures: int = 0):
+        self.root, self.failures = root, failures
+        self.created: list[str] = []
+        self.uploads: list[str] = []
+        self.attempts = 0
+
+    def install(self, monkeypatch) -> None:
+        hub = self
+
+        def create_repo(self, repo_id, **kwargs):
+            hub.created.append(repo_id)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, *, folder_path, repo_id, commit_message=None, ignore_patterns=None, **kwargs):
+            hub.attempts += 1
+            if hub.attempts <= hub.failures:
+                raise ConnectionError(f"simulated Hub outage (attempt {hub.attempts})")
+            dest = hub.root / repo_id
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(folder_path, dest, ignore=shutil.ignore_patterns(*(ignore_patterns or [])))
+            hub.uploads.append(commit_message)
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    fx.write_datasets(root)
+    return root
+
+
+def train_in_process(data_root: Path, out: Path, **overrides) -> dict:
+    flags = tiny_flags(data_root, out, run_name="hubrun", total_steps=6, save_every=3, eval_every=3,
+                       log_every=2, run_eval=False, push_to_hub=True, hub_model_id="someone/tiny-generalist",
+                       hub_backoff_s=0.01, **overrides)
+    return train.main(train.parse_args(flags))
+
+
+def test_pushed_repo_loads_with_from_pretrained(data_root, tmp_path, monkeypatch, fresh_accelerate_state):
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    summary = train_in_process(data_root, tmp_path / "runs")
+    assert hub.created and set(hub.created) == {"someone/tiny-generalist"}
+    assert hub.uploads[-1] == "final model, step 6" and all(ok for _, ok in summary["hub_pushes"])
+    repo = tmp_path / "hub" / "someone/tiny-generalist"
+    model = GeneralistForCausalLM.from_pretrained(repo)
+    tok = GeneralistTokenizer.from_pretrained(repo)
+    assert model.config.layout == tok.layout and {"Box-v0", "Disc-v0"} <= set(tok.task_specs)
+    card = (repo / "README.md").read_text()
+    assert "tiny_captions" in card and "| held-out |" in card and "python train.py" in card
+    assert "--push_to_hub" in card
+    assert not (repo / "state").exists()  # optimizer state stays local
+
+
+def test_failed_pushes_are_retried_and_never_cost_the_local_checkpoint(data_root, tmp_path, monkeypatch,
+                                                                       fresh_accelerate_state):
+    hub = FakeHub(tmp_path / "hub", failures=2)  # the first push needs two retries
+    hub.install(monkeypatch)
+    summary = train_in_process(data_root, tmp_path / "runs")
+    assert summary["steps"] == 6 and hub.attempts >= 3
+    assert all(ok for _, ok in summary["hub_pushes"])
+    assert GeneralistForCausalLM.from_pretrained(tmp_path / "hub" / "someone/tiny-generalist") is not None
+
+
+def test_a_hub_that_is_down_for_good_leaves_the_run_and_its_checkpoints_intact(data_root, tmp_path, monkeypatch,
+                                                                              fresh_accelerate_state):
+    hub = FakeHub(tmp_path / "hub", failures=10**9)
+    hub.install(monkeypatch)
+    summary = train_in_process(data_root, tmp_path / "runs", hub_retries=1)
+    assert summary["steps"] == 6 and not any(ok for _, ok in summary["hub_pushes"])
+    run_dir = tmp_path / "runs" / "hubrun"
+    assert [p.name for p in train.checkpoint_dirs(run_dir)] == ["step_00000003", "step_00000006"]
+    GeneralistForCausalLM.from_pretrained(run_dir / "model")
+    assert not (run_dir / ".hub-staging").exists()
+
+
+def test_push_folder_backs_off_exponentially_and_reports_failure(tmp_path, monkeypatch):
+    hub = FakeHub(tmp_path / "hub", failures=10**9)
+    hub.install(monkeypatch)
+    waits: list[float] = []
+    (tmp_path / "m").mkdir()
+    assert not push_folder(tmp_path / "m", "a/b", retries=3, backoff_s=0.5, sleep=waits.append)
+    assert waits == [0.5, 1.0, 2.0] and hub.attempts == 4
+
+
+def test_model_card_has_mixture_metrics_and_reproduce_command():
+    card = model_card(model_id="u/m", mixture={"text": 1.0, "control-core": 3.0},
+                      metrics={"train": {"text": 2.5, "action": 1.25}}, reproduce="python train.py --lr 0.1",
+                      summary={"steps": 10}, tasks=["CartPole-v1"])
+    assert card.startswith("---\nlibrary_name: transformers")
+    assert "| control-core | 75.0% |" in card and "| train | 1.25 | 2.5 |" in card
+    assert "python train.py --lr 0.1" in card and "`CartPole-v1`" in card

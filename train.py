@@ -442,15 +442,19 @@ def final_evaluation(export_dir: Path, run_dir: Path, sources: Sequence, args: A
         elif isinstance(source, TextSource):
             jobs.append((f"text/{source.name}", "eval.text",
                          dict(model=export_dir, data=data, max_samples=args.eval_samples, out=out)))
-    if any(isinstance(s, ControlSource) for s in sources):
-        jobs.append(("control", "eval.control", dict(model=export_dir, data_root=args.data_root,
-                                                      episodes=args.eval_episodes, out=out)))
+    if any(isinstance(s, ControlSource) for s in sources):  # Decision Transformer rollouts of every task
+        jobs.append(("control", "eval.control", ["--model", str(export_dir), "--mode", "dt", "--out", str(out),
+                                                  "--episodes", str(args.eval_episodes),
+                                                  "--num-envs", str(args.eval_episodes)]))
     for name, module_name, kwargs in jobs:
         t0 = time.perf_counter()
         try:
             module = importlib.import_module(module_name)
-            fields = {f.name for f in dataclasses.fields(module.Args)}
-            result = module.main(module.Args(**{k: v for k, v in kwargs.items() if k in fields}))
+            if isinstance(kwargs, list):  # an argparse entry point
+                result = module.main(kwargs)
+            else:
+                fields = {f.name for f in dataclasses.fields(module.Args)}
+                result = module.main(module.Args(**{k: v for k, v in kwargs.items() if k in fields}))
             shown = {k: v for k, v in (result if isinstance(result, dict) else {}).items()
                      if isinstance(v, int | float) or k == "metrics"}  # scalars, not per-sample lists
             results[name] = {"seconds": round(time.perf_counter() - t0, 1), **shown}

@@ -7,6 +7,23 @@
 
 Read top to bottom: settings, data, model, the loop (log, evaluate, checkpoint), the final model.
 Every setting is a flag (``--help``); presets change the defaults, flags override them.
+
+A run folder ``runs/<run_name>/``::
+
+    model/                      the final model: save_pretrained artifacts of model and tokenizer + README.md card
+    checkpoints/step_XXXXXXXX/  the same artifacts, plus state/ (accelerate.save_state: optimizer, schedule,
+                                RNG of every process) and trainer_state.json (step, data-stream position);
+                                published by an atomic rename, the newest --keep_last kept
+    train_metrics.csv           loss per target modality, lr, grad norm, tokens/s, data wait share
+    eval_metrics.csv            held-out loss per modality
+    tensorboard/                the same scalars (losses under train/, eval/)
+    learning_curves.png         loss per modality against training tokens
+    metrics.json, args.json     summary (wall time, tokens/s, final losses, evaluation) and settings
+    eval/, report.md            results of the eval package on the final model, and its report
+    param_hashes/rankN.txt      sha256 of the final parameters on every process (they must agree)
+
+Data-parallel processes do not split batches: each packs its own shard of the stream, a pure
+function of (seed, rank, batch index), which is also what makes ``--resume`` exact.
 """
 
 from __future__ import annotations

@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed decisions per setting (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-uncached-tt", action="store_true", help="skip the (minutes-long) uncached TT search")
+    p.add_argument("--skip-tt", action="store_true", help="only the control-decision figures")
     p.add_argument("--beam-width", type=int, default=128)
     p.add_argument("--horizon", type=int, default=15)
     args = p.parse_args()
@@ -144,6 +145,8 @@ def main() -> None:
         print(f"ctx {n}: decisions/s 1 env {one:.1f}, 32 envs {many:.1f} -> batched_speedup={many / one:.1f}x "
               "(target >= 10)")
 
+    if args.skip_tt:
+        return
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon)
     tt = bench_tt(tok, spec, config, uncached=not args.skip_uncached_tt)
     print(f"\n== Trajectory Transformer planning ({config}) ==")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from generalist.modeling_generalist import GeneralistForCausalLM
 from generalist.tokenizer import PATCH_DIM, Sample
@@ -104,6 +104,97 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- the KV cache ---------------------------------------------------------------------------------
+
+
+class AppendLayer(DynamicLayer):
+    """A full-attention cache layer that appends into preallocated storage instead of ``torch.cat``.
+
+    ``DynamicLayer`` copies the whole cache on every token (``torch.cat``), so a decision costs
+    O(context) in copies alone and the cost grows with the context; this layer doubles its capacity
+    when full (amortised O(1) per token) and hands attention a view of the filled part. ``crop`` only
+    moves the fill mark; ``reorder_cache`` / ``batch_repeat_interleave`` gather rows with their
+    capacity, so a beam step does not reallocate either. Same interface as ``DynamicLayer``
+    (``cache_utils.py``: "fix it here, not in the modes").
+    """
+
+    def __init__(self, **kwargs):
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._length = 0
+        super().__init__(**kwargs)
+
+    # ``keys`` / ``values`` are the filled part; assigning them (as the base class does) replaces storage
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._length = 0 if value is None else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self._length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            capacity = max(end, 2 * self._k.shape[-2], 64)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+                new[:, :, : self._length] = old[:, :, : self._length]
+                setattr(self, name, new)
+        self._k[:, :, self._length: end] = key_states
+        self._v[:, :, self._length: end] = value_states
+        self._length = end
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._length = max(0, self._length + tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            rows = torch.as_tensor(beam_idx, device=self.device)
+            self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+
+
+def new_cache(text_config) -> Cache:
+    """An :class:`AppendLayer` cache when every backbone layer is full attention, else ``DynamicCache``."""
+    layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        return Cache(layers=[AppendLayer() for _ in layer_types])
+    return DynamicCache(config=text_config)
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -211,7 +302,7 @@ class Engine:
     def new_state(self, batch_size: int) -> DecodeState:
         """An empty state (no tokens yet) for ``batch_size`` rows."""
         return DecodeState(
-            cache=DynamicCache(config=self.model.config.text_config) if self.use_cache else None,
+            cache=new_cache(self.model.config.text_config) if self.use_cache else None,
             attention_mask=torch.zeros(batch_size, 0, dtype=torch.long),
             next_position=torch.zeros(batch_size, dtype=torch.long),
             history=None if self.use_cache else _empty_history(batch_size),

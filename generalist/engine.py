@@ -86,7 +86,7 @@ def sample_next_token(
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -112,18 +112,24 @@ def sample_next_token(
 class AppendLayer(DynamicLayer):
     """A full-attention cache layer that appends into preallocated storage instead of ``torch.cat``.
 
-    ``DynamicLayer`` copies the whole cache on every token (``torch.cat``), so a decision costs
-    O(context) in copies alone and the cost grows with the context; this layer doubles its capacity
-    when full (amortised O(1) per token) and hands attention a view of the filled part. ``crop`` only
-    moves the fill mark; ``reorder_cache`` / ``batch_repeat_interleave`` gather rows with their
-    capacity, so a beam step does not reallocate either. Same interface as ``DynamicLayer``
-    (``cache_utils.py``: "fix it here, not in the modes").
+    ``DynamicLayer`` copies the whole cache into freshly allocated memory on every token
+    (``torch.cat``), so a decision's cost grows with the context, and on CPU the page faults of the
+    fresh memory cost more than the copy itself. This layer keeps headroom after the filled part
+    (amortised O(1) appends), hands attention a view of the filled part, only moves the fill mark
+    on ``crop``, and gathers rows (``reorder_cache``, ``batch_repeat_interleave``) with
+    ``index_select(out=...)`` into buffers it recycles, so beam search (expand, prune, expand...)
+    touches no new memory after its first step. Same interface as ``DynamicLayer``; the fix lives in
+    the cache, not in the modes (STYLE.md §3).
     """
+
+    headroom = 64  # free positions kept after the filled part when storage is (re)allocated
+    max_spares = 4  # recycled buffers kept per layer
 
     def __init__(self, **kwargs):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._length = 0
+        self._spares: list[torch.Tensor] = []  # flat, already-touched storage to reuse
         super().__init__(**kwargs)
 
     # ``keys`` / ``values`` are the filled part; assigning them (as the base class does) replaces storage
@@ -144,6 +150,19 @@ class AppendLayer(DynamicLayer):
     def values(self, value: torch.Tensor | None) -> None:
         self._v = value
 
+    def _buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous tensor of ``shape``, from a recycled buffer when one is large enough."""
+        n = int(np.prod(shape))
+        fits = [i for i, flat in enumerate(self._spares) if flat.numel() >= n and flat.dtype == like.dtype]
+        if fits:
+            flat = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel()))
+            return flat[:n].view(shape)
+        return like.new_empty(shape)
+
+    def _recycle(self, t: torch.Tensor) -> None:
+        flat = t.new_empty(0).set_(t.untyped_storage())  # the whole storage, flat
+        self._spares = sorted([*self._spares, flat], key=lambda x: -x.numel())[: self.max_spares]
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
@@ -157,12 +176,13 @@ class AppendLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self._length + key_states.shape[-2]
         if end > self._k.shape[-2]:
-            capacity = max(end, 2 * self._k.shape[-2], 64)
+            capacity = end + max(self.headroom, end // 2)
             for name in ("_k", "_v"):
                 old = getattr(self, name)
-                new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+                new = self._buffer(old, (*old.shape[:2], capacity, old.shape[-1]))
                 new[:, :, : self._length] = old[:, :, : self._length]
                 setattr(self, name, new)
+                self._recycle(old)
         self._k[:, :, self._length: end] = key_states
         self._v[:, :, self._length: end] = value_states
         self._length = end
@@ -171,22 +191,32 @@ class AppendLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
+    def reset(self) -> None:
+        super().reset()
+        self._spares = []
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         self._length = max(0, self._length + tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            rows = torch.as_tensor(beam_idx, device=self.device)
-            self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+        if not self.is_initialized:
+            return
+        rows = torch.as_tensor(beam_idx, dtype=torch.long, device=self.device)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = self._buffer(old, (len(rows), *old.shape[1:]))
+            torch.index_select(old, 0, rows, out=new)
+            setattr(self, name, new)
+            self._recycle(old)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self.reorder_cache(torch.arange(self._k.shape[0], device=self.device).repeat_interleave(repeats))
 
 
 def new_cache(text_config) -> Cache:

@@ -20,6 +20,7 @@ by ``datasets_build``) or, without one, an episode the model plays itself unprom
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -127,12 +128,19 @@ def iqm(x: Sequence[float]) -> float:
     return float(x[lo:hi].mean()) if hi > lo else float(x.mean())
 
 
+@functools.cache
+def load_demos(path: str) -> tuple[Any, dict[str, TaskSpec]]:
+    from datasets_build import load_episodes  # lazy: eval.control works without it
+
+    return load_episodes(path)
+
+
 def demonstration(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, spec: TaskSpec) -> dict:
     """The Gato prompt's episode: the best one of the task in --demos, else one the model plays itself."""
     if args.demos:
-        from datasets_build import iter_episodes, load_episodes  # lazy: eval.control works without it
+        from datasets_build import iter_episodes
 
-        ds, specs = load_episodes(args.demos)
+        ds, specs = load_demos(args.demos)
         best = None
         for ep in iter_episodes(ds, specs):
             if ep["task"] == spec.name and (best is None or ep["rewards"].sum() > best["rewards"].sum()):
@@ -151,7 +159,8 @@ def demonstration(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, 
 
 def evaluate_task(args, tok, model, task: str) -> tuple[dict, list[dict]]:
     envs = make_envs(task, args.num_envs)
-    spec = tok.task_specs.get(task) or TaskSpec.from_env(envs, name=task)
+    demo_specs = load_demos(args.demos)[1] if args.demos else {}
+    spec = tok.task_specs.get(task) or demo_specs.get(task) or TaskSpec.from_env(envs, name=task)
     tok.add_task_spec(spec)
     tt = TTConfig(**{**TT_PRESETS["reference"].__dict__, **{k: v for k, v in
                                                             (("beam_width", args.beam_width),

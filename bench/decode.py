@@ -88,7 +88,7 @@ def bench_decisions(model, tok, spec, repeats: int) -> dict:
     return out
 
 
-def bench_tt(tok, spec, config: TTConfig, uncached: bool) -> dict:
+def bench_tt(tok, spec, config: TTConfig, uncached: bool, report=print) -> dict:
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TT_BACKBONE))
     params = sum(p.numel() for p in model.parameters())
@@ -99,6 +99,8 @@ def bench_tt(tok, spec, config: TTConfig, uncached: bool) -> dict:
     now = tok.encode_steps(spec, {"observation": rng.normal(size=(1, 11))}, returns_to_go=np.array([1000.0]))[0]
     ctx = concat_samples([past, now])
     out = {"params": params, "layer_params": layer_params, "context_tokens": len(ctx["input_ids"])}
+    report(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is "
+           f"the {tok.vocab_size}-token embedding and head), context {out['context_tokens']} tokens")
     for use_cache in (True, False) if uncached else (True,):
         engine = Engine(model, seed=0, use_cache=use_cache)
         times = []
@@ -108,6 +110,10 @@ def bench_tt(tok, spec, config: TTConfig, uncached: bool) -> dict:
             tt_plan(engine, state, tok, spec, config)
             times.append(time.perf_counter() - t0)
         out["cached" if use_cache else "uncached"] = times[-1]
+        if use_cache:
+            report(f"tt_cached_s_per_decision={times[-1]:.2f} (target about 1.5)")
+        else:
+            report(f"tt_uncached_s_per_decision={times[-1]:.2f} -> speedup={times[-1] / out['cached']:.1f}x")
     return out
 
 
@@ -148,13 +154,8 @@ def main() -> None:
     if args.skip_tt:
         return
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon)
-    tt = bench_tt(tok, spec, config, uncached=not args.skip_uncached_tt)
     print(f"\n== Trajectory Transformer planning ({config}) ==")
-    print(f"model {tt['params'] / 1e6:.2f}M params ({tt['layer_params'] / 1e6:.2f}M in the 4x128 layers; the rest is "
-          f"the {tok.vocab_size}-token embedding and head), context {tt['context_tokens']} tokens")
-    print(f"tt_cached_s_per_decision={tt['cached']:.2f} (target about 1.5)")
-    if "uncached" in tt:
-        print(f"tt_uncached_s_per_decision={tt['uncached']:.2f} -> speedup={tt['uncached'] / tt['cached']:.1f}x")
+    bench_tt(tok, spec, config, uncached=not args.skip_uncached_tt, report=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

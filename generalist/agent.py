@@ -65,6 +65,8 @@ class Agent:
         expert_returns: DT only: sample each ``R_t`` the Multi-Game DT way instead of ``R_{t+1} = R_t − r_t``.
         kappa: the inverse temperature κ of expert-return sampling (Lee et al. 2022 use 10).
         tt_config: Trajectory Transformer planner settings.
+        tt_context_steps: TT only, without ``context_length``: the planner sees this many past steps
+            (the reference planner's ``max_context_transitions`` = 5), so planning cost stays fixed.
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
         seed: seed of the engine's sampling generator.
 
@@ -83,7 +85,7 @@ class Agent:
     def __init__(self, model: GeneralistForCausalLM, tokenizer: GeneralistTokenizer, mode: Mode = "gato", *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  context_length: int | None = None, window_keep: float = 0.75, expert_returns: bool = False,
-                 kappa: float = 10.0, tt_config: TTConfig | None = None,
+                 kappa: float = 10.0, tt_config: TTConfig | None = None, tt_context_steps: int = 5,
                  autoreset: Literal["same_step", "next_step"] = "same_step", seed: int = 0):
         if mode not in ("gato", "dt", "tt"):
             raise ValueError(f"mode must be 'gato', 'dt' or 'tt', got {mode!r}")
@@ -96,6 +98,8 @@ class Agent:
         self.mode = mode
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.context_length = int(context_length or self.engine.max_length)
+        self._fixed_context = context_length is not None
+        self.tt_context_steps = tt_context_steps
         self.window_keep = window_keep
         self.expert_returns, self.kappa = expert_returns, kappa
         self.tt_config = tt_config or TTConfig()
@@ -120,6 +124,12 @@ class Agent:
         else:
             self.target_return = 0.0 if target_return is None else float(target_return)
         self.prompt = prompt if prompt is not None else empty_sample()
+        if self.mode == "tt" and not self._fixed_context:
+            # past steps + the current one + the imagined horizon, as the reference planner crops
+            obs_tokens = sum(f.size for f in self.spec.observation_fields)
+            step = obs_tokens + self.spec.action_size + 3  # R, <sep>, r
+            self.context_length = min(self.engine.max_length, len(self.prompt["input_ids"]) + 1 + step * (
+                self.tt_context_steps + 1 + self.tt_config.horizon))
         if len(self.prompt["input_ids"]) > self.context_length // 2:
             raise ValueError(f"the prompt has {len(self.prompt['input_ids'])} tokens, more than half the context "
                              f"({self.context_length}); shorten it (demonstration_prompt(max_tokens=...))")

@@ -12,8 +12,9 @@ A run folder ``runs/<run_name>/``::
 
     model/                      the final model: save_pretrained artifacts of model and tokenizer + README.md card
     checkpoints/step_XXXXXXXX/  the same artifacts, plus state/ (accelerate.save_state: optimizer, schedule,
-                                RNG of every process) and trainer_state.json (step, data-stream position);
-                                published by an atomic rename, the newest --keep_last kept
+                                RNG of every process), trainer_state.json (step, data-stream position) and
+                                manifest.json (size and sha256 of every file); published by an atomic
+                                rename, the newest --keep_last kept
     train_metrics.csv           loss per target modality, lr, grad norm, tokens/s, data wait share
     eval_metrics.csv            held-out loss per modality
     tensorboard/                the same scalars (losses under train/, eval/)
@@ -21,6 +22,16 @@ A run folder ``runs/<run_name>/``::
     metrics.json, args.json     summary (wall time, tokens/s, final losses, evaluation) and settings
     eval/, report.md            results of the eval package on the final model, and its report
     param_hashes/rankN.txt      sha256 of the final parameters on every process (they must agree)
+
+Faults. A run killed at any point (even SIGKILL) resumes with ``--resume`` from its newest complete
+checkpoint with the same data order; a half-written checkpoint is a hidden ``.tmp-`` folder that is
+never resumed from and is cleaned up. ``--resume`` checks every file of the checkpoint against its
+manifest: a truncated or corrupted one is skipped with a warning that names the damaged file, renamed
+to ``checkpoints/corrupt-step_XXXXXXXX``, and training resumes from the previous complete checkpoint;
+if none is complete, the run refuses to start. A failed checkpoint write (disk full) raises an
+``OSError`` naming the checkpoint and leaves the previous ones intact. Conflicting or impossible flags
+(``--push_to_hub`` without ``--hub_model_id``, ``--resume`` with ``--overwrite``, an unknown
+``--mixture``) stop the run before any work starts.
 
 Data-parallel processes do not split batches: each packs its own shard of the stream, a pure
 function of (seed, rank, batch index), which is also what makes ``--resume`` exact.
@@ -68,6 +79,8 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"  # accelerate.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"  # step and data-stream position
 TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"  # size and sha256 of every file of a checkpoint, checked by --resume
+CORRUPT_PREFIX = "corrupt-"  # a damaged checkpoint is renamed aside (kept for inspection) on --resume
 
 
 @dataclass
@@ -334,6 +347,93 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).exists()) if root.exists() else []
 
 
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and sha256 of every file of a checkpoint (checked by :func:`verify_checkpoint`)."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=2))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if ``folder`` is a whole checkpoint, else what is wrong with it, naming the file."""
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{folder / TRAINER_STATE} is unreadable ({e!r})"
+    if not (folder / MANIFEST).exists():  # written by an older train.py: nothing more to check
+        return None
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / MANIFEST} is unreadable ({e!r})"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{path} is truncated or corrupted: {path.stat().st_size} bytes, expected {meta['bytes']}"
+        if file_digest(path) != meta["sha256"]:
+            return f"{path} is corrupted: its sha256 differs from {MANIFEST}"
+    return None
+
+
+def select_resume_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that did not (with the reason).
+
+    The rule for ``--resume``: a damaged checkpoint is skipped with a warning naming the damaged file,
+    and training resumes from the previous complete one (the data stream is a function of the step,
+    so the data order is the same). If no checkpoint verifies, the run refuses to start.
+    """
+    damaged = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    return None, damaged
+
+
+def remove_dir(folder: Path) -> None:
+    """Delete a folder so that a kill midway never leaves a half-deleted folder under its name."""
+    if folder.exists():
+        doomed = folder.with_name(f"{TMP_PREFIX}deleting-{folder.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def validate_args(args: Args) -> dict[str, float]:
+    """Reject conflicting or impossible settings before any work starts; returns the mixture weights."""
+    problems = []
+    if args.push_to_hub and not args.hub_model_id:
+        problems.append("--push_to_hub needs --hub_model_id user/name")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run folder and --overwrite deletes it; pass only one")
+    for name in ("total_steps", "batch_size", "grad_accum", "seq_len", "keep_last", "log_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_every", "eval_every", "num_workers", "warmup_steps", "hub_retries"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    weights: dict[str, float] = {}
+    try:
+        weights = parse_mixture(args.mixture)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise SystemExit("train.py: " + "; ".join(problems))
+    return weights
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder below ``folder`` to disk, so that the rename publishes whole files."""
     for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
@@ -375,11 +475,14 @@ class MetricLog:
         self._write()
 
     def _write(self) -> None:
+        """Rewrite the CSV through a tmp file and a rename: a kill midway never truncates the log."""
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with self.path.open("w", newline="") as f:
+        tmp = self.path.with_name(TMP_PREFIX + self.path.name)
+        with tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys or ["step"])
             w.writeheader()
             w.writerows(self.rows)
+        os.replace(tmp, self.path)
 
     def add(self, row: dict[str, Any], prefix: str) -> None:
         self.rows.append(row)
@@ -492,6 +595,7 @@ def final_evaluation(export_dir: Path, run_dir: Path, sources: Sequence, args: A
 
 
 def main(args: Args) -> dict[str, Any]:
+    weights = validate_args(args)
     run_name = args.run_name or args.preset
     run_dir = args.output_dir / run_name
     mixed_precision = args.mixed_precision
@@ -518,11 +622,25 @@ def main(args: Args) -> dict[str, Any]:
         if args.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+        for tmp in (run_dir / CHECKPOINTS_DIR).glob(TMP_PREFIX + "*"):  # left by a killed save or rotation
+            shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    resume_from = checkpoint_dirs(run_dir)[-1] if args.resume and checkpoint_dirs(run_dir) else None
+    resume_from = None
+    if args.resume:
+        resume_from, damaged = select_resume_checkpoint(run_dir)
+        for ckpt, problem in damaged:
+            accelerator.print(f"WARNING: skipping damaged checkpoint {ckpt.name}: {problem}"
+                              + (f"; falling back to {resume_from.name}" if resume_from else ""))
+        if damaged and resume_from is None:
+            raise SystemExit(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}: "
+                             + "; ".join(p for _, p in damaged) + ". Start again with --overwrite.")
+        accelerator.wait_for_everyone()
+        if is_main:
+            for ckpt, _ in damaged:  # out of the way of rotation, kept for inspection
+                os.replace(ckpt, ckpt.with_name(CORRUPT_PREFIX + ckpt.name))
+        accelerator.wait_for_everyone()
 
     # --- data: build what is missing (main process), then every process loads it ---
-    weights = parse_mixture(args.mixture)
     if is_main and args.build_missing and "=" not in args.mixture:
         from datasets_build.registry import ensure_built
 
@@ -591,8 +709,6 @@ def main(args: Args) -> dict[str, Any]:
         reproduce = f"accelerate launch --num_processes {accelerator.num_processes} {reproduce.removeprefix('python ')}"
     hub = None
     if args.push_to_hub and is_main:
-        if not args.hub_model_id:
-            raise SystemExit("--push_to_hub needs --hub_model_id user/name")
         hub = HubPusher(args.hub_model_id, run_dir / ".hub-staging", token=args.hub_token, private=args.hub_private,
                          retries=args.hub_retries, backoff_s=args.hub_backoff_s)
 
@@ -607,29 +723,44 @@ def main(args: Args) -> dict[str, Any]:
     last_metrics: dict[str, dict[str, float]] = {}
 
     def save_checkpoint() -> Path:
-        """model + tokenizer (save_pretrained) + full training state, published by an atomic rename."""
+        """model + tokenizer (save_pretrained) + full training state, published by an atomic rename.
+
+        Everything is written into a hidden tmp folder, listed with sizes and sha256 in
+        ``manifest.json``, flushed, then renamed into place; older checkpoints are rotated away only
+        after that. A failed write (disk full) deletes the tmp folder and raises an ``OSError`` that
+        names the checkpoint; the previous checkpoints are untouched.
+        """
         final = run_dir / CHECKPOINTS_DIR / f"step_{step:08d}"
         tmp = final.with_name(TMP_PREFIX + final.name)
+        try:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp / STATE_DIR))
+            export_model(accelerator, model, tok, tmp)
+            accelerator.wait_for_everyone()
+            if is_main:
+                card(tmp, last_metrics)
+                (tmp / TRAINER_STATE).write_text(json.dumps({
+                    "step": step, "tokens_seen": tokens_seen,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    "data": {"seed": args.seed, "next_batch": step * args.grad_accum, "batch_size": args.batch_size,
+                             "world_size": accelerator.num_processes}}, indent=2))
+                write_manifest(tmp)
+                fsync_tree(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # free the space; the tmp folder was never published
+            previous = checkpoint_dirs(run_dir)
+            raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); nothing was published and "
+                          + (f"the previous checkpoint {previous[-1]} is intact: free space and --resume"
+                             if previous else "there is no earlier checkpoint")) from e
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / STATE_DIR))
-        export_model(accelerator, model, tok, tmp)
-        accelerator.wait_for_everyone()
-        if is_main:
-            card(tmp, last_metrics)
-            (tmp / TRAINER_STATE).write_text(json.dumps({
-                "step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                "data": {"seed": args.seed, "next_batch": step * args.grad_accum, "batch_size": args.batch_size,
-                         "world_size": accelerator.num_processes}}, indent=2))
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            remove_dir(final)  # a checkpoint of the same step from before a fallback resume
             os.replace(tmp, final)
             fsync_tree(final.parent)
             for old in checkpoint_dirs(run_dir)[:-args.keep_last]:
-                shutil.rmtree(old)
+                remove_dir(old)
             if hub is not None:
                 hub.submit(final, f"step {step}")
         accelerator.wait_for_everyone()

@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit("`d4rl` needs --d4rl-path")
             print(import_d4rl(args.d4rl_path, args.d4rl_task, args.out, options))
         return
-    for name in resolve(args.name):
+    try:
+        names = resolve(args.name)
+    except KeyError as e:  # an unknown name: list the valid ones, before any work starts
+        raise SystemExit(f"python -m datasets_build: {e.args[0]}; imports: {list(OFFLINE_IMPORTS)}") from None
+    for name in names:
         start = time.perf_counter()
         folder = DATASETS[name].build(args.out, options)
         print(f"{name}: {folder} ({time.perf_counter() - start:.1f} s)")

@@ -55,6 +55,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize in DataLoader workers instead
+# Every batch has its own number of image patches, and oneDNN caches one convolution primitive per
+# shape (1024 by default): the patch encoder's memory then grows by gigabytes over a run. A small
+# cache bounds it; re-creating a primitive costs milliseconds per step.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
 
 import matplotlib
 import numpy as np
@@ -138,7 +142,7 @@ class Args:
     """start from the weights of this checkpoint (folder or Hub id) instead of a fresh init"""
 
     # --- optimisation ---
-    total_steps: int = 260
+    total_steps: int = 200
     """optimizer steps"""
     lr: float = 2e-3
     """peak learning rate (AdamW)"""

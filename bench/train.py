@@ -18,11 +18,14 @@ Prints ratios from one run (DESIGN.md figures):
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # as in train.py: patch counts vary per batch
 
 import torch
 import tyro

@@ -38,7 +38,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from datasets_build.common import TASK_SPECS
+from datasets_build.common import BUILD_RECORD, TASK_SPECS
 from generalist.task_spec import FieldSpec, TaskSpec
 
 SHARDS_DIR = "shards"
@@ -124,8 +124,22 @@ def shard_dirs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("dataset_info.json") if not p.parent.name.startswith("."))
 
 
+def load_shard(shard: Path) -> datasets.Dataset:
+    """One shard; a truncated or corrupted one is an ``OSError`` naming the shard folder."""
+    try:
+        part = datasets.load_from_disk(str(shard))
+        part.data.validate()  # arrow checks the record batches it memory-mapped
+        return part
+    except Exception as e:  # pyarrow and datasets raise many types; the cause is kept
+        folder = next((p.parent for p in shard.parents if p.name == SHARDS_DIR), shard.parent)
+        raise OSError(
+            f"episode shard {shard} is truncated or corrupted ({type(e).__name__}: {e}); delete that folder "
+            f"and {folder / BUILD_RECORD}, then run the same build again: it collects only the missing "
+            "shards") from e
+
+
 def load_shards(folder: Path) -> datasets.Dataset:
-    parts = [datasets.load_from_disk(str(p)) for p in shard_dirs(folder)]
+    parts = [load_shard(p) for p in shard_dirs(folder)]
     if not parts:
         raise FileNotFoundError(f"no episode shards under {folder / SHARDS_DIR}")
     # tasks with different leaves have different columns; concatenate fills missing ones with None
@@ -159,15 +173,35 @@ def iter_episodes(dataset: datasets.Dataset, specs: dict[str, TaskSpec]) -> Iter
     Each item: ``{"task", "source", "observations": {leaf: (T, ...) array or list[str]},
     "actions": {leaf: (T, ...) array}, "rewards": float32 (T,), "terminated", "truncated"}``.
     Arrays come back in the leaf's dtype (uint8 for images).
+    A row that does not match its task's spec (unknown task, missing column, wrong shape or number
+    of steps) is a ``ValueError`` naming the row, the task, the column and what was expected.
     """
-    for row in dataset.with_format("numpy"):
-        spec = specs[str(row["task"])]
+    for i, row in enumerate(dataset.with_format("numpy")):
+        task = str(row["task"])
+        if task not in specs:
+            raise ValueError(f"episode row {i}: task {task!r} has no task spec; the dataset's specs are "
+                             f"{sorted(specs)}")
+        spec = specs[task]
+        rewards = np.asarray(row["rewards"], dtype=np.float32)
+        leaves = {}
+        for f in (*spec.observation_fields, *spec.action_fields):
+            if row.get(f.name) is None:
+                raise ValueError(f"episode row {i} ({task}): no column {f.name!r}, which the task spec declares; "
+                                 f"columns: {sorted(k for k, v in row.items() if v is not None)}")
+            try:
+                leaves[f.name] = _leaf_value(f, row[f.name])
+            except ValueError as e:
+                raise ValueError(f"episode row {i} ({task}), column {f.name!r}: does not match the task spec's "
+                                 f"{f.space_type} of per-step shape {f.shape} ({e})") from None
+            if len(leaves[f.name]) != len(rewards):
+                raise ValueError(f"episode row {i} ({task}), column {f.name!r}: {len(leaves[f.name])} steps but "
+                                 f"{len(rewards)} rewards; every column holds one value per step")
         yield {
             "task": spec.name,
             "source": str(row["source"]),
-            "observations": {f.name: _leaf_value(f, row[f.name]) for f in spec.observation_fields},
-            "actions": {f.name: _leaf_value(f, row[f.name]) for f in spec.action_fields},
-            "rewards": np.asarray(row["rewards"], dtype=np.float32),
+            "observations": {f.name: leaves[f.name] for f in spec.observation_fields},
+            "actions": {f.name: leaves[f.name] for f in spec.action_fields},
+            "rewards": rewards,
             "terminated": bool(row["terminated"]),
             "truncated": bool(row["truncated"]),
         }

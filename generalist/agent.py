@@ -93,6 +93,12 @@ class Agent:
             raise ValueError(f"autoreset must be 'same_step' or 'next_step', got {autoreset!r}")
         if not 0 < window_keep <= 1:
             raise ValueError(f"window_keep must be in (0, 1], got {window_keep}")
+        layout = getattr(model.config, "layout", None)
+        if layout != tokenizer.layout:
+            raise ValueError(
+                f"the model's vocabulary ({model.config.vocab_size} ids, layout {layout}) does not match the "
+                f"tokenizer's ({tokenizer.vocab_size} ids, layout {tokenizer.layout}); load both from the same "
+                "checkpoint")
         self.engine = Engine(model, seed=seed)
         self.tok = tokenizer
         self.mode = mode
@@ -194,6 +200,11 @@ class Agent:
         if len(new):
             self._begin_episodes(new)
         flat = spec.flatten_observation(observations)
+        for name, values in flat.items():
+            n = np.shape(values)[0] if np.ndim(values) else 0
+            if n != self.num_envs:
+                raise ValueError(f"observations[{name!r}]: a batch of {n}, but reset() set up {self.num_envs} "
+                                 "environments")
         rtg = None if self.mode == "gato" else self.returns_to_go
         prompts = step_prompts(tok, spec, flat, rtg)  # [R_t] [o_t] <sep> per env
         step_len = max(len(p["input_ids"]) for p in prompts) + spec.action_size + 1

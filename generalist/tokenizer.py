@@ -190,7 +190,11 @@ class GeneralistTokenizer:
     # --- continuous values ---
     def encode_continuous(self, x: np.ndarray, field: str = "value") -> np.ndarray:
         """mu-law companding, clip to [-1, 1], 1024 uniform bins (vectorised; ±inf saturate)."""
-        x = np.asarray(x, dtype=np.float64)
+        try:
+            x = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TokenizationError(f"{field}: continuous values must be numbers, got {np.asarray(x).dtype} "
+                                    f"({e})") from None
         if np.isnan(x).any():
             bad = np.argwhere(np.isnan(x))[0].tolist()
             raise TokenizationError(f"{field}: NaN at index {bad}; continuous values must not be NaN")
@@ -364,8 +368,11 @@ class GeneralistTokenizer:
             return values
         if len(values) != t:
             raise TokenizationError(f"{fld.name}: expected {t} images, got {len(values)}")
-        return np.stack([self.preprocess_image(np.asarray(v) if not isinstance(v, Image.Image) else v)
-                         for v in values])
+        try:
+            return np.stack([self.preprocess_image(np.asarray(v) if not isinstance(v, Image.Image) else v)
+                             for v in values])
+        except TokenizationError as e:
+            raise TokenizationError(f"{fld.name}: {e}") from None
 
     def encode_steps(
         self,
@@ -453,7 +460,7 @@ class GeneralistTokenizer:
         """
         rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
         if len(rewards) == 0:
-            raise TokenizationError("episode is empty (0 steps)")
+            raise TokenizationError(f"{getattr(task, 'name', task)}: episode is empty (0 steps)")
         rtg = np.cumsum(rewards[::-1])[::-1] if condition_on_return else None
         steps = self._steps(task, observations, actions, rewards, rtg)
         if isinstance(steps, dict):  # block (T, k, ...) -> flat (T*k, ...)

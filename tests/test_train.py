@@ -94,11 +94,13 @@ def test_training_writes_a_loadable_run_folder_and_rotates_checkpoints(data_root
 
 def test_resume_after_a_kill_continues_the_same_loss_curve(data_root, tmp_path):
     flags = dict(total_steps=16, save_every=4, keep_last=3)
-    run([sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="full", **flags)])
-
-    # the same run, killed (SIGKILL: no cleanup) as soon as its first checkpoint is published
-    cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="killed", **flags)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    full_cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="full", **flags)]
+    full_log = (tmp_path / "full.log").open("w")  # a file, not a pipe: nobody reads it while both run
+    full_run = subprocess.Popen(full_cmd, cwd=ROOT, env=env, stdout=full_log, stderr=subprocess.STDOUT)
+
+    # meanwhile the same run, killed (SIGKILL: no cleanup) as soon as its first checkpoint is published
+    cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="killed", **flags)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "killed"
     deadline = time.monotonic() + 120
@@ -110,6 +112,9 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(data_root, tmp_path):
     resumed_at = json.loads((train.checkpoint_dirs(killed_dir)[-1] / train.TRAINER_STATE).read_text())["step"]
     assert 0 < resumed_at < 16
 
+    full_run.wait(timeout=120)
+    full_log.close()
+    assert full_run.returncode == 0, (tmp_path / "full.log").read_text()[-5000:]
     out = run([*cmd, "--resume"])
     assert f"at step {resumed_at}" in out.stdout + out.stderr
     full, resumed = losses(tmp_path / "full"), losses(killed_dir)

@@ -160,7 +160,11 @@ def demonstration(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, 
 def evaluate_task(args, tok, model, task: str) -> tuple[dict, list[dict]]:
     envs = make_envs(task, args.num_envs)
     demo_specs = load_demos(args.demos)[1] if args.demos else {}
-    spec = tok.task_specs.get(task) or demo_specs.get(task) or TaskSpec.from_env(envs, name=task)
+    spec = tok.task_specs.get(task) or demo_specs.get(task)
+    if spec is None:
+        print(f"WARNING: {task} is not one of the model's tasks {sorted(tok.task_specs)}; its spec is built from "
+              "the environment, and the model never saw it in training")
+        spec = TaskSpec.from_env(envs, name=task)
     tok.add_task_spec(spec)
     tt = TTConfig(**{**TT_PRESETS["reference"].__dict__, **{k: v for k, v in
                                                             (("beam_width", args.beam_width),
@@ -249,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model, tok, folder = load_checkpoint(args.model)
     tasks = args.tasks or sorted(tok.task_specs)
+    known = set(tok.task_specs) | set(load_demos(args.demos)[1] if args.demos else ())
+    unknown = [t for t in tasks if t not in known and t not in gym.registry and ":" not in t]
+    if unknown:  # before any rollout: a typo should not cost the other tasks' evaluation time
+        p.error(f"--tasks {' '.join(unknown)}: neither a task of this model ({', '.join(sorted(known)) or 'none'}) "
+                "nor a registered gymnasium environment")
     out = Path(args.out) if args.out else default_out(args.model)
     out.mkdir(parents=True, exist_ok=True)
     results, sweep = [], []

@@ -224,7 +224,7 @@ class GeneralistTokenizer:
         limit = np.asarray(self.layout.num_discrete if n is None else n, np.int64)
         bad = (v < 0) | (v >= limit)
         if bad.any():
-            i = tuple(np.argwhere(bad)[0])
+            i = tuple(int(k) for k in np.argwhere(bad)[0])
             raise TokenizationError(
                 f"{field}: value {x[i] if x.ndim else x.item()} at index {list(i)} is outside the space "
                 f"(expected {int(np.broadcast_to(np.asarray(start), x.shape)[i])} <= value < "
@@ -398,15 +398,15 @@ class GeneralistTokenizer:
                for f in spec.observation_fields]
         act = [] if actions is None else [
             self._field_block(f, self._get(actions, f, "actions"), t, Modality.ACTION) for f in spec.action_fields]
+        rew = []
+        if rewards is not None:  # before the returns: they are computed from the rewards
+            r = self._scalars(rewards, t, "rewards") * spec.reward_scale
+            rew = [_block(self.encode_continuous(r, "rewards")[:, None], Modality.REWARD)]
         if returns_to_go is None:
             ret = _block(np.full((t, 1), self.no_return_id), Modality.SPECIAL)
         else:
             rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
             ret = _block(self.encode_continuous(rtg, "returns_to_go")[:, None], Modality.RETURN)
-        rew = []
-        if rewards is not None:
-            r = self._scalars(rewards, t, "rewards") * spec.reward_scale
-            rew = [_block(self.encode_continuous(r, "rewards")[:, None], Modality.REWARD)]
         sep = _block(np.full((t, 1), self.sep_id), Modality.SPECIAL)
         if all(isinstance(b, dict) for b in obs):  # fixed layout: lay out all steps at once
             obs_block = _concat_blocks(obs)

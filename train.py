@@ -779,6 +779,7 @@ def main(args: Args) -> dict[str, Any]:
     t_start = t_window = time.perf_counter()
     bar = tqdm(total=args.total_steps, initial=step, disable=not is_main, desc=run_name, dynamic_ncols=True)
     while step < args.total_steps:
+        step_tokens = 0
         for _ in range(args.grad_accum):
             t_wait = time.perf_counter()
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
@@ -793,10 +794,11 @@ def main(args: Args) -> dict[str, Any]:
             accumulate(out, sums, counts)
             loss_sum += out.loss.detach().float()
             loss_n += 1
-            tokens_window += int(batch["attention_mask"].numel()) * accelerator.num_processes
+            step_tokens += int(batch["attention_mask"].numel()) * accelerator.num_processes
         scheduler.step()
         step += 1
-        tokens_seen += tokens_window
+        tokens_seen += step_tokens
+        tokens_window += step_tokens
         bar.update(1)
 
         if step % args.log_every == 0 or step == args.total_steps:

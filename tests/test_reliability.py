@@ -354,42 +354,49 @@ def test_unknown_preset_and_dataset_names_list_the_valid_ones(capsys):
 
 
 def test_training_killed_at_random_points_resumes_exactly(data_root, tmp_path):
-    """SIGKILL at random moments (a checkpoint is written every step, so most land mid-save); after each
-    kill every published checkpoint is whole, and the losses the resumed run logs for steps that the
-    killed run had already logged are the same (same data, same updates)."""
+    """SIGKILL four times at random points: a random step, then either a random moment of it or the
+    middle of writing its checkpoint (one is written every step). After each kill every published
+    checkpoint is whole; the resumed runs log the same losses as the killed ones for the steps both
+    ran (same data order, same updates), and the run completes."""
     rng = random.Random(1234)
     total = 16
     cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="k", total_steps=total, save_every=1,
                                                    keep_last=2, eval_every=8, run_eval=False)]
     run_dir = tmp_path / "k"
+    ckpt_root = run_dir / train.CHECKPOINTS_DIR
     seen: dict[int, float] = {}
-    kills = 0
-    for round_ in range(4):
+    kills, mid_save = 0, 0
+    for round_, where in enumerate(["mid-save", "anywhere", "mid-save", "anywhere"]):
         start = train.checkpoint_dirs(run_dir)
-        start_step = int(start[-1].name.removeprefix("step_")) if start else 0
+        target = (int(start[-1].name.removeprefix("step_")) if start else 0) + rng.randint(1, 3)
         proc = subprocess.Popen(cmd + (["--resume"] if round_ else []), cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline and max(_csv_steps(run_dir), default=0) <= start_step:
-            time.sleep(0.01)  # until the loop runs (beyond the step it resumed from)
-        time.sleep(rng.uniform(0.0, 1.2))
+        while proc.poll() is None and time.monotonic() < deadline and max(_csv_steps(run_dir), default=0) < target:
+            time.sleep(0.005)  # until the random step is logged
+        if where == "mid-save":
+            while proc.poll() is None and time.monotonic() < deadline and not list(ckpt_root.glob(".tmp-step_*")):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:
+            time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
+        mid_save += bool(list(ckpt_root.glob(".tmp-*")))
         for ckpt in train.checkpoint_dirs(run_dir):
             assert train.verify_checkpoint(ckpt) is None, ckpt
-        names = [p.name for p in (run_dir / train.CHECKPOINTS_DIR).iterdir() if not p.name.startswith(".")]
-        assert all((run_dir / train.CHECKPOINTS_DIR / n / train.TRAINER_STATE).exists() for n in names), names
+        names = [p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")]
+        assert all((ckpt_root / n / train.TRAINER_STATE).exists() for n in names), names
         _check_same(seen, run_dir)
-        if (run_dir / "metrics.json").exists():
-            break
-    assert kills >= 3, "the runs finished before they could be killed"
+    assert kills == 4 and mid_save >= 1, (kills, mid_save)
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_same(seen, run_dir)
     assert sorted(logged_losses(run_dir)) == list(range(1, total + 1))
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == total
+    assert not list(ckpt_root.glob(".tmp-*"))  # what the killed saves left was cleaned up
     GeneralistForCausalLM.from_pretrained(run_dir / "model")
 
 

@@ -433,6 +433,12 @@ def validate_args(args: Args) -> dict[str, float]:
         weights = parse_mixture(args.mixture)
     except ValueError as e:
         problems.append(str(e))
+    if "=" in args.mixture:  # datasets named directly are never built here: they must exist
+        missing = [name for name in weights if not (args.data_root / name).is_dir()]
+        if missing:
+            found = sorted(p.name for p in args.data_root.iterdir() if p.is_dir()) if args.data_root.is_dir() else []
+            problems.append(f"--mixture: no dataset {', '.join(map(repr, missing))} under --data_root "
+                            f"{args.data_root}; it holds {found}")
     if problems:
         raise SystemExit("train.py: " + "; ".join(problems))
     return weights

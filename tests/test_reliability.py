@@ -332,6 +332,7 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(dat
     (["--mixture", "demoo"], r"--mixture 'demoo': not one of \['demo', 'full'\]"),
     (["--mixture", "text=heavy"], "bad weight in 'text=heavy'"),
     (["--keep_last", "0"], "--keep_last must be >= 1, got 0"),
+    (["--mixture", "txt=1", "--data_root", "/nonexistent"], r"no dataset 'txt' under --data_root /nonexistent"),
 ])
 def test_conflicting_or_unknown_training_flags_stop_before_any_work(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

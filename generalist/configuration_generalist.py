@@ -45,6 +45,8 @@ class GeneralistConfig(PreTrainedConfig):
         patch_size (`int`): side of an image patch (16 in Gato).
         image_channels (`int`): channels of a patch (RGB).
         patch_encoder_channels (`int`): width of the ResNet block that embeds each patch (Gato §2.2).
+        patch_encoder_stride (`int`): the patch is folded into (patch_size / stride)^2 cells by a strided
+            convolution before the ResNet block (must divide ``patch_size``).
         max_local_positions (`int`): most tokens in one observation that get a local position embedding.
         loss_weights (`dict[str, float]`, *optional*): loss weight per modality
             (``pad, special, text, caption, image, observation, action, reward, return``).
@@ -61,7 +63,8 @@ class GeneralistConfig(PreTrainedConfig):
     image_size: int = DEFAULT_IMAGE_SIZE
     patch_size: int = PATCH_SIZE
     image_channels: int = IMAGE_CHANNELS
-    patch_encoder_channels: int = 32
+    patch_encoder_channels: int = 64
+    patch_encoder_stride: int = 4
     max_local_positions: int = 512
     loss_weights: dict | None = None
     initializer_range: float = 0.02
@@ -83,6 +86,9 @@ class GeneralistConfig(PreTrainedConfig):
         self.loss_weights = weights
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.patch_encoder_stride <= 0 or self.patch_size % self.patch_encoder_stride:
+            raise ValueError(f"patch_encoder_stride ({self.patch_encoder_stride}) must divide patch_size "
+                             f"({self.patch_size})")
         for name in ("patch_size", "patch_encoder_channels", "max_local_positions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -58,7 +58,8 @@ def context(tok: GeneralistTokenizer, spec: TaskSpec, steps: int, rng: np.random
 def timed_decisions(engine: Engine, state: DecodeState, tok, spec, num_envs: int, repeats: int) -> list[float]:
     """Seconds per decision step (all rows at once), context restored after each."""
     rng = np.random.default_rng(1)
-    length, logits, positions = state.length, state.logits.clone(), state.next_position.clone()
+    length, positions = state.length, state.next_position.clone()
+    logits, offset = state.logits.clone(), state.logits_offset
     tail = concat_samples([action_sample([tok.encode_continuous(np.array([0.1]))[0]]), reward_sample(tok, spec, 1.0)])
     times = []
     for _ in range(repeats + 1):  # one warm-up
@@ -67,7 +68,7 @@ def timed_decisions(engine: Engine, state: DecodeState, tok, spec, num_envs: int
         dt_act(engine, state, tok, spec, obs, np.full(num_envs, 1000.0), prefixes=[tail] * num_envs)
         times.append(time.perf_counter() - t0)
         engine.truncate(state, length)
-        state.logits, state.next_position = logits.clone(), positions.clone()
+        state.logits, state.logits_offset, state.next_position = logits.clone(), offset, positions.clone()
     return times[1:]
 
 

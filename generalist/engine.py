@@ -46,29 +46,43 @@ Allowed = tuple[int, int] | range | torch.Tensor | None
 # --- sampling: standalone functions ----------------------------------------------------------------
 
 
-def constrain(logits: torch.Tensor, allowed: Allowed) -> tuple[torch.Tensor, int]:
+def as_range(allowed: Allowed) -> tuple[int, int] | None:
+    """``allowed`` as a half-open ``(lo, hi)`` id range, or ``None`` if it is a mask or everything."""
+    if isinstance(allowed, range):
+        return allowed.start, allowed.stop
+    if isinstance(allowed, tuple):
+        return int(allowed[0]), int(allowed[1])
+    return None
+
+
+def constrain(logits: torch.Tensor, allowed: Allowed, offset: int = 0) -> tuple[torch.Tensor, int]:
     """Restrict ``logits`` (B, V) to the allowed ids.
 
-    Returns ``(sub_logits, offset)``: for a range, the sliced logits (B, hi - lo) and ``lo`` (token
-    id = index + offset), which is cheaper than masking the whole vocabulary; for a mask, logits
-    with the disallowed ids at -inf and offset 0.
+    ``logits[:, i]`` is the logit of id ``offset + i`` (logits computed for an id range only, see
+    ``GeneralistForCausalLM.forward(vocab_range=...)``). Returns ``(sub_logits, offset)``: for a
+    range, the sliced logits (B, hi - lo) and ``lo`` (token id = index + offset), which is cheaper
+    than masking the whole vocabulary; for a mask (over the whole vocabulary), logits with the
+    disallowed ids at -inf.
     """
+    width = logits.shape[-1]
     if allowed is None:
-        return logits, 0
-    if isinstance(allowed, range):
-        allowed = (allowed.start, allowed.stop)
-    if isinstance(allowed, tuple):
-        lo, hi = allowed
-        if not 0 <= lo < hi <= logits.shape[-1]:
-            raise ValueError(f"allowed id range [{lo}, {hi}) is empty or outside the vocabulary "
-                             f"[0, {logits.shape[-1]})")
-        return logits[..., lo:hi], lo
-    if allowed.dtype != torch.bool or allowed.shape[-1] != logits.shape[-1]:
-        raise ValueError(f"allowed mask must be bool (..., {logits.shape[-1]}), "
+        return logits, offset
+    if (r := as_range(allowed)) is not None:
+        lo, hi = r
+        if not offset <= lo < hi <= offset + width:
+            raise ValueError(f"allowed id range [{lo}, {hi}) is empty or outside the computed logits "
+                             f"[{offset}, {offset + width})")
+        return logits[..., lo - offset: hi - offset], lo
+    if allowed.dtype != torch.bool or allowed.shape[-1] < offset + width:
+        raise ValueError(f"allowed mask must be bool (..., {offset + width}), "
                          f"got {allowed.dtype} {tuple(allowed.shape)}")
+    if offset or allowed.shape[-1] != width:
+        if allowed[..., :offset].any() or allowed[..., offset + width:].any():
+            raise ValueError(f"allowed mask allows ids outside the computed logits [{offset}, {offset + width})")
+        allowed = allowed[..., offset: offset + width]
     if not allowed.any(-1).all():
         raise ValueError("allowed mask allows no token for some row")
-    return logits.masked_fill(~allowed, float("-inf")), 0
+    return logits.masked_fill(~allowed, float("-inf")), offset
 
 
 def sample_next_token(
@@ -282,7 +296,10 @@ class DecodeState:
         cache: the backbone's KV cache (``None`` for the uncached engine).
         attention_mask: (B, L) 1 where a cached position is a real token of the row's current sequence.
         next_position: (B,) position id of the row's next real token.
-        logits: (B, V) float32 next-token logits after the last fed token.
+        logits: (B, V') float32 next-token logits after the last fed token, for ids
+            ``[logits_offset, logits_offset + V')`` (the whole vocabulary unless the feed was told
+            which range the next token must come from).
+        logits_offset: the id of ``logits[:, 0]``.
         history: the uncached engine's record of every input (it recomputes from it).
     """
 
@@ -291,6 +308,7 @@ class DecodeState:
     next_position: torch.Tensor
     logits: torch.Tensor | None = None
     history: dict | None = field(default=None, repr=False)
+    logits_offset: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -356,10 +374,13 @@ class Engine:
         return state
 
     @torch.inference_mode()
-    def feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor) -> DecodeState:
+    def feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor,
+             next_allowed: Allowed = None) -> DecodeState:
         """Append new tokens to every row; ``state.logits`` then predicts each row's next token.
 
         ``chunk`` is a :class:`Chunk`, a list of samples (one per row), or ids (B,) / (B, n).
+        ``next_allowed``: when it is an id range, the next token will be drawn from it, and only
+        its logits are computed (the rest of the LM head is skipped).
         """
         if isinstance(chunk, torch.Tensor):
             chunk = Chunk.from_ids(chunk)
@@ -368,31 +389,41 @@ class Engine:
         if chunk.input_ids.shape[0] != state.batch_size:
             raise ValueError(f"chunk has {chunk.input_ids.shape[0]} rows, the state {state.batch_size}")
         mask = chunk.attention_mask
+        counts = mask.sum(1)  # (B,)
+        vocab_range = as_range(next_allowed)
+        if state.logits is not None and not bool(counts.all()):
+            vocab_range = None  # rows fed only padding keep logits that may cover other ids
         positions = (state.next_position[:, None] + mask.cumsum(1) - 1).clamp_min(0)  # (B, n)
-        state.next_position = state.next_position + mask.sum(1)
+        state.next_position = state.next_position + counts
         state.attention_mask = torch.cat([state.attention_mask, mask], 1)  # (B, L + n)
         if state.cache is None:
-            self._set_logits(state, self._forward_uncached(state, chunk, positions), mask)
-            return state
-        full_mask = None if bool(state.attention_mask.all()) else state.attention_mask
-        out = self.model(
-            input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
-            patch_positions=chunk.patch_positions, attention_mask=full_mask, position_ids=positions,
-            cache=state.cache, use_cache=True, logits_to_keep=1,
-        )
-        state.cache = out.cache
-        self._set_logits(state, out.logits[:, -1].float(), mask)
+            logits = self._forward_uncached(state, chunk, positions, vocab_range)
+        else:
+            full_mask = None if bool(state.attention_mask.all()) else state.attention_mask
+            out = self.model(
+                input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
+                patch_positions=chunk.patch_positions, attention_mask=full_mask, position_ids=positions,
+                cache=state.cache, use_cache=True, logits_to_keep=1, vocab_range=vocab_range,
+            )
+            state.cache = out.cache
+            logits = out.logits[:, -1].float()
+        # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
+        offset = 0 if vocab_range is None or logits.shape[-1] != vocab_range[1] - vocab_range[0] else vocab_range[0]
+        self._set_logits(state, logits, offset, counts == 0)
         return state
 
-    @staticmethod
-    def _set_logits(state: DecodeState, logits: torch.Tensor, mask: torch.Tensor) -> None:
-        """New next-token logits (B, V); a row fed only padding keeps its previous ones."""
-        empty = mask.sum(1) == 0  # (B,)
-        if state.logits is not None and bool(empty.any()):
-            logits[empty] = state.logits[empty]
-        state.logits = logits
+    def _set_logits(self, state: DecodeState, logits: torch.Tensor, offset: int, empty: torch.Tensor) -> None:
+        """New next-token logits (B, V'); a row fed only padding (``empty``) keeps its previous ones."""
+        if state.logits is not None and bool(empty.any()):  # then ``logits`` covers the whole vocabulary
+            old = state.logits
+            if state.logits_offset or old.shape[-1] != logits.shape[-1]:  # ids outside it were never allowed
+                old = logits.new_full(logits.shape, float("-inf"))
+                old[:, state.logits_offset: state.logits_offset + state.logits.shape[-1]] = state.logits
+            logits[empty] = old[empty]
+        state.logits, state.logits_offset = logits, offset
 
-    def _forward_uncached(self, state: DecodeState, chunk: Chunk, positions: torch.Tensor) -> torch.Tensor:
+    def _forward_uncached(self, state: DecodeState, chunk: Chunk, positions: torch.Tensor,
+                          vocab_range: tuple[int, int] | None) -> torch.Tensor:
         h = state.history
         h["input_ids"] = torch.cat([h["input_ids"], chunk.input_ids], 1)
         h["local_positions"] = torch.cat([h["local_positions"], chunk.local_positions], 1)
@@ -408,6 +439,7 @@ class Engine:
             patches=patches[:, :PATCH_DIM] if len(patches) else None,
             patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
             attention_mask=state.attention_mask, position_ids=h["position_ids"], use_cache=False, logits_to_keep=1,
+            vocab_range=vocab_range,
         )
         return out.logits[:, -1].float()
 
@@ -476,23 +508,25 @@ class Engine:
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
         """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``."""
-        logits, offset = constrain(state.logits, allowed)
+        logits, offset = constrain(state.logits, allowed, state.logits_offset)
         return sample_next_token(logits, self.generator, temperature, top_k, top_p) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, feed_last: bool = True) -> torch.Tensor:
+                 top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
+                 then: Allowed = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
-        (a control loop feeds it together with the next step's tokens, saving a forward pass).
+        (a control loop feeds it together with the next step's tokens, saving a forward pass), and
+        then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
         """
         out = []
         for j, allow in enumerate(allowed):
             token = self.sample(state, allow, temperature, top_k, top_p)  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
-                self.feed(state, token[:, None])
+                self.feed(state, token[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)
         return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
     @torch.inference_mode()

@@ -213,12 +213,25 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vocab_range: tuple[int, int] | None = None,
         **kwargs,
     ) -> GeneralistCausalLMOutput:
+        """The backbone's forward on Gato-style embeddings, plus the weighted loss when ``labels`` are given.
+
+        ``vocab_range=(lo, hi)`` computes logits only for ids ``[lo, hi)``: (B, T, hi - lo), equal to
+        ``logits[..., lo:hi]`` of the full forward. Decoding that constrains the next token to a
+        known id range (continuous bins, an action's values) skips the rest of the LM head, which
+        at small widths costs as much as the whole transformer (128 x 4102 MACs per token).
+        """
         if cache is None:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, local_positions, patches, patch_positions)
+        if vocab_range is not None:
+            if labels is not None:
+                raise ValueError("vocab_range computes partial logits; it cannot be combined with labels")
+            return self._forward_vocab_range(inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                                             logits_to_keep, vocab_range, **kwargs)
         out = self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -242,6 +255,34 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states, attentions=out.attentions,
             modality_losses=modality_losses, modality_counts=modality_counts,
         )
+
+    def _forward_vocab_range(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                             vocab_range: tuple[int, int], **kwargs) -> GeneralistCausalLMOutput:
+        lo, hi = (int(v) for v in vocab_range)
+        if not 0 <= lo < hi <= self.config.vocab_size:
+            raise ValueError(f"vocab_range [{lo}, {hi}) is empty or outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        head = self.backbone.get_output_embeddings()
+        text = self.config.text_config
+        plain_head = (isinstance(head, nn.Linear) and not getattr(text, "final_logit_softcapping", None)
+                      and getattr(text, "logit_scale", None) in (None, 1.0)
+                      and hasattr(self.backbone, "base_model"))
+        if not plain_head:  # a head with extras (soft-capping, scaling...): the backbone's own, then slice
+            out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            logits = out.logits[..., lo:hi]
+        else:  # the backbone's body, then only the head rows [lo, hi)
+            out = self.backbone.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                           position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+            hidden = out.last_hidden_state
+            if isinstance(logits_to_keep, int):
+                hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            else:
+                hidden = hidden[:, logits_to_keep]
+            bias = None if head.bias is None else head.bias[lo:hi]
+            logits = F.linear(hidden, head.weight[lo:hi], bias)
+        return GeneralistCausalLMOutput(logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, patches=None,
                                       patch_positions=None, local_positions=None, **kwargs):

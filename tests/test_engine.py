@@ -100,3 +100,34 @@ def test_forget_restarts_a_row(model, tok):
     fresh = engine.prefill([{**tok.encode_text_sample(""), "input_ids": np.array([7]),
                              "modality_ids": np.array([2]), "local_positions": np.array([0])}])
     torch.testing.assert_close(state.logits[0], fresh.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_constrain_on_logits_of_an_id_range():
+    logits = torch.randn(3, 10)  # ids 20..29
+    sub, off = constrain(logits, (22, 25), offset=20)
+    assert torch.equal(sub, logits[:, 2:5]) and off == 22
+    assert constrain(logits, None, offset=20) == (logits, 20)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[[21, 27]] = True
+    masked, off = constrain(logits, mask, offset=20)
+    assert off == 20 and set(masked.argmax(-1).tolist()) <= {1, 7}
+    with pytest.raises(ValueError, match="computed logits"):
+        constrain(logits, (15, 25), offset=20)
+    mask[3] = True
+    with pytest.raises(ValueError, match="outside the computed"):
+        constrain(logits, mask, offset=20)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
+    """``feed(next_allowed=(lo, hi))`` gives the sliced logits and the same tokens as full logits."""
+    prompt = tok.encode_text_sample("a prompt")
+    full, part = Engine(model, seed=0, use_cache=use_cache), Engine(model, seed=0, use_cache=use_cache)
+    a, b = full.prefill(prompt, num_rows=3), part.prefill(prompt, num_rows=3)
+    ranges = [(2100, 2300), (10, 900), (2048, 3072)]
+    ids = torch.tensor([[5], [6], [7]])
+    full.feed(a, ids)
+    part.feed(b, ids, next_allowed=ranges[0])
+    assert b.logits.shape == (3, 200) and b.logits_offset == 2100
+    torch.testing.assert_close(b.logits, a.logits[:, 2100:2300], rtol=1e-5, atol=1e-5)
+    assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))

@@ -109,3 +109,25 @@ def test_damaged_weights_are_an_error_naming_the_file(tiny_config, tmp_path, dam
         (tmp_path / "checksums.json").unlink()
     with pytest.raises(OSError, match="model.safetensors"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("vocab_range", [(0, 7), (100, 1124), (4000, 4102)])
+def test_vocab_range_logits_equal_sliced_full_logits(model, mixed_batch, vocab_range):
+    """``vocab_range`` computes only the head rows it needs, with the values of slicing the full logits.
+
+    Equal up to float rounding, not bitwise: the BLAS blocks a 1024-column product differently from
+    a 4102-column one (differences ~1e-7).
+    """
+    lo, hi = vocab_range
+    hi = min(hi, model.config.vocab_size)
+    inputs = {k: v for k, v in mixed_batch.items() if k not in ("labels", "loss_weights")}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        part = model(**inputs, vocab_range=(lo, hi)).logits
+        last = model(**inputs, vocab_range=(lo, hi), logits_to_keep=1).logits
+    assert part.shape == (*full.shape[:2], hi - lo)
+    torch.testing.assert_close(part, full[..., lo:hi], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full[:, -1:, lo:hi], rtol=1e-5, atol=1e-5)
+    assert torch.equal(part.argmax(-1), full[..., lo:hi].argmax(-1))
+    with pytest.raises(ValueError, match="vocab_range"):
+        model(**inputs, vocab_range=(5, 5))

@@ -41,7 +41,7 @@ def beam_search(engine: Engine, state: DecodeState, stop_id: int, max_new_tokens
     seqs: list[list[int]] = [[] for _ in range(n)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
     for _ in range(max_new_tokens):
-        logits, offset = constrain(state.logits, allowed)
+        logits, offset = constrain(state.logits, allowed, state.logits_offset)
         cand = logp.view(n, 1) + logits.double().log_softmax(-1)  # (N, V')
         cand = cand.view(b, -1)  # (B, W*V')
         top, idx = cand.topk(2 * beam_width, dim=1)  # (B, 2W): room to replace finished beams

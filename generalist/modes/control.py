@@ -58,8 +58,8 @@ def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer,
 
     The last action token is *not* fed: the caller feeds it with the reward and the next step.
     """
-    engine.feed(state, prompts)
     ranges = tok.action_token_ranges(spec)
+    engine.feed(state, prompts, ranges[0] if ranges else None)
     ids = engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False)  # (B, A)
     return ids.numpy()
 

@@ -69,7 +69,7 @@ def sample_expert_returns(engine: Engine, state: DecodeState, tok: GeneralistTok
                          f"(got {low}, {high}); set them or the spec's random_return/expert_return")
     (lo, hi), centres = continuous_values(tok)
     returns = centres / spec.return_scale  # (1024,) return of each bin, in task units
-    logits, _ = constrain(state.logits.double(), (lo, hi))  # (B, 1024)
+    logits, _ = constrain(state.logits.double(), (lo, hi), state.logits_offset)  # (B, 1024)
     tilt = ((returns - low) / (high - low)).clamp(0.0, 1.0)  # (1024,)
     tilted = logits.log_softmax(-1) + kappa * tilt[None]
     index = sample_next_token(tilted, engine.generator, temperature)  # (B,)

@@ -96,7 +96,7 @@ class Plan:
 def _score_token(engine: Engine, state: DecodeState, cont: tuple[int, int], values: torch.Tensor,
                  config: TTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the reward / return token to feed and the value that scores it -> (ids (N,), values (N,))."""
-    logits, offset = constrain(state.logits, cont)  # (N, 1024)
+    logits, offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
     index = sample_next_token(logits, engine.generator, 0.0 if config.k_reward == 1 else 1.0,
                               None if config.k_reward == 1 else config.k_reward)
     # expectation over bins (reference percentile='mean') or the value of the token fed
@@ -113,7 +113,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     return, ``state`` is exactly as it was (the imagined tokens are cropped off the cache).
     """
     e, length = state.batch_size, state.length
-    saved_logits, saved_positions = state.logits.clone(), state.next_position.clone()
+    saved_logits, saved_offset, saved_positions = state.logits.clone(), state.logits_offset, state.next_position.clone()
     beam, expand, horizon = config.beam_width, config.n_expand, config.horizon
     act_ranges = tok.action_token_ranges(spec)
     obs_ranges = observation_token_ranges(tok, spec)
@@ -129,9 +129,10 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     for t in range(horizon):
         engine.repeat(state, expand)  # (E*beam*expand), grouped per environment
         rewards, plans = rewards.repeat_interleave(expand, 0), plans.repeat_interleave(expand, 0)
-        plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, config.cdf_act, feed_last=True)
+        plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, config.cdf_act, feed_last=True,
+                                      then=cont)
         r_ids, r_values = _score_token(engine, state, cont, reward_values, config)
-        engine.feed(state, r_ids[:, None])
+        engine.feed(state, r_ids[:, None], cont)
         R_ids, R_values = _score_token(engine, state, cont, return_values, config)
         rewards[:, t], rewards[:, t + 1] = r_values, R_values
         values = (rewards * discounts).sum(-1).view(e, beam * expand)  # (E, beam*expand)
@@ -140,9 +141,9 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         engine.select(state, rows)
         rewards, plans, R_ids, scores = rewards[rows], plans[rows], R_ids[rows], scores.flatten()
         if t < horizon - 1:  # imagine the next observation: R_{t+1} o_{t+1} <sep>
-            engine.feed(state, R_ids[:, None])
+            engine.feed(state, R_ids[:, None], obs_ranges[0])
             obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, config.cdf_obs, feed_last=False)
-            engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1))
+            engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1), act_ranges[0])
 
     best = scores.view(e, beam).argmax(1)  # (E,)
     rows = best + torch.arange(e) * beam
@@ -150,6 +151,6 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     # restore the caller's state: one row per environment, imagined tokens cropped off
     engine.select(state, torch.arange(e) * beam)
     engine.truncate(state, length)
-    state.logits, state.next_position = saved_logits, saved_positions
+    state.logits, state.logits_offset, state.next_position = saved_logits, saved_offset, saved_positions
     best_scores = scores.view(e, beam)[torch.arange(e), best].numpy()
     return Plan(action_ids=plan_ids[:, 0], plan_ids=plan_ids, scores=best_scores)

@@ -9,7 +9,13 @@ DESIGN.md targets, all measured here on CPU with ``torch.set_num_threads(2)``:
   (11 obs / 3 action dims, beam 128, horizon 15, n_expand 2, 5 context transitions, a 4 × 128
   backbone) takes about 1.5 s or less; a straightforward uncached beam search of the same model
   (the same planner on ``Engine(use_cache=False)``, recomputing every sequence for every token, as
-  the reference planner does) is timed next to it.
+  the reference planner does) is timed next to it;
+* agent throughput at JAT's size: 32 batched environments give ≥ 1.5 × the decisions/s of JAT
+  (GPT-Neo 12 × 768 picks one action in ~57 ms per environment, one at a time, measured by
+  ``../shared/reference_bench/jat_reference.py`` on this VM), i.e. ≥ 26 decisions/s. Timed with a
+  Llama-style 12 × 768 backbone (12 heads, MLP 2048, so 85 M parameters in the layers, as the 86 M
+  JAT reads per decision), random weights, hopper-like 11/3 (JAT's reference task), a 256-token
+  context (JAT's eval window).
 
 A *decision* is what :class:`generalist.Agent` does per step in DT mode: feed the previous step's
 last action token and reward with ``[R_t] [o_t] <sep>``, then sample the 3 action tokens. The
@@ -38,6 +44,10 @@ from generalist.tokenizer import Sample, concat_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference TT GPT's shape (4 layers, 4 heads, 128 wide; Janner et al. 2021, config/offline.py).
+# JAT's size (GPT-Neo 12 x 768): the Llama MLP has 3 matrices, so 2048 wide matches GPT-Neo's 2 x 3072.
+JAT_BACKBONE = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "num_key_value_heads": 12, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+JAT_MS_PER_DECISION = 57.0  # reference_bench/README.md, hopper, 1 env (32 envs in a loop: 53-60 ms each)
 TT_BACKBONE = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
@@ -89,6 +99,26 @@ def bench_decisions(model, tok, spec, repeats: int) -> dict:
     return out
 
 
+def bench_jat_size(tok, spec, repeats: int, report=print) -> dict:
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=JAT_BACKBONE))
+    layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
+    ctx = context(tok, spec, 15, np.random.default_rng(0))  # 1 + 15 * 17 = 256 tokens, JAT's eval window
+    report(f"model 12x768 Llama, {layer_params / 1e6:.1f}M params in the layers, context {len(ctx['input_ids'])} "
+           f"tokens, 17 tokens fed per decision")
+    out = {}
+    for n in (1, 32):
+        engine = Engine(model, seed=0)
+        state = engine.prefill(ctx, num_rows=n)
+        out[n] = statistics.median(timed_decisions(engine, state, tok, spec, n, repeats))
+        report(f"{n:>2} env(s): {out[n] * 1e3:.1f} ms per env-step, {out[n] / n * 1e3:.1f} ms per decision, "
+               f"{n / out[n]:.1f} decisions/s")
+    ratio = (32 / out[32]) / (1e3 / JAT_MS_PER_DECISION)
+    report(f"jat_size_32env_decisions_per_s={32 / out[32]:.1f} -> vs_jat={ratio:.2f}x (target >= 1.5, i.e. >= "
+           f"{1.5e3 / JAT_MS_PER_DECISION:.0f}/s)")
+    return out
+
+
 def bench_tt(tok, spec, config: TTConfig, uncached: bool, report=print) -> dict:
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TT_BACKBONE))
@@ -123,7 +153,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed decisions per setting (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-uncached-tt", action="store_true", help="skip the (minutes-long) uncached TT search")
-    p.add_argument("--skip-tt", action="store_true", help="only the control-decision figures")
+    p.add_argument("--skip-tt", action="store_true", help="skip the Trajectory Transformer figures")
+    p.add_argument("--skip-jat-size", action="store_true", help="skip the agent-throughput figure at JAT's size")
     p.add_argument("--beam-width", type=int, default=128)
     p.add_argument("--horizon", type=int, default=15)
     args = p.parse_args()
@@ -151,6 +182,10 @@ def main() -> None:
         many = 32 / d[("32 envs", n, True)]
         print(f"ctx {n}: decisions/s 1 env {one:.1f}, 32 envs {many:.1f} -> batched_speedup={many / one:.1f}x "
               "(target >= 10)")
+
+    if not args.skip_jat_size:
+        print("\n== agent throughput at JAT's size ==")
+        bench_jat_size(tok, spec, max(3, args.repeats // 4), report=lambda line: print(line, flush=True))
 
     if args.skip_tt:
         return

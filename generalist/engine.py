@@ -16,6 +16,10 @@ It knows no decoding mode, environment or :class:`~generalist.TaskSpec`; the mod
   lock-step assumption, and it is exact: a row's logits equal those of the row decoded alone.
 * **Beams.** :meth:`Engine.repeat` and :meth:`Engine.select` expand and gather rows through the
   cache's ``batch_repeat_interleave`` / ``reorder_cache``: the shared prefix is never recomputed.
+  :meth:`Engine.share` goes further: the context is stored once per group of beams
+  (:class:`SharedPrefix`) and a registered attention function (:func:`shared_prefix_attention`)
+  asks it for all the group's queries in one product, so neither attention nor beam reordering
+  touches one copy of it per beam (decoding is bound by reading the KV cache, not by arithmetic).
 * **Constraints.** :func:`constrain` restricts logits to an id range or a boolean mask (an action
   token can only be an id valid for the action space); :func:`sample_next_token` then does greedy,
   temperature, top-k and top-p (nucleus) sampling with a seeded ``torch.Generator``.
@@ -24,7 +28,8 @@ With ``use_cache=False`` the same API recomputes the whole sequence for every ne
 reference for tests ("cached and uncached decoding give the same tokens") and benchmarks.
 
 Only transformers' ``Cache`` methods are used (``get_seq_length``, ``reorder_cache``,
-``batch_repeat_interleave``), never its per-layer tensors, whose layout changes between releases.
+``batch_repeat_interleave``), never its per-layer tensors, whose layout changes between releases;
+a shared prefix reads the tensors of our own :class:`AppendLayer` only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from generalist.modeling_generalist import GeneralistForCausalLM
 from generalist.tokenizer import PATCH_DIM, Sample
@@ -221,7 +229,8 @@ class AppendLayer(DynamicLayer):
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = self._buffer(old, (len(rows), *old.shape[1:]))
-            torch.index_select(old, 0, rows, out=new)
+            # only the filled part moves (the headroom after it holds nothing)
+            torch.index_select(old[:, :, : self._length], 0, rows, out=new[:, :, : self._length])
             setattr(self, name, new)
             self._recycle(old)
 
@@ -239,6 +248,80 @@ def new_cache(text_config) -> Cache:
     if layer_types and all(t == "full_attention" for t in layer_types):
         return Cache(layers=[AppendLayer() for _ in layer_types])
     return DynamicCache(config=text_config)
+
+
+# --- a context shared by groups of rows (beams) ----------------------------------------------------
+
+
+@dataclass
+class SharedPrefix:
+    """A cache of E rows that rows ``i*group .. i*group+group-1`` of the live cache all continue.
+
+    Beam search over one context copies that context to every beam, so each new token's attention
+    reads (and every beam reordering copies) it once per beam. With a shared prefix it is stored
+    once per environment, and attention asks it for all of a group's queries in one product
+    (:func:`shared_prefix_attention`); only the beams' own tokens live in per-row storage.
+
+    Attributes:
+        cache: the prefix's cache (E rows, :class:`AppendLayer` layers).
+        length: positions in it.
+        mask: (E, length) bool, False at padding; ``None`` when every position is real.
+        group: live rows per prefix row.
+    """
+
+    cache: Cache
+    length: int
+    mask: torch.Tensor | None
+    group: int
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.layers[i].keys, self.cache.layers[i].values
+
+
+SHARED_PREFIX_ATTENTION = "generalist_shared_prefix"
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            shared_prefix: SharedPrefix | None = None, **kwargs):
+    """Attention over a :class:`SharedPrefix` and each row's own keys; sdpa when there is no prefix.
+
+    ``query`` (B, H, Q, D); ``key``/``value`` (B, Hkv, Ls, D) the rows' own tokens (new ones
+    included); ``attention_mask`` the backbone's mask over those (bool, True = attend) or ``None``.
+    One softmax over [prefix keys, own keys], as if the prefix were in every row.
+    """
+    if shared_prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    pk, pv = shared_prefix.layer(module.layer_idx)  # (E, Hkv, Lp, D)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    if n_rep > 1:
+        key, value, pk, pv = (repeat_kv(t, n_rep) for t in (key, value, pk, pv))
+    b, h, q, d = query.shape
+    e, lp, ls = pk.shape[0], pk.shape[2], key.shape[2]
+    g = b // e
+    scale = d**-0.5 if scaling is None else scaling
+    # the prefix: all g*Q queries of a group against its prefix row, one matrix product
+    qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)
+    sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
+    if shared_prefix.mask is not None:
+        sp = sp.masked_fill(~shared_prefix.mask[:, None, None, :], float("-inf"))
+    sp = sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp)
+    ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
+    if attention_mask is not None:
+        mask = attention_mask[..., -ls:]
+        ss = ss.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else ss + mask
+    elif q > 1:  # causal among the new tokens, which are the last Q keys
+        future = torch.ones(q, ls, dtype=torch.bool).triu(ls - q + 1)
+        ss = ss.masked_fill(future, float("-inf"))
+    probs = torch.cat([sp, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, Lp + Ls)
+    pp = probs[..., :lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)
+    out = torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)
+    out = out + torch.matmul(probs[..., lp:], value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ALL_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -301,6 +384,8 @@ class DecodeState:
             which range the next token must come from).
         logits_offset: the id of ``logits[:, 0]``.
         history: the uncached engine's record of every input (it recomputes from it).
+        prefix: the first ``prefix.length`` positions, when they are shared by groups of rows
+            (:meth:`Engine.share`); ``cache`` then holds only the positions after them.
     """
 
     cache: Cache | None
@@ -309,6 +394,7 @@ class DecodeState:
     logits: torch.Tensor | None = None
     history: dict | None = field(default=None, repr=False)
     logits_offset: int = 0
+    prefix: SharedPrefix | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -399,12 +485,17 @@ class Engine:
         if state.cache is None:
             logits = self._forward_uncached(state, chunk, positions, vocab_range)
         else:
-            full_mask = None if bool(state.attention_mask.all()) else state.attention_mask
-            out = self.model(
-                input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
-                patch_positions=chunk.patch_positions, attention_mask=full_mask, position_ids=positions,
-                cache=state.cache, use_cache=True, logits_to_keep=1, vocab_range=vocab_range,
-            )
+            own_mask = state.attention_mask if state.prefix is None else state.attention_mask[:, state.prefix.length:]
+            extra = {}
+            if state.prefix is not None:
+                extra["shared_prefix"] = state.prefix
+            with _attention(self.model, SHARED_PREFIX_ATTENTION if state.prefix is not None else None):
+                out = self.model(
+                    input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
+                    patch_positions=chunk.patch_positions, attention_mask=None if bool(own_mask.all()) else own_mask,
+                    position_ids=positions, cache=state.cache, use_cache=True, logits_to_keep=1,
+                    vocab_range=vocab_range, **extra,
+                )
             state.cache = out.cache
             logits = out.logits[:, -1].float()
         # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
@@ -450,14 +541,45 @@ class Engine:
             return state
         if state.cache is not None:
             state.cache.batch_repeat_interleave(n)
+        if state.prefix is not None:
+            state.prefix.group *= n
+        return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
+
+    def share(self, state: DecodeState, n: int) -> DecodeState:
+        """Like :meth:`repeat`, but the rows' context so far is stored once and shared by each group
+        of ``n`` copies (:class:`SharedPrefix`): what beam search over a long context wants.
+
+        Until :meth:`truncate` cuts back into it, :meth:`select` must keep every row in its group
+        and :meth:`forget` is not available. Falls back to :meth:`repeat` without a cache, with a
+        cache that is not all :class:`AppendLayer`, or when a prefix is already shared.
+        """
+        layers = getattr(state.cache, "layers", None)
+        if (n == 1 or state.prefix is not None or state.length == 0 or not layers
+                or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)):
+            return self.repeat(state, n)
+        mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool()
+        state.prefix = SharedPrefix(cache=state.cache, length=state.length, mask=mask, group=n)
+        state.cache = new_cache(self.model.config.text_config)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
     def select(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         """Keep rows ``rows`` (B',) in that order; rows may repeat (beam search survivors)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
+        if state.prefix is not None:
+            e = state.prefix.cache.layers[0].keys.shape[0]
+            if len(rows) % e or not torch.equal(rows // state.prefix.group,
+                                                torch.arange(len(rows)) // (len(rows) // e)):
+                raise ValueError("with a shared prefix, select must keep every row in its prefix's group")
+            state.prefix.group = len(rows) // e
         if state.cache is not None:
             state.cache.reorder_cache(rows)
         return self._index_rows(state, rows)
+
+    def _unshare(self, state: DecodeState) -> None:
+        """Back to one cache per row: only when each row is its own group and holds nothing more."""
+        if state.prefix.group != 1 or state.length != state.prefix.length:
+            raise ValueError("cannot drop a shared prefix while rows share it or hold tokens after it")
+        state.cache, state.prefix = state.prefix.cache, None
 
     def _index_rows(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         state.attention_mask = state.attention_mask[rows]
@@ -477,6 +599,8 @@ class Engine:
         The cache keeps the (now unattended) entries until the next re-prefill.
         """
         if len(rows):
+            if state.prefix is not None:
+                raise ValueError("forget is not available while rows share a prefix (Engine.share)")
             hit = torch.zeros(state.batch_size, dtype=torch.bool)
             hit[torch.as_tensor(list(rows), dtype=torch.long)] = True
             state.attention_mask = state.attention_mask.masked_fill(hit[:, None], 0)
@@ -491,6 +615,16 @@ class Engine:
         extra = state.length - length
         if extra <= 0:
             return state
+        if state.prefix is not None:  # first the rows' own tokens; the prefix only once unshared
+            keep = max(length, state.prefix.length)
+            state.cache.crop(keep - state.length)
+            state.next_position = state.next_position - state.attention_mask[:, keep:].sum(1)
+            state.attention_mask = state.attention_mask[:, :keep]
+            extra = keep - length
+            if extra or state.prefix.group == 1:
+                self._unshare(state)
+            if not extra:
+                return state
         if state.cache is not None:
             state.cache.crop(-extra)
         removed = state.attention_mask[:, length:]  # (B, extra)
@@ -549,6 +683,22 @@ class Engine:
             mask = (~done).long()[:, None]
             self.feed(state, Chunk(torch.where(done, self.pad_id, token)[:, None], mask, torch.zeros_like(mask)))
         return out
+
+
+class _attention:
+    """Within the block, the backbone uses attention implementation ``name`` (``None``: unchanged)."""
+
+    def __init__(self, model: GeneralistForCausalLM, name: str | None):
+        self.config, self.name = model.config.get_text_config(decoder=True), name
+
+    def __enter__(self):
+        if self.name is not None:
+            self.saved = self.config._attn_implementation
+            self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        if self.name is not None:
+            self.config._attn_implementation = self.saved
 
 
 def _empty_history(batch_size: int) -> dict:

@@ -131,3 +131,39 @@ def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     assert b.logits.shape == (3, 200) and b.logits_offset == 2100
     torch.testing.assert_close(b.logits, a.logits[:, 2100:2300], rtol=1e-5, atol=1e-5)
     assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_shared_prefix_equals_copied_rows(model, tok, ragged):
+    """``share`` (context stored once per group) gives the logits of ``repeat`` (context copied),
+    through expansion, selection and truncation, with one or two (left-padded) contexts."""
+    texts = ["a shared context of some length", "short"] if ragged else ["a shared context of some length"] * 2
+    samples = [tok.encode_text_sample(t) for t in texts]
+    a_eng, b_eng = Engine(model, seed=0), Engine(model, seed=0)
+    a, b = a_eng.prefill(samples), b_eng.prefill(samples)
+    length = a.length
+    a_eng.repeat(a, 3)
+    b_eng.share(b, 3)
+    assert b.prefix is not None and b.batch_size == 6
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a_eng.repeat(a, 2)
+        b_eng.repeat(b, 2)
+        ids = torch.randint(0, 2000, (12, 2), generator=gen)
+        for chunk in (ids[:, :1], ids):  # one token, then two at once (causal among them)
+            a_eng.feed(a, chunk)
+            b_eng.feed(b, chunk, next_allowed=(0, tok.vocab_size))
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        rows = torch.tensor([1, 0, 0, 5, 4, 4, 6, 6, 9, 9, 11, 10])[::2]  # keep 3 per context, in-group
+        a_eng.select(a, rows)
+        b_eng.select(b, rows)
+    with pytest.raises(ValueError, match="group"):
+        b_eng.select(b, torch.tensor([3, 0, 1, 2, 4, 5]))
+    b_eng.select(b, torch.tensor([0, 3]))
+    a_eng.select(a, torch.tensor([0, 3]))
+    b_eng.truncate(b, length)
+    a_eng.truncate(a, length)
+    assert b.prefix is None and b.length == a.length == length
+    for eng, st in ((a_eng, a), (b_eng, b)):
+        eng.feed(st, torch.tensor([[7], [8]]))
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)

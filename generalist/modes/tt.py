@@ -120,7 +120,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     cont, centres = continuous_values(tok)
     reward_values, return_values = centres / spec.reward_scale, centres / spec.return_scale
 
-    engine.repeat(state, beam)  # (E*beam): every beam starts from the same context
+    engine.share(state, beam)  # (E*beam): every beam continues the same context, stored once
     n = e * beam
     rewards = torch.zeros(n, horizon + 1, dtype=torch.float64)  # r_0..r_{H-1}, then R_H
     discounts = config.discount ** torch.arange(horizon + 1, dtype=torch.float64)

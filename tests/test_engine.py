@@ -8,7 +8,7 @@ import torch
 
 from generalist import GeneralistConfig, GeneralistForCausalLM
 from generalist.engine import Chunk, Engine, constrain, sample_next_token
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_GPT2, TINY_LLAMA
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +133,21 @@ def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))
 
 
+@pytest.fixture(scope="module")
+def gpt2_model(tok):
+    torch.manual_seed(0)
+    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_GPT2)).eval()
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_shared_prefix_equals_copied_rows(model, tok, ragged):
+def test_shared_prefix_equals_copied_rows(model, gpt2_model, tok, ragged, backbone):
     """``share`` (context stored once per group) gives the logits of ``repeat`` (context copied),
     through expansion, selection and truncation, with one or two (left-padded) contexts."""
     texts = ["a shared context of some length", "short"] if ragged else ["a shared context of some length"] * 2
     samples = [tok.encode_text_sample(t) for t in texts]
-    a_eng, b_eng = Engine(model, seed=0), Engine(model, seed=0)
+    m = model if backbone == "llama" else gpt2_model
+    a_eng, b_eng = Engine(m, seed=0), Engine(m, seed=0)
     a, b = a_eng.prefill(samples), b_eng.prefill(samples)
     length = a.length
     a_eng.repeat(a, 3)

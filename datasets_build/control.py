@@ -148,6 +148,19 @@ def metaworld_tasks() -> tuple[ControlTask, ...]:
                  for name in METAWORLD_TASKS)
 
 
+def make_task_env(name: str) -> gym.Env:
+    """A fresh env of a task by its dataset name: the catalogue's factory (pixel variants, BabyAI,
+    Meta-World), else ``gym.make(name)`` for any registered gymnasium id."""
+    for task in CORE_TASKS + PIXEL_TASKS:
+        if task.name == name:
+            return task.make_env()
+    if name in BABYAI_LEVELS:
+        return _make_babyai(name)
+    if name.startswith("metaworld/"):
+        return _make_metaworld(name.removeprefix("metaworld/"))
+    return gym.make(name)
+
+
 # --- the builder ---
 
 

@@ -60,8 +60,18 @@ class ErrorAsTermination(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def make_env(task: str) -> gym.Env:
+    """The env of a task: datasets_build's catalogue knows the pixel, BabyAI and Meta-World variants
+    the data was collected in; without it, any registered gymnasium id."""
+    try:
+        from datasets_build.control import make_task_env
+    except ImportError:
+        return gym.make(task)
+    return make_task_env(task)
+
+
 def make_envs(task: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(gym.make(task))] * num_envs,
+    return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(make_env(task))] * num_envs,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 

@@ -142,7 +142,7 @@ class Args:
     """start from the weights of this checkpoint (folder or Hub id) instead of a fresh init"""
 
     # --- optimisation ---
-    total_steps: int = 200
+    total_steps: int = 450
     """optimizer steps"""
     lr: float = 2e-3
     """peak learning rate (AdamW)"""
@@ -572,10 +572,13 @@ def final_evaluation(export_dir: Path, run_dir: Path, sources: Sequence, args: A
         elif isinstance(source, TextSource):
             jobs.append((f"text/{source.name}", "eval.text",
                          dict(model=export_dir, data=data, max_samples=args.eval_samples, out=out)))
-    if any(isinstance(s, ControlSource) for s in sources):  # Decision Transformer rollouts of every task
-        jobs.append(("control", "eval.control", ["--model", str(export_dir), "--mode", "dt", "--out", str(out),
-                                                  "--episodes", str(args.eval_episodes),
-                                                  "--num-envs", str(args.eval_episodes)]))
+    control = [s for s in sources if isinstance(s, ControlSource)]
+    if control:  # rollouts of every task: Decision Transformer, and Gato prompted with a dataset episode
+        rollout = ["--model", str(export_dir), "--out", str(out), "--episodes", str(args.eval_episodes),
+                   "--num-envs", str(args.eval_episodes)]
+        jobs.append(("control/dt", "eval.control", [*rollout, "--mode", "dt"]))
+        jobs.append(("control/gato", "eval.control", [*rollout, "--mode", "gato",
+                                                       "--demos", str(args.data_root / control[0].name)]))
     for name, module_name, kwargs in jobs:
         t0 = time.perf_counter()
         try:

@@ -604,6 +604,16 @@ def final_evaluation(export_dir: Path, run_dir: Path, sources: Sequence, args: A
     return results
 
 
+def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
+    """The model the flags describe, with the tokenizer's vocabulary layout and image size."""
+    return GeneralistConfig(
+        text_config={"model_type": args.backbone, "hidden_size": args.hidden_size,
+                     "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
+                     "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
+                     "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
+        vocab_layout=tok.layout.to_dict(), image_size=tok.image_size)
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -675,13 +685,7 @@ def main(args: Args) -> dict[str, Any]:
     if args.init_from:
         model = GeneralistForCausalLM.from_pretrained(args.init_from)
     else:
-        config = GeneralistConfig(
-            text_config={"model_type": args.backbone, "hidden_size": args.hidden_size,
-                         "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
-                         "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
-                         "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
-            vocab_layout=tok.layout.to_dict(), image_size=tok.image_size)
-        model = GeneralistForCausalLM(config)
+        model = GeneralistForCausalLM(model_config(args, tok))
     if model.config.layout != tok.layout:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
     n_params = sum(p.numel() for p in model.parameters())

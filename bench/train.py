@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (the training script's own data loading and presets)
-from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer  # noqa: E402
+from generalist import GeneralistForCausalLM, GeneralistTokenizer  # noqa: E402
 from generalist.packing import Mixture, PackedStream, PackingConfig  # noqa: E402
 from generalist.vocab import Modality  # noqa: E402
 
@@ -107,12 +107,7 @@ def main(bench: Args) -> None:
         tok.add_task_spec(spec)
     mix = Mixture(srcs, weights, tok, PackingConfig(seq_len=args.seq_len))
     batch = mix.batch(args.seed, 0, 0, args.batch_size)
-    config = GeneralistConfig(
-        text_config={"model_type": args.backbone, "hidden_size": args.hidden_size,
-                     "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
-                     "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
-                     "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
-        vocab_layout=tok.layout.to_dict(), image_size=tok.image_size)
+    config = train.model_config(args, tok)
     generalist = GeneralistForCausalLM(config).train()
     backbone = AutoModelForCausalLM.from_config(config.text_config).train()
     tokens = batch["input_ids"].numel()

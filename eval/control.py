@@ -32,6 +32,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
 from generalist.modes import TT_PRESETS, TTConfig, demonstration_prompt
@@ -215,28 +216,6 @@ def evaluate_task(args, tok, model, task: str) -> tuple[dict, list[dict]]:
     return record, sweep
 
 
-def plot_sweep(sweep: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for task in sorted({r["task"] for r in sweep}):
-        pts = [r for r in sweep if r["task"] == task]
-        ax.errorbar([r["target_return"] for r in pts], [r["mean_return"] for r in pts],
-                    yerr=[r["stderr_return"] for r in pts], marker="o", capsize=3, label=task)
-        lo, hi = pts[0]["target_return"], pts[-1]["target_return"]
-        ax.plot([lo, hi], [lo, hi], ":", color="grey")
-    ax.set_xlabel("target return")
-    ax.set_ylabel("achieved return (mean ± s.e.)")
-    ax.set_title("Decision Transformer return conditioning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (model + tokenizer) or run folder")
@@ -286,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = {"model": str(folder), "mode": args.mode, "num_envs": args.num_envs, "results": results,
                "iqm_normalized_score": iqm(pooled) if pooled else None, "dt_sweep": sweep}
     if sweep:
-        plot_sweep(sweep, out / "dt_sweep.png")
+        plot_dt_sweep(sweep, out / "dt_sweep.png")
     path = out / ("control.json" if args.mode == "dt" else f"control_{args.mode}.json")
     path.write_text(json.dumps(summary, indent=2, default=float))
     if pooled:

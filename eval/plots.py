@@ -1,4 +1,4 @@
-"""Figures shared by the evaluation scripts and the report: caption grids and frame strips.
+"""Figures shared by the evaluation scripts and the report: caption grids, frame strips, the DT sweep.
 
 Everything renders with matplotlib's Agg backend into a PNG file, so it works on a headless machine
 and inside tests.
@@ -68,5 +68,27 @@ def frame_strip(frames: Sequence[np.ndarray], path: Path, labels: Sequence[str] 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_dt_sweep(sweep: Sequence[dict], path: Path) -> Path:
+    """Decision Transformer return conditioning: achieved (mean ± s.e.) against target return per task,
+    with the diagonal a perfectly obedient agent would follow. Rows as ``eval.control`` writes them."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for task in sorted({r["task"] for r in sweep}):
+        pts = sorted((r for r in sweep if r["task"] == task), key=lambda r: r["target_return"])
+        ax.errorbar([r["target_return"] for r in pts], [r["mean_return"] for r in pts],
+                    yerr=[r.get("stderr_return", 0.0) for r in pts], marker="o", capsize=3, label=task)
+        lo, hi = pts[0]["target_return"], pts[-1]["target_return"]
+        ax.plot([lo, hi], [lo, hi], ":", color="grey")
+    ax.set_xlabel("target return (DT prompt)")
+    ax.set_ylabel("achieved return (mean ± s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Decision Transformer: return conditioning (dotted: achieved = target)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

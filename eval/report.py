@@ -46,7 +46,7 @@ import tyro  # noqa: E402
 
 from eval import caption as caption_eval  # noqa: E402
 from eval.checkpoint import EVAL_DIR, load_checkpoint, resolve_checkpoint  # noqa: E402
-from eval.plots import frame_strip  # noqa: E402
+from eval.plots import frame_strip, plot_dt_sweep  # noqa: E402
 from generalist.vocab import MODALITY_NAMES  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -270,30 +270,6 @@ def control_records(results: Any) -> list[dict[str, Any]]:
 
 def _score(record: dict[str, Any], keys: Sequence[str]) -> float | None:
     return next((float(record[k]) for k in keys if isinstance(record.get(k), int | float)), None)
-
-
-def plot_dt_sweep(sweep: list[dict[str, Any]], path: Path) -> Path:
-    """Achieved against target return per task, with the diagonal (a perfectly obedient agent)."""
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    lo, hi = math.inf, -math.inf
-    for task in sorted({r["task"] for r in sweep}):
-        pts = sorted((float(r["target_return"]), _score(r, RETURN_KEYS)) for r in sweep
-                     if r["task"] == task and _score(r, RETURN_KEYS) is not None)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=task, markersize=4)
-            lo, hi = min(lo, *(min(p) for p in pts)), max(hi, *(max(p) for p in pts))
-    if math.isfinite(lo):
-        ax.plot([lo, hi], [lo, hi], ":", color="grey", label="achieved = target")
-    ax.set_xlabel("target return (DT prompt)")
-    ax.set_ylabel("achieved return")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Decision Transformer: return conditioning")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def saved_frames(eval_dir: Path) -> list[np.ndarray]:

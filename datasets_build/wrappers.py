@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,11 @@ from gymnasium import spaces
 from PIL import Image
 
 from generalist.vocab import DEFAULT_IMAGE_SIZE
+
+# gymnasium's classic-control renderer starts pygame (SDL); headless, SDL complains about the missing
+# display and sound on stderr in every worker. Offscreen drivers render the same frames quietly.
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
 
 def resize_frame(frame: np.ndarray, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:

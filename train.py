@@ -299,8 +299,10 @@ def parse_mixture(mixture: str) -> dict[str, float]:
 def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1):
     """Train and held-out sources of every dataset, and the task specs of the control ones.
 
-    Control datasets (a folder with ``task_specs.json``) hold out their last episodes of every
-    task; caption and text datasets use their ``test``/``validation`` split.
+    Control datasets (a folder with ``task_specs.json``) hold out every ``1/eval_share``-th episode
+    of every task — spread over the expert, noisy and random sources alike (rows are stored by
+    source, so "the last episodes" would be only random ones); caption and text datasets use their
+    ``test``/``validation`` split.
     """
     import datasets
 
@@ -316,9 +318,14 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1)
             train_idx, eval_idx = [], []
             for task in np.unique(tasks):
                 idx = np.flatnonzero(tasks == task)
-                n_eval = int(len(idx) * eval_share) if len(idx) >= 10 else 0
-                train_idx += list(idx[: len(idx) - n_eval])
-                eval_idx += list(idx[len(idx) - n_eval:] if n_eval else idx)  # tiny sets: evaluate on train
+                if len(idx) < 10:  # tiny sets: evaluate on train
+                    train_idx += list(idx)
+                    eval_idx += list(idx)
+                    continue
+                held = np.zeros(len(idx), bool)
+                held[:: round(1 / eval_share)] = True
+                train_idx += list(idx[~held])
+                eval_idx += list(idx[held])
             for out, idx in ((train, train_idx), (held_out, eval_idx)):
                 idx = np.asarray(sorted(idx))
                 out.append(ControlSource(name, EpisodeRows(ds, task_specs, idx), list(tasks[idx])))

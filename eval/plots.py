@@ -22,6 +22,15 @@ MATCH_COLOUR = "#1a7f37"
 MISS_COLOUR = "#b42318"
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 @dataclass
 class CaptionExample:
     image: Image.Image | np.ndarray
@@ -45,11 +54,7 @@ def caption_grid(examples: Sequence[CaptionExample], path: Path, columns: int = 
         ref = textwrap.fill(f"truth: {ex.reference}", wrap)
         ax.set_title(gen, fontsize=8, color=MATCH_COLOUR if ex.exact else MISS_COLOUR, loc="left")
         ax.text(0, -0.04, ref, transform=ax.transAxes, fontsize=8, va="top", ha="left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def frame_strip(frames: Sequence[np.ndarray], path: Path, labels: Sequence[str] | None = None,
@@ -65,11 +70,7 @@ def frame_strip(frames: Sequence[np.ndarray], path: Path, labels: Sequence[str] 
             ax.set_title(labels[i], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_dt_sweep(sweep: Sequence[dict], path: Path) -> Path:
@@ -87,8 +88,4 @@ def plot_dt_sweep(sweep: Sequence[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Decision Transformer: return conditioning (dotted: achieved = target)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

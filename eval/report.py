@@ -46,7 +46,7 @@ import tyro  # noqa: E402
 
 from eval import caption as caption_eval  # noqa: E402
 from eval.checkpoint import EVAL_DIR, load_checkpoint, resolve_checkpoint  # noqa: E402
-from eval.plots import frame_strip, plot_dt_sweep  # noqa: E402
+from eval.plots import frame_strip, plot_dt_sweep, save_figure  # noqa: E402
 from generalist.vocab import MODALITY_NAMES  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -176,11 +176,7 @@ def plot_learning_curves(train_rows: list[dict[str, float]], eval_rows: list[dic
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     ax.set_title("loss per target modality")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curves_section(run_dir: Path, figures: Path) -> str:

@@ -41,12 +41,11 @@ from generalist.modes.control import (
     reward_sample,
     sample_actions,
     step_prompts,
-    token_sample,
 )
 from generalist.modes.dt import initial_return, sample_expert_returns
 from generalist.modes.tt import TTConfig, tt_plan
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample
+from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample, token_sample
 from generalist.vocab import Modality
 
 Mode = Literal["gato", "dt", "tt"]

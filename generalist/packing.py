@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample, slice_sample
+from generalist.tokenizer import (
+    GeneralistTokenizer,
+    Sample,
+    concat_samples,
+    slice_sample,
+    token_sample,
+)
 from generalist.vocab import Modality
 
 
@@ -168,7 +174,7 @@ class ControlSource:
         n_steps = len(episode["rewards"])
         parts = []
         if t0 == 0:
-            parts.append(_special(tok, tok.bos_id))
+            parts.append(token_sample([tok.bos_id], Modality.SPECIAL))
         used = sum(_length(p) for p in parts)
         t, per_step = t0, None
         while used < room and t < n_steps:
@@ -180,7 +186,7 @@ class ControlSource:
             used += sum(_length(s) for s in steps)
             t += len(steps)
         if t >= n_steps and used < room:
-            parts.append(_special(tok, tok.eos_id))
+            parts.append(token_sample([tok.eos_id], Modality.SPECIAL))
         return slice_sample(concat_samples(parts), 0, room)
 
     def _demonstration(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int) -> Sample:
@@ -188,7 +194,7 @@ class ControlSource:
         n_steps = len(episode["rewards"])
         per_step = max(1, _length(self._steps(tok, episode, n_steps - 1, n_steps, False)[0]))
         t0 = max(0, n_steps - (budget // per_step + 1))
-        steps = self._steps(tok, episode, t0, n_steps, False) + [_special(tok, tok.eos_id)]
+        steps = self._steps(tok, episode, t0, n_steps, False) + [token_sample([tok.eos_id], Modality.SPECIAL)]
         lengths = np.cumsum([_length(s) for s in steps[::-1]])  # suffix lengths, shortest first
         k = int(np.searchsorted(lengths, budget, side="right"))  # most whole steps (plus <eos>) that fit
         if k >= 2:
@@ -226,15 +232,6 @@ class ControlSource:
             index = int(same_task[rng.integers(len(same_task))])
         meta["episodes"] = live
         return concat_samples(parts), meta
-
-
-def _special(tok: GeneralistTokenizer, token_id: int) -> Sample:
-    """One structural token (``<bos>``/``<eos>``) as a sample."""
-    sample = empty_sample()
-    sample["input_ids"] = np.array([token_id], np.int64)
-    sample["modality_ids"] = np.array([int(Modality.SPECIAL)], np.int64)
-    sample["local_positions"] = np.zeros(1, np.int64)
-    return sample
 
 
 class Mixture:

@@ -111,7 +111,8 @@ def slice_sample(sample: Sample, start: int, stop: int | None = None) -> Sample:
     return out
 
 
-def _tokens(ids: np.ndarray, modality: Modality, local: np.ndarray | None = None) -> Sample:
+def token_sample(ids, modality: Modality, local: np.ndarray | None = None) -> Sample:
+    """Plain tokens of one modality (no image patches) as a sample; local positions 0 unless given."""
     ids = np.asarray(ids, np.int64).reshape(-1)
     s = empty_sample()
     s["input_ids"] = ids
@@ -305,20 +306,21 @@ class GeneralistTokenizer:
     def encode_text_sample(self, text: str) -> Sample:
         """Plain text for language modelling: ``<bos> text <eos>``."""
         return concat_samples([
-            _tokens([self.bos_id], Modality.SPECIAL),
-            _tokens(self.encode_text(text) + [self.eos_id], Modality.TEXT),
+            token_sample([self.bos_id], Modality.SPECIAL),
+            token_sample(self.encode_text(text) + [self.eos_id], Modality.TEXT),
         ])
 
     def encode_image_caption(self, image, caption: str | None = None) -> Sample:
         """``<bos> <image>*N <sep> caption <eos>``; without a caption, the prompt for captioning."""
         image_tokens = self._image_tokens(self.preprocess_image(image)[None])
-        parts = [_tokens([self.bos_id], Modality.SPECIAL), image_tokens, _tokens([self.sep_id], Modality.SPECIAL)]
+        parts = [token_sample([self.bos_id], Modality.SPECIAL), image_tokens,
+                 token_sample([self.sep_id], Modality.SPECIAL)]
         if caption is not None:
-            parts.append(_tokens(self.encode_text(caption) + [self.eos_id], Modality.CAPTION))
+            parts.append(token_sample(self.encode_text(caption) + [self.eos_id], Modality.CAPTION))
         return concat_samples(parts)
 
     def _image_tokens(self, frames: np.ndarray) -> Sample:
-        s = _tokens(np.full(len(frames) * self.patches_per_image, self.image_id), Modality.IMAGE)
+        s = token_sample(np.full(len(frames) * self.patches_per_image, self.image_id), Modality.IMAGE)
         s["patches"] = self._patchify(frames).reshape(-1, PATCH_DIM)
         s["patch_positions"] = self._patch_positions(len(frames))
         return s
@@ -333,7 +335,7 @@ class GeneralistTokenizer:
         if fld.kind == "text":
             if isinstance(values, str) or len(values) != t:
                 raise TokenizationError(f"{fld.name}: expected {t} strings, got {values!r:.80}")
-            return [_tokens(self.encode_text(v), modality) for v in values]
+            return [token_sample(self.encode_text(v), modality) for v in values]
         if fld.kind == "image":
             frames = self._frames(fld, values, t)
             n = self.patches_per_image
@@ -465,8 +467,8 @@ class GeneralistTokenizer:
         steps = self._steps(task, observations, actions, rewards, rtg)
         if isinstance(steps, dict):  # block (T, k, ...) -> flat (T*k, ...)
             steps = [{k: v.reshape(-1, *v.shape[2:]) for k, v in steps.items()}]
-        head = [_tokens([self.bos_id], Modality.SPECIAL)] if start else []
-        tail = [_tokens([self.eos_id], Modality.SPECIAL)] if end else []
+        head = [token_sample([self.bos_id], Modality.SPECIAL)] if start else []
+        tail = [token_sample([self.eos_id], Modality.SPECIAL)] if end else []
         return concat_samples(head + steps + tail)
 
     # --- decoding actions ---

@@ -16,17 +16,8 @@ import torch
 
 from generalist.engine import DecodeState, Engine
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample
+from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, token_sample
 from generalist.vocab import Modality
-
-
-def token_sample(ids: Sequence[int] | np.ndarray, modality: Modality) -> Sample:
-    """Plain tokens (no image patches, no local positions) as a tokenizer sample."""
-    s = empty_sample()
-    s["input_ids"] = np.asarray(ids, np.int64).reshape(-1)
-    s["modality_ids"] = np.full(len(s["input_ids"]), int(modality), np.int64)
-    s["local_positions"] = np.zeros(len(s["input_ids"]), np.int64)
-    return s
 
 
 def step_prompts(tok: GeneralistTokenizer, spec: TaskSpec, observations: dict[str, Any],

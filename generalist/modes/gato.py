@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from generalist.engine import DecodeState, Engine
-from generalist.modes.control import sample_actions, step_prompts, token_sample
+from generalist.modes.control import sample_actions, step_prompts
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples
+from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, token_sample
 from generalist.vocab import Modality
 
 

@@ -78,7 +78,7 @@ from generalist.packing import CaptionSource, ControlSource, Mixture, PackedStre
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MODALITIES = ("text", "caption", "observation", "action", "reward", "return")
+MODALITIES = ("text", "caption", "observation", "action", "reward", "return", "value")
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"  # accelerate.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"  # step and data-stream position
@@ -90,7 +90,7 @@ CORRUPT_PREFIX = "corrupt-"  # a damaged checkpoint is renamed aside (kept for i
 @dataclass
 class Args:
     # --- run ---
-    preset: Literal["demo", "small", "base"] = "demo"
+    preset: Literal["demo", "control", "small", "base"] = "demo"
     """named defaults: demo (CPU, ~10 min), small (one GPU), base (JAT size, several GPUs); flags override them"""
     run_name: str | None = None
     """folder under output_dir for this run (default: the preset's name)"""
@@ -126,6 +126,9 @@ class Args:
     """probability that a <no_return> control sequence starts with the end of another episode of the task"""
     prompt_fraction: float = 0.25
     """most of a sequence that the demonstration prompt may take"""
+    imitation_threshold: float | None = 0.8
+    """<no_return> sequences show only episodes scoring at least this (expert-normalised; Gato filters at 0.8);
+    None: every episode (behaviour cloning of the whole dataset)"""
 
     # --- model ---
     backbone: str = "llama"
@@ -194,6 +197,8 @@ class Args:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},  # the Args defaults: sized for two CPU cores and about ten minutes
+    # core control + pixel variants only, sized for <= 30 minutes on two CPU cores (issue "Control that works")
+    "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, seq_len=1024,
                   batch_size=16, total_steps=20_000, lr=1e-3, warmup_steps=500, num_workers=4,
                   log_every=50, eval_every=1000, save_every=1000, eval_batches=16),
@@ -328,7 +333,9 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1)
                 eval_idx += list(idx[held])
             for out, idx in ((train, train_idx), (held_out, eval_idx)):
                 idx = np.asarray(sorted(idx))
-                out.append(ControlSource(name, EpisodeRows(ds, task_specs, idx), list(tasks[idx])))
+                out.append(ControlSource(name, EpisodeRows(ds, task_specs, idx), list(tasks[idx]),
+                                         sources=list(np.asarray(ds["source"])[idx]),
+                                         returns=np.asarray(ds["episode_return"], np.float64)[idx]))
             continue
         if not folder.exists():
             raise FileNotFoundError(f"dataset {name!r} not found at {folder}; build it or pass --data_root")
@@ -618,7 +625,8 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
                      "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
                      "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
                      "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
-        vocab_layout=tok.layout.to_dict(), image_size=tok.image_size)
+        vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
+        prompt_length=int(args.prompt_fraction * args.seq_len))
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -683,7 +691,7 @@ def main(args: Args) -> dict[str, Any]:
     for spec in specs.values():
         tok.add_task_spec(spec)
     packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
-                            prompt_fraction=args.prompt_fraction)
+                            prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold)
     src_weights = [weights[s.name] for s in train_sources]
     train_mix = Mixture(train_sources, src_weights, tok, packing)
     eval_mix = Mixture(eval_sources, src_weights, tok, packing)

@@ -50,6 +50,8 @@ DATASETS: dict[str, Builder] = {
 MIXTURES: dict[str, dict[str, float]] = {
     # builds in well under 3 minutes on 2 CPU cores
     "demo": {"control-core": 0.5, "control-pixels": 0.15, "captions": 0.2, "text": 0.15},
+    # the `control` training preset: the core tasks and their pixel variants
+    "control": {"control-core": 0.85, "control-pixels": 0.15},
     "full": {"control-core": 0.25, "control-pixels": 0.1, "babyai": 0.15, "metaworld": 0.15,
              "captions": 0.2, "text": 0.15},
 }

@@ -51,6 +51,12 @@ class GeneralistConfig(PreTrainedConfig):
         loss_weights (`dict[str, float]`, *optional*): loss weight per modality
             (``pad, special, text, caption, image, observation, action, reward, return``).
         initializer_range (`float`): std of the normal init of the wrapper's own weights.
+        context_length (`int`, *optional*): tokens per sequence the model was *trained* on. Agents,
+            evaluation and every decoding mode use it as their context by default, so a model is never
+            asked to attend further back than it learned to (default: the backbone's
+            ``max_position_embeddings``).
+        prompt_length (`int`, *optional*): most tokens of a Gato demonstration prompt in training;
+            evaluation draws prompts of the same size.
     """
 
     model_type = "generalist"
@@ -69,6 +75,8 @@ class GeneralistConfig(PreTrainedConfig):
     loss_weights: dict | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    context_length: int | None = None
+    prompt_length: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -89,7 +97,15 @@ class GeneralistConfig(PreTrainedConfig):
         if self.patch_encoder_stride <= 0 or self.patch_size % self.patch_encoder_stride:
             raise ValueError(f"patch_encoder_stride ({self.patch_encoder_stride}) must divide patch_size "
                              f"({self.patch_size})")
-        for name in ("patch_size", "patch_encoder_channels", "max_local_positions"):
+        max_positions = getattr(self.text_config, "max_position_embeddings", None)
+        if self.context_length is None:
+            self.context_length = max_positions or 2048
+        if self.context_length <= 0 or (max_positions and self.context_length > max_positions):
+            raise ValueError(f"context_length must be in [1, max_position_embeddings={max_positions}], "
+                             f"got {self.context_length}")
+        if self.prompt_length is None:
+            self.prompt_length = self.context_length // 4
+        for name in ("patch_size", "patch_encoder_channels", "max_local_positions", "prompt_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -35,6 +35,8 @@ from generalist.tokenizer import (
     GeneralistTokenizer,
     Sample,
     concat_samples,
+    count_steps_within,
+    returns_to_go,
     slice_sample,
     token_sample,
 )
@@ -52,12 +54,16 @@ class PackingConfig:
         prompt_prob: probability that a ``<no_return>`` control sequence starts with the end of
             another episode of the same task as a demonstration (Gato's prompt).
         prompt_fraction: at most this share of ``seq_len`` goes to the demonstration.
+        imitation_threshold: ``<no_return>`` sequences show only episodes whose expert-normalised
+            return is at least this (Gato's filter is 0.8); ``None``: every episode (plain behaviour
+            cloning of the whole dataset). Return-conditioned sequences always see every episode.
     """
 
     seq_len: int = 512
     return_prob: float = 0.5
     prompt_prob: float = 0.25
     prompt_fraction: float = 0.25
+    imitation_threshold: float | None = 0.8
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -123,10 +129,46 @@ class CaptionSource:
         return concat_samples(parts), {"source": self.name, "kind": "caption"}
 
 
-def _episode_slice(episode: Mapping[str, Any], t0: int, t1: int) -> tuple[dict, dict, np.ndarray]:
+def episode_steps(tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, t1: int,
+                  condition_on_return: bool) -> list[Sample]:
+    """Steps ``t0..t1-1`` of an episode; returns-to-go (inputs) or values (labels) over the whole episode."""
+    rewards = np.asarray(episode["rewards"], np.float64)
     obs = {k: v[t0:t1] for k, v in episode["observations"].items()}
     act = {k: v[t0:t1] for k, v in episode["actions"].items()}
-    return obs, act, np.asarray(episode["rewards"], np.float64)[t0:t1]
+    if condition_on_return:
+        return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], returns_to_go(rewards)[t0:t1])
+    discount = tok.get_task_spec(episode["task"]).discount
+    return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], None,
+                            values=returns_to_go(rewards, discount)[t0:t1])
+
+
+def demonstration(tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int, rng: np.random.Generator,
+                  end: bool | None = None) -> Sample:
+    """A Gato prompt (Reed et al. 2022, §3.3) of at most ``budget`` tokens from one episode.
+
+    Half of the prompts (``end=None``: drawn by ``rng``) are the *end* of the episode (its last
+    whole steps, then ``<eos>``), where the goal is reached; the other half a window of whole steps
+    at a uniformly drawn start (``<bos>`` if it starts the episode, ``<eos>`` if it ends it). Every
+    ``R`` is ``<no_return>``. Training (:class:`ControlSource`) and evaluation
+    (:func:`generalist.modes.gato.demonstration_prompt`) both draw prompts here, so they match.
+    """
+    if end is None:
+        end = bool(rng.random() < 0.5)
+    n_steps = len(episode["rewards"])
+    per_step = max(1, _length(episode_steps(tok, episode, n_steps - 1, n_steps, False)[0]))
+    k = max(1, min(n_steps, (budget - 1) // per_step))  # whole steps that fit beside <bos>/<eos>
+    t0 = n_steps - k if end else int(rng.integers(0, n_steps - k + 1))
+    steps = episode_steps(tok, episode, t0, t0 + k, False)
+    head = [token_sample([tok.bos_id], Modality.SPECIAL)] if t0 == 0 else []
+    tail = [tok.end_of_episode(bool(episode.get("terminated", False)))] if t0 + k == n_steps else []
+    room = budget - sum(_length(p) for p in head + tail)
+    n = count_steps_within([_length(x) for x in steps], room, from_end=end)  # variable-length (text) steps
+    if n == 0:  # one step is longer than the budget: its last tokens
+        tail_tokens = concat_samples(steps[-1:] + tail)
+        return slice_sample(tail_tokens, max(0, _length(tail_tokens) - budget))
+    if n < len(steps):  # variable-length (text) steps: fewer fit than estimated
+        steps, head, tail = (steps[len(steps) - n:], [], tail) if end else (steps[:n], head, [])
+    return concat_samples(head + steps + tail)
 
 
 @dataclass
@@ -138,31 +180,48 @@ class ControlSource:
         episodes: random-access episodes ``{"task", "observations", "actions", "rewards", ...}``.
         tasks: the task of each episode (so that a demonstration of the same task is found without
             reading every episode).
+        sources: the policy that made each episode (``"expert"``, ``"noisy-0.3"``...): a Gato prompt
+            comes from an episode of the *same* source as the live one (Gato §3.3), so the model
+            learns to play as well as its prompt. ``None``: any episode of the task.
+        returns: each episode's return, for :attr:`PackingConfig.imitation_threshold`.
     """
 
     name: str
     episodes: Sequence[Mapping[str, Any]]
     tasks: Sequence[str]
+    sources: Sequence[str] | None = None
+    returns: Sequence[float] | None = None
 
     def __post_init__(self):
-        if len(self.tasks) != len(self.episodes):
-            raise ValueError(f"{self.name}: {len(self.tasks)} task names for {len(self.episodes)} episodes")
+        for what in ("tasks", "sources", "returns"):
+            values = getattr(self, what)
+            if values is not None and len(values) != len(self.episodes):
+                raise ValueError(f"{self.name}: {len(values)} {what} for {len(self.episodes)} episodes")
         if not len(self.episodes):
             raise ValueError(f"{self.name}: no episodes")
         tasks = np.asarray([str(t) for t in self.tasks])
         self.by_task = {t: np.flatnonzero(tasks == t) for t in np.unique(tasks)}
+        self._source = np.asarray([str(s) for s in self.sources]) if self.sources is not None else None
+        self._pools: dict[tuple[str, float | None], np.ndarray] = {}
 
-    # --- encoding pieces of an episode ---
-    @staticmethod
-    def _steps(tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, t1: int,
-               condition_on_return: bool) -> list[Sample]:
-        """Steps ``t0..t1-1`` of an episode, returns-to-go counted over the whole episode."""
-        obs, act, rew = _episode_slice(episode, t0, t1)
-        rtg = None
-        if condition_on_return:
-            rewards = np.asarray(episode["rewards"], np.float64)
-            rtg = np.cumsum(rewards[::-1])[::-1][t0:t1]
-        return tok.encode_steps(episode["task"], obs, act, rew, rtg)
+    def imitation_pool(self, tok: GeneralistTokenizer, task: str, threshold: float | None) -> np.ndarray:
+        """Episodes of ``task`` shown without returns: those scoring ``>= threshold`` (expert-normalised).
+
+        Gato trains only on episodes whose return is at least 80 % of the expert's (Reed et al. 2022,
+        §3); without references or returns (or when no episode passes) every episode of the task.
+        """
+        key = (task, threshold)
+        if key not in self._pools:
+            idx = self.by_task[task]
+            spec = tok.get_task_spec(task)
+            if threshold is not None and self.returns is not None and spec.expert_return is not None \
+                    and spec.random_return is not None and spec.expert_return != spec.random_return:
+                score = (np.asarray(self.returns, np.float64)[idx] - spec.random_return) / (
+                    spec.expert_return - spec.random_return)
+                good = idx[score >= threshold]
+                idx = good if len(good) else idx
+            self._pools[key] = idx
+        return self._pools[key]
 
     def _episode_tokens(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, room: int,
                         condition_on_return: bool) -> Sample:
@@ -179,41 +238,32 @@ class ControlSource:
         t, per_step = t0, None
         while used < room and t < n_steps:
             chunk = 1 if per_step is None else max(1, -(-(room - used) // per_step))
-            steps = self._steps(tok, episode, t, min(n_steps, t + chunk), condition_on_return)
+            steps = episode_steps(tok, episode, t, min(n_steps, t + chunk), condition_on_return)
             if per_step is None:
                 per_step = max(1, _length(steps[0]))
             parts += steps
             used += sum(_length(s) for s in steps)
             t += len(steps)
         if t >= n_steps and used < room:
-            parts.append(token_sample([tok.eos_id], Modality.SPECIAL))
+            parts.append(tok.end_of_episode(bool(episode.get("terminated", False))))
         return slice_sample(concat_samples(parts), 0, room)
-
-    def _demonstration(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int) -> Sample:
-        """The end of an episode in at most ``budget`` tokens, starting at a step boundary if one fits."""
-        n_steps = len(episode["rewards"])
-        per_step = max(1, _length(self._steps(tok, episode, n_steps - 1, n_steps, False)[0]))
-        t0 = max(0, n_steps - (budget // per_step + 1))
-        steps = self._steps(tok, episode, t0, n_steps, False) + [token_sample([tok.eos_id], Modality.SPECIAL)]
-        lengths = np.cumsum([_length(s) for s in steps[::-1]])  # suffix lengths, shortest first
-        k = int(np.searchsorted(lengths, budget, side="right"))  # most whole steps (plus <eos>) that fit
-        if k >= 2:
-            return concat_samples(steps[len(steps) - k:])
-        tail = concat_samples(steps)
-        return slice_sample(tail, max(0, _length(tail) - budget))
 
     def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
         first = int(rng.integers(len(self.episodes)))
         task = str(self.tasks[first])
-        same_task = self.by_task[task]
         condition = bool(rng.random() < cfg.return_prob)
+        # return-conditioned sequences see every episode; unconditioned ones (imitation) the good ones
+        pool = self.by_task[task] if condition else self.imitation_pool(tok, task, cfg.imitation_threshold)
+        if not condition:
+            first = int(pool[rng.integers(len(pool))])
         parts, room = [], cfg.seq_len
         meta: dict[str, Any] = {"source": self.name, "kind": "control", "task": task,
                                 "condition_on_return": condition, "prompt_episode": None}
         if not condition and rng.random() < cfg.prompt_prob:
-            others = same_task[same_task != first] if len(same_task) > 1 else same_task
+            same = pool if self._source is None else pool[self._source[pool] == self._source[first]]
+            others = same[same != first] if len(same) > 1 else same
             j = int(others[rng.integers(len(others))])
-            demo = self._demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len))
+            demo = demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len), rng)
             parts.append(demo)
             room -= _length(demo)
             meta["prompt_episode"], meta["prompt_task"] = j, str(self.tasks[j])
@@ -222,14 +272,14 @@ class ControlSource:
             episode = self.episodes[index]
             n_steps = len(episode["rewards"])
             # a live episode longer than what is left starts at a random step (Gato's random window)
-            per_step = max(1, _length(self._steps(tok, episode, 0, 1, condition)[0]))
+            per_step = max(1, _length(episode_steps(tok, episode, 0, 1, condition)[0]))
             fits = room // per_step
             t0 = 0 if n_steps <= fits else int(rng.integers(0, n_steps - max(fits, 1) + 1))
             sample = self._episode_tokens(tok, episode, t0, room, condition)
             parts.append(sample)
             room -= _length(sample)
             live.append(index)
-            index = int(same_task[rng.integers(len(same_task))])
+            index = int(pool[rng.integers(len(pool))])
         meta["episodes"] = live
         return concat_samples(parts), meta
 

@@ -224,6 +224,9 @@ class TaskSpec:
             binned, so that a task's typical returns fall where the mu-law bins are fine.
         expert_return, random_return: mean episode returns of the expert / random policy, used for
             expert-normalised scores and as the default Decision Transformer target.
+        discount: γ of the value targets (discounted returns-to-go) the model learns to predict at
+            ``<no_return>`` positions and the Trajectory Transformer planner scores with
+            (Janner et al. 2021 use 0.99).
     """
 
     name: str
@@ -235,6 +238,7 @@ class TaskSpec:
     reward_scale: float = 1.0
     expert_return: float | None = None
     random_return: float | None = None
+    discount: float = 0.99
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -11,15 +11,25 @@ key                   shape / dtype               meaning
                                                   (Gato §2.2); 0 for tokens outside observations
 ``patches``           (P, C*16*16) float32        pixels of each ``<image>`` token, in token order
 ``patch_positions``   (P, 2) int64                (row, column) of each patch inside its image
+``labels``            (L,) int64                  the token this position is trained to *be*:
+                                                  ``input_ids`` except at ``<no_return>`` positions,
+                                                  whose label is the discounted value (see below)
 ====================  ==========================  ==================================================
 
 and :meth:`GeneralistTokenizer.collate` pads a list of samples into a batch of torch tensors that
 :class:`~generalist.modeling_generalist.GeneralistForCausalLM` takes as keyword arguments
 (plus ``attention_mask`` and ``labels``).
 
-One control timestep is laid out as (DESIGN.md)::
+One control timestep is laid out as (docs/token_layout.md)::
 
     [R_t] [o_t: text | image patches | discrete & continuous values] <sep> [a_t] [r_t]
+
+``R_t`` is either an *input* (the return-to-go a Decision Transformer is conditioned on) or, in
+unconditioned sequences, the token ``<no_return>`` whose *label* is the discounted return-to-go
+``V_t = Σ_k γ^k r_{t+k}`` (modality ``VALUE``). The model thus predicts a value at every step without
+ever being given one, which is what Trajectory Transformer planning reads (Janner et al. 2021, §3.2:
+the value is a prediction of the model, never an input). After an episode that *terminated*, the
+token at the next ``R`` position is ``<eos>``, trained like a value: "the episode is over".
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 TASK_SPECS_FILE = "task_specs.json"
 
 Sample = dict[str, np.ndarray]
-SAMPLE_KEYS = ("input_ids", "modality_ids", "local_positions", "patches", "patch_positions")
+SAMPLE_KEYS = ("input_ids", "modality_ids", "local_positions", "patches", "patch_positions", "labels")
 PATCH_DIM = IMAGE_CHANNELS * PATCH_SIZE * PATCH_SIZE
 
 
@@ -89,7 +99,36 @@ def empty_sample() -> Sample:
         "local_positions": np.zeros(0, np.int64),
         "patches": np.zeros((0, PATCH_DIM), np.float32),
         "patch_positions": np.zeros((0, 2), np.int64),
+        "labels": np.zeros(0, np.int64),
     }
+
+
+def returns_to_go(rewards: np.ndarray, discount: float = 1.0) -> np.ndarray:
+    """``G_t = Σ_{k≥0} γ^k r_{t+k}`` for every step of an episode (T,) -> (T,) float64.
+
+    The one place returns-to-go are computed: ``discount=1`` gives the Decision Transformer's
+    undiscounted return-to-go (Chen et al. 2021), ``discount=γ`` the value targets.
+    """
+    rewards = np.asarray(rewards, np.float64).reshape(-1)
+    if discount == 1.0:
+        return np.cumsum(rewards[::-1])[::-1].copy()
+    out = np.empty_like(rewards)
+    acc = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = rewards[t] + discount * acc
+        out[t] = acc
+    return out
+
+
+def count_steps_within(lengths: Sequence[int], budget: int, from_end: bool = True) -> int:
+    """How many whole steps (of these token ``lengths``) fit in ``budget`` tokens, taken from the end
+    (the most recent steps: sliding windows, end-of-episode prompts) or from the start.
+
+    The one place "keep the last whole steps that fit" is decided, for packing, prompts and the Agent.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    cum = np.cumsum(lengths[::-1] if from_end else lengths)
+    return int(np.searchsorted(cum, budget, side="right"))
 
 
 def concat_samples(samples: Sequence[Sample]) -> Sample:
@@ -105,7 +144,7 @@ def slice_sample(sample: Sample, start: int, stop: int | None = None) -> Sample:
     start, stop, _ = slice(start, stop).indices(n)
     is_image = sample["modality_ids"] == Modality.IMAGE
     p0, p1 = int(is_image[:start].sum()), int(is_image[:stop].sum())
-    out = {k: sample[k][start:stop] for k in ("input_ids", "modality_ids", "local_positions")}
+    out = {k: sample[k][start:stop] for k in ("input_ids", "modality_ids", "local_positions", "labels")}
     out["patches"] = sample["patches"][p0:p1]
     out["patch_positions"] = sample["patch_positions"][p0:p1]
     return out
@@ -118,6 +157,7 @@ def token_sample(ids, modality: Modality, local: np.ndarray | None = None) -> Sa
     s["input_ids"] = ids
     s["modality_ids"] = np.full(len(ids), int(modality), np.int64)
     s["local_positions"] = np.zeros(len(ids), np.int64) if local is None else local
+    s["labels"] = ids
     return s
 
 
@@ -132,6 +172,7 @@ def _block(ids: np.ndarray, modality: Modality, patches: np.ndarray | None = Non
         "local_positions": np.zeros(ids.shape, np.int64),
         "patches": np.zeros((t, 0, PATCH_DIM), np.float32) if patches is None else patches,
         "patch_positions": np.zeros((t, 0, 2), np.int64) if patch_positions is None else patch_positions,
+        "labels": ids,
     }
 
 
@@ -383,16 +424,19 @@ class GeneralistTokenizer:
         actions: dict[str, Any] | None = None,
         rewards: np.ndarray | None = None,
         returns_to_go: np.ndarray | None = None,
+        values: np.ndarray | None = None,
     ) -> list[Sample]:
         """Encode T timesteps; one sample per step ``[R_t] [o_t] <sep> [a_t] [r_t]``.
 
-        ``returns_to_go`` None means "no return" (Gato mode). Without ``actions`` each step ends
-        after ``<sep>`` (the prompt for the next action); without ``rewards`` after the action.
+        ``returns_to_go`` None means "no return" (Gato mode): ``R_t`` is ``<no_return>``, labelled
+        with ``values`` (T,) (discounted returns-to-go, task units) when given. Without ``actions``
+        each step ends after ``<sep>`` (the prompt for the next action); without ``rewards`` after
+        the action.
         """
-        steps = self._steps(task, observations, actions, rewards, returns_to_go)
+        steps = self._steps(task, observations, actions, rewards, returns_to_go, values)
         return steps if isinstance(steps, list) else [_row(steps, i) for i in range(len(steps["input_ids"]))]
 
-    def _steps(self, task, observations, actions, rewards, returns_to_go) -> Sample | list[Sample]:
+    def _steps(self, task, observations, actions, rewards, returns_to_go, values=None) -> Sample | list[Sample]:
         """The steps as one block (fixed layout) or as per-step samples (text fields)."""
         spec = self.get_task_spec(task)
         t = self._num_steps(spec, observations)
@@ -406,6 +450,10 @@ class GeneralistTokenizer:
             rew = [_block(self.encode_continuous(r, "rewards")[:, None], Modality.REWARD)]
         if returns_to_go is None:
             ret = _block(np.full((t, 1), self.no_return_id), Modality.SPECIAL)
+            if values is not None:  # the input stays <no_return>; the label is the value (a prediction)
+                v = self._scalars(values, t, "values") * spec.return_scale
+                ret["labels"] = self.encode_continuous(v, "values")[:, None]
+                ret["modality_ids"][:] = int(Modality.VALUE)
         else:
             rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
             ret = _block(self.encode_continuous(rtg, "returns_to_go")[:, None], Modality.RETURN)
@@ -451,25 +499,38 @@ class GeneralistTokenizer:
         condition_on_return: bool = True,
         start: bool = True,
         end: bool = True,
+        terminated: bool = False,
         **_: Any,
     ) -> Sample:
         """A whole (or the first part of an) episode -> one sample.
 
         ``<bos>`` (if ``start``) + T steps + ``<eos>`` (if ``end``). Returns-to-go are the
         undiscounted sums of the remaining rewards; with ``condition_on_return=False`` every ``R_t``
-        is ``<no_return>``. Extra keys of an episode dict (``task``, ``source``...) are ignored, so
-        ``encode_episode(**episode)`` works.
+        is ``<no_return>``, labelled with the discounted value. ``terminated``: see
+        :meth:`end_of_episode`. Extra keys of an episode dict (``task``, ``source``...) are ignored,
+        so ``encode_episode(**episode)`` works.
         """
         rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
         if len(rewards) == 0:
             raise TokenizationError(f"{getattr(task, 'name', task)}: episode is empty (0 steps)")
-        rtg = np.cumsum(rewards[::-1])[::-1] if condition_on_return else None
-        steps = self._steps(task, observations, actions, rewards, rtg)
+        spec = self.get_task_spec(task)
+        rtg = returns_to_go(rewards) if condition_on_return else None
+        values = None if condition_on_return else returns_to_go(rewards, spec.discount)
+        steps = self._steps(spec, observations, actions, rewards, rtg, values)
         if isinstance(steps, dict):  # block (T, k, ...) -> flat (T*k, ...)
             steps = [{k: v.reshape(-1, *v.shape[2:]) for k, v in steps.items()}]
         head = [token_sample([self.bos_id], Modality.SPECIAL)] if start else []
-        tail = [token_sample([self.eos_id], Modality.SPECIAL)] if end else []
+        tail = [self.end_of_episode(terminated)] if end else []
         return concat_samples(head + steps + tail)
+
+    def end_of_episode(self, terminated: bool) -> Sample:
+        """``<eos>`` after an episode's last step.
+
+        After a *terminated* episode it stands where the next ``R`` would and is a training target
+        (modality ``VALUE``): the planner reads its probability as "the episode ends here". After a
+        truncated one (a time limit, which the model cannot see) it only separates episodes.
+        """
+        return token_sample([self.eos_id], Modality.VALUE if terminated else Modality.SPECIAL)
 
     # --- decoding actions ---
     def action_token_ranges(self, task: str | TaskSpec) -> list[tuple[int, int]]:
@@ -554,11 +615,11 @@ class GeneralistTokenizer:
         modality = np.full((b, length), int(Modality.PAD), np.int64)
         local = np.zeros((b, length), np.int64)
         mask = np.zeros((b, length), np.int64)
+        labels = np.full((b, length), -100, np.int64)
         for i, s in enumerate(samples):
             n = len(s["input_ids"])
-            input_ids[i, :n], modality[i, :n], local[i, :n], mask[i, :n] = (
-                s["input_ids"], s["modality_ids"], s["local_positions"], 1)
-        labels = np.where(mask == 1, input_ids, -100)
+            input_ids[i, :n], modality[i, :n], local[i, :n], mask[i, :n], labels[i, :n] = (
+                s["input_ids"], s["modality_ids"], s["local_positions"], 1, s["labels"])
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),

@@ -47,6 +47,7 @@ class Modality(IntEnum):
     ACTION = 6
     REWARD = 7
     RETURN = 8
+    VALUE = 9  # a <no_return> position's label: the discounted return-to-go (or <eos>), predicted only
 
 
 MODALITY_NAMES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
@@ -63,6 +64,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "action": 1.0,
     "reward": 1.0,
     "return": 1.0,
+    "value": 1.0,
 }
 
 

@@ -111,8 +111,19 @@ def test_hand_checked_episode_layout(tok):
     assert sample["local_positions"].tolist() == [0, 0, 1, 2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0]
     unconditioned = tok.encode_episode(spec, {"observation": obs}, {"action": np.array([2, 0])}, np.array([1, 3.0]),
                                        condition_on_return=False)
+    assert sample["labels"].tolist() == sample["input_ids"].tolist()  # conditioned: every label is its input
+    # unconditioned: R_t is <no_return> as input, and its label is the *discounted* value V_t (never an input)
     assert unconditioned["input_ids"][[1, 7]].tolist() == [tok.no_return_id] * 2
-    assert unconditioned["modality_ids"][[1, 7]].tolist() == [S, S]
+    assert unconditioned["modality_ids"][[1, 7]].tolist() == [Modality.VALUE] * 2
+    v0, v1 = c(np.array([(1.0 + 0.99 * 3.0) * 0.5, 3.0 * 0.5]))  # γ = 0.99 (the spec's default), scale 0.5
+    assert unconditioned["labels"][[1, 7]].tolist() == [v0, v1]
+    others = np.ones(14, bool)
+    others[[1, 7]] = False
+    assert (unconditioned["labels"][others] == unconditioned["input_ids"][others]).all()
+    # <eos> after a terminated episode is a target ("no future"); after a truncated one only a separator
+    ended = tok.encode_episode(spec, {"observation": obs}, {"action": np.array([2, 0])}, np.array([1, 3.0]),
+                               condition_on_return=False, terminated=True)
+    assert ended["modality_ids"][-1] == Modality.VALUE and unconditioned["modality_ids"][-1] == S
 
 
 def test_mixed_batch_padding_and_masks(tok):

@@ -548,8 +548,10 @@ def evaluate(accelerator: Accelerator, model, mixture: Mixture, args: Args) -> d
 
 def plot_curves(train_rows: list[dict], eval_rows: list[dict], path: Path) -> None:
     """Learning curves per modality (training and held-out) against training tokens."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
-    for ax, m in zip(axes.flat, MODALITIES, strict=True):
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7), sharex=True)
+    for ax in axes.flat[len(MODALITIES):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, MODALITIES, strict=False):
         for rows, label, style in ((train_rows, "train", "-"), (eval_rows, "held-out", "o--")):
             pts = [(float(r["tokens"]), float(r[m])) for r in rows if r.get(m) not in (None, "")]
             if pts:

@@ -1,20 +1,27 @@
-"""Vectorised rollouts of a checkpoint in real gymnasium environments.
+"""Vectorised rollouts of one or more checkpoints (training seeds) in real gymnasium environments.
 
-    python -m eval.control --model RUN --tasks CartPole-v1 Pendulum-v1 --mode dt --episodes 10 --num-envs 5
-    python -m eval.control --model RUN --tasks CartPole-v1 --mode gato --demos data/tiny_disc
+    python -m eval.control --model runs/control-s0/model runs/control-s1/model --mode gato --demos data/control-core data/control-pixels
+    python -m eval.control --model RUN --tasks CartPole-v1 Pendulum-v1 --mode dt --episodes 20
     python -m eval.control --model RUN --tasks Pendulum-v1 --mode dt --sweep 5     # return-conditioning sweep
+    python -m eval.control --model RUN --mode tt --tasks CartPole-v1 Pendulum-v1
 
-Per task: raw episode returns (mean ± standard error) and expert-normalised scores
-``(R − R_random) / (R_expert − R_random)`` from the task spec; across tasks the interquartile mean
-(IQM, Agarwal et al. 2021) of all normalised episode scores. With ``--mode dt --sweep K`` the agent
-is also conditioned on K target returns between the random and the expert return, and achieved
-against target return is plotted (``dt_sweep.png``). Results go to ``OUT/control.json`` (the layout
-``eval.report`` reads: ``{"results": [{task, mode, mean_return, normalized_score, ...}],
-"dt_sweep": [{task, target_return, mean_return}]}``).
+Each checkpoint plays ``--episodes`` episodes per task (default 20, all batched). Scores are
+expert-normalised, ``(R − R_random) / (R_expert − R_random)``, with the task spec's references (the
+dataset's measured expert and random returns); the JSON records them next to the environment's own
+``reward_threshold`` where gymnasium has one, so a weak "expert" cannot hide. Across tasks the
+interquartile mean (IQM) with a stratified-bootstrap 95 % CI comes from ``rliable`` (Agarwal et al.
+2021) over the (checkpoints × tasks) matrix of mean scores, and a performance-profile plot is drawn.
 
+Gato mode is prompted as in training (:func:`generalist.packing.demonstration`): for each task and
+checkpoint, one episode of the *expert* source of that task in ``--demos`` (pixel tasks from their own
+dataset), cut to the model's trained ``prompt_length``, half the time its end, half a uniform window.
+Without ``--demos`` Gato mode plays unprompted. With ``--mode dt --sweep K`` the agent is also
+conditioned on K targets from the random to the expert return; the Spearman ρ between target and
+achieved return is recorded and plotted (``dt_sweep.png``).
+
+Results go to ``OUT/control_<mode>.json``: ``{"results": [per task, pooled over checkpoints],
+"per_checkpoint": [...], "iqm": {...}, "references": {...}, "dt_sweep": [...], "command": ...}``.
 An environment that raises during a rollout ends that episode with a recorded error; the others go on.
-Gato mode prompts with a demonstration: the best episode of the task in ``--demos`` (a dataset built
-by ``datasets_build``) or, without one, an episode the model plays itself unprompted.
 """
 
 from __future__ import annotations
@@ -146,61 +153,78 @@ def load_demos(path: str) -> tuple[Any, dict[str, TaskSpec]]:
     return load_episodes(path)
 
 
-def demonstration(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, spec: TaskSpec) -> dict:
-    """The Gato prompt's episode: the best one of the task in --demos, else one the model plays itself."""
-    if args.demos:
-        from datasets_build import iter_episodes
+def expert_episodes(demos: Sequence[str], spec: TaskSpec) -> list[dict]:
+    """The task's episodes of the ``expert`` source in the first dataset that has the task (else those
+    scoring >= 0.8 expert-normalised: the episodes Gato-mode training shows)."""
+    from datasets_build import iter_episodes
 
-        ds, specs = load_demos(args.demos)
-        best = None
-        for ep in iter_episodes(ds, specs):
-            if ep["task"] == spec.name and (best is None or ep["rewards"].sum() > best["rewards"].sum()):
-                best = ep
-        if best is not None:
-            return {**best, "origin": f"{args.demos} (return {float(best['rewards'].sum()):.1f})"}
-    agent = Agent(model, tok, "gato", temperature=args.temperature, seed=args.seed)
-    envs = make_envs(spec.name, 1)
-    ep = rollout(agent, envs, spec, 1, args.seed + 10_000, record=True, max_steps=args.max_steps)[0]
-    envs.close()
-    trace = ep["trace"]
-    stack = lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    return {"observations": stack(trace["obs"]), "actions": stack(trace["act"]),
-            "rewards": np.asarray(trace["rew"], np.float32), "origin": f"self-played (return {ep['return']:.1f})"}
+    for path in demos:
+        ds, specs = load_demos(path)
+        if spec.name not in specs:
+            continue
+        rows = [i for i, t in enumerate(ds["task"]) if t == spec.name]
+        sources = np.asarray(ds["source"])[rows]
+        pick = [r for r, s in zip(rows, sources, strict=True) if s == "expert"]
+        if not pick:
+            returns = np.asarray(ds["episode_return"], np.float64)[rows]
+            pick = [r for r, score in zip(rows, normalised(spec, returns) or [], strict=False) if score >= 0.8]
+        if pick:
+            return list(iter_episodes(ds.select(pick), specs))
+    return []
 
 
-def evaluate_task(args, tok, model, task: str) -> tuple[dict, list[dict]]:
-    envs = make_envs(task, args.num_envs)
-    demo_specs = load_demos(args.demos)[1] if args.demos else {}
-    spec = tok.task_specs.get(task) or demo_specs.get(task)
+def gato_prompt(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, spec: TaskSpec,
+                seed: int) -> tuple[dict | None, str | None]:
+    """A prompt drawn as in training from an expert episode of the task, or ``(None, None)``."""
+    if not args.demos:
+        return None, None
+    episodes = expert_episodes(args.demos, spec)
+    if not episodes:
+        print(f"WARNING: no expert episode of {spec.name} in {args.demos}; Gato mode plays it unprompted")
+        return None, None
+    rng = np.random.default_rng([seed, 7])
+    episode = episodes[int(rng.integers(len(episodes)))]
+    prompt = demonstration_prompt(tok, episode, model.config.prompt_length, rng)
+    return prompt, f"expert episode (return {float(np.sum(episode['rewards'])):.1f}), {len(prompt['input_ids'])} tokens"
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64)
+    rx, ry = rank(np.asarray(x)), rank(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[dict]]:
+    envs = make_envs(task, args.num_envs or args.episodes)
+    spec = tok.task_specs.get(task)
     if spec is None:
         print(f"WARNING: {task} is not one of the model's tasks {sorted(tok.task_specs)}; its spec is built from "
               "the environment, and the model never saw it in training")
         spec = TaskSpec.from_env(envs, name=task)
-    tok.add_task_spec(spec)
+        tok.add_task_spec(spec)
     tt = TTConfig(**{**TT_PRESETS["reference"].__dict__, **{k: v for k, v in
                                                             (("beam_width", args.beam_width),
                                                              ("horizon", args.horizon)) if v is not None}})
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
-                  expert_returns=args.expert_returns, tt_config=tt, seed=args.seed)
-    prompt, origin = None, None
-    if args.mode == "gato":
-        demo = demonstration(args, tok, model, spec)
-        origin = demo.pop("origin")
-        prompt = demonstration_prompt(tok, spec, demo, max_tokens=agent.context_length // 2)
+                  expert_returns=args.expert_returns, tt_config=tt, seed=seed)
+    prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
     target = args.target_return
     if args.mode == "dt" and target is None and not args.expert_returns and spec.expert_return is None:
         raise ValueError(f"{task}: the task spec has no expert_return; pass --target-return")
     t0 = time.perf_counter()
-    episodes = rollout(agent, envs, spec, args.episodes, args.seed, prompt, target, args.max_steps)
+    episodes = rollout(agent, envs, spec, args.episodes, seed, prompt, target, args.max_steps)
     seconds = time.perf_counter() - t0
     ok = [e["return"] for e in episodes if e["error"] is None]
     mean, se = mean_stderr(ok)
     norm = normalised(spec, ok)
-    record = {"task": task, "mode": args.mode, "episodes": len(ok), "mean_return": mean, "stderr_return": se,
-              "returns": ok, "lengths": [e["length"] for e in episodes if e["error"] is None],
+    record = {"task": task, "mode": args.mode, "seed": seed, "episodes": len(ok), "mean_return": mean,
+              "stderr_return": se, "returns": ok, "lengths": [e["length"] for e in episodes if e["error"] is None],
               "errors": [e["error"] for e in episodes if e["error"] is not None],
-              "expert_return": spec.expert_return, "random_return": spec.random_return,
-              "target_return": target if args.mode == "dt" else None, "seconds": seconds}
+              "target_return": target if args.mode == "dt" else None, "seconds": seconds,
+              "context_length": agent.context_length}
     if norm is not None:
         record["normalized_score"], record["stderr_normalized"] = mean_stderr(norm)
         record["normalized_scores"] = norm
@@ -209,67 +233,155 @@ def evaluate_task(args, tok, model, task: str) -> tuple[dict, list[dict]]:
     sweep = []
     if args.mode == "dt" and args.sweep and spec.expert_return is not None and spec.random_return is not None:
         for target in np.linspace(spec.random_return, spec.expert_return, args.sweep):
-            eps = rollout(agent, envs, spec, args.episodes, args.seed + 1, None, float(target), args.max_steps)
+            eps = rollout(agent, envs, spec, args.episodes, seed + 1, None, float(target), args.max_steps)
             m, s = mean_stderr([e["return"] for e in eps if e["error"] is None])
-            sweep.append({"task": task, "target_return": float(target), "mean_return": m, "stderr_return": s})
+            sweep.append({"task": task, "seed": seed, "target_return": float(target), "mean_return": m,
+                          "stderr_return": s})
     envs.close()
     return record, sweep
 
 
+def references(tok: GeneralistTokenizer, tasks: Sequence[str]) -> dict[str, dict]:
+    """What each task's score is normalised by, and the environment's own bar of good play."""
+    out = {}
+    for task in tasks:
+        spec = tok.task_specs.get(task)
+        base = task.removesuffix("-pixels")
+        threshold = gym.registry[base].reward_threshold if base in gym.registry else None
+        out[task] = {"expert_return": getattr(spec, "expert_return", None),
+                     "random_return": getattr(spec, "random_return", None),
+                     "source": "the dataset's measured expert / random policies (task spec)",
+                     "env_reward_threshold": threshold}
+    return out
+
+
+def aggregate(per_checkpoint: list[dict], tasks: Sequence[str], reps: int = 2000) -> dict[str, Any]:
+    """rliable IQM with a stratified-bootstrap 95 % CI over the (checkpoints × tasks) mean scores."""
+    scored = [t for t in tasks if all(
+        any(r["task"] == t and "normalized_score" in r for r in run) for run in per_checkpoint)]
+    if not scored:
+        return {}
+    from rliable import library as rly
+    from rliable import metrics
+
+    matrix = np.array([[next(r["normalized_score"] for r in run if r["task"] == t) for t in scored]
+                       for run in per_checkpoint])  # (checkpoints, tasks)
+    point, ci = rly.get_interval_estimates({"m": matrix}, lambda x: np.array([metrics.aggregate_iqm(x),
+                                                                               metrics.aggregate_mean(x)]),
+                                           reps=reps)
+    return {"tasks": list(scored), "checkpoints": len(per_checkpoint), "iqm": float(point["m"][0]),
+            "iqm_ci95": [float(ci["m"][0, 0]), float(ci["m"][1, 0])], "mean": float(point["m"][1]),
+            "mean_ci95": [float(ci["m"][0, 1]), float(ci["m"][1, 1])], "matrix": matrix.tolist(),
+            "method": f"rliable aggregate_iqm, stratified bootstrap over checkpoints, {reps} reps"}
+
+
+def plot_profiles(per_checkpoint: list[dict], tasks: Sequence[str], path: Path, label: str) -> Path | None:
+    """rliable performance profile: the share of episodes (all checkpoints) scoring above τ."""
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    from matplotlib.figure import Figure
+
+    from eval.plots import save_figure
+
+    scores = [[s for run in per_checkpoint for r in run if r["task"] == t for s in r.get("normalized_scores", [])]
+              for t in tasks]
+    if not all(scores):
+        return None
+    n = min(len(s) for s in scores)
+    matrix = np.array([s[:n] for s in scores]).T  # (episodes, tasks)
+    taus = np.linspace(-0.25, 1.25, 61)
+    profile, cis = rly.create_performance_profile({label: matrix}, taus)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    plot_utils.plot_performance_profiles(profile, taus, performance_profile_cis=cis, ax=ax,
+                                         xlabel=r"expert-normalised score $\tau$")
+    ax.legend([label])
+    return save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (model + tokenizer) or run folder")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="checkpoint folders (model + tokenizer) or run folders; several = training seeds")
     p.add_argument("--tasks", nargs="+", default=None, help="gymnasium env ids (default: the tokenizer's tasks)")
     p.add_argument("--mode", choices=("gato", "dt", "tt"), default="dt")
-    p.add_argument("--episodes", type=int, default=10, help="episodes per task")
-    p.add_argument("--num-envs", type=int, default=5, help="environments stepped together (batched decoding)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task and checkpoint")
+    p.add_argument("--num-envs", type=int, default=None, help="environments stepped together (default: --episodes)")
     p.add_argument("--target-return", type=float, default=None, help="DT target (default: the expert return)")
     p.add_argument("--expert-returns", action="store_true", help="DT: Multi-Game DT expert-return sampling")
     p.add_argument("--sweep", type=int, default=0, help="DT: also sweep this many targets from random to expert")
-    p.add_argument("--demos", default=None, help="Gato: a built control dataset to take the prompt from")
+    p.add_argument("--demos", nargs="+", default=None,
+                   help="Gato: built control datasets to draw the expert prompt from (pixel tasks: their own)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None, help="default: the model's trained context")
     p.add_argument("--beam-width", type=int, default=None, help="TT (default 128, the reference planner's)")
     p.add_argument("--horizon", type=int, default=None, help="TT (default 15)")
     p.add_argument("--max-steps", type=int, default=100_000, help="safety cap on vector-env steps per rollout")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="environment and sampling seed (checkpoint k adds 1000 k)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="results folder (default: RUN/eval)")
+    p.add_argument("--out", default=None, help="results folder (default: RUN/eval of the first --model)")
+    p.add_argument("--name", default=None, help="results file stem (default: control_<mode>)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from eval.checkpoint import default_out, load_checkpoint
 
-    model, tok, folder = load_checkpoint(args.model)
+    loaded = [load_checkpoint(m) for m in args.model]
+    tok = loaded[0][1]
     tasks = args.tasks or sorted(tok.task_specs)
-    known = set(tok.task_specs) | set(load_demos(args.demos)[1] if args.demos else ())
-    unknown = [t for t in tasks if t not in known and t not in gym.registry and ":" not in t]
+    unknown = [t for t in tasks if t not in tok.task_specs and t not in gym.registry and ":" not in t]
     if unknown:  # before any rollout: a typo should not cost the other tasks' evaluation time
-        p.error(f"--tasks {' '.join(unknown)}: neither a task of this model ({', '.join(sorted(known)) or 'none'}) "
-                "nor a registered gymnasium environment")
-    out = Path(args.out) if args.out else default_out(args.model)
+        p.error(f"--tasks {' '.join(unknown)}: neither a task of this model "
+                f"({', '.join(sorted(tok.task_specs)) or 'none'}) nor a registered gymnasium environment")
+    out = Path(args.out) if args.out else default_out(args.model[0])
     out.mkdir(parents=True, exist_ok=True)
-    results, sweep = [], []
-    for task in tasks:
-        try:
-            record, task_sweep = evaluate_task(args, tok, model, task)
-        except (gym.error.Error, ValueError) as e:  # an env id not registered / installed, no DT target
-            record, task_sweep = {"task": task, "mode": args.mode, "episodes": 0, "errors": [str(e)]}, []
-        results.append(record)
-        sweep += task_sweep
-        score = f" normalised {record['normalized_score']:.3f}" if "normalized_score" in record else ""
-        print(f"{task} [{args.mode}]: return {record.get('mean_return', math.nan):.2f} ± "
-              f"{record.get('stderr_return', math.nan):.2f} over {record['episodes']} episodes{score}"
-              + (f", {len(record['errors'])} errors" if record["errors"] else ""))
-    pooled = [s for r in results for s in r.get("normalized_scores", [])]
-    summary = {"model": str(folder), "mode": args.mode, "num_envs": args.num_envs, "results": results,
-               "iqm_normalized_score": iqm(pooled) if pooled else None, "dt_sweep": sweep}
+    per_checkpoint, sweep = [], []
+    for k, (model, tok, folder) in enumerate(loaded):
+        run = []
+        for task in tasks:
+            try:
+                record, task_sweep = evaluate_task(args, tok, model, task, args.seed + 1000 * k)
+            except (gym.error.Error, ValueError) as e:  # an env id not registered / installed, no DT target
+                record, task_sweep = {"task": task, "mode": args.mode, "episodes": 0, "errors": [str(e)]}, []
+            record["checkpoint"] = str(folder)
+            run.append(record)
+            sweep += task_sweep
+            score = f" normalised {record['normalized_score']:.3f}" if "normalized_score" in record else ""
+            print(f"[{k}] {task} [{args.mode}]: return {record.get('mean_return', math.nan):.2f} ± "
+                  f"{record.get('stderr_return', math.nan):.2f} over {record['episodes']} episodes{score}"
+                  + (f", {len(record['errors'])} errors" if record["errors"] else ""), flush=True)
+        per_checkpoint.append(run)
+    pooled = []
+    for task in tasks:  # per task, every episode of every checkpoint
+        recs = [r for run in per_checkpoint for r in run if r["task"] == task]
+        returns = [x for r in recs for x in r.get("returns", [])]
+        norm = [x for r in recs for x in r.get("normalized_scores", [])]
+        m, se = mean_stderr(returns)
+        entry = {"task": task, "mode": args.mode, "episodes": len(returns), "checkpoints": len(recs),
+                 "mean_return": m, "stderr_return": se}
+        if norm:
+            entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
+        pooled.append(entry)
+    summary = {"command": "python -m eval.control " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+               "models": [str(f) for _, _, f in loaded], "mode": args.mode, "episodes_per_checkpoint": args.episodes,
+               "results": pooled, "iqm": aggregate(per_checkpoint, tasks), "references": references(tok, tasks),
+               "per_checkpoint": per_checkpoint, "dt_sweep": sweep}
     if sweep:
         plot_dt_sweep(sweep, out / "dt_sweep.png")
-    path = out / ("control.json" if args.mode == "dt" else f"control_{args.mode}.json")
+        summary["dt_sweep_spearman"] = {
+            t: spearman([s["target_return"] for s in sweep if s["task"] == t],
+                        [s["mean_return"] for s in sweep if s["task"] == t]) for t in tasks}
+    stem = args.name or f"control_{args.mode}"
+    profile = plot_profiles(per_checkpoint, tasks, out / f"{stem}_profile.png", args.mode)
+    if profile:
+        summary["profile_plot"] = profile.name
+    path = out / f"{stem}.json"
     path.write_text(json.dumps(summary, indent=2, default=float))
-    if pooled:
-        print(f"IQM of expert-normalised scores over {len(tasks)} tasks: {summary['iqm_normalized_score']:.3f}")
+    if summary["iqm"]:
+        agg = summary["iqm"]
+        print(f"IQM of expert-normalised scores over {len(agg['tasks'])} tasks x {agg['checkpoints']} checkpoints: "
+              f"{agg['iqm']:.3f} (95% CI {agg['iqm_ci95'][0]:.3f}-{agg['iqm_ci95'][1]:.3f})")
     print(f"wrote {path}")
     return summary
 

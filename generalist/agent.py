@@ -1,4 +1,4 @@
-"""`Agent`: the gymnasium-facing policy over the decoding modes (after lerobot's ``ACTPolicy``).
+"""`Agent`: the gymnasium-facing policy over the control modes (after lerobot's ``ACTPolicy``).
 
 ::
 
@@ -6,16 +6,20 @@
                    ▲                                                                    │
                    └──────────────────────── agent.observe(rewards, terminated, truncated)
 
-Episode state (context tokens, returns-to-go, the KV cache) lives here and is cleared by
-:meth:`Agent.reset`; the model stays stateless. One row of the engine per environment:
+The Agent owns what every mode shares: one :class:`_Row` per environment (its live episode's
+steps, what to feed next), the engine state (one row each), the sliding window and the vector-env
+bookkeeping. What differs between Gato, Decision Transformer and Trajectory Transformer lives in
+the mode (:class:`~generalist.modes.control.ControlMode`), which the Agent calls at fixed points:
 
-* each decision feeds the previous step's last action token and reward (or, at an episode start,
-  the Gato prompt and ``<bos>``) with ``[R_t] [o_t] <sep>``, then samples the action tokens;
+* each decision feeds, per row, the previous step's last action token and reward (or, at an
+  episode start, the Gato prompt and ``<bos>``), then ``[R_t] [o_t] <sep>`` with ``R_t`` from
+  ``mode.returns``; ``mode.decide`` returns the action tokens;
 * an environment whose episode ends has its past masked out (:meth:`Engine.forget`) and starts
   again from its prompt; the other rows continue untouched;
-* **sliding window**: when the cache would outgrow ``context_length`` tokens, every row is
-  re-prefilled from its prompt plus its last whole steps (about ``window_keep`` of the window), so
-  a re-prefill happens once every many steps rather than at every step.
+* **sliding window**: the context never exceeds the model's *trained* context
+  (``model.config.context_length``; a mode may ask for less, as the planner does). When the next
+  decision would outgrow it, every row is re-prefilled from its prompt plus its last whole steps
+  (about ``window_keep`` of the window), so a re-prefill happens once every many steps.
 
 Vector envs must reset a finished environment either in the same ``step`` (gymnasium's
 ``AutoresetMode.SAME_STEP``: the next observation is the new episode's first) or at the next one
@@ -27,28 +31,42 @@ it is ignored); pass ``autoreset`` accordingly. Without a vector env, ``reset(sp
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from gymnasium.vector.utils import concatenate, create_empty_array
 
 from generalist.engine import DecodeState, Engine
 from generalist.modeling_generalist import GeneralistForCausalLM
-from generalist.modes.control import (
-    action_sample,
-    decode_actions,
-    reward_sample,
-    sample_actions,
-    step_prompts,
-)
-from generalist.modes.dt import initial_return, sample_expert_returns
-from generalist.modes.tt import TTConfig, tt_plan
+from generalist.modes.control import ControlMode, ControlStep, action_sample, decode_actions, reward_sample, step_prompts
+from generalist.modes.dt import DTMode
+from generalist.modes.gato import GatoMode
+from generalist.modes.tt import TTConfig, TTMode
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, empty_sample, token_sample
+from generalist.tokenizer import (
+    GeneralistTokenizer,
+    Sample,
+    concat_samples,
+    count_steps_within,
+    empty_sample,
+    token_sample,
+)
 from generalist.vocab import Modality
 
-Mode = Literal["gato", "dt", "tt"]
+MODES = {"gato": GatoMode, "dt": DTMode, "tt": TTMode}
+
+
+@dataclass
+class _Row:
+    """One environment's episode as the Agent tracks it."""
+
+    steps: deque[Sample] = field(default_factory=deque)  # its complete [R o <sep> a r] steps, oldest first
+    started: bool = True  # the episode's first step is still in ``steps`` (so a refill re-feeds <bos>)
+    tail: Sample = field(default_factory=empty_sample)  # fed before the next step
+    pending: Sample | None = None  # the current step, waiting for its reward
+    new_episode: bool = True
+    skip: bool = False  # next_step autoreset: the next act/observe of this env is a dummy
 
 
 class Agent:
@@ -56,16 +74,15 @@ class Agent:
 
     Args:
         model, tokenizer: the model and its tokenizer.
-        mode: ``"gato"`` (prompted, no returns), ``"dt"`` (return-conditioned) or ``"tt"`` (planning).
-        temperature, top_k, top_p: action sampling (``temperature=0``: greedy) in Gato and DT modes.
-        context_length: most tokens a row may hold (default: the backbone's
-            ``max_position_embeddings``).
-        window_keep: fraction of ``context_length`` kept when the window slides.
-        expert_returns: DT only: sample each ``R_t`` the Multi-Game DT way instead of ``R_{t+1} = R_t − r_t``.
-        kappa: the inverse temperature κ of expert-return sampling (Lee et al. 2022 use 10).
-        tt_config: Trajectory Transformer planner settings.
-        tt_context_steps: TT only, without ``context_length``: the planner sees this many past steps
-            (the reference planner's ``max_context_transitions`` = 5), so planning cost stays fixed.
+        mode: ``"gato"``, ``"dt"``, ``"tt"``, or a :class:`~generalist.modes.control.ControlMode`
+            instance (e.g. ``DTMode(target_return=200, expert_returns=True)``).
+        temperature, top_k, top_p: action sampling (``temperature=0``: greedy) of the Gato and DT modes
+            made from a name.
+        context_length: most tokens a row may hold (default: the context the model was trained on,
+            ``model.config.context_length``).
+        window_keep: fraction of the context kept when the window slides.
+        expert_returns, kappa: DT made from a name: Multi-Game DT expert-return sampling.
+        tt_config: TT made from a name: the planner's settings.
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
         seed: seed of the engine's sampling generator.
 
@@ -81,13 +98,19 @@ class Agent:
             agent.observe(rewards, terminated, truncated)
     """
 
-    def __init__(self, model: GeneralistForCausalLM, tokenizer: GeneralistTokenizer, mode: Mode = "gato", *,
+    def __init__(self, model: GeneralistForCausalLM, tokenizer: GeneralistTokenizer,
+                 mode: Literal["gato", "dt", "tt"] | ControlMode = "gato", *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  context_length: int | None = None, window_keep: float = 0.75, expert_returns: bool = False,
-                 kappa: float = 10.0, tt_config: TTConfig | None = None, tt_context_steps: int = 5,
+                 kappa: float = 10.0, tt_config: TTConfig | None = None,
                  autoreset: Literal["same_step", "next_step"] = "same_step", seed: int = 0):
-        if mode not in ("gato", "dt", "tt"):
-            raise ValueError(f"mode must be 'gato', 'dt' or 'tt', got {mode!r}")
+        if isinstance(mode, str):
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {sorted(MODES)} or a ControlMode, got {mode!r}")
+            mode = {"gato": lambda: GatoMode(temperature, top_k, top_p),
+                    "dt": lambda: DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature,
+                                         top_k=top_k, top_p=top_p),
+                    "tt": lambda: TTMode(tt_config)}[mode]()
         if autoreset not in ("same_step", "next_step"):
             raise ValueError(f"autoreset must be 'same_step' or 'next_step', got {autoreset!r}")
         if not 0 < window_keep <= 1:
@@ -98,18 +121,17 @@ class Agent:
                 f"the model's vocabulary ({model.config.vocab_size} ids, layout {layout}) does not match the "
                 f"tokenizer's ({tokenizer.vocab_size} ids, layout {tokenizer.layout}); load both from the same "
                 "checkpoint")
+        trained = int(getattr(model.config, "context_length", None) or 0)
+        if context_length is not None and trained and context_length > trained:
+            raise ValueError(f"context_length={context_length} exceeds the {trained} tokens the model was trained "
+                             "on; it would attend further back than it learned to")
         self.engine = Engine(model, seed=seed)
         self.tok = tokenizer
-        self.mode = mode
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.context_length = int(context_length or self.engine.max_length)
-        self._fixed_context = context_length is not None
-        self.tt_context_steps = tt_context_steps
+        self.mode: ControlMode = mode
+        self.trained_context = trained or self.engine.max_length
+        self.max_context = int(context_length or self.trained_context)
         self.window_keep = window_keep
-        self.expert_returns, self.kappa = expert_returns, kappa
-        self.tt_config = tt_config or TTConfig()
         self.autoreset = autoreset
-        self.rng = np.random.default_rng(seed)
         self.spec: TaskSpec | None = None
         self.refills = 0  # how many times the window slid (for tests and logs)
 
@@ -124,55 +146,38 @@ class Agent:
         self.spec = self.tok.get_task_spec(spec)
         self.batched = num_envs is not None
         self.num_envs = num_envs or 1
-        if self.mode == "dt" and not self.expert_returns:
-            self.target_return = initial_return(self.spec, target_return)
-        else:
-            self.target_return = 0.0 if target_return is None else float(target_return)
+        if target_return is not None:
+            if not isinstance(self.mode, DTMode):
+                raise ValueError(f"target_return is a Decision Transformer setting; this agent's mode is "
+                                 f"{self.mode.name!r}")
+            self.mode.target_return = float(target_return)
         self.prompt = prompt if prompt is not None else empty_sample()
-        if self.mode == "tt" and not self._fixed_context:
-            # past steps + the current one + the imagined horizon, as the reference planner crops
-            obs_tokens = sum(f.size for f in self.spec.observation_fields)
-            step = obs_tokens + self.spec.action_size + 3  # R, <sep>, r
-            self.context_length = min(self.engine.max_length, len(self.prompt["input_ids"]) + 1 + step * (
-                self.tt_context_steps + 1 + self.tt_config.horizon))
+        self.layout = self.tok.step_layout(self.spec)
+        wanted = self.mode.context_tokens(self.layout, len(self.prompt["input_ids"]))
+        self.context_length = min(self.max_context, wanted or self.max_context)
         if len(self.prompt["input_ids"]) > self.context_length // 2:
             raise ValueError(f"the prompt has {len(self.prompt['input_ids'])} tokens, more than half the context "
-                             f"({self.context_length}); shorten it (demonstration_prompt(max_tokens=...))")
+                             f"({self.context_length}); draw it with max_tokens=model.config.prompt_length")
         self.action_space = self.spec.action_space()
-        n = self.num_envs
+        self.rows = [_Row() for _ in range(self.num_envs)]
         self.state: DecodeState | None = None
-        self.steps: list[deque[Sample]] = [deque() for _ in range(n)]  # complete [R o <sep> a r] steps
-        self.started = [True] * n  # the episode's first step is still in ``steps``
-        self.tails: list[Sample] = [empty_sample() for _ in range(n)]  # fed before the next step
-        self.pending: list[Sample | None] = [None] * n  # current step, waiting for its reward
         self.last_action: np.ndarray | None = None
-        self.returns_to_go = np.full(n, self.target_return, np.float64)
-        self.new_episode = np.ones(n, bool)
-        self.skip = np.zeros(n, bool)  # next_step autoreset: the next act/observe of this env is a dummy
 
     def _begin_episodes(self, rows: np.ndarray) -> None:
-        bos = token_sample([self.tok.bos_id], Modality.SPECIAL)
         if self.state is not None:
             self.engine.forget(self.state, rows.tolist())
+        start = concat_samples([self.prompt, token_sample([self.tok.bos_id], Modality.SPECIAL)])
         for i in rows:
-            self.steps[i].clear()
-            self.started[i] = True
-            self.tails[i] = concat_samples([self.prompt, bos])
-            self.returns_to_go[i] = self.target_return
-        self.new_episode[rows] = False
+            self.rows[i] = _Row(tail=start, new_episode=False)
+        self.mode.begin_episode(rows, self.spec, self.num_envs)
 
-    def _context(self, i: int, budget: int) -> Sample:
-        """Row i's re-prefill: prompt, then as many of its last whole steps as fit in ``budget`` tokens."""
-        kept, used = [], len(self.prompt["input_ids"]) + 1
-        for step in reversed(self.steps[i]):
-            used += len(step["input_ids"])
-            if used > budget:
-                break
-            kept.append(step)
-        if len(kept) < len(self.steps[i]):
-            self.started[i] = False
-        head = [self.prompt] + ([token_sample([self.tok.bos_id], Modality.SPECIAL)] if self.started[i] else [])
-        return concat_samples(head + kept[::-1])
+    def _context(self, row: _Row, budget: int) -> Sample:
+        """A row's re-prefill: prompt, then as many of its last whole steps as fit in ``budget`` tokens."""
+        room = budget - len(self.prompt["input_ids"]) - 1
+        n = count_steps_within([len(s["input_ids"]) for s in row.steps], room)
+        row.started = row.started and n == len(row.steps)
+        head = [self.prompt] + ([token_sample([self.tok.bos_id], Modality.SPECIAL)] if row.started else [])
+        return concat_samples(head + list(row.steps)[len(row.steps) - n:])
 
     def _ensure_room(self, chunk_tokens: int) -> None:
         """Re-prefill every row from its last whole steps if the next decision would overflow the window.
@@ -183,9 +188,17 @@ class Agent:
         if self.state.length + chunk_tokens <= self.context_length:
             return
         budget = min(int(self.window_keep * self.context_length), self.context_length - chunk_tokens)
-        self.state = self.engine.prefill([self._context(i, budget) for i in range(self.num_envs)])
-        self.tails = [empty_sample() for _ in range(self.num_envs)]
+        self.state = self.engine.prefill([self._context(row, budget) for row in self.rows])
+        for row in self.rows:
+            row.tail = empty_sample()
         self.refills += 1
+
+    def _flush(self) -> None:
+        """Feed every row's tail now (before ``R_t``), for modes that read the prediction at ``R_t``."""
+        if any(len(row.tail["input_ids"]) for row in self.rows):
+            self.engine.feed(self.state, [row.tail for row in self.rows])
+        for row in self.rows:
+            row.tail = empty_sample()
 
     # --- acting ---
     def act(self, observations: Any) -> Any:
@@ -195,7 +208,7 @@ class Agent:
         spec, tok = self.spec, self.tok
         if not self.batched:
             observations = _add_batch_axis(observations)
-        new = np.flatnonzero(self.new_episode & ~self.skip)
+        new = np.flatnonzero([row.new_episode and not row.skip for row in self.rows])
         if len(new):
             self._begin_episodes(new)
         flat = spec.flatten_observation(observations)
@@ -204,71 +217,59 @@ class Agent:
             if n != self.num_envs:
                 raise ValueError(f"observations[{name!r}]: a batch of {n}, but reset() set up {self.num_envs} "
                                  "environments")
-        rtg = None if self.mode == "gato" else self.returns_to_go
-        prompts = step_prompts(tok, spec, flat, rtg)  # [R_t] [o_t] <sep> per env
-        step_len = max(len(p["input_ids"]) for p in prompts) + spec.action_size + 1
-        tail_len = max(len(t["input_ids"]) for t in self.tails)
-        plan_len = self.tt_config.horizon * step_len if self.mode == "tt" else 0
         if self.state is None:  # first decision: every row starts with the same prompt
-            if len(self.prompt["input_ids"]):
-                # prefill it once (batch 1) and copy its cache to every row
+            if len(self.prompt["input_ids"]):  # prefill it once (batch 1) and copy its cache to every row
                 self.state = self.engine.prefill(self.prompt, num_rows=self.num_envs)
-                self.tails = [token_sample([tok.bos_id], Modality.SPECIAL) for _ in self.tails]
+                for row in self.rows:
+                    row.tail = token_sample([tok.bos_id], Modality.SPECIAL)
             else:
                 self.state = self.engine.new_state(self.num_envs)
-        self._ensure_room(tail_len + step_len + plan_len)
-        if self.mode == "dt" and self.expert_returns:
-            if any(len(t["input_ids"]) for t in self.tails):
-                self.engine.feed(self.state, self.tails)
-            self.tails = [empty_sample() for _ in self.tails]
-            self.returns_to_go = sample_expert_returns(self.engine, self.state, tok, spec, self.kappa)
-            prompts = step_prompts(tok, spec, flat, self.returns_to_go)
-        chunk = [concat_samples([t, p]) for t, p in zip(self.tails, prompts, strict=True)]
-        if self.mode == "tt":
-            self.engine.feed(self.state, chunk)
-            ids = tt_plan(self.engine, self.state, tok, spec, self.tt_config).action_ids  # (B, A)
-            if ids.shape[1] > 1:
-                self.engine.feed(self.state, _as_tensor(ids[:, :-1]))
-        else:
-            ids = sample_actions(self.engine, self.state, tok, spec, chunk, self.temperature, self.top_k, self.top_p)
-        self.tails = [empty_sample() for _ in self.tails]
-        self.pending = [concat_samples([p, action_sample(a)]) for p, a in zip(prompts, ids, strict=True)]
+        prompts = step_prompts(tok, spec, flat, None)  # [<no_return>] [o_t] <sep>: the step's length
+        step_len = max(len(p["input_ids"]) for p in prompts) + spec.action_size + 1
+        tail_len = max(len(row.tail["input_ids"]) for row in self.rows)
+        self._ensure_room(tail_len + step_len + self.mode.lookahead_tokens(self.layout))
+        step = ControlStep(self.engine, self.state, tok, spec, self._flush)
+        returns = self.mode.returns(step)  # R_t per row, or None: <no_return>
+        if returns is not None:
+            prompts = step_prompts(tok, spec, flat, returns)
+        step.chunks = [concat_samples([row.tail, p]) for row, p in zip(self.rows, prompts, strict=True)]
+        ids = self.mode.decide(step)  # (B, A)
+        for row, p, a in zip(self.rows, prompts, ids, strict=True):
+            row.tail, row.pending = empty_sample(), concat_samples([p, action_sample(a)])
         self.last_action = ids
         actions = decode_actions(tok, spec, ids)
-        for i in np.flatnonzero(self.skip):  # an env that resets now ignores its action
-            actions[i] = self.action_space.sample()
+        for i, row in enumerate(self.rows):
+            if row.skip:  # an env that resets now ignores its action
+                actions[i] = self.action_space.sample()
         if not self.batched:
             return actions[0]
         return concatenate(self.action_space, actions, create_empty_array(self.action_space, self.num_envs))
 
     def observe(self, rewards: Any, terminated: Any, truncated: Any) -> None:
-        """Close the step: append each ``r_t``, update returns-to-go, note finished episodes."""
+        """Close the step: append each ``r_t``, tell the mode, note finished episodes."""
         rewards = np.asarray(rewards, np.float64).reshape(-1)
         done = (np.asarray(terminated, bool) | np.asarray(truncated, bool)).reshape(-1)
-        for i in range(self.num_envs):
-            if self.skip[i]:  # the dummy step of a NEXT_STEP autoreset
-                self.skip[i] = False
-                self.new_episode[i] = True
-                self.tails[i] = empty_sample()
+        for i, row in enumerate(self.rows):
+            if row.skip:  # the dummy step of a NEXT_STEP autoreset
+                row.skip, row.new_episode, row.tail = False, True, empty_sample()
                 continue
             r = reward_sample(self.tok, self.spec, float(rewards[i]))
-            self.steps[i].append(concat_samples([self.pending[i], r]))
-            self.tails[i] = concat_samples([action_sample(self.last_action[i, -1:]), r])
-            self._trim(i)
+            row.steps.append(concat_samples([row.pending, r]))
+            row.tail = concat_samples([action_sample(self.last_action[i, -1:]), r])
+            self._trim(row)
             if done[i]:
                 if self.autoreset == "next_step":
-                    self.skip[i] = True
+                    row.skip = True
                 else:
-                    self.new_episode[i] = True
-        if self.mode == "dt" and not self.expert_returns:
-            self.returns_to_go = self.returns_to_go - rewards  # R_{t+1} = R_t − r_t (Chen et al. 2021)
+                    row.new_episode = True
+        self.mode.end_step(rewards)
 
-    def _trim(self, i: int) -> None:
+    def _trim(self, row: _Row) -> None:
         """Keep only the steps a window can hold (the rest can never be re-prefilled)."""
-        total = sum(len(s["input_ids"]) for s in self.steps[i])
-        while len(self.steps[i]) > 1 and total - len(self.steps[i][0]["input_ids"]) > self.context_length:
-            total -= len(self.steps[i].popleft()["input_ids"])
-            self.started[i] = False
+        total = sum(len(s["input_ids"]) for s in row.steps)
+        while len(row.steps) > 1 and total - len(row.steps[0]["input_ids"]) > self.context_length:
+            total -= len(row.steps.popleft()["input_ids"])
+            row.started = False
 
 
 def _add_batch_axis(observation: Any) -> Any:
@@ -281,8 +282,4 @@ def _add_batch_axis(observation: Any) -> Any:
     return np.asarray(observation)[None]
 
 
-def _as_tensor(ids: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(ids)).long()
-
-
-__all__ = ["Agent"]
+__all__ = ["MODES", "Agent"]

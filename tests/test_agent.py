@@ -1,4 +1,5 @@
-"""Agent: acts in real gymnasium vector envs, handles resets, slides its context window."""
+"""Agent: acts in real gymnasium vector envs, handles resets, slides its context window, and each
+control mode does what its paper says when driven through it (what users run)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
-from generalist.modes import TTConfig, demonstration_prompt
+from generalist.modes import DTMode, TTConfig, demonstration_prompt
+from generalist.vocab import Modality
 from tests.conftest import TINY_LLAMA
 
 
@@ -45,10 +47,10 @@ def test_agent_acts_in_a_vector_env(model, tok, task, mode):
     prompt = None
     if mode == "gato":
         rng = np.random.default_rng(0)
-        demo = {"observations": {"observation": rng.normal(size=(4, *envs.single_observation_space.shape))},
+        demo = {"task": task, "observations": {"observation": rng.normal(size=(4, *envs.single_observation_space.shape))},
                 "actions": {"action": np.stack([envs.single_action_space.sample() for _ in range(4)])},
                 "rewards": np.ones(4)}
-        prompt = demonstration_prompt(tok, spec, demo)
+        prompt = demonstration_prompt(tok, demo, max_tokens=model.config.prompt_length)
     agent = Agent(model, tok, mode, temperature=1.0, tt_config=TTConfig(beam_width=4, horizon=2))
     agent.reset(spec, num_envs=3, prompt=prompt)
     _rollout(agent, envs, 6)
@@ -64,8 +66,8 @@ def test_sliding_window_and_resets_past_the_context_length(model, tok):
     assert agent.refills > 5 and finished > 0  # 60 steps x 8 tokens is far past 64 tokens
 
 
-def test_window_refill_equals_a_fresh_prefill(model, tok):
-    """After the window slides, the next decision is the one a fresh agent with that context makes."""
+def test_window_keeps_the_last_whole_steps_of_each_row(model, tok):
+    """After the window slides, each row's cache holds its prompt and last whole steps, nothing more."""
     envs = _envs("Pendulum-v1", 2)
     spec = TaskSpec.from_env(envs, expert_return=0.0, random_return=-1200.0)
     tok.add_task_spec(spec)
@@ -76,11 +78,27 @@ def test_window_refill_equals_a_fresh_prefill(model, tok):
         obs, rewards, terminated, truncated, _ = envs.step(agent.act(obs))
         agent.observe(rewards, terminated, truncated)
     assert agent.refills >= 1
-    contexts = [agent._context(i, 10**6) for i in range(2)]  # everything the agent remembers
-    kept = agent.state.attention_mask.sum(1).tolist()
-    # the cache holds each row's last whole steps (plus the tail of the last step)
-    for i, ctx in enumerate(contexts):
-        assert kept[i] <= len(ctx["input_ids"]) + spec.action_size + 1
+    step = agent.layout.tokens  # 7 tokens: R, 3 obs, <sep>, action, r
+    for i, row in enumerate(agent.rows):  # a refill now keeps whole steps within window_keep * 48 tokens
+        ctx = agent._context(row, 24)
+        assert len(ctx["input_ids"]) <= 24 and len(ctx["input_ids"]) % step == 0  # no <bos>: the start is gone
+        assert agent.state.attention_mask[i].sum() <= 48
+
+
+def test_context_defaults_to_the_trained_context(tok):
+    torch.manual_seed(0)
+    trained = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
+                                                     context_length=64)).eval()
+    envs = _envs("CartPole-v1", 2)
+    spec = TaskSpec.from_env(envs, expert_return=500.0, random_return=20.0)
+    tok.add_task_spec(spec)
+    agent = Agent(trained, tok, "gato", temperature=1.0)
+    agent.reset(spec, num_envs=2)
+    assert agent.context_length == 64  # not the backbone's 1024 positions
+    _rollout(agent, envs, 30)  # 30 steps x 8 tokens: the window must slide to stay within 64
+    assert agent.refills > 0
+    with pytest.raises(ValueError, match="trained"):
+        Agent(trained, tok, "gato", context_length=128)
 
 
 def test_next_step_autoreset_and_unbatched_use(model, tok):
@@ -102,3 +120,100 @@ def test_next_step_autoreset_and_unbatched_use(model, tok):
         assert env.action_space.contains(action)
         obs, reward, terminated, truncated, _ = env.step(action)
         agent.observe(reward, terminated, truncated)
+
+
+# --- each mode through the Agent -------------------------------------------------------------------
+
+
+class OneStepEnv(gym.Env):
+    """The dt_model's task as a real env: reward = action (0 or 1), then the episode ends."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), float(action), True, False, {}
+
+
+class ChunkSpy:
+    """Wraps a mode's ``decide`` to keep the tokens the Agent fed at every decision."""
+
+    def __init__(self, mode):
+        self.chunks, self._decide = [], mode.decide
+        mode.decide = self
+
+    def __call__(self, step):
+        self.chunks.append(step.chunks)
+        return self._decide(step)
+
+
+def _one_step_rollout(agent, n: int = 4) -> np.ndarray:
+    envs = gym.vector.SyncVectorEnv([OneStepEnv] * n, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = envs.reset(seed=0)
+    actions = agent.act(obs)
+    obs, rewards, terminated, truncated, _ = envs.step(actions)
+    agent.observe(rewards, terminated, truncated)
+    return np.asarray(actions)
+
+
+def _fed_returns(tok, spec, chunk) -> list[float]:
+    """The return-to-go values fed in one row's chunk (task units)."""
+    ids = chunk["input_ids"][chunk["modality_ids"] == Modality.RETURN]
+    return (tok.decode_continuous(ids) / spec.return_scale).tolist()
+
+
+@pytest.mark.parametrize("target, action", [(1.0, 1), (0.0, 0)])
+def test_dt_agent_follows_its_target_return(dt_model, tok, target, action):
+    model, spec = dt_model
+    tok.add_task_spec(spec)
+    agent = Agent(model, tok, "dt")
+    agent.reset(spec, num_envs=4, target_return=target)
+    assert _one_step_rollout(agent).tolist() == [action] * 4  # a DT that ignores its target fails one case
+
+
+def test_dt_agent_decrements_the_target_by_each_reward(tok):
+    envs = _envs("CartPole-v1", 2)  # reward 1 per step
+    spec = TaskSpec.from_env(envs, expert_return=500.0, random_return=20.0, return_scale=0.02)
+    tok.add_task_spec(spec)
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)).eval()
+    agent = Agent(model, tok, "dt")
+    spy = ChunkSpy(agent.mode)
+    agent.reset(spec, num_envs=2, target_return=100.0)
+    obs, _ = envs.reset(seed=0)
+    for _ in range(3):  # no episode of CartPole ends in 3 steps
+        obs, rewards, terminated, truncated, _ = envs.step(agent.act(obs))
+        agent.observe(rewards, terminated, truncated)
+    fed = [[_fed_returns(tok, spec, c) for c in chunks] for chunks in spy.chunks]
+    binned = lambda x: float(tok.decode_continuous(tok.encode_continuous(np.array([x * 0.02])))[0] / 0.02)
+    assert fed == [[[binned(100.0)]] * 2, [[binned(99.0)]] * 2, [[binned(98.0)]] * 2]  # R_{t+1} = R_t − r_t
+
+
+def test_expert_return_sampling_through_the_agent_picks_high_returns(dt_model, tok):
+    model, spec = dt_model
+    tok.add_task_spec(spec)
+    agent = Agent(model, tok, DTMode(expert_returns=True, kappa=10.0))
+    spy = ChunkSpy(agent.mode)
+    agent.reset(spec, num_envs=8)
+    assert _one_step_rollout(agent, 8).tolist() == [1] * 8
+    assert all(_fed_returns(tok, spec, c)[0] > 0.5 for c in spy.chunks[0])
+
+
+def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok):
+    envs = _envs("Pendulum-v1", 2)
+    spec = TaskSpec.from_env(envs, expert_return=-150.0, random_return=-1200.0)
+    tok.add_task_spec(spec)
+    config = TTConfig(beam_width=3, horizon=2, context_steps=2)
+    agent = Agent(model, tok, "tt", tt_config=config)
+    spy = ChunkSpy(agent.mode)
+    agent.reset(spec, num_envs=2)
+    assert agent.context_length == 1 + agent.layout.tokens * (2 + 1 + 2)  # past steps + now + horizon
+    _rollout(agent, envs, 12)
+    for chunks in spy.chunks:
+        for chunk in chunks:
+            assert not (chunk["modality_ids"] == Modality.RETURN).any()  # the value is predicted, never fed
+            assert tok.no_return_id in chunk["input_ids"]

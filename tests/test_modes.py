@@ -16,12 +16,11 @@ from generalist.modes import (
     caption,
     decode_actions,
     demonstration_prompt,
-    dt_act,
-    gato_act,
     generate_text,
     sample_expert_returns,
     tt_plan,
 )
+from generalist.modes.control import sample_actions, step_prompts
 from tests.conftest import TINY_LLAMA
 
 ACTION_SPACES = {
@@ -46,7 +45,7 @@ def test_constrained_decoding_never_yields_an_invalid_action(model, tok, name):
     space = spec.action_space()
     for _ in range(12):  # a random model, hot sampling: only the constraint keeps actions valid
         obs = {"observation": rng.normal(size=(16, 4)).astype(np.float32)}
-        ids = gato_act(engine, state, tok, spec, obs, temperature=2.0)
+        ids = sample_actions(engine, state, tok, spec, step_prompts(tok, spec, obs), temperature=2.0)
         for action in decode_actions(tok, spec, ids):
             assert space.contains(action), action
         engine.feed(state, torch.from_numpy(ids[:, -1:]))
@@ -76,9 +75,10 @@ class HistoryCache:
 
 class ScriptedModel(torch.nn.Module):
     """Logits from rules over each row's history, for a task with one Discrete(3) action and one
-    continuous observation. After ``<sep>``: uniform over the 3 actions. Then the reward r and the
-    return-to-go R: the first planned action 0 earns nothing now but 3 at the next step (R = 3), action
-    1 earns 1 now and nothing later (a myopic planner's choice), action 2 earns 0.5. Observations: 0."""
+    continuous observation. After ``<sep>``: uniform over the 3 actions. Then the reward ``r``; then,
+    at the next ``R`` position, the *value* ``V`` of the state reached (or ``<eos>``: the episode
+    ended), as ``reward_of(actions) -> (r, V or None)`` says. It refuses a return fed as an input:
+    the token after a reward must be ``<no_return>`` (the value is a prediction, never an input)."""
 
     def __init__(self, tok, reward_of):
         super().__init__()
@@ -91,13 +91,20 @@ class ScriptedModel(torch.nn.Module):
         base = tok.layout.discrete_offset
         logits = torch.full((ids.shape[0], 1, v), -1e4)
         for i, row in enumerate(ids.tolist()):
-            since_sep = len(row) - 1 - max(j for j, t in enumerate(row) if t == tok.sep_id)
+            seps = [j for j, t in enumerate(row) if t == tok.sep_id]
+            for j in seps[:-1]:  # every R position inside the plan: <sep> a r R
+                if j + 3 < len(row) and row[j + 3] != tok.no_return_id:
+                    raise AssertionError(f"a return was fed to the planner: id {row[j + 3]} at an R position")
+            since_sep = len(row) - 1 - seps[-1]
             actions = [t - base for t in row if base <= t < base + 3]
             if since_sep == 0:
                 logits[i, 0, base: base + 3] = 0.0
-            elif since_sep in (1, 2):  # reward of this step, then the return-to-go after it
-                r, future = self.reward_of(actions)
-                logits[i, 0, int(tok.encode_continuous(np.array([r if since_sep == 1 else future]))[0])] = 0.0
+            elif since_sep == 1:  # the reward of this step
+                r, _ = self.reward_of(actions)
+                logits[i, 0, int(tok.encode_continuous(np.array([r]))[0])] = 0.0
+            elif since_sep == 2:  # the next R position: the value of the state reached, or <eos>
+                _, value = self.reward_of(actions)
+                logits[i, 0, tok.eos_id if value is None else int(tok.encode_continuous(np.array([value]))[0])] = 0.0
             elif since_sep == 3:
                 logits[i, 0, int(tok.encode_continuous(np.array([0.0]))[0])] = 0.0
             else:
@@ -105,37 +112,64 @@ class ScriptedModel(torch.nn.Module):
         return SimpleNamespace(logits=logits, cache=HistoryCache(ids))
 
 
-def _rewards(actions: list[int]) -> tuple[float, float]:
-    """(reward of the latest step, return-to-go after it) given the plan's actions so far."""
+def _delayed(actions: list[int]) -> tuple[float, float | None]:
+    """Action 0 earns nothing now but reaches a state worth 3; action 1 earns 1 now and a state worth 0
+    (a myopic planner's choice); action 2 earns 0.5. Later steps: nothing."""
     first, step = actions[0], len(actions) - 1
     if step == 0:
         return {0: (0.0, 3.0), 1: (1.0, 0.0), 2: (0.5, 0.0)}[first]
     return (3.0 if first == 0 and step == 1 else 0.0), 0.0
 
 
-def test_tt_beam_search_returns_the_highest_scoring_sequence(tok):
-    spec = TaskSpec.from_spaces("tt-scripted", spaces.Box(-1, 1, (1,), np.float32), spaces.Discrete(3))
-    engine = Engine(ScriptedModel(tok, _rewards), seed=0)
-    context = tok.encode_steps(spec, {"observation": np.zeros((1, 1), np.float32)}, returns_to_go=np.zeros(1))[0]
+def _terminal(actions: list[int]) -> tuple[float, float | None]:
+    """Action 1 earns 1 and ends the episode (the model predicts <eos>: nothing more, whatever it
+    imagines after); action 0 earns 0.5 and keeps going, each later step earning 0.5 too."""
+    if actions[0] == 1:
+        return (1.0, None) if len(actions) == 1 else (5.0, None)  # imagined past the end: must not count
+    return 0.5, 1.0
+
+
+def _plan(tok, reward_of, config) -> tuple:
+    spec = TaskSpec.from_spaces("tt-scripted", spaces.Box(-1, 1, (1,), np.float32), spaces.Discrete(3),
+                                discount=0.99)
+    engine = Engine(ScriptedModel(tok, reward_of), seed=0)
+    context = tok.encode_steps(spec, {"observation": np.zeros((1, 1), np.float32)})[0]  # <no_return> o <sep>
     state = engine.prefill([context, context])  # two environments, batched
     length = state.length
-    config = TTConfig(beam_width=6, horizon=3, n_expand=4, cdf_act=None)
     plan = tt_plan(engine, state, tok, spec, config)
+    assert state.length == length and state.batch_size == 2  # imagined tokens cropped off
+    return plan
+
+
+def test_tt_scores_predicted_values_and_beats_a_myopic_planner(tok):
+    plan = _plan(tok, _delayed, TTConfig(beam_width=6, horizon=3, n_expand=4, cdf_act=None))
     assert plan.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2  # action 0, not the myopic 1
     value = lambda x: float(tok.decode_continuous(tok.encode_continuous(np.array([x])))[0])  # bin centre
+    # Σ γ^i r_i over the plan + γ^H V_H: r = 0, 3, 0 and the final predicted value 0
     expected = value(0.0) + 0.99 * value(3.0) + 0.99**2 * value(0.0) + 0.99**3 * value(0.0)
     np.testing.assert_allclose(plan.scores, expected, rtol=1e-5)
-    assert state.length == length and state.batch_size == 2  # imagined tokens cropped off
+    # horizon 1: only the predicted value can tell action 0 (V = 3) from action 1 (r = 1, V = 0)
+    short = _plan(tok, _delayed, TTConfig(beam_width=6, horizon=1, n_expand=4, cdf_act=None))
+    assert short.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2
+    np.testing.assert_allclose(short.scores, value(0.0) + 0.99 * value(3.0), rtol=1e-5)
+
+
+def test_tt_counts_nothing_after_a_predicted_end_of_episode(tok):
+    plan = _plan(tok, _terminal, TTConfig(beam_width=6, horizon=3, n_expand=4, cdf_act=None))
+    # ending now earns 1 (and the imagined 5s after <eos> are worth nothing); going on earns 0.5 a step
+    # plus the value: 0.5 + 0.99·0.5 + 0.99²·0.5 + 0.99³·1 > 1 (actions 0 and 2 are alike)
+    chosen = plan.action_ids[:, 0] - tok.layout.discrete_offset
+    assert set(chosen.tolist()) <= {0, 2}, chosen
 
 
 def test_tt_plan_runs_on_a_real_model_and_restores_state(model, tok):
     spec = TaskSpec.from_spaces("tt-real", spaces.Box(-1, 1, (3,), np.float32), ACTION_SPACES["box"])
     engine = Engine(model, seed=0)
-    context = tok.encode_steps(spec, {"observation": np.zeros((2, 3), np.float32)}, returns_to_go=np.zeros(2))
+    context = tok.encode_steps(spec, {"observation": np.zeros((2, 3), np.float32)})
     state = engine.prefill(context)
     before = state.logits.clone()
     plan = tt_plan(engine, state, tok, spec, TTConfig(beam_width=4, horizon=2))
-    assert plan.plan_ids.shape == (2, 2, 3)
+    assert plan.plan_ids.shape == (2, 2, 3) and plan.values.shape == (2, 2)
     for ids in plan.action_ids:
         assert spec.action_space().contains(tok.decode_action(spec, ids))
     assert torch.equal(state.logits, before)
@@ -146,38 +180,18 @@ def test_tt_plan_runs_on_a_real_model_and_restores_state(model, tok):
     torch.testing.assert_close(state.logits, fresh.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_tt_presets_match_the_reference_config():
+    from generalist.modes import TT_PRESETS
+
+    base = TT_PRESETS["reference"]
+    assert (base.beam_width, base.horizon, base.n_expand, base.k_obs, base.k_act, base.cdf_obs, base.cdf_act,
+            base.context_steps, base.plan_freq) == (128, 15, 2, 1, None, None, 0.6, 5, 1)
+    assert TT_PRESETS["ant-medium-v2"] == TTConfig(horizon=5)  # ant overrides only the horizon
+    assert TT_PRESETS["halfcheetah-medium-expert-v2"] == TTConfig(horizon=5)
+    assert TT_PRESETS["hopper-medium-v2"] == TTConfig(plan_freq=5)
+
+
 # --- Decision Transformer: conditioning changes behaviour -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dt_model(tok):
-    """A tiny model trained a few seconds on a 1-step task where the action decides the return:
-    action 0 -> reward 0, action 1 -> reward 1."""
-    spec = TaskSpec.from_spaces("one-step", spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2),
-                                expert_return=1.0, random_return=0.0)
-    torch.manual_seed(0)
-    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
-    rng = np.random.default_rng(0)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model trains faster on one thread (and on a busy machine)
-    try:
-        _train(model, optim, tok, spec, rng)
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval(), spec
-
-
-def _train(model, optim, tok, spec, rng) -> None:
-    for _ in range(150):
-        actions = rng.integers(0, 2, 16)
-        batch = tok.collate([tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (1, 2))},
-                                                {"action": np.array([a])}, np.array([float(a)])) for a in actions])
-        loss = model(**batch).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
 
 
 def test_dt_target_return_decides_the_action(dt_model, tok):
@@ -185,7 +199,7 @@ def test_dt_target_return_decides_the_action(dt_model, tok):
     engine = Engine(model)
     obs = {"observation": np.zeros((2, 2), np.float32)}
     state = engine.prefill(_bos(tok), num_rows=2)
-    ids = dt_act(engine, state, tok, spec, obs, returns_to_go=np.array([1.0, 0.0]))
+    ids = sample_actions(engine, state, tok, spec, step_prompts(tok, spec, obs, np.array([1.0, 0.0])))
     assert [tok.decode_action(spec, row) for row in ids] == [1, 0]
 
 
@@ -195,7 +209,8 @@ def test_expert_return_sampling_picks_high_returns(dt_model, tok):
     state = engine.prefill(_bos(tok), num_rows=8)
     returns = sample_expert_returns(engine, state, tok, spec, kappa=10.0)
     assert (returns > 0.5).all(), returns
-    ids = dt_act(engine, state, tok, spec, {"observation": np.zeros((8, 2), np.float32)}, returns)
+    ids = sample_actions(engine, state, tok, spec,
+                         step_prompts(tok, spec, {"observation": np.zeros((8, 2), np.float32)}, returns))
     assert all(tok.decode_action(spec, row) == 1 for row in ids)
 
 
@@ -208,16 +223,35 @@ def _bos(tok) -> dict:
 # --- Gato prompt, captioning, text ----------------------------------------------------------------
 
 
-def test_demonstration_prompt_keeps_the_last_whole_steps(tok):
+def test_demonstration_prompt_is_drawn_as_in_training(tok):
     spec = TaskSpec.from_spaces("demo", spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2))
-    episode = {"observations": {"observation": np.zeros((10, 3), np.float32)},
-               "actions": {"action": np.arange(10) % 2}, "rewards": np.ones(10)}
-    full = demonstration_prompt(tok, spec, episode)
+    tok = _with_spec(tok, spec)
+    episode = {"task": "demo", "observations": {"observation": np.arange(30, dtype=np.float32).reshape(10, 3) / 30},
+               "actions": {"action": np.arange(10) % 2}, "rewards": np.ones(10), "terminated": True}
+    full = demonstration_prompt(tok, episode, max_tokens=1000, end=True)
     assert full["input_ids"][0] == tok.bos_id and full["input_ids"][-1] == tok.eos_id
     assert len(full["input_ids"]) == 2 + 10 * 7 and tok.no_return_id in full["input_ids"]
-    short = demonstration_prompt(tok, spec, episode, max_tokens=30)
-    assert len(short["input_ids"]) == 2 + 4 * 7
-    np.testing.assert_array_equal(short["input_ids"][1:-1], full["input_ids"][-29:-1])
+    end = demonstration_prompt(tok, episode, max_tokens=30, end=True)  # the last whole steps, then <eos>
+    assert len(end["input_ids"]) == 4 * 7 + 1
+    np.testing.assert_array_equal(end["input_ids"], full["input_ids"][-29:])
+    starts = set()
+    for seed in range(20):  # a uniformly placed window of whole steps
+        window = demonstration_prompt(tok, episode, max_tokens=30, rng=seed, end=False)
+        assert len(window["input_ids"]) <= 30
+        ids = window["input_ids"][window["input_ids"] != tok.bos_id]
+        at = [i for i in range(1, len(full["input_ids"]) - len(ids) + 1)
+              if np.array_equal(full["input_ids"][i: i + len(ids)], ids)]
+        assert at and (at[0] - 1) % 7 == 0  # it starts at a step boundary of the episode
+        starts.add(at[0])
+    assert len(starts) > 3
+
+
+def _with_spec(tok, spec):
+    import copy
+
+    tok = copy.copy(tok)
+    tok.task_specs = {**tok.task_specs, spec.name: spec}
+    return tok
 
 
 def test_caption_and_text_stop_and_decode(model, tok):

@@ -1,23 +1,105 @@
-"""What the control modes share: per-step prompts, constrained action tokens, rewards.
+"""What the control modes share: the :class:`ControlMode` protocol, per-step prompts, actions, rewards.
 
-One control timestep is ``[R_t] [o_t] <sep> [a_t] [r_t]`` (DESIGN.md). A decision feeds
+One control timestep is ``[R_t] [o_t] <sep> [a_t] [r_t]`` (docs/token_layout.md). A decision feeds
 ``[R_t] [o_t] <sep>`` for every environment (one row each), then samples the action tokens, each
 restricted to the id range valid for its element of the action space
 (:meth:`GeneralistTokenizer.action_token_ranges`), so a decoded action is always in the space.
+
+A control mode is a small strategy the :class:`~generalist.Agent` calls at fixed points of an
+episode; the Agent owns the environments' rows, the sliding window and the vector-env bookkeeping,
+the mode only what differs between Gato, Decision Transformer and Trajectory Transformer::
+
+    agent.act(obs)     ─► mode.begin_episode(rows)   rows whose episode starts now
+                       ─► mode.returns(step)         R_t per row, or None for <no_return>
+                       ─► mode.decide(step)          feed the step's tokens, return action ids (B, A)
+    agent.observe(r)   ─► mode.end_step(rewards)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from generalist.engine import DecodeState, Engine
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples, token_sample
+from generalist.tokenizer import GeneralistTokenizer, Sample, StepLayout, concat_samples, token_sample
 from generalist.vocab import Modality
+
+
+@dataclass
+class ControlStep:
+    """What a mode sees of one decision: the engine and its state, the task, the step's tokens.
+
+    Attributes:
+        engine, state: the decoding engine and its rows (one per environment).
+        tok, spec: the tokenizer and the task.
+        chunks: per row, the tokens to feed before the action: the previous step's last action
+            token and reward (or the prompt and ``<bos>`` at an episode start), then
+            ``[R_t] [o_t] <sep>``. Filled in after :meth:`ControlMode.returns`.
+        flush: feeds what is pending before ``R_t`` (the previous step's end), for modes that must
+            read the model's prediction *at* ``R_t`` (Multi-Game DT's expert returns).
+    """
+
+    engine: Engine
+    state: DecodeState
+    tok: GeneralistTokenizer
+    spec: TaskSpec
+    flush: Callable[[], None]
+    chunks: list[Sample] | None = None
+
+
+class ControlMode(Protocol):
+    """A control decoding mode (Gato, DT, TT...): a strategy the Agent calls; see the module docstring."""
+
+    name: str
+
+    def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
+        """Episodes start in these rows (indices among ``num_envs`` environments)."""
+
+    def returns(self, step: ControlStep) -> np.ndarray | None:
+        """``R_t`` of every row (task units), or ``None``: every ``R_t`` is ``<no_return>``."""
+
+    def decide(self, step: ControlStep) -> np.ndarray:
+        """Feed ``step.chunks``, then choose every row's action tokens -> ids (B, A).
+
+        The last action token is *not* fed: the Agent feeds it with the reward and the next step.
+        """
+
+    def end_step(self, rewards: np.ndarray) -> None:
+        """The step's rewards (B,) are known."""
+
+    def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
+        """The most context the mode wants (``None``: the model's trained context)."""
+
+    def lookahead_tokens(self, layout: StepLayout) -> int:
+        """Tokens the mode appends beyond the step while deciding (a planner's imagined future)."""
+
+
+class Sampler:
+    """Gato and DT decide alike: feed the step, sample the action tokens (greedy at ``temperature=0``)."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
+        pass
+
+    def decide(self, step: ControlStep) -> np.ndarray:
+        return sample_actions(step.engine, step.state, step.tok, step.spec, step.chunks, self.temperature,
+                              self.top_k, self.top_p)
+
+    def end_step(self, rewards: np.ndarray) -> None:
+        pass
+
+    def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
+        return None
+
+    def lookahead_tokens(self, layout: StepLayout) -> int:
+        return 0
 
 
 def step_prompts(tok: GeneralistTokenizer, spec: TaskSpec, observations: dict[str, Any],
@@ -84,6 +166,9 @@ def observation_token_ranges(tok: GeneralistTokenizer, spec: TaskSpec) -> list[t
 
 
 __all__ = [
+    "ControlMode",
+    "ControlStep",
+    "Sampler",
     "action_sample",
     "concat_samples",
     "continuous_values",

@@ -1,56 +1,28 @@
-"""Decision Transformer mode (Chen et al. 2021): condition actions on a target return-to-go.
+"""Decision Transformer mode (Chen et al. 2021), with Multi-Game DT's expert-return sampling (Lee et al. 2022).
 
-``R_0`` is the target return (the task's expert return by default) and ``R_{t+1} = R_t - r_t``
-as the episode runs (Chen et al. 2021, §3, Algorithm 1). Optionally, Multi-Game Decision
-Transformer's expert-action inference (Lee et al. 2022, §3.4) *samples* each ``R_t`` from the
-model's own return distribution tilted toward high returns:
-
-    P(R_t | expert, ...) ∝ P(R_t | ...) · exp(κ · clip((R_t − R_low) / (R_high − R_low), 0, 1))
-
-so no target has to be chosen by hand. The clip is ours: MGDT's return bins span only plausible
-returns, while our mu-law bins reach far past any task's returns, and an unclipped tilt would pick
-the largest representable return however unlikely the model finds it.
+Each step is conditioned on ``R_t``: the target return at the episode start, then
+``R_{t+1} = R_t − r_t`` (Chen et al. 2021, Algorithm 1). With ``expert_returns``, ``R_t`` is
+instead sampled from the model's own return distribution tilted toward high returns,
+``P(R) ∝ P_θ(R | context) · exp(κ · R_norm)`` (Lee et al. 2022, §3.4).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from generalist.engine import DecodeState, Engine, constrain, sample_next_token
-from generalist.modes.control import continuous_values, sample_actions, step_prompts
+from generalist.modes.control import ControlStep, Sampler, continuous_values
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer, Sample, concat_samples
+from generalist.tokenizer import GeneralistTokenizer
 
 
 def initial_return(spec: TaskSpec, target_return: float | None = None) -> float:
-    """The DT target: ``target_return`` or, by default, the task's expert return."""
+    """``R_0``: ``target_return`` or, by default, the task's expert return."""
     if target_return is not None:
         return float(target_return)
     if spec.expert_return is None:
         raise ValueError(f"{spec.name}: no target return given and the task spec has no expert_return")
     return float(spec.expert_return)
-
-
-def next_returns_to_go(returns_to_go: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-    """``R_{t+1} = R_t − r_t`` (Chen et al. 2021, Algorithm 1)."""
-    return np.asarray(returns_to_go, np.float64) - np.asarray(rewards, np.float64)
-
-
-def dt_act(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
-           observations: dict[str, Any], returns_to_go: np.ndarray, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None,
-           prefixes: list[Sample] | None = None) -> np.ndarray:
-    """One return-conditioned decision for a batch of environments -> action ids (B, A).
-
-    ``returns_to_go`` (B,) are in the task's own units (the tokenizer applies the return scale).
-    ``prefixes`` as in :func:`generalist.modes.gato.gato_act`.
-    """
-    prompts = step_prompts(tok, spec, observations, np.asarray(returns_to_go, np.float64))
-    if prefixes is not None:
-        prompts = [concat_samples([p, s]) for p, s in zip(prefixes, prompts, strict=True)]
-    return sample_actions(engine, state, tok, spec, prompts, temperature, top_k, top_p)
 
 
 def sample_expert_returns(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
@@ -76,4 +48,40 @@ def sample_expert_returns(engine: Engine, state: DecodeState, tok: GeneralistTok
     return returns[index].numpy()
 
 
-__all__ = ["dt_act", "initial_return", "next_returns_to_go", "sample_expert_returns"]
+class DTMode(Sampler):
+    """Decision Transformer control through :class:`~generalist.Agent`.
+
+    Args:
+        target_return: ``R_0`` (default: the task spec's expert return).
+        expert_returns: sample each ``R_t`` the Multi-Game DT way instead of decrementing it.
+        kappa: the inverse temperature κ of expert-return sampling (Lee et al. use 10).
+        temperature, top_k, top_p: action sampling (``temperature=0``: greedy).
+    """
+
+    name = "dt"
+
+    def __init__(self, target_return: float | None = None, *, expert_returns: bool = False, kappa: float = 10.0,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+        super().__init__(temperature, top_k, top_p)
+        self.target_return, self.expert_returns, self.kappa = target_return, expert_returns, kappa
+        self.returns_to_go = np.zeros(0)
+
+    def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
+        if self.expert_returns:
+            return
+        if len(self.returns_to_go) != num_envs:
+            self.returns_to_go = np.zeros(num_envs)
+        self.returns_to_go[rows] = initial_return(spec, self.target_return)
+
+    def returns(self, step: ControlStep) -> np.ndarray:
+        if self.expert_returns:
+            step.flush()  # the model must have read the previous step before predicting R_t
+            self.returns_to_go = sample_expert_returns(step.engine, step.state, step.tok, step.spec, self.kappa)
+        return self.returns_to_go.copy()
+
+    def end_step(self, rewards: np.ndarray) -> None:
+        if not self.expert_returns:
+            self.returns_to_go = self.returns_to_go - rewards  # R_{t+1} = R_t − r_t (Chen et al. 2021)
+
+
+__all__ = ["DTMode", "initial_return", "sample_expert_returns"]

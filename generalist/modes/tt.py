@@ -1,22 +1,30 @@
 """Trajectory Transformer mode (Janner et al. 2021): plan by beam search over imagined futures.
 
+The context is the one Gato mode reads: every ``R_t`` is ``<no_return>``, so no return is ever an
+input. In training the label at each ``<no_return>`` position is the discounted return-to-go
+``V_t = Σ_k γ^k r_{t+k}`` (or ``<eos>`` after a terminated episode, see
+:meth:`GeneralistTokenizer.end_of_episode`); the planner reads that *prediction*.
+
 From a context ending in ``<sep>`` (the current observation), the planner rolls the model forward
 ``horizon`` steps for ``beam_width`` beams per environment. Each planning step (reference
 ``trajectory/search/core.py::beam_plan``):
 
-1. every beam is expanded ``n_expand`` times and samples its action tokens (top-k ``k_act``,
-   nucleus/cdf ``cdf_act``), constrained to the action space;
-2. the reward token ``r_t`` and the next return-to-go ``R_{t+1}`` are predicted; their *expected*
-   values under the predicted distribution (the reference's ``percentile='mean'``), unscaled by the
-   task's reward/return scale, score the beam:
-   ``score = Σ_{i≤t} γ^i r_i + γ^{t+1} R_{t+1}``;
-3. the ``beam_width`` best candidates per environment survive (KV cache gathered with
-   ``reorder_cache``: the shared context is never recomputed);
-4. except at the last step, the next observation tokens are predicted (``k_obs`` / ``cdf_obs``).
+1. every beam is expanded ``n_expand`` times and samples its action tokens (top-k ``k_act``, then
+   the reference's cdf filter ``cdf_act``: the least likely ``cdf_act`` of the mass is dropped),
+   constrained to the action space;
+2. the reward token ``r_t`` is predicted and fed (greedy, reference ``k_rew=1``); then the next
+   ``R`` position is read: its distribution over value bins and ``<eos>`` gives the expected value
+   ``V_{t+1}`` (the reference's ``percentile='mean'``) and the probability that the episode ended,
+   which discounts everything after it. A beam scores
 
-The first action of the best beam is returned. All beams of all environments are one batch, so a
-planning step costs ``A + 1`` forward passes at ``E·beam·n_expand`` rows plus ``O + 1`` at
-``E·beam`` rows (A action, O observation tokens), each feeding one or two new tokens.
+   ``score = Σ_{i≤t} γ^i a_i r_i + γ^{t+1} a_{t+1} V_{t+1}``,  ``a_{i+1} = a_i (1 − P(<eos>)_{i+1})``;
+
+3. the ``beam_width`` best candidates per environment survive (the cache is gathered, the shared
+   context never recomputed);
+4. except at the last step, ``<no_return>`` is fed (as in training) and the next observation's
+   tokens are predicted (``k_obs`` / ``cdf_obs``), then ``<sep>``.
+
+The first action of the best beam is returned. All beams of all environments are one batch.
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from generalist.engine import DecodeState, Engine, constrain, sample_next_token
-from generalist.modes.control import continuous_values, observation_token_ranges
+from generalist.engine import DecodeState, Engine, constrain
+from generalist.modes.control import ControlStep, continuous_values, observation_token_ranges
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer
+from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
 
 @dataclass(frozen=True)
@@ -41,11 +49,14 @@ class TTConfig:
         horizon: planning steps (reference: 15).
         n_expand: candidates sampled per beam before pruning (reference: 2).
         k_obs, k_act: top-k truncation of observation / action tokens (1 = greedy; None = off).
-        cdf_obs, cdf_act: nucleus (cdf) truncation of observation / action tokens (reference: None, 0.6).
-        k_reward: top-k for the reward and return tokens fed back (reference ``k_rew`` 1 = greedy).
-        discount: γ of the score (reference: 0.99).
-        value: ``"mean"`` scores with expected rewards/returns (reference ``percentile='mean'``);
-            ``"sample"`` with the values of the fed tokens.
+        cdf_obs, cdf_act: the reference's ``filter_cdf``: drop the least likely ``cdf`` of the
+            probability mass (reference: None, 0.6).
+        k_reward: top-k of the reward token fed back (reference ``k_rew`` 1 = greedy).
+        discount: γ of the score (reference: 0.99); ``None``: the task spec's ``discount``, the γ of
+            the value targets the model was trained on.
+        context_steps: past steps the planner sees (reference ``max_context_transitions`` = 5).
+        plan_freq: plan every this many steps and follow the plan's actions in between
+            (reference: 1).
     """
 
     beam_width: int = 128
@@ -56,25 +67,36 @@ class TTConfig:
     cdf_obs: float | None = None
     cdf_act: float | None = 0.6
     k_reward: int | None = 1
-    discount: float = 0.99
-    value: str = "mean"
+    discount: float | None = None
+    context_steps: int = 5
+    plan_freq: int = 1
 
     def __post_init__(self):
-        for name in ("beam_width", "horizon", "n_expand"):
+        for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.value not in ("mean", "sample"):
-            raise ValueError(f"TTConfig.value must be 'mean' or 'sample', got {self.value!r}")
+        for name in ("cdf_obs", "cdf_act"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"TTConfig.{name} must be in [0, 1), got {value}")
+        if self.plan_freq > self.horizon:
+            raise ValueError(f"TTConfig.plan_freq ({self.plan_freq}) cannot exceed the horizon ({self.horizon})")
 
 
-# The reference's per-dataset overrides (config/offline.py): hopper/walker use the base settings;
-# halfcheetah-medium/-medium-replay and ant plan 5 steps with 32 beams.
+# The reference's per-dataset overrides of base['plan'] (jannerm/trajectory-transformer
+# config/offline.py): every halfcheetah dataset, walker2d-medium-expert and every ant dataset plan
+# with horizon 5; hopper-medium replans every 5 steps; the others keep the base settings.
+_H5 = TTConfig(horizon=5)
 TT_PRESETS: dict[str, TTConfig] = {
     "reference": TTConfig(),
-    "hopper": TTConfig(),
-    "walker2d": TTConfig(),
-    "halfcheetah": TTConfig(beam_width=32, horizon=5),
-    "ant": TTConfig(beam_width=32, horizon=5),
+    **{f"halfcheetah-{d}-v2": _H5 for d in ("medium", "medium-replay", "medium-expert")},
+    **{f"ant-{d}-v2": _H5 for d in ("medium", "medium-replay", "medium-expert", "random")},
+    "hopper-medium-v2": TTConfig(plan_freq=5),
+    "hopper-medium-replay-v2": TTConfig(),
+    "hopper-medium-expert-v2": TTConfig(),
+    "walker2d-medium-v2": TTConfig(),
+    "walker2d-medium-replay-v2": TTConfig(),
+    "walker2d-medium-expert-v2": _H5,
 }
 
 
@@ -86,22 +108,18 @@ class Plan:
         action_ids: (E, A) first action tokens of the best beam (what to do now).
         plan_ids: (E, H, A) the best beam's action tokens for the whole horizon.
         scores: (E,) the best beam's score.
+        values: (E, H) the best beam's predicted value after each planned step.
     """
 
     action_ids: np.ndarray
     plan_ids: np.ndarray
     scores: np.ndarray
+    values: np.ndarray
 
 
-def _score_token(engine: Engine, state: DecodeState, cont: tuple[int, int], values: torch.Tensor,
-                 config: TTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the reward / return token to feed and the value that scores it -> (ids (N,), values (N,))."""
-    logits, offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
-    index = sample_next_token(logits, engine.generator, 0.0 if config.k_reward == 1 else 1.0,
-                              None if config.k_reward == 1 else config.k_reward)
-    # expectation over bins (reference percentile='mean') or the value of the token fed
-    value = logits.double().softmax(-1) @ values if config.value == "mean" else values[index]  # (N,)
-    return index + offset, value
+def _expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean of the predicted distribution over bins (N, 1024) with bin ``values`` (1024,) -> (N,)."""
+    return logits.double().softmax(-1) @ values
 
 
 @torch.inference_mode()
@@ -110,47 +128,101 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     """Beam-search plan for every row (environment) of ``state`` (Janner et al. 2021, §3.2).
 
     ``state.logits`` must predict the first action token (the context ends with ``<sep>``). On
-    return, ``state`` is exactly as it was (the imagined tokens are cropped off the cache).
+    return, ``state`` is exactly as it was (:meth:`Engine.restore`).
     """
-    e, length = state.batch_size, state.length
-    saved_logits, saved_offset, saved_positions = state.logits.clone(), state.logits_offset, state.next_position.clone()
+    e = state.batch_size
     beam, expand, horizon = config.beam_width, config.n_expand, config.horizon
+    gamma = spec.discount if config.discount is None else config.discount
     act_ranges = tok.action_token_ranges(spec)
     obs_ranges = observation_token_ranges(tok, spec)
     cont, centres = continuous_values(tok)
-    reward_values, return_values = centres / spec.reward_scale, centres / spec.return_scale
+    reward_values, value_values = centres / spec.reward_scale, centres / spec.return_scale
+    after_reward = (cont[0], tok.eos_id + 1)  # the next R position: value bins ... <eos>
+    n_bins, eos_col = cont[1] - cont[0], tok.eos_id - cont[0]
+    no_return = torch.full((1,), tok.no_return_id)
 
+    snapshot = engine.snapshot(state)
     engine.share(state, beam)  # (E*beam): every beam continues the same context, stored once
     n = e * beam
-    rewards = torch.zeros(n, horizon + 1, dtype=torch.float64)  # r_0..r_{H-1}, then R_H
-    discounts = config.discount ** torch.arange(horizon + 1, dtype=torch.float64)
+    rewards = torch.zeros(n, horizon, dtype=torch.float64)  # expected r_t of each planned step
+    alive = torch.ones(n, horizon + 1, dtype=torch.float64)  # P(episode still running) before step t
+    values = torch.zeros(n, horizon, dtype=torch.float64)  # expected V_{t+1} after step t
+    discounts = gamma ** torch.arange(horizon + 1, dtype=torch.float64)
     plans = torch.zeros(n, horizon, len(act_ranges), dtype=torch.long)
     scores = torch.zeros(n, dtype=torch.float64)
     for t in range(horizon):
         engine.repeat(state, expand)  # (E*beam*expand), grouped per environment
-        rewards, plans = rewards.repeat_interleave(expand, 0), plans.repeat_interleave(expand, 0)
-        plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, config.cdf_act, feed_last=True,
-                                      then=cont)
-        r_ids, r_values = _score_token(engine, state, cont, reward_values, config)
-        engine.feed(state, r_ids[:, None], cont)
-        R_ids, R_values = _score_token(engine, state, cont, return_values, config)
-        rewards[:, t], rewards[:, t + 1] = r_values, R_values
-        values = (rewards * discounts).sum(-1).view(e, beam * expand)  # (E, beam*expand)
-        scores, best = values.topk(beam, dim=1)  # (E, beam)
+        rewards, alive, values, plans = (x.repeat_interleave(expand, 0) for x in (rewards, alive, values, plans))
+        plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
+                                      cdf=config.cdf_act)
+        r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
+        rewards[:, t] = _expected(r_logits, reward_values)
+        greedy = config.k_reward == 1
+        r_ids = engine.sample(state, cont, 0.0 if greedy else 1.0, None if greedy else config.k_reward)
+        engine.feed(state, r_ids[:, None], after_reward)
+        v_logits, _ = constrain(state.logits, after_reward, state.logits_offset)  # (N, eos - lo + 1)
+        v_logits = torch.cat([v_logits[:, :n_bins], v_logits[:, eos_col: eos_col + 1]], 1).double()
+        p = v_logits.softmax(-1)  # (N, 1025): value bins, then <eos>
+        p_end = p[:, -1]
+        values[:, t] = (p[:, :-1] @ value_values) / (1.0 - p_end).clamp_min(1e-12)  # E[V | not ended]
+        alive[:, t + 1] = alive[:, t] * (1.0 - p_end)
+        ret = (rewards[:, : t + 1] * alive[:, : t + 1] * discounts[: t + 1]).sum(-1)
+        total = ret + discounts[t + 1] * alive[:, t + 1] * values[:, t]  # (E*beam*expand,)
+        scores, best = total.view(e, beam * expand).topk(beam, dim=1)  # (E, beam)
         rows = (best + torch.arange(e)[:, None] * beam * expand).flatten()  # (E*beam,)
         engine.select(state, rows)
-        rewards, plans, R_ids, scores = rewards[rows], plans[rows], R_ids[rows], scores.flatten()
-        if t < horizon - 1:  # imagine the next observation: R_{t+1} o_{t+1} <sep>
-            engine.feed(state, R_ids[:, None], obs_ranges[0])
-            obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, config.cdf_obs, feed_last=False)
+        rewards, alive, values, plans, scores = rewards[rows], alive[rows], values[rows], plans[rows], scores.flatten()
+        if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
+            engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
+            obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs)
             engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1), act_ranges[0])
 
     best = scores.view(e, beam).argmax(1)  # (E,)
     rows = best + torch.arange(e) * beam
-    plan_ids = plans[rows].numpy()  # (E, H, A)
-    # restore the caller's state: one row per environment, imagined tokens cropped off
-    engine.select(state, torch.arange(e) * beam)
-    engine.truncate(state, length)
-    state.logits, state.logits_offset, state.next_position = saved_logits, saved_offset, saved_positions
-    best_scores = scores.view(e, beam)[torch.arange(e), best].numpy()
-    return Plan(action_ids=plan_ids[:, 0], plan_ids=plan_ids, scores=best_scores)
+    engine.restore(snapshot)
+    return Plan(action_ids=plans[rows, 0].numpy(), plan_ids=plans[rows].numpy(),
+                scores=scores.view(e, beam)[torch.arange(e), best].numpy(), values=values[rows].numpy())
+
+
+class TTMode:
+    """Trajectory Transformer control through :class:`~generalist.Agent`: no returns fed, plan, act.
+
+    The context is cropped to the last ``config.context_steps`` steps (the reference planner's
+    ``max_context_transitions``), so each decision costs the same however long the episode runs.
+    """
+
+    name = "tt"
+
+    def __init__(self, config: TTConfig | None = None):
+        self.config = config or TTConfig()
+        self.plan: np.ndarray | None = None  # (B, H, A) the last plan, followed for plan_freq steps
+        self.age = 0  # steps since the last plan
+
+    def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
+        self.plan = None  # a new episode in any row: plan again for all
+
+    def returns(self, step: ControlStep) -> None:
+        return None  # <no_return>: the value is predicted, never given
+
+    def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
+        # past steps + the current one + the imagined horizon, as the reference planner crops
+        return prompt_tokens + 1 + layout.tokens * (self.config.context_steps + 1 + self.config.horizon)
+
+    def lookahead_tokens(self, layout: StepLayout) -> int:
+        return self.config.horizon * layout.tokens
+
+    def decide(self, step: ControlStep) -> np.ndarray:
+        step.engine.feed(step.state, step.chunks)
+        if self.plan is None or self.age >= self.config.plan_freq:
+            self.plan, self.age = tt_plan(step.engine, step.state, step.tok, step.spec, self.config).plan_ids, 0
+        ids = self.plan[:, self.age]  # (B, A)
+        self.age += 1
+        if ids.shape[1] > 1:  # the last action token is fed with the reward, like every mode's
+            step.engine.feed(step.state, torch.from_numpy(np.ascontiguousarray(ids[:, :-1])).long())
+        return ids
+
+    def end_step(self, rewards: np.ndarray) -> None:
+        pass
+
+
+__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "tt_plan"]

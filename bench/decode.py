@@ -19,7 +19,8 @@ DESIGN.md targets, all measured here on CPU with ``torch.set_num_threads(2)``:
 
 A *decision* is what :class:`generalist.Agent` does per step in DT mode: feed the previous step's
 last action token and reward with ``[R_t] [o_t] <sep>``, then sample the 3 action tokens. The
-context is restored after each timed decision (``Engine.truncate``) so it stays at its length.
+context is restored after each timed decision (``Engine.snapshot`` / ``Engine.restore``) so it stays at
+its length.
 
     python bench/decode.py                 # everything (the uncached TT search takes minutes)
     python bench/decode.py --skip-uncached-tt --repeats 5
@@ -68,8 +69,7 @@ def context(tok: GeneralistTokenizer, spec: TaskSpec, steps: int, rng: np.random
 def timed_decisions(engine: Engine, state: DecodeState, tok, spec, num_envs: int, repeats: int) -> list[float]:
     """Seconds per decision step (all rows at once), context restored after each."""
     rng = np.random.default_rng(1)
-    length, positions = state.length, state.next_position.clone()
-    logits, offset = state.logits.clone(), state.logits_offset
+    start = engine.snapshot(state)
     tail = concat_samples([action_sample([tok.encode_continuous(np.array([0.1]))[0]]), reward_sample(tok, spec, 1.0)])
     times = []
     for _ in range(repeats + 1):  # one warm-up
@@ -77,8 +77,7 @@ def timed_decisions(engine: Engine, state: DecodeState, tok, spec, num_envs: int
         t0 = time.perf_counter()
         dt_act(engine, state, tok, spec, obs, np.full(num_envs, 1000.0), prefixes=[tail] * num_envs)
         times.append(time.perf_counter() - t0)
-        engine.truncate(state, length)
-        state.logits, state.logits_offset, state.next_position = logits.clone(), offset, positions.clone()
+        engine.restore(start)
     return times[1:]
 
 

@@ -12,398 +12,62 @@ It knows no decoding mode, environment or :class:`~generalist.TaskSpec`; the mod
   *left-padded* per row (pads are masked, never attended), and a row whose episode restarts simply
   masks out its whole past (:meth:`Engine.forget`) and counts positions from 0 again. All rows share
   one cache length; when that grows past the context window, the caller re-prefills from what it
-  wants to keep (the agent keeps its last whole steps). This is one general mechanism instead of a
-  lock-step assumption, and it is exact: a row's logits equal those of the row decoded alone.
+  wants to keep (the agent keeps its last whole steps). This is exact: a row's logits equal those
+  of the row decoded alone, and those of a plain forward of its whole sequence (tested).
 * **Beams.** :meth:`Engine.repeat` and :meth:`Engine.select` expand and gather rows through the
   cache's ``batch_repeat_interleave`` / ``reorder_cache``: the shared prefix is never recomputed.
   :meth:`Engine.share` goes further: the context is stored once per group of beams
-  (:class:`SharedPrefix`) and a registered attention function (:func:`shared_prefix_attention`)
-  asks it for all the group's queries in one product, so neither attention nor beam reordering
-  touches one copy of it per beam (decoding is bound by reading the KV cache, not by arithmetic).
-* **Constraints.** :func:`constrain` restricts logits to an id range or a boolean mask (an action
-  token can only be an id valid for the action space); :func:`sample_next_token` then does greedy,
-  temperature, top-k and top-p (nucleus) sampling with a seeded ``torch.Generator``.
+  (:mod:`generalist.shared_prefix`), so neither attention nor beam reordering touches one copy of
+  it per beam.
+* **Coming back.** :meth:`Engine.snapshot` / :meth:`Engine.restore` return a state to an earlier
+  point (the rows it had, its logits, positions and masks; imagined tokens cropped off the cache),
+  e.g. after a planner's look-ahead.
+* **Sampling.** Constraints and filters are :mod:`generalist.sampling`'s functions (re-exported
+  here); the engine draws from its own seeded ``torch.Generator``.
 
 With ``use_cache=False`` the same API recomputes the whole sequence for every new token: the
 reference for tests ("cached and uncached decoding give the same tokens") and benchmarks.
 
-Only transformers' ``Cache`` methods are used (``get_seq_length``, ``reorder_cache``,
-``batch_repeat_interleave``), never its per-layer tensors, whose layout changes between releases;
-a shared prefix reads the tensors of our own :class:`AppendLayer` only.
+Where things live: sampling in :mod:`generalist.sampling`, the KV cache in
+:mod:`generalist.kv_cache`, the shared-prefix attention in :mod:`generalist.shared_prefix`, the
+state dataclasses in :mod:`generalist.decode_state`; the names other modules import from here
+(``Allowed``, ``constrain``, ``sample_next_token``, ``Chunk``, ``DecodeState``...) are re-exported.
+What is left (~450 lines) is the one :class:`Engine` class: its methods all keep the same per-row
+bookkeeping (mask, positions, logits, cache rows, snapshot lineage) consistent, which is why they
+stay together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from generalist.decode_state import Chunk, DecodeState, Snapshot
+from generalist.kv_cache import AppendLayer, new_cache
 from generalist.modeling_generalist import GeneralistForCausalLM
+from generalist.sampling import (
+    Allowed,
+    as_range,
+    constrain,
+    filter_cdf,
+    filter_top_k,
+    filter_top_p,
+    sample_next_token,
+)
+from generalist.shared_prefix import (
+    SHARED_PREFIX_ATTENTION,
+    SharedPrefix,
+    enable_shared_prefix_attention,
+    shared_prefix_attention,
+)
 from generalist.tokenizer import PATCH_DIM, Sample
 
-Allowed = tuple[int, int] | range | torch.Tensor | None
-"""Which ids may be sampled: a half-open ``(lo, hi)`` range, a bool mask ``(V,)`` or ``(B, V)``, or all."""
-
-
-# --- sampling: standalone functions ----------------------------------------------------------------
-
-
-def as_range(allowed: Allowed) -> tuple[int, int] | None:
-    """``allowed`` as a half-open ``(lo, hi)`` id range, or ``None`` if it is a mask or everything."""
-    if isinstance(allowed, range):
-        return allowed.start, allowed.stop
-    if isinstance(allowed, tuple):
-        return int(allowed[0]), int(allowed[1])
-    return None
-
-
-def constrain(logits: torch.Tensor, allowed: Allowed, offset: int = 0) -> tuple[torch.Tensor, int]:
-    """Restrict ``logits`` (B, V) to the allowed ids.
-
-    ``logits[:, i]`` is the logit of id ``offset + i`` (logits computed for an id range only, see
-    ``GeneralistForCausalLM.forward(vocab_range=...)``). Returns ``(sub_logits, offset)``: for a
-    range, the sliced logits (B, hi - lo) and ``lo`` (token id = index + offset), which is cheaper
-    than masking the whole vocabulary; for a mask (over the whole vocabulary), logits with the
-    disallowed ids at -inf.
-    """
-    width = logits.shape[-1]
-    if allowed is None:
-        return logits, offset
-    if (r := as_range(allowed)) is not None:
-        lo, hi = r
-        if not offset <= lo < hi <= offset + width:
-            raise ValueError(f"allowed id range [{lo}, {hi}) is empty or outside the computed logits "
-                             f"[{offset}, {offset + width})")
-        return logits[..., lo - offset: hi - offset], lo
-    if allowed.dtype != torch.bool or allowed.shape[-1] < offset + width:
-        raise ValueError(f"allowed mask must be bool (..., {offset + width}), "
-                         f"got {allowed.dtype} {tuple(allowed.shape)}")
-    if offset or allowed.shape[-1] != width:
-        if allowed[..., :offset].any() or allowed[..., offset + width:].any():
-            raise ValueError(f"allowed mask allows ids outside the computed logits [{offset}, {offset + width})")
-        allowed = allowed[..., offset: offset + width]
-    if not allowed.any(-1).all():
-        raise ValueError("allowed mask allows no token for some row")
-    return logits.masked_fill(~allowed, float("-inf")), offset
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """Sample one token per row from logits (B, V) -> (B,) int64.
-
-    ``temperature == 0`` is greedy (argmax). ``top_k`` keeps the k most likely tokens; ``top_p``
-    keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus
-    sampling, Holtzman et al. 2020; the Trajectory Transformer's ``cdf`` filter, Janner et al. 2021).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if top_p <= 0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# --- the KV cache ---------------------------------------------------------------------------------
-
-
-class AppendLayer(DynamicLayer):
-    """A full-attention cache layer that appends into preallocated storage instead of ``torch.cat``.
-
-    ``DynamicLayer`` copies the whole cache into freshly allocated memory on every token
-    (``torch.cat``), so a decision's cost grows with the context, and on CPU the page faults of the
-    fresh memory cost more than the copy itself. This layer keeps headroom after the filled part
-    (amortised O(1) appends), hands attention a view of the filled part, only moves the fill mark
-    on ``crop``, and gathers rows (``reorder_cache``, ``batch_repeat_interleave``) with
-    ``index_select(out=...)`` into buffers it recycles, so beam search (expand, prune, expand...)
-    touches no new memory after its first step. Same interface as ``DynamicLayer``; the fix lives in
-    the cache, not in the modes (STYLE.md §3).
-    """
-
-    headroom = 64  # free positions kept after the filled part when storage is (re)allocated
-    max_spares = 4  # recycled buffers kept per layer
-
-    def __init__(self, **kwargs):
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._length = 0
-        self._spares: list[torch.Tensor] = []  # flat, already-touched storage to reuse
-        super().__init__(**kwargs)
-
-    # ``keys`` / ``values`` are the filled part; assigning them (as the base class does) replaces storage
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self._length]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self._k = value
-        self._length = 0 if value is None else value.shape[-2]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self._length]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self._v = value
-
-    def _buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous tensor of ``shape``, from a recycled buffer when one is large enough."""
-        n = int(np.prod(shape))
-        fits = [i for i, flat in enumerate(self._spares) if flat.numel() >= n and flat.dtype == like.dtype]
-        if fits:
-            flat = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel()))
-            return flat[:n].view(shape)
-        return like.new_empty(shape)
-
-    def _recycle(self, t: torch.Tensor) -> None:
-        flat = t.new_empty(0).set_(t.untyped_storage())  # the whole storage, flat
-        self._spares = sorted([*self._spares, flat], key=lambda x: -x.numel())[: self.max_spares]
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
-        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
-        self._length = 0
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self._length + key_states.shape[-2]
-        if end > self._k.shape[-2]:
-            capacity = end + max(self.headroom, end // 2)
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = self._buffer(old, (*old.shape[:2], capacity, old.shape[-1]))
-                new[:, :, : self._length] = old[:, :, : self._length]
-                setattr(self, name, new)
-                self._recycle(old)
-        self._k[:, :, self._length: end] = key_states
-        self._v[:, :, self._length: end] = value_states
-        self._length = end
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        super().reset()
-        self._spares = []
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        self._length = max(0, self._length + tokens_to_remove)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if not self.is_initialized:
-            return
-        rows = torch.as_tensor(beam_idx, dtype=torch.long, device=self.device)
-        for name in ("_k", "_v"):
-            old = getattr(self, name)
-            new = self._buffer(old, (len(rows), *old.shape[1:]))
-            # only the filled part moves (the headroom after it holds nothing)
-            torch.index_select(old[:, :, : self._length], 0, rows, out=new[:, :, : self._length])
-            setattr(self, name, new)
-            self._recycle(old)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.reorder_cache(torch.arange(self._k.shape[0], device=self.device).repeat_interleave(repeats))
-
-
-def new_cache(text_config) -> Cache:
-    """An :class:`AppendLayer` cache when every backbone layer is full attention, else ``DynamicCache``."""
-    layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
-    if layer_types and all(t == "full_attention" for t in layer_types):
-        return Cache(layers=[AppendLayer() for _ in layer_types])
-    return DynamicCache(config=text_config)
-
-
-# --- a context shared by groups of rows (beams) ----------------------------------------------------
-
-
-@dataclass
-class SharedPrefix:
-    """A cache of E rows that rows ``i*group .. i*group+group-1`` of the live cache all continue.
-
-    Beam search over one context copies that context to every beam, so each new token's attention
-    reads (and every beam reordering copies) it once per beam. With a shared prefix it is stored
-    once per environment, and attention asks it for all of a group's queries in one product
-    (:func:`shared_prefix_attention`); only the beams' own tokens live in per-row storage.
-
-    Attributes:
-        cache: the prefix's cache (E rows, :class:`AppendLayer` layers).
-        length: positions in it.
-        mask: (E, length) bool, False at padding; ``None`` when every position is real.
-        group: live rows per prefix row.
-    """
-
-    cache: Cache
-    length: int
-    mask: torch.Tensor | None
-    group: int
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.layers[i].keys, self.cache.layers[i].values
-
-
-SHARED_PREFIX_ATTENTION = "generalist_shared_prefix"
-
-
-def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                            shared_prefix: SharedPrefix | None = None, **kwargs):
-    """Attention over a :class:`SharedPrefix` and each row's own keys; sdpa when there is no prefix.
-
-    ``query`` (B, H, Q, D); ``key``/``value`` (B, Hkv, Ls, D) the rows' own tokens (new ones
-    included); ``attention_mask`` the backbone's mask over those (bool, True = attend) or ``None``.
-    One softmax over [prefix keys, own keys], as if the prefix were in every row.
-    """
-    if shared_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    pk, pv = shared_prefix.layer(module.layer_idx)  # (E, Hkv, Lp, D)
-    n_rep = getattr(module, "num_key_value_groups", 1)
-    if n_rep > 1:
-        key, value, pk, pv = (repeat_kv(t, n_rep) for t in (key, value, pk, pv))
-    b, h, q, d = query.shape
-    e, lp, ls = pk.shape[0], pk.shape[2], key.shape[2]
-    g = b // e
-    scale = d**-0.5 if scaling is None else scaling
-    # the prefix: all g*Q queries of a group against its prefix row, one matrix product
-    qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)
-    sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
-    if shared_prefix.mask is not None:
-        sp = sp.masked_fill(~shared_prefix.mask[:, None, None, :], float("-inf"))
-    sp = sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp)
-    ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
-    if attention_mask is not None:
-        mask = attention_mask[..., -ls:]
-        ss = ss.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else ss + mask
-    elif q > 1:  # causal among the new tokens, which are the last Q keys
-        future = torch.ones(q, ls, dtype=torch.bool).triu(ls - q + 1)
-        ss = ss.masked_fill(future, float("-inf"))
-    probs = torch.cat([sp, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, Lp + Ls)
-    pp = probs[..., :lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)
-    out = torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)
-    out = out + torch.matmul(probs[..., lp:], value)
-    return out.transpose(1, 2).contiguous(), None
-
-
-ALL_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
-
-
-# --- inputs ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Chunk:
-    """New tokens for every row, left-padded to a common length ``n``.
-
-    Attributes:
-        input_ids, attention_mask, local_positions: (B, n); the mask is 0 on left padding.
-        patches, patch_positions: (P, C*16*16) and (P, 2) for the ``<image>`` tokens, in row-major order.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    local_positions: torch.Tensor
-    patches: torch.Tensor | None = None
-    patch_positions: torch.Tensor | None = None
-
-    @classmethod
-    def from_ids(cls, ids: torch.Tensor) -> Chunk:
-        """Plain tokens (actions, rewards, text): (B, n) ids, no padding, no local positions."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[:, None]
-        return cls(ids, torch.ones_like(ids), torch.zeros_like(ids))
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[Sample], pad_id: int) -> Chunk:
-        """Left-pad tokenizer samples (one per row) into a chunk."""
-        n = max(len(s["input_ids"]) for s in samples)
-        b = len(samples)
-        ids = np.full((b, n), pad_id, np.int64)
-        mask = np.zeros((b, n), np.int64)
-        local = np.zeros((b, n), np.int64)
-        for i, s in enumerate(samples):
-            k = len(s["input_ids"])
-            if k:
-                ids[i, n - k:], mask[i, n - k:], local[i, n - k:] = s["input_ids"], 1, s["local_positions"]
-        patches = [s["patches"] for s in samples if len(s["patches"])]
-        chunk = cls(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(local))
-        if patches:
-            chunk.patches = torch.from_numpy(np.concatenate(patches))
-            chunk.patch_positions = torch.from_numpy(np.concatenate(
-                [s["patch_positions"] for s in samples if len(s["patches"])]))
-        return chunk
-
-
-@dataclass
-class DecodeState:
-    """Everything a batch of rows has been fed so far.
-
-    Attributes:
-        cache: the backbone's KV cache (``None`` for the uncached engine).
-        attention_mask: (B, L) 1 where a cached position is a real token of the row's current sequence.
-        next_position: (B,) position id of the row's next real token.
-        logits: (B, V') float32 next-token logits after the last fed token, for ids
-            ``[logits_offset, logits_offset + V')`` (the whole vocabulary unless the feed was told
-            which range the next token must come from).
-        logits_offset: the id of ``logits[:, 0]``.
-        history: the uncached engine's record of every input (it recomputes from it).
-        prefix: the first ``prefix.length`` positions, when they are shared by groups of rows
-            (:meth:`Engine.share`); ``cache`` then holds only the positions after them.
-    """
-
-    cache: Cache | None
-    attention_mask: torch.Tensor
-    next_position: torch.Tensor
-    logits: torch.Tensor | None = None
-    history: dict | None = field(default=None, repr=False)
-    logits_offset: int = 0
-    prefix: SharedPrefix | None = field(default=None, repr=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.attention_mask.shape[0]
-
-    @property
-    def length(self) -> int:
-        """Cache length: positions held per row, padding and forgotten tokens included."""
-        return self.attention_mask.shape[1]
+__all__ = [
+    "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",
+    "Snapshot", "as_range", "constrain", "enable_shared_prefix_attention", "filter_cdf", "filter_top_k",
+    "filter_top_p", "new_cache", "sample_next_token", "shared_prefix_attention",
+]
 
 
 class Engine:
@@ -413,17 +77,26 @@ class Engine:
         model: the model (put in eval mode here).
         seed: seed of the engine's ``torch.Generator`` (all sampling draws from it).
         use_cache: ``False`` recomputes the whole sequence for every feed (reference / benchmarks).
+        shared_prefix: let :meth:`share` store a context once per group of rows. The first
+            :meth:`share` that can use it switches the model to the shared-prefix attention
+            function (:func:`~generalist.shared_prefix.enable_shared_prefix_attention`: once, and
+            only for a model on sdpa, which that function equals without a prefix). ``False``:
+            :meth:`share` copies the context to every row (:meth:`repeat`) and the model is never
+            touched.
 
     Example::
 
         engine = Engine(model, seed=0)
-        state = engine.prefill(tok.encode_text_sample("hello")[...], num_rows=4)
-        ids = engine.generate(state, 5, temperature=0.8, top_k=20)   # (4, 5)
+        state = engine.prefill(tok.encode_text_sample("hello"), num_rows=4)
+        ids = engine.generate(state, [None] * 5, temperature=0.8, top_k=20)   # (4, 5)
     """
 
-    def __init__(self, model: GeneralistForCausalLM, seed: int = 0, use_cache: bool = True):
+    def __init__(self, model: GeneralistForCausalLM, seed: int = 0, use_cache: bool = True,
+                 shared_prefix: bool = True):
         self.model = model.eval()
         self.use_cache = use_cache
+        self.shared_prefix = shared_prefix and use_cache
+        self._shared_prefix_ready: bool | None = None  # enable_shared_prefix_attention's answer, asked once
         self.generator = torch.Generator().manual_seed(seed)
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.vocab_size = int(model.config.vocab_size)
@@ -487,15 +160,17 @@ class Engine:
         else:
             own_mask = state.attention_mask if state.prefix is None else state.attention_mask[:, state.prefix.length:]
             extra = {}
-            if state.prefix is not None:
+            if state.prefix is not None:  # the per-call switch: only this forward reads the shared prefix
+                if self.model.config.get_text_config(decoder=True)._attn_implementation != SHARED_PREFIX_ATTENTION:
+                    raise RuntimeError("the model's attention implementation was changed while rows share a prefix; "
+                                       "its attention would ignore the prefix")
                 extra["shared_prefix"] = state.prefix
-            with _attention(self.model, SHARED_PREFIX_ATTENTION if state.prefix is not None else None):
-                out = self.model(
-                    input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
-                    patch_positions=chunk.patch_positions, attention_mask=None if bool(own_mask.all()) else own_mask,
-                    position_ids=positions, cache=state.cache, use_cache=True, logits_to_keep=1,
-                    vocab_range=vocab_range, **extra,
-                )
+            out = self.model(
+                input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
+                patch_positions=chunk.patch_positions, attention_mask=None if bool(own_mask.all()) else own_mask,
+                position_ids=positions, cache=state.cache, use_cache=True, logits_to_keep=1,
+                vocab_range=vocab_range, **extra,
+            )
             state.cache = out.cache
             logits = out.logits[:, -1].float()
         # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
@@ -551,22 +226,29 @@ class Engine:
 
         Until :meth:`truncate` cuts back into it, :meth:`select` must keep every row in its group
         and :meth:`forget` is not available. Falls back to :meth:`repeat` without a cache, with a
-        cache that is not all :class:`AppendLayer`, or when a prefix is already shared.
+        cache that is not all :class:`AppendLayer`, when a prefix is already shared, or when the
+        model cannot take the shared-prefix attention (see the class's ``shared_prefix``).
         """
         layers = getattr(state.cache, "layers", None)
         if (n == 1 or state.prefix is not None or state.length == 0 or not layers
-                or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)):
+                or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)
+                or not self._can_share()):
             return self.repeat(state, n)
         mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool()
         state.prefix = SharedPrefix(cache=state.cache, length=state.length, mask=mask, group=n)
         state.cache = new_cache(self.model.config.text_config)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
+    def _can_share(self) -> bool:
+        if self._shared_prefix_ready is None:
+            self._shared_prefix_ready = self.shared_prefix and enable_shared_prefix_attention(self.model)
+        return self._shared_prefix_ready
+
     def select(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         """Keep rows ``rows`` (B',) in that order; rows may repeat (beam search survivors)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         if state.prefix is not None:
-            e = state.prefix.cache.layers[0].keys.shape[0]
+            e = state.prefix.num_rows
             if len(rows) % e or not torch.equal(rows // state.prefix.group,
                                                 torch.arange(len(rows)) // (len(rows) // e)):
                 raise ValueError("with a shared prefix, select must keep every row in its prefix's group")
@@ -582,7 +264,10 @@ class Engine:
         state.cache, state.prefix = state.prefix.cache, None
 
     def _index_rows(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
+        """Every per-row field follows the cache's rows: row i becomes old row ``rows[i]``."""
         state.attention_mask = state.attention_mask[rows]
+        if state.origin is not None:
+            state.origin = state.origin[rows]
         state.next_position = state.next_position[rows]
         if state.logits is not None:
             state.logits = state.logits[rows]
@@ -610,11 +295,16 @@ class Engine:
     def truncate(self, state: DecodeState, length: int) -> DecodeState:
         """Drop every cached position after the first ``length`` (``Cache.crop``).
 
-        ``state.logits`` is left as it was; callers that truncate restore it (TT planning does).
+        ``state.logits`` is left as it was (to come back to an earlier point with its logits, use
+        :meth:`snapshot` / :meth:`restore`). Snapshots longer than ``length`` become invalid.
         """
         extra = state.length - length
         if extra <= 0:
             return state
+        for i, snap in enumerate(state.snapshots):
+            if snap.length > length:  # it, and every later one (their rows are traced through it)
+                self._drop_snapshots(state, i)
+                break
         if state.prefix is not None:  # first the rows' own tokens; the prefix only once unshared
             keep = max(length, state.prefix.length)
             state.cache.crop(keep - state.length)
@@ -638,26 +328,94 @@ class Engine:
             h["patches"] = [p[: len(p) - k] for p, k in zip(h["patches"], dropped, strict=True)]
         return state
 
+    # --- snapshots ---
+    def snapshot(self, state: DecodeState) -> Snapshot:
+        """Remember ``state`` as it is now, to come back to with :meth:`restore`.
+
+        In between, anything may happen to the state except cutting into the snapshot's tokens
+        (:meth:`truncate` below its length, which invalidates it) or replacing it (a new
+        :meth:`prefill` is a new state). Snapshots nest: restoring one invalidates the later ones.
+        """
+        snap = Snapshot(
+            state=state, length=state.length, attention_mask=state.attention_mask.clone(),
+            next_position=state.next_position.clone(),
+            logits=None if state.logits is None else state.logits.clone(), logits_offset=state.logits_offset,
+            outer_origin=state.origin,
+        )
+        state.snapshots.append(snap)
+        state.origin = torch.arange(state.batch_size)
+        return snap
+
+    def restore(self, snapshot: Snapshot) -> DecodeState:
+        """Put the snapshot's state back as it was when :meth:`snapshot` was taken; returns it.
+
+        Each of its rows comes back from the first current row that descends from it (through
+        :meth:`repeat`, :meth:`share` and :meth:`select`; every beam of a group holds the same
+        context), the tokens fed since are cropped off the cache, and its logits, positions and
+        attention mask are the snapshot's. The snapshot stays valid, so a loop may restore it
+        after every look-ahead.
+        """
+        state = snapshot.state
+        index = next((i for i, s in enumerate(state.snapshots) if s is snapshot), None)
+        if index is None:
+            raise ValueError("this snapshot is no longer valid: its state was truncated below its length, or an "
+                             "earlier snapshot was restored since")
+        origin = self._origin_at(state, index)  # (B,) row of the snapshot each current row descends from
+        b, b0 = state.batch_size, snapshot.batch_size
+        rows = torch.full((b0,), b).scatter_reduce(0, origin, torch.arange(b), reduce="amin")  # (B0,)
+        if bool((rows == b).any()):
+            lost = torch.nonzero(rows == b).flatten().tolist()
+            raise ValueError(f"rows {lost} of the snapshot have no descendant left to restore them from")
+        self._drop_snapshots(state, index + 1)
+        if b != b0 or not torch.equal(rows, torch.arange(b0)):
+            self.select(state, rows)
+        self.truncate(state, snapshot.length)
+        state.attention_mask = snapshot.attention_mask.clone()
+        state.next_position = snapshot.next_position.clone()
+        state.logits = None if snapshot.logits is None else snapshot.logits.clone()
+        state.logits_offset = snapshot.logits_offset
+        state.origin = torch.arange(b0)
+        return state
+
+    @staticmethod
+    def _origin_at(state: DecodeState, index: int) -> torch.Tensor:
+        """(B,) for each current row, the row of ``state.snapshots[index]`` it descends from."""
+        origin = state.origin
+        for snap in reversed(state.snapshots[index + 1:]):
+            origin = snap.outer_origin[origin]
+        return origin
+
+    def _drop_snapshots(self, state: DecodeState, index: int) -> None:
+        """Forget ``state.snapshots[index:]``; ``origin`` then refers to the one before them."""
+        if index < len(state.snapshots):
+            state.origin = self._origin_at(state, index - 1) if index else None
+            del state.snapshots[index:]
+
     # --- sampling ---
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-        """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``."""
+               top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None) -> torch.Tensor:
+        """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
+
+        Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
+        Transformer's, drops the least likely ``cdf`` of the mass), then ``top_k``, then ``top_p``.
+        """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
-        return sample_next_token(logits, self.generator, temperature, top_k, top_p) + offset
+        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
-                 then: Allowed = None) -> torch.Tensor:
+                 then: Allowed = None, *, cdf: float | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
         (a control loop feeds it together with the next step's tokens, saving a forward pass), and
         then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
+        Sampling arguments as in :meth:`sample`.
         """
         out = []
         for j, allow in enumerate(allowed):
-            token = self.sample(state, allow, temperature, top_k, top_p)  # (B,)
+            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf)  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
                 self.feed(state, token[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)
@@ -665,14 +423,14 @@ class Engine:
 
     @torch.inference_mode()
     def generate_until(self, state: DecodeState, stop_id: int, max_new_tokens: int, allowed: Allowed = None,
-                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
-                       ) -> list[list[int]]:
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, *,
+                       cdf: float | None = None) -> list[list[int]]:
         """Sample until each row emits ``stop_id`` (not returned) or ``max_new_tokens``; ragged output."""
         b = state.batch_size
         done = torch.zeros(b, dtype=torch.bool)
         out: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            token = self.sample(state, allowed, temperature, top_k, top_p)  # (B,)
+            token = self.sample(state, allowed, temperature, top_k, top_p, cdf=cdf)  # (B,)
             stopped = token == stop_id
             for i in torch.nonzero(~done & ~stopped).flatten().tolist():
                 out[i].append(int(token[i]))
@@ -680,25 +438,8 @@ class Engine:
             if bool(done.all()):
                 break
             # finished rows are fed a masked pad token, so they stay aligned and unchanged
-            mask = (~done).long()[:, None]
-            self.feed(state, Chunk(torch.where(done, self.pad_id, token)[:, None], mask, torch.zeros_like(mask)))
+            self.feed(state, Chunk.from_ids(torch.where(done, self.pad_id, token), attention_mask=~done))
         return out
-
-
-class _attention:
-    """Within the block, the backbone uses attention implementation ``name`` (``None``: unchanged)."""
-
-    def __init__(self, model: GeneralistForCausalLM, name: str | None):
-        self.config, self.name = model.config.get_text_config(decoder=True), name
-
-    def __enter__(self):
-        if self.name is not None:
-            self.saved = self.config._attn_implementation
-            self.config._attn_implementation = self.name
-
-    def __exit__(self, *exc):
-        if self.name is not None:
-            self.config._attn_implementation = self.saved
 
 
 def _empty_history(batch_size: int) -> dict:

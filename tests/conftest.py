@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gymnasium import spaces
 
-from generalist import GeneralistConfig, GeneralistTokenizer
+from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = ROOT / "tokenizers_cfg" / "default"
@@ -47,6 +48,24 @@ def tiny_config(tok) -> GeneralistConfig:
 @pytest.fixture
 def tiny_gpt2_config(tok) -> GeneralistConfig:
     return GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_GPT2))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_model(tok) -> GeneralistForCausalLM:
+    """A seeded tiny Llama model in eval mode, one per test module (a test may switch its attention)."""
+    return _seeded_model(tok, TINY_LLAMA)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_model(tok) -> GeneralistForCausalLM:
+    """A seeded tiny GPT-2 model in eval mode, one per test module."""
+    return _seeded_model(tok, TINY_GPT2)
+
+
+def _seeded_model(tok, text_config: dict) -> GeneralistForCausalLM:
+    torch.manual_seed(0)
+    config = GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(text_config))
+    return GeneralistForCausalLM(config).eval()
 
 
 def random_episode(spec, obs_space: spaces.Space, act_space: spaces.Space, steps: int, seed: int = 0) -> dict:

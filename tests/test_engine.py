@@ -1,53 +1,33 @@
-"""Engine: sampling primitives, constraints, and cached == uncached decoding (greedy)."""
+"""Engine: cached decoding against a plain forward of the whole sequence and against the uncached
+engine, rows (padding, forget, beams, shared prefix), snapshots, and the KV cache's contract with
+transformers. Sampling functions are tested in ``test_sampling.py``."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers
+from transformers.cache_utils import Cache, DynamicCache
 
-from generalist import GeneralistConfig, GeneralistForCausalLM
-from generalist.engine import Chunk, Engine, constrain, sample_next_token
-from tests.conftest import TINY_GPT2, TINY_LLAMA
+from generalist.engine import Chunk, Engine
+from generalist.kv_cache import AppendLayer, layer_contract_problems
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)).eval()
+def model(tiny_llama_model):
+    return tiny_llama_model
 
 
-def test_sample_next_token_greedy_topk_topp():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 5.0]])
-    assert sample_next_token(logits, g, temperature=0).tolist() == [1, 3]
-    assert sample_next_token(logits, g, temperature=1.0, top_k=1).tolist() == [1, 3]
-    assert sample_next_token(logits, g, temperature=1.0, top_p=1e-3).tolist() == [1, 3]
-    draws = torch.stack([sample_next_token(logits, g, 1.0, top_k=2) for _ in range(200)])
-    assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
-    with pytest.raises(ValueError, match="temperature"):
-        sample_next_token(logits, g, temperature=-1)
-
-
-def test_sampling_is_seeded():
-    logits = torch.randn(8, 50)
-    a = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0)
-    b = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0)
-    assert torch.equal(a, b)
-
-
-def test_constrain_range_and_mask():
-    logits = torch.randn(3, 10)
-    sub, off = constrain(logits, (4, 7))
-    assert sub.shape == (3, 3) and off == 4
-    mask = torch.zeros(10, dtype=torch.bool)
-    mask[[2, 9]] = True
-    masked, off = constrain(logits, mask)
-    assert off == 0 and set(masked.argmax(-1).tolist()) <= {2, 9}
-    with pytest.raises(ValueError, match="range"):
-        constrain(logits, (5, 20))
-    with pytest.raises(ValueError, match="no token"):
-        constrain(logits, torch.zeros(10, dtype=torch.bool))
+@pytest.fixture(scope="module")
+def gpt2_model(tiny_gpt2_model):
+    return tiny_gpt2_model
 
 
 def _drive(engine: Engine, tok) -> list[list[int]]:
@@ -102,22 +82,6 @@ def test_forget_restarts_a_row(model, tok):
     torch.testing.assert_close(state.logits[0], fresh.logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_constrain_on_logits_of_an_id_range():
-    logits = torch.randn(3, 10)  # ids 20..29
-    sub, off = constrain(logits, (22, 25), offset=20)
-    assert torch.equal(sub, logits[:, 2:5]) and off == 22
-    assert constrain(logits, None, offset=20) == (logits, 20)
-    mask = torch.zeros(40, dtype=torch.bool)
-    mask[[21, 27]] = True
-    masked, off = constrain(logits, mask, offset=20)
-    assert off == 20 and set(masked.argmax(-1).tolist()) <= {1, 7}
-    with pytest.raises(ValueError, match="computed logits"):
-        constrain(logits, (15, 25), offset=20)
-    mask[3] = True
-    with pytest.raises(ValueError, match="outside the computed"):
-        constrain(logits, mask, offset=20)
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     """``feed(next_allowed=(lo, hi))`` gives the sliced logits and the same tokens as full logits."""
@@ -131,12 +95,6 @@ def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     assert b.logits.shape == (3, 200) and b.logits_offset == 2100
     torch.testing.assert_close(b.logits, a.logits[:, 2100:2300], rtol=1e-5, atol=1e-5)
     assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))
-
-
-@pytest.fixture(scope="module")
-def gpt2_model(tok):
-    torch.manual_seed(0)
-    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_GPT2)).eval()
 
 
 @pytest.mark.parametrize("backbone", ["llama", "gpt2"])
@@ -175,3 +133,237 @@ def test_shared_prefix_equals_copied_rows(model, gpt2_model, tok, ragged, backbo
     for eng, st in ((a_eng, a), (b_eng, b)):
         eng.feed(st, torch.tensor([[7], [8]]))
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+
+
+# --- against a plain forward of the whole sequence ---------------------------------------------------
+
+
+@torch.inference_mode()
+def _plain_next_logits(model, sample, extra: list[int]) -> torch.Tensor:
+    """Next-token logits (V,) of one ``model(input_ids)`` over the whole sequence: ``sample`` then
+    the plain tokens ``extra``, no cache, no padding, default positions."""
+    ids = torch.tensor([*sample["input_ids"].tolist(), *extra])[None]  # (1, T)
+    local = torch.tensor([*sample["local_positions"].tolist(), *[0] * len(extra)])[None]  # (1, T)
+    has_patches = len(sample["patches"]) > 0
+    out = model(input_ids=ids, local_positions=local,
+                patches=torch.from_numpy(sample["patches"]) if has_patches else None,
+                patch_positions=torch.from_numpy(sample["patch_positions"]).long() if has_patches else None)
+    return out.logits[0, -1].float()
+
+
+def _assert_rows_match_plain_forward(model, state, samples, rows: list[tuple[int, list[int]]]) -> None:
+    """Row r of ``state`` holds ``samples[rows[r][0]]`` followed by the tokens ``rows[r][1]``."""
+    for r, (i, extra) in enumerate(rows):
+        torch.testing.assert_close(state.logits[r], _plain_next_logits(model, samples[i], extra),
+                                   atol=1e-4, rtol=1e-4, msg=lambda m, r=r: f"row {r}: {m}")
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_cached_decoding_matches_a_plain_forward(model, gpt2_model, tok, backbone):
+    """Left-padded rows (one with an image), sampled tokens fed back, beams expanded and selected,
+    two tokens fed at once: every row's next-token logits equal a plain forward of its sequence."""
+    m = model if backbone == "llama" else gpt2_model
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    samples = [tok.encode_image_caption(image), tok.encode_text_sample("short"),
+               tok.encode_text_sample("a somewhat longer text sample here")]
+    engine = Engine(m, seed=0)
+    state = engine.prefill(samples)  # (3, L) left-padded
+    rows = [(i, []) for i in range(3)]
+    _assert_rows_match_plain_forward(m, state, samples, rows)
+    ids = engine.generate(state, [None] * 3, temperature=1.0)  # (3, 3), each fed back
+    rows = [(i, extra + ids[r].tolist()) for r, (i, extra) in enumerate(rows)]
+    _assert_rows_match_plain_forward(m, state, samples, rows)
+    engine.repeat(state, 2)  # (6)
+    ids = engine.generate(state, [(0, 500)] * 2, temperature=1.0)  # beams of a row now differ
+    rows = [(rows[r // 2][0], rows[r // 2][1] + ids[r].tolist()) for r in range(6)]
+    keep = [5, 0, 3, 3]
+    engine.select(state, torch.tensor(keep))
+    new = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
+    engine.feed(state, new)
+    rows = [(rows[k][0], rows[k][1] + new[r].tolist()) for r, k in enumerate(keep)]
+    _assert_rows_match_plain_forward(m, state, samples, rows)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_shared_prefix_decoding_matches_a_plain_forward(model, gpt2_model, tok, backbone):
+    m = model if backbone == "llama" else gpt2_model
+    samples = [tok.encode_text_sample("a shared context of some length"), tok.encode_text_sample("short")]
+    engine = Engine(m, seed=0)
+    state = engine.prefill(samples)
+    engine.share(state, 3)  # (6), each context stored once
+    assert state.prefix is not None
+    rows = [(r // 3, []) for r in range(6)]
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2):  # one token, then two at once (causal among them)
+        ids = torch.randint(0, 2000, (6, n), generator=gen)
+        engine.feed(state, ids)
+        rows = [(i, extra + ids[r].tolist()) for r, (i, extra) in enumerate(rows)]
+        _assert_rows_match_plain_forward(m, state, samples, rows)
+    keep = [2, 2, 0, 4, 3, 3]  # in-group
+    engine.select(state, torch.tensor(keep))
+    engine.feed(state, torch.tensor([[1], [2], [3], [4], [5], [6]]))
+    rows = [(rows[k][0], rows[k][1] + [r + 1]) for r, k in enumerate(keep)]
+    _assert_rows_match_plain_forward(m, state, samples, rows)
+
+
+OPT_IN_SCRIPT = """
+import torch
+from transformers import AttentionInterface
+
+import generalist.engine, generalist.modes, generalist.agent  # everything the package has
+from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
+from generalist.engine import SHARED_PREFIX_ATTENTION, Engine
+
+assert SHARED_PREFIX_ATTENTION not in AttentionInterface(), "registered at import"
+tok = GeneralistTokenizer.from_pretrained({tokenizer!r})
+torch.manual_seed(0)
+tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=tiny))
+text = model.config.text_config
+ids = torch.tensor([[5, 6, 7, 8]])
+with torch.inference_mode():
+    before = model(input_ids=ids).logits
+engine = Engine(model)
+state = engine.prefill(tok.encode_text_sample("a context"), num_rows=2)
+engine.generate(state, [None] * 2)
+engine.repeat(state, 2)
+assert text._attn_implementation == "sdpa" and SHARED_PREFIX_ATTENTION not in AttentionInterface()
+copied = Engine(model, shared_prefix=False).prefill(tok.encode_text_sample("a context"))
+Engine(model, shared_prefix=False).share(copied, 2)
+assert copied.prefix is None and text._attn_implementation == "sdpa", "opted out, yet switched"
+engine.share(state, 2)
+assert state.prefix is not None and text._attn_implementation == SHARED_PREFIX_ATTENTION
+with torch.inference_mode():
+    after = model(input_ids=ids).logits
+assert torch.equal(before, after), "without a prefix the shared-prefix attention must be sdpa"
+print("ok")
+"""
+
+
+def test_shared_prefix_attention_is_opt_in():
+    """Nothing registered at import; only an engine's first ``share`` switches the model, once, and
+    the model then computes exactly what it did (a fresh interpreter: other tests switch models)."""
+    script = OPT_IN_SCRIPT.format(tokenizer=str(ROOT / "tokenizers_cfg" / "default"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+# --- snapshots --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_snapshot_restore_returns_to_the_same_logits(model, tok, use_cache):
+    """A TT-like look-ahead (share, expand, sample, prune, feed) then ``restore``: the same rows,
+    length and next-token logits as before, again and again; decoding then goes on as if nothing
+    had been imagined."""
+    engine = Engine(model, seed=0, use_cache=use_cache)
+    samples = [tok.encode_text_sample("a context of some length"), tok.encode_text_sample("short")]
+    state = engine.prefill(samples)
+    before, length = state.logits.clone(), state.length
+    snap = engine.snapshot(state)
+    for _ in range(2):
+        engine.share(state, 3)  # (6); copied rows without a cache
+        engine.repeat(state, 2)  # (12)
+        engine.generate(state, [(0, 500)] * 2, temperature=1.0, cdf=0.5)
+        engine.select(state, torch.tensor([1, 0, 4, 6, 9, 11]))  # 3 per context, in-group
+        engine.feed(state, torch.randint(0, 500, (6, 2)))
+        assert engine.restore(snap) is state
+        assert state.batch_size == 2 and state.length == length and state.prefix is None
+        assert torch.equal(state.logits, before)
+    engine.feed(state, torch.tensor([[7], [8]]))
+    fresh = engine.prefill(samples)
+    engine.feed(fresh, torch.tensor([[7], [8]]))
+    torch.testing.assert_close(state.logits, fresh.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_snapshots_nest_and_become_invalid(model, tok):
+    engine = Engine(model, seed=0)
+    state = engine.prefill([tok.encode_text_sample("one context"), tok.encode_text_sample("another one")])
+    engine.share(state, 2)  # (4) rows, two per shared context
+    outer, outer_logits = engine.snapshot(state), state.logits.clone()
+    engine.feed(state, torch.tensor([[3], [4], [5], [6]]))
+    inner, inner_logits = engine.snapshot(state), state.logits.clone()
+    engine.repeat(state, 2)  # (8)
+    engine.feed(state, torch.randint(0, 500, (8, 1)))
+    engine.select(state, torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]))
+    engine.restore(inner)
+    assert state.batch_size == 4 and torch.equal(state.logits, inner_logits)
+    engine.feed(state, torch.tensor([[3], [4], [5], [6]]))
+    engine.restore(outer)
+    assert state.batch_size == 4 and state.prefix.group == 2 and torch.equal(state.logits, outer_logits)
+    with pytest.raises(ValueError, match="no longer valid"):
+        engine.restore(inner)  # an earlier snapshot was restored
+    state = engine.prefill([tok.encode_text_sample("one context"), tok.encode_text_sample("another one")])
+    length = state.length
+    engine.feed(state, torch.tensor([[3], [4]]))
+    snap = engine.snapshot(state)
+    engine.select(state, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        engine.restore(snap)  # row 1 has no descendant left
+    engine.truncate(state, length)
+    with pytest.raises(ValueError, match="no longer valid"):
+        engine.restore(snap)
+
+
+def test_sample_and_generate_take_the_cdf_filter(model, tok):
+    """``cdf`` reaches the sampler: probabilities [0.5, 0.3, 0.1, 0.1] at cdf 0.6 leave one token
+    (nucleus top_p 0.6 would leave two)."""
+    engine = Engine(model, seed=0)
+    state = engine.prefill(tok.encode_text_sample("x"), num_rows=64)
+    state.logits = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log().expand(64, -1).clone()
+    assert set(engine.sample(state, (0, 4), 1.0, top_p=0.6).tolist()) == {0, 1}
+    assert set(engine.sample(state, (0, 4), 1.0, cdf=0.6).tolist()) == {0}
+    assert set(engine.generate(state, [(0, 4)], 1.0, cdf=0.6, feed_last=False).flatten().tolist()) == {0}
+
+
+# --- the KV cache and transformers --------------------------------------------------------------------
+
+
+def test_append_layer_still_fits_the_transformers_cache_layer_interface():
+    problems = layer_contract_problems()
+    assert not problems, (
+        f"generalist/kv_cache.py::AppendLayer implements transformers' cache-layer interface by hand (written "
+        f"against 5.24); transformers {transformers.__version__} changed it:\n" + "\n".join(problems))
+
+
+def test_append_layer_behaves_like_dynamic_layer():
+    """The same public ``Cache`` calls on an AppendLayer cache and on transformers' DynamicCache
+    give the same keys and values: growth past the headroom, repeat, reorder, crop, select, reset."""
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = Cache(layers=[AppendLayer(), AppendLayer()]), DynamicCache()
+    version = transformers.__version__
+
+    def update(b: int, n: int) -> None:
+        for i in range(2):
+            k, v = torch.randn(b, 2, n, 4, generator=g), torch.randn(b, 2, n, 4, generator=g)  # (B, H_kv, n, D)
+            for a, t in zip(ours.update(k, v, i), theirs.update(k, v, i), strict=True):
+                assert torch.equal(a, t), f"AppendLayer.update differs from DynamicLayer's (transformers {version})"
+
+    def same(after: str) -> None:
+        assert ours.get_seq_length() == theirs.get_seq_length(), after
+        assert ours.get_mask_sizes(3, 0) == theirs.get_mask_sizes(3, 0), after
+        for a, t in zip(ours.layers, theirs.layers, strict=True):
+            assert torch.equal(a.keys, t.keys) and torch.equal(a.values, t.values), (
+                f"AppendLayer differs from DynamicLayer after {after} (transformers {version})")
+
+    update(2, 5)
+    same("update")
+    update(2, 70)
+    same("an update past the headroom")
+    for cache in (ours, theirs):
+        cache.batch_repeat_interleave(3)
+    same("batch_repeat_interleave")
+    for cache in (ours, theirs):
+        cache.reorder_cache(torch.tensor([5, 0, 0, 3]))
+    same("reorder_cache")
+    for cache in (ours, theirs):
+        cache.crop(-7)
+    same("crop")
+    update(4, 1)
+    same("an update after crop")
+    for cache in (ours, theirs):
+        cache.batch_select_indices(torch.tensor([2, 1]))
+    same("batch_select_indices")
+    for cache in (ours, theirs):
+        cache.reset()
+    assert ours.get_seq_length() == theirs.get_seq_length() == 0

@@ -1,0 +1,200 @@
+"""The engine's KV cache: transformers' ``Cache`` holding :class:`AppendLayer` layers.
+
+Why a layer of our own: ``DynamicLayer`` copies the whole cache into fresh memory on every token
+(``torch.cat``), so a decision's cost grows with the context, and beam search (expand, prune,
+expand...) allocates a new cache per step. :class:`AppendLayer` appends into preallocated storage
+and gathers rows into recycled buffers instead; the fix lives in the cache, not in the modes
+(STYLE.md §3).
+
+Everything outside this module talks to the cache through ``Cache``'s public methods only
+(``get_seq_length``, ``crop``, ``reorder_cache``, ``batch_repeat_interleave``): their per-layer
+tensor layout changed between releases. The one place that depends on transformers' layer
+*internals* is :class:`AppendLayer`: it implements the abstract ``CacheLayerMixin`` that ``Cache``
+dispatches to, by method name. :func:`layer_contract_problems` lists what would break if a new
+transformers release changed that contract; ``tests/test_engine.py`` fails loudly on it, naming
+the installed version.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
+
+
+class AppendLayer(CacheLayerMixin):
+    """A full-attention cache layer that appends into preallocated storage instead of ``torch.cat``.
+
+    Keeps headroom after the filled part (amortised O(1) appends), hands attention a view of the
+    filled part, only moves the fill mark on ``crop``, and gathers rows (``reorder_cache``,
+    ``batch_repeat_interleave``) with ``index_select(out=...)`` into buffers it recycles, so beam
+    search touches no new memory after its first step. Same behaviour as ``DynamicLayer`` (checked
+    against it in the tests).
+
+    ``keys`` / ``values`` are (B, H_kv, L, D) views of the filled part; assigning them (as
+    ``CacheLayerMixin.__init__`` does) replaces the storage.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = True
+    headroom = 64  # free positions kept after the filled part when storage is (re)allocated
+    max_spares = 4  # recycled buffers kept per layer
+
+    def __init__(self, **kwargs):
+        self._k: torch.Tensor | None = None  # (B, H_kv, capacity, D)
+        self._v: torch.Tensor | None = None
+        self._length = 0
+        self._spares: list[torch.Tensor] = []  # flat, already-touched storage to reuse
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._length = 0 if value is None else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    def _buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous tensor of ``shape``, from a recycled buffer when one is large enough."""
+        n = int(np.prod(shape))
+        fits = [i for i, flat in enumerate(self._spares) if flat.numel() >= n and flat.dtype == like.dtype]
+        if fits:
+            flat = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel()))
+            return flat[:n].view(shape)
+        return like.new_empty(shape)
+
+    def _recycle(self, t: torch.Tensor) -> None:
+        flat = t.new_empty(0).set_(t.untyped_storage())  # the whole storage, flat
+        self._spares = sorted([*self._spares, flat], key=lambda x: -x.numel())[: self.max_spares]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))  # (B, H_kv, 0, D)
+        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self._length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, H_kv, n, D) new keys/values; return all of them, (B, H_kv, L + n, D)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            capacity = end + max(self.headroom, end // 2)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = self._buffer(old, (*old.shape[:2], capacity, old.shape[-1]))
+                new[:, :, : self._length] = old[:, :, : self._length]
+                setattr(self, name, new)
+                self._recycle(old)
+        self._k[:, :, self._length: end] = key_states
+        self._v[:, :, self._length: end] = value_states
+        self._length = end
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens: all past ones are kept."""
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return -1  # grows without bound, like DynamicLayer
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._length = 0
+        self._spares = []
+        self.is_initialized = False
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.to("cpu", non_blocking=True), self._v.to("cpu", non_blocking=True)
+            self._spares = []
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self._k.device != self.device:
+            self._k = self._k.to(self.device, non_blocking=True)
+            self._v = self._v.to(self.device, non_blocking=True)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._length = max(0, self._length + tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        rows = torch.as_tensor(beam_idx, dtype=torch.long, device=self.device)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = self._buffer(old, (len(rows), *old.shape[1:]))
+            # only the filled part moves (the headroom after it holds nothing)
+            torch.index_select(old[:, :, : self._length], 0, rows, out=new[:, :, : self._length])
+            setattr(self, name, new)
+            self._recycle(old)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.reorder_cache(torch.arange(self._k.shape[0], device=self.device).repeat_interleave(repeats))
+
+
+def new_cache(text_config) -> Cache:
+    """An :class:`AppendLayer` cache when every backbone layer is full attention, else ``DynamicCache``."""
+    layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        return Cache(layers=[AppendLayer() for _ in layer_types])
+    return DynamicCache(config=text_config)
+
+
+def layer_contract_problems() -> list[str]:
+    """What :class:`AppendLayer` assumes about transformers' cache-layer interface and no longer holds.
+
+    Empty when the installed transformers matches what it was written against. Checks that
+    ``CacheLayerMixin`` has no abstract method AppendLayer lacks, that ``DynamicLayer`` (the layer it
+    replaces) has no public method or attribute AppendLayer does not define itself, and that the
+    signatures ``Cache`` calls are unchanged.
+    """
+    version = transformers.__version__
+    problems = []
+    missing = sorted(n for n in getattr(CacheLayerMixin, "__abstractmethods__", ()) if n not in vars(AppendLayer))
+    if missing:
+        problems.append(f"transformers {version}: CacheLayerMixin gained abstract methods {missing}")
+    unknown = sorted(n for n in dir(DynamicLayer) if not n.startswith("_") and n not in vars(AppendLayer))
+    if unknown:
+        problems.append(f"transformers {version}: the cache layer interface has members {unknown} that AppendLayer "
+                        "does not define itself (it would inherit versions written for torch.cat storage)")
+    expected = {
+        "update": ["self", "key_states", "value_states", "args", "kwargs"],
+        "crop": ["self", "tokens_to_remove"],
+        "reorder_cache": ["self", "beam_idx"],
+        "batch_repeat_interleave": ["self", "repeats"],
+        "batch_select_indices": ["self", "indices"],
+        "get_mask_sizes": ["self", "query_length"],
+        "lazy_initialization": ["self", "key_states", "value_states"],
+    }
+    for name, params in expected.items():
+        got = list(inspect.signature(getattr(DynamicLayer, name)).parameters)
+        if got != params:
+            problems.append(f"transformers {version}: DynamicLayer.{name}{tuple(got)} was {tuple(params)}")
+    return problems

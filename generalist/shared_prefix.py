@@ -1,0 +1,121 @@
+"""A context stored once for a group of rows (beams), and the attention function that reads it.
+
+Beam search over one context copies that context to every beam, so each new token's attention
+reads it (and every beam reordering copies it) once per beam, while decoding is bound by reading
+the KV cache, not by arithmetic. With a :class:`SharedPrefix` it is stored once per environment,
+and :func:`shared_prefix_attention` asks it for all of a group's queries in one product; only the
+beams' own tokens live in per-row storage (see ``Engine.share``).
+
+Opt-in, never at import: transformers picks a model's attention function from its config
+(``AttentionInterface``; no per-call switch exists as of v5.24), so
+:func:`enable_shared_prefix_attention` registers ours under :data:`SHARED_PREFIX_ATTENTION` and
+switches the model to it once, with the public ``PreTrainedModel.set_attn_implementation``. Without
+a ``shared_prefix=`` keyword the function *is* sdpa (same call, same mask), so the model computes
+exactly what it did before; a forward that passes ``shared_prefix=`` (transformers forwards extra
+keywords to the attention function) gets the shared context. That keyword is the per-call switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import Cache
+
+SHARED_PREFIX_ATTENTION = "generalist_shared_prefix"
+BASE_ATTENTION = "sdpa"  # what the function computes without a prefix; only models on it are switched
+
+
+@dataclass
+class SharedPrefix:
+    """A cache of E rows that rows ``i*group .. i*group+group-1`` of the live cache all continue.
+
+    Attributes:
+        cache: the prefix's cache (E rows, ``AppendLayer`` layers).
+        length: positions in it.
+        mask: (E, length) bool, False at padding; ``None`` when every position is real.
+        group: live rows per prefix row.
+    """
+
+    cache: Cache
+    length: int
+    mask: torch.Tensor | None
+    group: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.mask.shape[0] if self.mask is not None else self.cache.layers[0].keys.shape[0]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (E, H_kv, length, D) of backbone layer ``i``."""
+        return self.cache.layers[i].keys, self.cache.layers[i].values
+
+
+def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H_kv, L, D) -> (B, H_kv * n, L, D): grouped-query keys/values, one copy per query head."""
+    return t if n == 1 else t.repeat_interleave(n, dim=1)
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            shared_prefix: SharedPrefix | None = None, **kwargs):
+    """Attention over a :class:`SharedPrefix` and each row's own keys; sdpa when there is no prefix.
+
+    ``query`` (B, H, Q, D); ``key``/``value`` (B, H_kv, Ls, D) the rows' own tokens (new ones
+    included); ``attention_mask`` the backbone's mask over those (bool, True = attend) or ``None``.
+    One softmax over [prefix keys, own keys], as if the prefix were in every row.
+    Returns (B, Q, H, D) and no attention weights, like transformers' attention functions.
+    """
+    if shared_prefix is None:
+        return AttentionInterface()[BASE_ATTENTION](module, query, key, value, attention_mask, dropout=dropout,
+                                                     scaling=scaling, **kwargs)
+    pk, pv = shared_prefix.layer(module.layer_idx)  # (E, H_kv, Lp, D)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key, value, pk, pv = (_repeat_heads(t, n_rep) for t in (key, value, pk, pv))  # (., H, ., D)
+    b, h, q, d = query.shape
+    e, lp, ls = pk.shape[0], pk.shape[2], key.shape[2]
+    g = b // e
+    scale = d**-0.5 if scaling is None else scaling
+    # the prefix: all g*Q queries of a group against its prefix row, one matrix product
+    qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)  # (E, H, gQ, D)
+    sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
+    if shared_prefix.mask is not None:
+        sp = sp.masked_fill(~shared_prefix.mask[:, None, None, :], float("-inf"))
+    sp = sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp)  # (B, H, Q, Lp)
+    ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
+    if attention_mask is not None:
+        mask = attention_mask[..., -ls:]
+        ss = ss.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else ss + mask
+    elif q > 1:  # causal among the new tokens, which are the last Q keys
+        future = torch.ones(q, ls, dtype=torch.bool, device=ss.device).triu(ls - q + 1)
+        ss = ss.masked_fill(future, float("-inf"))
+    probs = torch.cat([sp, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, Lp + Ls)
+    pp = probs[..., :lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)  # (E, H, gQ, Lp)
+    out = torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
+    out = out + torch.matmul(probs[..., lp:], value)
+    return out.transpose(1, 2).contiguous(), None  # (B, Q, H, D)
+
+
+def enable_shared_prefix_attention(model) -> bool:
+    """Let ``model`` attend to a :class:`SharedPrefix`; ``True`` if it can (now or already).
+
+    The one place where the model's attention implementation changes: registers
+    :func:`shared_prefix_attention` (and sdpa's mask) under :data:`SHARED_PREFIX_ATTENTION`, then
+    ``model.set_attn_implementation`` once. Only a model whose backbone runs sdpa is switched, since
+    that is what the function computes without a prefix; any other model (eager, flash, a stand-in
+    without ``set_attn_implementation``) is left alone and ``False`` returned, and the engine then
+    copies the context to every row instead.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return False
+    current = config.get_text_config(decoder=True)._attn_implementation
+    if current == SHARED_PREFIX_ATTENTION:
+        return True
+    if current != BASE_ATTENTION:
+        return False
+    if SHARED_PREFIX_ATTENTION not in AttentionInterface():
+        AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+        AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, AttentionMaskInterface()[BASE_ATTENTION])
+    model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+    return True

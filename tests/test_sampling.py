@@ -1,0 +1,135 @@
+"""Sampling: constraints, the filters (cdf against the reference planner's semantics), seeding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from generalist.sampling import constrain, filter_cdf, filter_top_k, filter_top_p, sample_next_token
+
+
+def _logits(*probs: float) -> torch.Tensor:
+    return torch.tensor([[math.log(p) for p in probs]])  # (1, V)
+
+
+def _kept(logits: torch.Tensor) -> list[int]:
+    return torch.nonzero(~torch.isneginf(logits[0])).flatten().tolist()
+
+
+def _draws(logits: torch.Tensor, n: int = 300, **kwargs) -> set[int]:
+    g = torch.Generator().manual_seed(0)
+    return {int(sample_next_token(logits, g, 1.0, **kwargs)) for _ in range(n)}
+
+
+def reference_cdf_removed(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The reference planner's ``filter_cdf`` written out step by step, one row at a time:
+    ascending probabilities, cumulative sum, the cut is the largest probability still below the
+    threshold (the first one when none is), and probabilities <= cut go. -> (B, V) bool."""
+    probs = logits.float().softmax(-1)
+    removed = torch.zeros_like(probs, dtype=torch.bool)
+    for row in range(len(probs)):
+        ascending = probs[row].sort().values
+        cumulative = ascending.cumsum(0)
+        below = [i for i in range(len(ascending)) if cumulative[i] < threshold]
+        cut = ascending[below[-1] if below else 0]
+        removed[row] = probs[row] <= cut
+    return removed
+
+
+def test_cdf_drops_the_lowest_mass_unlike_nucleus():
+    """probs [0.5, 0.3, 0.1, 0.1], threshold 0.6: ascending cumsum 0.1, 0.2, 0.5, 1.0; the last
+    below 0.6 is 0.3's, so 0.3 and both 0.1 go. Nucleus top_p=0.6 would keep 0.3 as well."""
+    logits = _logits(0.5, 0.3, 0.1, 0.1)
+    assert _kept(filter_cdf(logits, 0.6)) == [0]
+    assert _kept(filter_top_p(logits, 0.6)) == [0, 1]
+    assert _draws(logits, cdf=0.6) == {0}
+
+
+def test_cdf_matches_the_reference_semantics_on_random_logits():
+    g = torch.Generator().manual_seed(0)
+    for v in (2, 7, 50):
+        logits = torch.randn(64, v, generator=g) * 2
+        logits[:16] = logits[:16].round()  # ties at the cut
+        for threshold in (0.0, 0.05, 0.3, 0.6, 0.9, 0.99):
+            expected = reference_cdf_removed(logits, threshold)
+            out = filter_cdf(logits, threshold)
+            partial = ~expected.all(-1)  # rows where something survives
+            assert torch.equal(torch.isneginf(out)[partial], expected[partial]), (v, threshold)
+            assert torch.equal(out[~partial], torch.zeros_like(out[~partial]))  # all tied with the cut: uniform
+
+
+def test_cdf_edge_cases():
+    # every token tied with the cut: the reference's row turns uniform (all -1000), so does ours
+    uniform = _logits(0.25, 0.25, 0.25, 0.25)
+    assert _kept(filter_cdf(uniform, 0.6)) == [0, 1, 2, 3]
+    assert _draws(uniform, cdf=0.6) == {0, 1, 2, 3}
+    # nothing below the threshold: the cut is the smallest probability, which goes
+    assert _kept(filter_cdf(_logits(0.5, 0.3, 0.2), 0.0)) == [0, 1]
+    # disallowed ids (-inf) are not tokens: the smallest *allowed* probability is the cut
+    masked = torch.cat([torch.full((1, 2), float("-inf")), _logits(0.5, 0.3, 0.2)], 1)
+    assert _kept(filter_cdf(masked, 0.0)) == [2, 3]
+    assert _kept(filter_cdf(masked, 0.6)) == [2]
+    with pytest.raises(ValueError, match="cdf"):
+        filter_cdf(uniform, 1.0)
+
+
+def test_cdf_runs_before_top_k_as_in_the_reference():
+    """probs [0.4, 0.3, 0.2, 0.1], cdf 0.35, top_k 2. Reference order (cdf on the full
+    distribution, then top-k): the cut is 0.2, so 0.4 and 0.3 stay. The other order would
+    renormalise to [4/7, 3/7] first, find no cumulative mass below 0.35 and drop 3/7 too."""
+    logits = _logits(0.4, 0.3, 0.2, 0.1)
+    assert _draws(logits, cdf=0.35, top_k=2) == {0, 1}
+    assert _kept(filter_cdf(filter_top_k(logits, 2), 0.35)) == [0]
+
+
+def test_sample_next_token_greedy_topk_topp():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 5.0]])
+    assert sample_next_token(logits, g, temperature=0).tolist() == [1, 3]
+    assert sample_next_token(logits, g, temperature=1.0, top_k=1).tolist() == [1, 3]
+    assert sample_next_token(logits, g, temperature=1.0, top_p=1e-3).tolist() == [1, 3]
+    draws = torch.stack([sample_next_token(logits, g, 1.0, top_k=2) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 3}
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, g, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next_token(logits, g, temperature=1.0, top_k=0)
+
+
+def test_sampling_is_seeded():
+    logits = torch.randn(8, 50)
+    a = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0, cdf=0.3, top_k=20)
+    b = sample_next_token(logits, torch.Generator().manual_seed(3), 1.0, cdf=0.3, top_k=20)
+    assert torch.equal(a, b)
+
+
+def test_constrain_range_and_mask():
+    logits = torch.randn(3, 10)
+    sub, off = constrain(logits, (4, 7))
+    assert sub.shape == (3, 3) and off == 4
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 9]] = True
+    masked, off = constrain(logits, mask)
+    assert off == 0 and set(masked.argmax(-1).tolist()) <= {2, 9}
+    with pytest.raises(ValueError, match="range"):
+        constrain(logits, (5, 20))
+    with pytest.raises(ValueError, match="no token"):
+        constrain(logits, torch.zeros(10, dtype=torch.bool))
+
+
+def test_constrain_on_logits_of_an_id_range():
+    logits = torch.randn(3, 10)  # ids 20..29
+    sub, off = constrain(logits, (22, 25), offset=20)
+    assert torch.equal(sub, logits[:, 2:5]) and off == 22
+    assert constrain(logits, None, offset=20) == (logits, 20)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[[21, 27]] = True
+    masked, off = constrain(logits, mask, offset=20)
+    assert off == 20 and set(masked.argmax(-1).tolist()) <= {1, 7}
+    with pytest.raises(ValueError, match="computed logits"):
+        constrain(logits, (15, 25), offset=20)
+    mask[3] = True
+    with pytest.raises(ValueError, match="outside the computed"):
+        constrain(logits, mask, offset=20)

@@ -3,7 +3,7 @@
     python bench/train.py                     # the demo preset's model and context, demo data if built
     python bench/train.py --preset small --batch_size 4
 
-Prints ratios from one run (DESIGN.md figures):
+Prints ratios from one run (the README's training figures):
 
 - ``generalist / backbone tokens/s`` (goal >= 0.9): one optimizer step (forward, backward, AdamW) of
   ``GeneralistForCausalLM`` on a packed mixed batch, against ``AutoModelForCausalLM.from_config(
@@ -25,20 +25,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # as in train.py: patch counts vary per batch
-
 import torch
 import tyro
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from datasets_build import synthetic
+from datasets_build.sources import load_sources, parse_mixture
+from generalist import GeneralistForCausalLM, GeneralistTokenizer
+from generalist.packing import CaptionSource, ControlSource, Mixture, PackedStream, PackingConfig, TextSource
+from generalist.vocab import Modality
 
-import train  # noqa: E402  (the training script's own data loading and presets)
-from generalist import GeneralistForCausalLM, GeneralistTokenizer  # noqa: E402
-from generalist.packing import Mixture, PackedStream, PackingConfig  # noqa: E402
-from generalist.vocab import Modality  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -57,20 +55,17 @@ class Args:
     """built datasets; the preset's mixture is used if it is built there, otherwise tiny in-memory data"""
 
 
-def sources(args: train.Args, data_root: Path):
-    """The preset's mixture if it is built, otherwise tiny in-memory data of every kind."""
-    weights = train.parse_mixture(args.mixture)
+def sources(args, data_root: Path):
+    """The preset's mixture if it is built, otherwise tiny synthetic data of every kind."""
+    weights = parse_mixture(args.mixture)
     if all((data_root / name).exists() for name in weights):
-        srcs, _, specs = train.load_sources(weights, data_root)
+        srcs, _, specs = load_sources(weights, data_root)
         return srcs, [weights[s.name] for s in srcs], specs
-    from generalist.packing import CaptionSource, ControlSource, TextSource
-    from tests import train_fixtures as fx
-
-    print(f"note: {args.mixture!r} is not built under {data_root}; using tiny in-memory data")
-    eps = fx.episodes(24)
-    srcs = [TextSource("text", fx.texts(200)), CaptionSource("captions", fx.captions(64)),
+    print(f"note: {args.mixture!r} is not built under {data_root}; using tiny synthetic data")
+    eps = synthetic.episodes(24)
+    srcs = [TextSource("text", synthetic.texts(200)), CaptionSource("captions", synthetic.captions(64)),
             ControlSource("control", eps, [e["task"] for e in eps])]
-    return srcs, [1.0, 1.0, 2.0], fx.task_specs()
+    return srcs, [1.0, 1.0, 2.0], synthetic.task_specs()
 
 
 def timed_step(model, optimizer, batch) -> float:
@@ -96,6 +91,9 @@ def compare(generalist, backbone, batch: dict, steps: int) -> tuple[float, float
 
 
 def main(bench: Args) -> None:
+    sys.path.insert(0, str(ROOT))  # train.py is a script next to the packages, not one of them
+    import train  # the training script's presets and model
+
     torch.manual_seed(0)
     args = train.parse_args(["--preset", bench.preset])
     if bench.batch_size:
@@ -150,4 +148,5 @@ def main(bench: Args) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # as train.py: patch counts vary per batch
     main(tyro.cli(Args, use_underscores=True))

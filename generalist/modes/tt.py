@@ -9,9 +9,9 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 ``horizon`` steps for ``beam_width`` beams per environment. Each planning step (reference
 ``trajectory/search/core.py::beam_plan``):
 
-1. every beam is expanded ``n_expand`` times and samples its action tokens (top-k ``k_act``, then
-   the reference's cdf filter ``cdf_act``: the least likely ``cdf_act`` of the mass is dropped),
-   constrained to the action space;
+1. every beam is expanded ``n_expand`` times and samples its action tokens (the reference's cdf
+   filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass, then top-k ``k_act``,
+   in the reference's order), constrained to the action space;
 2. the reward token ``r_t`` is predicted and fed (greedy, reference ``k_rew=1``); then the next
    ``R`` position is read: its distribution over value bins and ``<eos>`` gives the expected value
    ``V_{t+1}`` (the reference's ``percentile='mean'``) and the probability that the episode ended,
@@ -22,7 +22,9 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 3. the ``beam_width`` best candidates per environment survive (the cache is gathered, the shared
    context never recomputed);
 4. except at the last step, ``<no_return>`` is fed (as in training) and the next observation's
-   tokens are predicted (``k_obs`` / ``cdf_obs``), then ``<sep>``.
+   tokens are predicted (``k_obs`` / ``cdf_obs``; ``k_obs=1`` reads each continuous value as the
+   predicted median, the bin-width-free greedy choice: the reference's quantile bins make its argmax
+   unbiased, our mu-law bins do not), then ``<sep>``.
 
 The first action of the best beam is returned. All beams of all environments are one batch.
 """
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from generalist.engine import DecodeState, Engine, constrain
-from generalist.modes.control import ControlStep, continuous_values, observation_token_ranges
+from generalist.modes.control import ControlStep, continuous_values, generate_values, observation_token_ranges
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
@@ -174,7 +176,8 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         rewards, alive, values, plans, scores = rewards[rows], alive[rows], values[rows], plans[rows], scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
-            obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs)
+            obs = generate_values(engine, state, tok, obs_ranges, 1.0, config.k_obs, cdf=config.cdf_obs,
+                                  feed_last=False)  # k_obs = 1: the predicted median of each value
             engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1), act_ranges[0])
 
     best = scores.view(e, beam).argmax(1)  # (E,)

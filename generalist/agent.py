@@ -39,7 +39,14 @@ from gymnasium.vector.utils import concatenate, create_empty_array
 
 from generalist.engine import DecodeState, Engine
 from generalist.modeling_generalist import GeneralistForCausalLM
-from generalist.modes.control import ControlMode, ControlStep, action_sample, decode_actions, reward_sample, step_prompts
+from generalist.modes.control import (
+    ControlMode,
+    ControlStep,
+    action_sample,
+    decode_actions,
+    reward_sample,
+    step_prompts,
+)
 from generalist.modes.dt import DTMode
 from generalist.modes.gato import GatoMode
 from generalist.modes.tt import TTConfig, TTMode

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,36 @@ def _concat_blocks(blocks: Sequence[Sample]) -> Sample:
 def _row(block: Sample | list[Sample], i: int) -> Sample:
     """Step ``i`` of a block (or of a list of per-step samples) as a sample."""
     return block[i] if isinstance(block, list) else {k: v[i] for k, v in block.items()}
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where the tokens of one control step sit: ``[R] [o ...] <sep> [a ...] [r]``.
+
+    The one source of "tokens per step" for packing, prompts, the Agent's window and the planner
+    (nothing else adds up ``+ 3  # R, <sep>, r``). ``observation_tokens`` is the most an observation
+    can take; a text field makes it vary, and then it is an estimate (its encoded length of a
+    typical value) rather than exact.
+    """
+
+    observation_tokens: int
+    action_tokens: int
+
+    return_index = 0  # R_t opens the step
+
+    @property
+    def sep_index(self) -> int:
+        return 1 + self.observation_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        """``[R] [o] <sep>``: what a decision feeds before sampling the action."""
+        return self.observation_tokens + 2
+
+    @property
+    def tokens(self) -> int:
+        """The whole step, reward included."""
+        return self.prompt_tokens + self.action_tokens + 1
 
 
 class GeneralistTokenizer:
@@ -531,6 +562,13 @@ class GeneralistTokenizer:
         truncated one (a time limit, which the model cannot see) it only separates episodes.
         """
         return token_sample([self.eos_id], Modality.VALUE if terminated else Modality.SPECIAL)
+
+    def step_layout(self, task: str | TaskSpec) -> StepLayout:
+        """The token layout of one step of ``task`` (text observation fields count 16 tokens)."""
+        spec = self.get_task_spec(task)
+        per_field = {"image": self.patches_per_image, "text": 16}
+        obs = sum(per_field.get(f.kind, f.size) for f in spec.observation_fields)
+        return StepLayout(observation_tokens=obs, action_tokens=spec.action_size)
 
     # --- decoding actions ---
     def action_token_ranges(self, task: str | TaskSpec) -> list[tuple[int, int]]:

@@ -14,6 +14,7 @@ import datasets
 
 from datasets_build.base import Builder, BuildOptions
 from datasets_build.captions import CaptionDatasetBuilder
+from datasets_build.collector import EXPERT, NOISY_PREFIX, RANDOM
 from datasets_build.common import is_built
 from datasets_build.control import (
     CORE_TASKS,
@@ -31,6 +32,12 @@ DATASETS: dict[str, Builder] = {
         "control-core", lambda: CORE_TASKS, default_episodes=200,
         description="Classic control (CartPole, Acrobot, MountainCar, MountainCarContinuous, Pendulum) "
                     "with scripted experts, noisy experts and random play."),
+    "control-lowq": ControlDatasetBuilder(
+        "control-lowq", lambda: CORE_TASKS, default_episodes=400,
+        source_mix={EXPERT: 0.05, f"{NOISY_PREFIX}0.3": 0.15, f"{NOISY_PREFIX}0.6": 0.4, RANDOM: 0.4},
+        description="The core classic-control tasks as low-quality data (as D4RL's medium-replay is): 5 % "
+                    "expert episodes, the rest heavily noisy experts and random play. Return conditioning "
+                    "and planning exist for data like this."),
     "control-pixels": ControlDatasetBuilder(
         "control-pixels", lambda: PIXEL_TASKS, default_episodes=10,
         description="Pendulum and CartPole whose observation is a 64x64 rendered frame plus the state "
@@ -52,6 +59,7 @@ MIXTURES: dict[str, dict[str, float]] = {
     "demo": {"control-core": 0.5, "control-pixels": 0.15, "captions": 0.2, "text": 0.15},
     # the `control` training preset: the core tasks and their pixel variants
     "control": {"control-core": 0.85, "control-pixels": 0.15},
+    "control-lowq": {"control-lowq": 1.0},
     "full": {"control-core": 0.25, "control-pixels": 0.1, "babyai": 0.15, "metaworld": 0.15,
              "captions": 0.2, "text": 0.15},
 }

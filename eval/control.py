@@ -1,6 +1,7 @@
 """Vectorised rollouts of one or more checkpoints (training seeds) in real gymnasium environments.
 
-    python -m eval.control --model runs/control-s0/model runs/control-s1/model --mode gato --demos data/control-core data/control-pixels
+    python -m eval.control --model runs/control-s0/model runs/control-s1/model --mode gato \\
+        --demos data/control-core data/control-pixels
     python -m eval.control --model RUN --tasks CartPole-v1 Pendulum-v1 --mode dt --episodes 20
     python -m eval.control --model RUN --tasks Pendulum-v1 --mode dt --sweep 5     # return-conditioning sweep
     python -m eval.control --model RUN --mode tt --tasks CartPole-v1 Pendulum-v1
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import json
 import math
 import time
@@ -277,10 +279,9 @@ def aggregate(per_checkpoint: list[dict], tasks: Sequence[str], reps: int = 2000
 
 def plot_profiles(per_checkpoint: list[dict], tasks: Sequence[str], path: Path, label: str) -> Path | None:
     """rliable performance profile: the share of episodes (all checkpoints) scoring above τ."""
+    from matplotlib.figure import Figure
     from rliable import library as rly
     from rliable import plot_utils
-
-    from matplotlib.figure import Figure
 
     from eval.plots import save_figure
 
@@ -363,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if norm:
             entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
         pooled.append(entry)
-    summary = {"command": "python -m eval.control " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"command": command,
                "models": [str(f) for _, _, f in loaded], "mode": args.mode, "episodes_per_checkpoint": args.episodes,
                "results": pooled, "iqm": aggregate(per_checkpoint, tasks), "references": references(tok, tasks),
                "per_checkpoint": per_checkpoint, "dt_sweep": sweep}

@@ -25,44 +25,32 @@ def _envs(task: str, n: int, mode=gym.vector.AutoresetMode.SAME_STEP) -> gym.vec
     return gym.vector.SyncVectorEnv([lambda: gym.make(task)] * n, autoreset_mode=mode)
 
 
-def _rollout(agent: Agent, envs, steps: int, seed: int = 0) -> int:
-    obs, _ = envs.reset(seed=seed)
-    finished = 0
-    for _ in range(steps):
-        actions = agent.act(obs)
-        assert envs.action_space.contains(actions)
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
-        agent.observe(rewards, terminated, truncated)
-        finished += int((terminated | truncated).sum())
-        assert agent.state.length <= agent.context_length
-    return finished
-
-
 @pytest.mark.parametrize("mode", ["gato", "dt", "tt"])
 @pytest.mark.parametrize("task", ["CartPole-v1", "Pendulum-v1"])
-def test_agent_acts_in_a_vector_env(model, tok, task, mode):
+def test_agent_acts_in_a_vector_env(model, tok, task, mode, rollout):
     envs = _envs(task, 3)
     spec = TaskSpec.from_env(envs, name=task, expert_return=100.0, random_return=0.0)
     tok.add_task_spec(spec)
     prompt = None
     if mode == "gato":
         rng = np.random.default_rng(0)
-        demo = {"task": task, "observations": {"observation": rng.normal(size=(4, *envs.single_observation_space.shape))},
+        shape = envs.single_observation_space.shape
+        demo = {"task": task, "observations": {"observation": rng.normal(size=(4, *shape))},
                 "actions": {"action": np.stack([envs.single_action_space.sample() for _ in range(4)])},
                 "rewards": np.ones(4)}
         prompt = demonstration_prompt(tok, demo, max_tokens=model.config.prompt_length)
     agent = Agent(model, tok, mode, temperature=1.0, tt_config=TTConfig(beam_width=4, horizon=2))
     agent.reset(spec, num_envs=3, prompt=prompt)
-    _rollout(agent, envs, 6)
+    rollout(agent, envs, 6)
 
 
-def test_sliding_window_and_resets_past_the_context_length(model, tok):
+def test_sliding_window_and_resets_past_the_context_length(model, tok, rollout):
     envs = _envs("CartPole-v1", 4)  # random play ends CartPole episodes within ~10-40 steps
     spec = TaskSpec.from_env(envs, expert_return=500.0, random_return=20.0)
     tok.add_task_spec(spec)
     agent = Agent(model, tok, "dt", temperature=1.0, context_length=64)
     agent.reset(spec, num_envs=4)
-    finished = _rollout(agent, envs, 60)
+    finished = rollout(agent, envs, 60)
     assert agent.refills > 5 and finished > 0  # 60 steps x 8 tokens is far past 64 tokens
 
 
@@ -85,7 +73,7 @@ def test_window_keeps_the_last_whole_steps_of_each_row(model, tok):
         assert agent.state.attention_mask[i].sum() <= 48
 
 
-def test_context_defaults_to_the_trained_context(tok):
+def test_context_defaults_to_the_trained_context(tok, rollout):
     torch.manual_seed(0)
     trained = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
                                                      context_length=64)).eval()
@@ -95,19 +83,19 @@ def test_context_defaults_to_the_trained_context(tok):
     agent = Agent(trained, tok, "gato", temperature=1.0)
     agent.reset(spec, num_envs=2)
     assert agent.context_length == 64  # not the backbone's 1024 positions
-    _rollout(agent, envs, 30)  # 30 steps x 8 tokens: the window must slide to stay within 64
+    rollout(agent, envs, 30)  # 30 steps x 8 tokens: the window must slide to stay within 64
     assert agent.refills > 0
     with pytest.raises(ValueError, match="trained"):
         Agent(trained, tok, "gato", context_length=128)
 
 
-def test_next_step_autoreset_and_unbatched_use(model, tok):
+def test_next_step_autoreset_and_unbatched_use(model, tok, rollout):
     envs = _envs("CartPole-v1", 2, gym.vector.AutoresetMode.NEXT_STEP)
     spec = TaskSpec.from_env(envs, expert_return=500.0, random_return=20.0)
     tok.add_task_spec(spec)
     agent = Agent(model, tok, "dt", temperature=1.0, autoreset="next_step", context_length=128)
     agent.reset(spec, num_envs=2)
-    assert _rollout(agent, envs, 50) > 0
+    assert rollout(agent, envs, 50) > 0
 
     env = gym.make("Pendulum-v1")
     single = TaskSpec.from_env(env, expert_return=0.0, random_return=-1200.0)
@@ -203,7 +191,7 @@ def test_expert_return_sampling_through_the_agent_picks_high_returns(dt_model, t
     assert all(_fed_returns(tok, spec, c)[0] > 0.5 for c in spy.chunks[0])
 
 
-def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok):
+def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok, rollout):
     envs = _envs("Pendulum-v1", 2)
     spec = TaskSpec.from_env(envs, expert_return=-150.0, random_return=-1200.0)
     tok.add_task_spec(spec)
@@ -212,7 +200,7 @@ def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok):
     spy = ChunkSpy(agent.mode)
     agent.reset(spec, num_envs=2)
     assert agent.context_length == 1 + agent.layout.tokens * (2 + 1 + 2)  # past steps + now + horizon
-    _rollout(agent, envs, 12)
+    rollout(agent, envs, 12)
     for chunks in spy.chunks:
         for chunk in chunks:
             assert not (chunk["modality_ids"] == Modality.RETURN).any()  # the value is predicted, never fed

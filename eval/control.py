@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path

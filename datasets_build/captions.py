@@ -34,7 +34,6 @@ from PIL import Image, ImageDraw
 
 from datasets_build.base import BuildOptions, DatasetKind, prepare_folder
 from datasets_build.common import (
-    atomic_dir,
     derive_seed,
     now_iso,
     package_versions,
@@ -42,7 +41,8 @@ from datasets_build.common import (
     write_card,
 )
 from datasets_build.episodes import png_bytes
-from datasets_build.wrappers import resize_frame
+from datasets_build.wrappers import offscreen_rendering, resize_frame
+from generalist.integrity import atomic_folder
 from generalist.vocab import DEFAULT_IMAGE_SIZE
 
 IMAGE_SIZE = DEFAULT_IMAGE_SIZE
@@ -230,7 +230,7 @@ class CaptionDatasetBuilder:
                   "test": self._rows(test_scenes, max(2, int(frames * TEST_FRACTION)), options.seed, True)}
         features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
         data = datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in splits.items()})
-        with atomic_dir(folder / "data") as tmp, quiet_datasets():
+        with atomic_folder(folder / "data") as tmp, quiet_datasets():
             data.save_to_disk(str(tmp))
         seconds = time.perf_counter() - start
         test_pairs = sorted(" ".join(p) for p in HELD_OUT_PAIRS)
@@ -263,6 +263,7 @@ class CaptionDatasetBuilder:
             captions.append(caption)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            offscreen_rendering()
             cartpole = gym.make("CartPole-v1", render_mode="rgb_array")
             pendulum = gym.make("Pendulum-v1", render_mode="rgb_array")
             cartpole.reset(seed=0)

@@ -39,8 +39,9 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import iterate
 from tqdm.auto import tqdm
 
-from datasets_build.common import atomic_dir, derive_seed, quiet_datasets, remove_stale_tmp
+from datasets_build.common import derive_seed, quiet_datasets
 from datasets_build.episodes import SHARDS_DIR, episode_features, episode_return, stack_leaf
+from generalist.integrity import atomic_folder, clean_staging
 from generalist.task_spec import TaskSpec
 
 EXPERT = "expert"
@@ -280,7 +281,7 @@ def collect_task(
     stats = CollectStats()
 
     plan = plan_episodes(task.name, counts, episodes_per_shard)
-    remove_stale_tmp(folder / SHARDS_DIR / task.name.replace("/", "_"))
+    clean_staging(folder / SHARDS_DIR / task.name.replace("/", "_"))
     pending = {path: keys for path, keys in plan.items() if not (folder / path).exists()}
     stats.shards_skipped = len(plan) - len(pending)
     queue = deque(key for keys in pending.values() for key in keys)
@@ -385,5 +386,5 @@ def _episode_row(spec: TaskSpec, episode: _Episode, terminated: bool, truncated:
 
 def _write_shard(final: Path, rows: list[dict[str, Any]], features: datasets.Features) -> None:
     columns = {name: [row.get(name) for row in rows] for name in features}
-    with atomic_dir(final) as tmp, quiet_datasets():
+    with atomic_folder(final) as tmp, quiet_datasets():
         datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))

@@ -1,9 +1,10 @@
-"""Helpers every builder shares: atomic directory writes, deterministic seeds, build records.
+"""Helpers every builder shares: deterministic seeds, build records, atomic small files.
 
 Why atomic writes: a build can be interrupted at any point (Ctrl-C, OOM, a crashed env). Every
-shard and every finished dataset is first written into a hidden temporary folder next to its final
-place and then renamed with ``os.replace``, which is atomic on one filesystem. A folder that exists
-under its final name is therefore always complete, and a rebuild can skip it.
+shard and every finished dataset folder is written with :func:`generalist.integrity.atomic_folder`
+(a hidden staging folder, a manifest of sizes and sha256, then one ``os.replace``), the scheme
+checkpoints and model weights use too. A folder that exists under its final name is therefore
+always complete, and a rebuild can skip it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 import zlib
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-TMP_PREFIX = ".tmp-"
+from generalist.integrity import TMP_PREFIX
+
 BUILD_RECORD = "build.json"  # written last: its presence marks a dataset as completely built
 CARD = "README.md"
 TASK_SPECS = "task_specs.json"
@@ -46,31 +47,6 @@ def derive_seed(*parts: int | str) -> int:
     """
     entropy = [p if isinstance(p, int) else stable_hash(p) for p in parts]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0] >> 1)
-
-
-def remove_stale_tmp(folder: Path) -> None:
-    """Delete half-written temporary folders left behind by an interrupted build."""
-    if folder.exists():
-        for tmp in folder.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it is renamed to ``final`` in one step.
-
-    On an exception the temporary folder is removed and ``final`` is left untouched.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

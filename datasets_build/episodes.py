@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from datasets_build.common import BUILD_RECORD, TASK_SPECS
+from generalist import integrity
 from generalist.task_spec import FieldSpec, TaskSpec
 
 SHARDS_DIR = "shards"
@@ -125,10 +126,16 @@ def shard_dirs(folder: Path) -> list[Path]:
 
 
 def load_shard(shard: Path) -> datasets.Dataset:
-    """One shard; a truncated or corrupted one is an ``OSError`` naming the shard folder."""
+    """One shard; a truncated or corrupted one is an ``OSError`` naming the shard folder.
+
+    Sizes are checked against the shard's manifest (:mod:`generalist.integrity`; a ``stat`` per
+    file, so opening a large dataset stays cheap) and arrow validates the record batches it maps.
+    """
     try:
+        if (problem := integrity.verify(shard, hashes=False)) is not None:
+            raise OSError(problem)
         part = datasets.load_from_disk(str(shard))
-        part.data.validate()  # arrow checks the record batches it memory-mapped
+        part.data.validate()
         return part
     except Exception as e:  # pyarrow and datasets raise many types; the cause is kept
         folder = next((p.parent for p in shard.parents if p.name == SHARDS_DIR), shard.parent)

@@ -38,11 +38,11 @@ from datasets_build.common import (
     nice_scale,
     now_iso,
     package_versions,
-    remove_stale_tmp,
     write_card,
     write_json_atomic,
 )
 from datasets_build.episodes import SHARDS_DIR, episode_features, episode_return, stack_leaf
+from generalist.integrity import clean_staging
 from generalist.task_spec import TaskSpec
 
 IMPORT_EPISODES_PER_SHARD = 256
@@ -71,7 +71,7 @@ def write_imported(folder: Path, spec: TaskSpec, rows: Iterable[dict[str, Any]],
     """Write imported episode rows as shards, then the task spec (scales filled in) and the card."""
     start = time.perf_counter()
     features = episode_features(spec)
-    remove_stale_tmp(folder / SHARDS_DIR)
+    clean_staging(folder / SHARDS_DIR)
     returns, steps, max_reward, shard, batch = [], 0, 0.0, 0, []
 
     def flush() -> None:

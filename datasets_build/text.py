@@ -18,13 +18,13 @@ import datasets
 
 from datasets_build.base import BuildOptions, DatasetKind, prepare_folder
 from datasets_build.common import (
-    atomic_dir,
     derive_seed,
     now_iso,
     package_versions,
     quiet_datasets,
     write_card,
 )
+from generalist.integrity import atomic_folder
 
 MAX_CHARS = 2000
 VALIDATION_PERCENT = 10
@@ -78,7 +78,7 @@ class TextDatasetBuilder:
                     seen.add(chunk)
                     splits["validation" if in_validation else "train"].append(chunk)
         data = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()})
-        with atomic_dir(folder / "data") as tmp, quiet_datasets():
+        with atomic_folder(folder / "data") as tmp, quiet_datasets():
             data.save_to_disk(str(tmp))
         record = {
             "name": self.name, "builder": "datasets_build.text.TextDatasetBuilder",

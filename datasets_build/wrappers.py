@@ -13,10 +13,16 @@ from PIL import Image
 
 from generalist.vocab import DEFAULT_IMAGE_SIZE
 
-# gymnasium's classic-control renderer starts pygame (SDL); headless, SDL complains about the missing
-# display and sound on stderr in every worker. Offscreen drivers render the same frames quietly.
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+def offscreen_rendering() -> None:
+    """Use SDL's offscreen drivers unless the user chose others; call before an env first renders.
+
+    gymnasium's classic-control renderer starts pygame (SDL); headless, SDL complains about the
+    missing display and sound on stderr in every worker. Offscreen drivers render the same frames
+    quietly. Called by whoever renders rather than at import, so importing this module changes nothing.
+    """
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
 
 def resize_frame(frame: np.ndarray, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
@@ -36,6 +42,7 @@ class PixelsAndState(gym.ObservationWrapper):
         super().__init__(env)
         if env.render_mode != "rgb_array":
             raise ValueError(f"PixelsAndState needs render_mode='rgb_array', got {env.render_mode!r}")
+        offscreen_rendering()
         self.size = size
         self.observation_space = spaces.Dict({
             "image": spaces.Box(0, 255, (size, size, 3), np.uint8),

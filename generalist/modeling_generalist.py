@@ -12,8 +12,6 @@ so it keeps the backbone's speed and its KV cache (``past_key_values`` / ``use_c
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,11 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from generalist import integrity
 from generalist.configuration_generalist import GeneralistConfig
 from generalist.vocab import MODALITY_NAMES, Modality
 
 GROUP_NORM_GROUPS = 8
-CHECKSUMS_FILE = "checksums.json"  # sha256 of each weight file, written by save_pretrained
 
 
 @dataclass
@@ -148,22 +146,22 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` plus a sha256 of each weight file, checked on load."""
+        """``PreTrainedModel.save_pretrained`` plus the weight files' sizes and sha256 in ``manifest.json``
+        (:mod:`generalist.integrity`), so that a damaged file is named on load instead of loading garbage."""
         super().save_pretrained(save_directory, *args, **kwargs)
         d = Path(save_directory)
-        sums = {p.name: _sha256(p) for p in sorted(d.glob("*.safetensors"))}
-        (d / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=2))
+        integrity.write_manifest(d, [p.relative_to(d) for p in d.iterdir() if _is_weight_file(p.name)])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """Load as transformers does; a truncated or corrupted weight file is an ``OSError`` naming it."""
+        """Load as transformers does; a truncated or corrupted weight file is an ``OSError`` naming it.
+
+        Only the weight files of the manifest are checked: a training checkpoint's manifest also lists
+        its optimizer state, which loading the model never reads.
+        """
         d = Path(pretrained_model_name_or_path)
-        if (d / CHECKSUMS_FILE).is_file():
-            for name, digest in json.loads((d / CHECKSUMS_FILE).read_text()).items():
-                if not (d / name).is_file():
-                    raise OSError(f"{d / name} is missing (listed in {d / CHECKSUMS_FILE})")
-                if _sha256(d / name) != digest:
-                    raise OSError(f"{d / name} is corrupted or truncated: its sha256 differs from {CHECKSUMS_FILE}")
+        if d.is_dir() and (problem := integrity.verify(d, include=_is_weight_file)) is not None:
+            raise OSError(problem)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as e:
@@ -315,9 +313,6 @@ def _per_modality(token_loss: torch.Tensor, targets: torch.Tensor, modality: tor
     return losses, out_counts
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _is_weight_file(name: str) -> bool:
+    """Files ``save_pretrained`` writes weights to: ``model.safetensors``, its shards and their index."""
+    return "/" not in name and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))

@@ -8,6 +8,7 @@ the training run printed can be pasted into any evaluation.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,11 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from datasets_build.common import is_built
 from datasets_build.registry import load_split_dataset
-from generalist import GeneralistForCausalLM, GeneralistTokenizer
+from generalist import GeneralistForCausalLM, GeneralistTokenizer, integrity
 from generalist.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from generalist.training.run_folder import RunFolder
 
 MODEL_CONFIG_FILE = "config.json"
-FINAL_MODEL_DIR = "model"  # where train.py exports the final model inside a run folder
-EVAL_DIR = "eval"  # where every eval.* script writes its results inside a run folder
-RUN_MARKERS = ("train_metrics.csv", "args.json", "metrics.json")  # files only a run folder has
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -30,25 +29,39 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, a run folder's final model, or its newest checkpoint.
+    """A checkpoint folder itself, or the newest checkpoint below ``path`` that verifies.
 
-    ``train.py`` exports the final model to ``RUN/model`` and keeps intermediate checkpoints under
-    ``RUN/checkpoints``; a run that was stopped early has only the latter, so the newest one (by
-    modification time) is used then.
+    In a run folder that is the final model (``RUN/model``, written last) or, for a run stopped
+    early, its newest intermediate checkpoint. "Newest" is by the time the folder was published; a
+    damaged one (:func:`generalist.integrity.verify` against its manifest) is skipped with a warning
+    naming the damaged file, as ``train.py --resume`` does, and staging or set-aside folders are
+    never candidates.
     """
     path = Path(path)
     if is_checkpoint(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: no such folder")
-    if is_checkpoint(path / FINAL_MODEL_DIR):
-        return path / FINAL_MODEL_DIR
-    found = [p.parent for p in path.rglob(MODEL_CONFIG_FILE) if is_checkpoint(p.parent)]
+    found = [p.parent for p in path.rglob(MODEL_CONFIG_FILE) if is_checkpoint(p.parent)
+             and not any(part.startswith((".", integrity.CORRUPT_PREFIX)) for part in p.relative_to(path).parts)]
     if not found:
         raise FileNotFoundError(
             f"--model {path}: neither a checkpoint ({MODEL_CONFIG_FILE} + {TOKENIZER_CONFIG_FILE}) nor a folder "
             "containing one")
-    return max(found, key=lambda p: (p / MODEL_CONFIG_FILE).stat().st_mtime)
+    newest_first = sorted(found, key=_published_at, reverse=True)
+    chosen, damaged = integrity.newest_intact(newest_first)
+    for folder, problem in damaged:
+        print(f"WARNING: skipping damaged checkpoint {folder}: {problem}", file=sys.stderr)
+    if chosen is None:
+        raise FileNotFoundError(f"--model {path}: no checkpoint below it verifies: "
+                                + "; ".join(problem for _, problem in damaged))
+    return chosen
+
+
+def _published_at(folder: Path) -> float:
+    """When a checkpoint was completed: its manifest is written last (else its config, for older folders)."""
+    marker = folder / integrity.MANIFEST
+    return (marker if marker.is_file() else folder / MODEL_CONFIG_FILE).stat().st_mtime
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
@@ -71,9 +84,9 @@ def default_out(model_arg: str | Path) -> Path:
     """
     path = Path(model_arg)
     for folder in (path, path.parent):
-        if any((folder / marker).exists() for marker in RUN_MARKERS):
-            return folder / EVAL_DIR
-    return path / EVAL_DIR
+        if RunFolder(folder).is_run():
+            return RunFolder(folder).eval
+    return RunFolder(path).eval
 
 
 def load_split(data: str | Path, split: str) -> Dataset:

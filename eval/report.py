@@ -36,28 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import gymnasium as gym
+import numpy as np
+import tyro
 
-matplotlib.use("Agg")
-import gymnasium as gym  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
+from eval import caption as caption_eval
+from eval.checkpoint import load_checkpoint, resolve_checkpoint
+from eval.plots import frame_strip, plot_dt_sweep, plot_learning_curves
+from generalist.training.run_folder import RunFolder
+from generalist.vocab import LOSS_MODALITIES
 
-from eval import caption as caption_eval  # noqa: E402
-from eval.checkpoint import EVAL_DIR, load_checkpoint, resolve_checkpoint  # noqa: E402
-from eval.plots import frame_strip, plot_dt_sweep, save_figure  # noqa: E402
-from generalist.vocab import MODALITY_NAMES  # noqa: E402
-
-REPORT_FILE = "report.md"
-FIGURES_DIR = "report"
-TRAIN_CSV = "train_metrics.csv"
-EVAL_CSV = "eval_metrics.csv"
-SUMMARY_FILE = "metrics.json"
-ARGS_FILE = "args.json"
 TEXT_RESULTS = "text.json"
-# modalities that can be a loss target (pad, special and image placeholders never are)
-LOSS_MODALITIES = tuple(m for m in MODALITY_NAMES if m not in ("pad", "special", "image"))
 EXAMPLE_ROWS = 8
 NOT_RUN = "_not run_"
 ROLLOUT_FRAMES = 6
@@ -142,10 +131,11 @@ def duration(seconds: float) -> str:
 
 
 def run_section(run_dir: Path) -> str:
-    summary, args = read_json(run_dir / SUMMARY_FILE), read_json(run_dir / ARGS_FILE)
+    run = RunFolder(run_dir)
+    summary, args = read_json(run.summary), read_json(run.args)
     out = ["## Run"]
     if summary is None and args is None:
-        return "\n\n".join(out + [f"{NOT_RUN}: no `{SUMMARY_FILE}` or `{ARGS_FILE}` in `{run_dir}` "
+        return "\n\n".join(out + [f"{NOT_RUN}: no `{run.summary.name}` or `{run.args.name}` in `{run_dir}` "
                                   "(`python train.py` writes them when training finishes)."])
     if summary:
         rows = [("steps", summary.get("steps")), ("training tokens", summary.get("tokens")),
@@ -160,30 +150,13 @@ def run_section(run_dir: Path) -> str:
     return "\n\n".join(out)
 
 
-def plot_learning_curves(train_rows: list[dict[str, float]], eval_rows: list[dict[str, float]], path: Path) -> Path:
-    """One line per modality loss against training tokens: training solid, held-out dashed with markers."""
-    x_key = "tokens" if any("tokens" in r for r in train_rows + eval_rows) else "step"
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    colours = plt.get_cmap("tab10")
-    for i, m in enumerate(LOSS_MODALITIES):
-        for rows, style, label in ((train_rows, "-", m), (eval_rows, "o--", f"{m} (held-out)")):
-            pts = [(r[x_key], r[m]) for r in rows if m in r and x_key in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, color=colours(i), label=label, markersize=3, linewidth=1.4)
-    ax.set_xlabel("training tokens" if x_key == "tokens" else "step")
-    ax.set_ylabel("next-token cross entropy (nats)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title("loss per target modality")
-    return save_figure(fig, path)
-
-
 def curves_section(run_dir: Path, figures: Path) -> str:
-    train_rows, eval_rows = read_csv(run_dir / TRAIN_CSV), read_csv(run_dir / EVAL_CSV)
+    run = RunFolder(run_dir)
+    train_rows, eval_rows = read_csv(run.train_csv), read_csv(run.eval_csv)
     out = ["## Learning curves"]
     if not any(m in r for r in train_rows + eval_rows for m in LOSS_MODALITIES):
-        return "\n\n".join(out + [f"{NOT_RUN}: no per-modality losses in `{TRAIN_CSV}` / `{EVAL_CSV}`."])
+        return "\n\n".join(out + [f"{NOT_RUN}: no per-modality losses in `{run.train_csv.name}` / "
+                                  f"`{run.eval_csv.name}`."])
     png = plot_learning_curves(train_rows, eval_rows, figures / "learning_curves.png")
     out.append(image(png, run_dir, "learning curves"))
     last = {name: rows[-1] for name, rows in (("train", train_rows), ("held-out", eval_rows)) if rows}
@@ -279,12 +252,12 @@ def saved_frames(eval_dir: Path) -> list[np.ndarray]:
 
 def control_section(run_dir: Path, figures: Path, rollout: bool = True) -> str:
     out = ["## Control"]
-    eval_dir = run_dir / EVAL_DIR
+    eval_dir = RunFolder(run_dir).eval
     found = sorted(eval_dir.glob("control*.json"))
     records = [r for f in found for r in control_records(read_json(f))]
     if not records:
-        out.append(f"{NOT_RUN}: no control results in `{EVAL_DIR}/` "
-                   f"(`python -m eval.control --model {run_dir}`; `train.py` runs it after training).")
+        out.append(f"{NOT_RUN}: no control results in `{eval_dir.name}/` "
+                   f"(`python -m eval {run_dir}` runs every evaluation; `train.py` runs it after training).")
     else:
         modes = sorted({str(r["mode"]) for r in records})
         by_task: dict[str, dict[str, dict]] = {}
@@ -336,7 +309,8 @@ def _own_rollout(run_dir: Path, path: Path) -> RolloutStrip | None:
 
 
 def caption_section(run_dir: Path) -> str:
-    results = read_json(run_dir / EVAL_DIR / caption_eval.RESULTS_FILE)
+    eval_dir = RunFolder(run_dir).eval
+    results = read_json(eval_dir / caption_eval.RESULTS_FILE)
     out = ["## Image captioning"]
     if results is None:
         return "\n\n".join(out + [f"{NOT_RUN}: `python -m eval.caption --model {run_dir} --data data/<captions>`."])
@@ -348,8 +322,8 @@ def caption_section(run_dir: Path) -> str:
         "are fitted on this split's references, so it compares models on this split, not with COCO figures.")
     out.append(table(["BLEU-4", "CIDEr-D", "exact match", "captions / s"],
                      [[m["bleu"], m["cider_d"], f"{m['exact_match']:.1%}", results.get("captions_per_second")]]))
-    if results.get("examples_png") and (run_dir / EVAL_DIR / results["examples_png"]).is_file():
-        out.append(image(run_dir / EVAL_DIR / results["examples_png"], run_dir, "example captions"))
+    if results.get("examples_png") and (eval_dir / results["examples_png"]).is_file():
+        out.append(image(eval_dir / results["examples_png"], run_dir, "example captions"))
     rows = [(c["reference"], c["generated"] or "(empty)", c["cider_d"], c["exact"])
             for c in results.get("captions", [])[:EXAMPLE_ROWS]]
     if rows:
@@ -358,7 +332,7 @@ def caption_section(run_dir: Path) -> str:
 
 
 def text_section(run_dir: Path) -> str:
-    results = read_json(run_dir / EVAL_DIR / TEXT_RESULTS)
+    results = read_json(RunFolder(run_dir).eval / TEXT_RESULTS)
     out = ["## Text"]
     if results is None:
         return "\n\n".join(out + [f"{NOT_RUN}: `python -m eval.text --model {run_dir} --data data/<text>`."])
@@ -377,7 +351,7 @@ def build_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
-    figures = run_dir / FIGURES_DIR
+    figures = RunFolder(run_dir).report_figures
     sections = [
         f"# Evaluation report: `{run_dir.name}`",
         run_section(run_dir),
@@ -390,7 +364,7 @@ def build_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    path = Path(run_dir) / REPORT_FILE
+    path = RunFolder(Path(run_dir)).report
     path.write_text(build_report(run_dir))
     return path
 

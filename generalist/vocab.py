@@ -51,6 +51,8 @@ class Modality(IntEnum):
 
 
 MODALITY_NAMES: tuple[str, ...] = tuple(m.name.lower() for m in Modality)
+# what a loss can be reported for: padding, structural tokens and image placeholders are never targets
+LOSS_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITY_NAMES if m not in ("pad", "special", "image"))
 
 # Default loss weight per modality: text, actions, rewards and returns always; observations too
 # (the Trajectory Transformer mode needs a world model), less strongly. Never padding or placeholders.

@@ -82,3 +82,98 @@ def random_episode(spec, obs_space: spaces.Space, act_space: spaces.Space, steps
         "actions": {f.name: stack(act, f.name) for f in spec.action_fields},
         "rewards": np.random.default_rng(seed).normal(size=steps).astype(np.float32),
     }
+
+
+# --- training runs: synthetic datasets, tiny-model flags, in-process runs (test_train, test_reliability,
+# test_hub, test_eval_run) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A text, a caption and two control datasets (``datasets_build.synthetic``), written once per session."""
+    from datasets_build import synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_datasets(root)
+    return root
+
+
+TINY_TRAINING = {"mixture": "tiny_text=1,tiny_captions=1,tiny_box=1,tiny_disc=1", "hidden_size": 32,
+                 "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "seq_len": 64, "batch_size": 4,
+                 "total_steps": 12, "warmup_steps": 2, "log_every": 1, "eval_every": 6, "eval_batches": 2,
+                 "save_every": 4, "num_workers": 0, "lr": 3e-3}
+
+
+@pytest.fixture
+def tiny_flags(data_root):
+    """``tiny_flags(out, **overrides)``: train.py flags for a 2-layer, 32-wide model on the synthetic
+    datasets, writing under ``out`` (each run stays well under a minute on 2 CPU cores)."""
+
+    def flags(out: Path, **overrides) -> list[str]:
+        args = []
+        for k, v in {**TINY_TRAINING, "data_root": data_root, "output_dir": out, **overrides}.items():
+            args += ([f"--{k}" if v else f"--no_{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
+        return args
+
+    return flags
+
+
+@pytest.fixture
+def train_in_process():
+    """``train_in_process(*flags)``: ``train.main`` in this process on one thread (as the subprocess tests
+    run it: a tiny model gains nothing from threads), accelerate's global state reset afterwards."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    import train
+
+    def run(*flags: str) -> dict:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return train.main(train.parse_args(list(flags)))
+        finally:
+            torch.set_num_threads(threads)
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    return run
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """The environment the CLI tests run ``train.py`` and ``python -m ...`` in."""
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def rollout():
+    """``rollout(agent, envs, steps, seed=0)``: step a vector env with an agent, asserting every action is
+    inside the action space; returns the number of finished episodes."""
+
+    def run(agent, envs, steps: int, seed: int = 0) -> int:
+        obs, _ = envs.reset(seed=seed)
+        finished = 0
+        for _ in range(steps):
+            actions = agent.act(obs)
+            assert envs.action_space.contains(actions)
+            obs, rewards, terminated, truncated, _ = envs.step(actions)
+            agent.observe(rewards, terminated, truncated)
+            finished += int((terminated | truncated).sum())
+        return finished
+
+    return run
+
+
+# --- Gato's mu-law bins, written out from the paper rather than imported: the tests check the library
+# against them (test_tokenizer, test_tokenizer_properties) -------------------------------------------
+
+MU, M, BINS = 100.0, 256.0, 1024
+
+
+def reference_bin_edges_in_x(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x-space edges of mu-law bin k, straight from Gato's formula (independent of the library)."""
+    y_lo, y_hi = -1 + 2 * k / BINS, -1 + 2 * (k + 1) / BINS
+    inv = lambda y: np.sign(y) * ((M * MU + 1) ** np.abs(y) - 1) / MU
+    return inv(y_lo), inv(y_hi)

@@ -6,9 +6,9 @@ it takes well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -17,19 +17,16 @@ from PIL import Image
 from generalist import Agent, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.engine import Engine
 from generalist.modes import caption
-from tests.conftest import ROOT
-from tests.test_agent import _rollout as rollout
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, timeout: float = 240) -> None:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+def test_build_train_act_caption(tmp_path, subprocess_env, rollout):
+    def run(*args: str, timeout: float = 240) -> None:
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
-
-def test_build_train_act_caption(tmp_path):
     data, runs = tmp_path / "data", tmp_path / "runs"
     for name, size in (("control-core", ["--episodes", "5"]), ("captions", ["--samples", "40"]), ("text", [])):
         run("-m", "datasets_build", name, "--out", str(data), "--no-progress", *size)

@@ -18,7 +18,10 @@ from eval import caption as caption_eval
 from eval import report
 from eval import text as text_eval
 from eval.metrics import CiderD, bleu, cider_d, exact_match, normalize, words
+from eval.plots import plot_learning_curves
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
+from generalist.training.metrics import MetricLog
+from generalist.training.run_folder import RunFolder
 from generalist.vocab import Modality
 from tests.conftest import DEFAULT_TOKENIZER
 
@@ -155,24 +158,24 @@ def _text_data(path):
 @pytest.fixture
 def run_dir(tmp_path, random_model):
     """A run folder as train.py leaves it: metric CSVs (written by train.py's own logger), summary, model."""
-    train = pytest.importorskip("train")
     tok = GeneralistTokenizer.from_pretrained(DEFAULT_TOKENIZER)
     tok.add_task_spec(TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=22.0))
-    run = tmp_path / "runs" / "tiny"
+    folder = RunFolder(tmp_path / "runs" / "tiny")
+    run = folder.root
     run.mkdir(parents=True)
     modalities = ("text", "caption", "action")
-    train_log = train.MetricLog(run / report.TRAIN_CSV, None, None)
-    eval_log = train.MetricLog(run / report.EVAL_CSV, None, None)
+    train_log = MetricLog(folder.train_csv, None, "train")
+    eval_log = MetricLog(folder.eval_csv, None, "eval")
     for step in range(1, 5):
         train_log.add({"step": step * 10, "tokens": step * 4096, "loss": 9.0 / step,
-                       **{m: 8.0 / step + i for i, m in enumerate(modalities)}}, "train")
+                       **{m: 8.0 / step + i for i, m in enumerate(modalities)}})
         if step % 2 == 0:
             eval_log.add({"step": step * 10, "tokens": step * 4096,
-                          **{m: 8.5 / step + i for i, m in enumerate(modalities)}}, "eval")
-    (run / report.SUMMARY_FILE).write_text(json.dumps({"steps": 40, "tokens": 16384, "train_wall_s": 12.5,
+                          **{m: 8.5 / step + i for i, m in enumerate(modalities)}})
+    folder.summary.write_text(json.dumps({"steps": 40, "tokens": 16384, "train_wall_s": 12.5,
                                                        "tokens_per_s": 1310.7, "parameters": 123456}))
-    random_model.save_pretrained(run / "model")
-    tok.save_pretrained(run / "model")
+    random_model.save_pretrained(folder.model)
+    tok.save_pretrained(folder.model)
     return run
 
 
@@ -245,7 +248,11 @@ def test_report_says_not_run_and_invents_nothing(tmp_path):
     assert not (run / "report").exists() or not any((run / "report").iterdir())
 
 
-def test_learning_curves_plot_one_line_per_modality(tmp_path):
+def test_learning_curves_plot_a_panel_per_modality(tmp_path):
     rows = [{"step": s, "tokens": s * 10.0, "text": 5.0 / s, "action": 3.0 / s} for s in (1.0, 2.0, 3.0)]
-    png = report.plot_learning_curves(rows, rows[-1:], tmp_path / "curves.png")
-    assert np.asarray(Image.open(png)).shape[-1] in (3, 4)
+    csv_rows = [{k: str(v) for k, v in r.items()} | {"reward": ""} for r in rows]  # as read back from the CSV
+    for train_rows in (rows, csv_rows):
+        png = plot_learning_curves(train_rows, rows[-1:], tmp_path / "curves.png")
+        assert np.asarray(Image.open(png)).shape[-1] in (3, 4)
+    with pytest.raises(ValueError, match="no per-modality loss"):
+        plot_learning_curves([{"step": 1, "loss": 2.0}], [], tmp_path / "none.png")

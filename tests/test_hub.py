@@ -7,13 +7,11 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from accelerate.state import AcceleratorState
 
-import train
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import model_card, push_folder
-from tests import train_fixtures as fx
-from tests.test_train import tiny_flags
+from generalist.training.checkpoints import checkpoint_dirs
+from generalist.training.run_folder import RunFolder
 
 
 class FakeHub:
@@ -47,29 +45,21 @@ class FakeHub:
 
 
 @pytest.fixture
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+def pushing_run(tiny_flags, train_in_process):
+    """``pushing_run(out, **overrides)``: 6 steps in this process, pushing every checkpoint (3, 6) and the end."""
+
+    def run(out: Path, **overrides) -> dict:
+        return train_in_process(*tiny_flags(out, run_name="hubrun", total_steps=6, save_every=3, eval_every=3,
+                                            log_every=2, run_eval=False, push_to_hub=True,
+                                            hub_model_id="someone/tiny-generalist", hub_backoff_s=0.01, **overrides))
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_datasets(root)
-    return root
-
-
-def train_in_process(data_root: Path, out: Path, **overrides) -> dict:
-    flags = tiny_flags(data_root, out, run_name="hubrun", total_steps=6, save_every=3, eval_every=3,
-                       log_every=2, run_eval=False, push_to_hub=True, hub_model_id="someone/tiny-generalist",
-                       hub_backoff_s=0.01, **overrides)
-    return train.main(train.parse_args(flags))
-
-
-def test_pushed_repo_loads_with_from_pretrained(data_root, tmp_path, monkeypatch, fresh_accelerate_state):
+def test_pushed_repo_loads_with_from_pretrained(pushing_run, tmp_path, monkeypatch):
     hub = FakeHub(tmp_path / "hub")
     hub.install(monkeypatch)
-    summary = train_in_process(data_root, tmp_path / "runs")
+    summary = pushing_run(tmp_path / "runs")
     assert hub.created and set(hub.created) == {"someone/tiny-generalist"}
     assert hub.uploads[-1] == "final model, step 6" and all(ok for _, ok in summary["hub_pushes"])
     repo = tmp_path / "hub" / "someone/tiny-generalist"
@@ -82,26 +72,24 @@ def test_pushed_repo_loads_with_from_pretrained(data_root, tmp_path, monkeypatch
     assert not (repo / "state").exists()  # optimizer state stays local
 
 
-def test_failed_pushes_are_retried_and_never_cost_the_local_checkpoint(data_root, tmp_path, monkeypatch,
-                                                                       fresh_accelerate_state):
+def test_failed_pushes_are_retried_and_never_cost_the_local_checkpoint(pushing_run, tmp_path, monkeypatch):
     hub = FakeHub(tmp_path / "hub", failures=2)  # the first push needs two retries
     hub.install(monkeypatch)
-    summary = train_in_process(data_root, tmp_path / "runs")
+    summary = pushing_run(tmp_path / "runs")
     assert summary["steps"] == 6 and hub.attempts >= 3
     assert all(ok for _, ok in summary["hub_pushes"])
     assert GeneralistForCausalLM.from_pretrained(tmp_path / "hub" / "someone/tiny-generalist") is not None
 
 
-def test_a_hub_that_is_down_for_good_leaves_the_run_and_its_checkpoints_intact(data_root, tmp_path, monkeypatch,
-                                                                              fresh_accelerate_state):
+def test_a_hub_that_is_down_for_good_leaves_the_run_and_its_checkpoints_intact(pushing_run, tmp_path, monkeypatch):
     hub = FakeHub(tmp_path / "hub", failures=10**9)
     hub.install(monkeypatch)
-    summary = train_in_process(data_root, tmp_path / "runs", hub_retries=1)
+    summary = pushing_run(tmp_path / "runs", hub_retries=1)
     assert summary["steps"] == 6 and not any(ok for _, ok in summary["hub_pushes"])
-    run_dir = tmp_path / "runs" / "hubrun"
-    assert [p.name for p in train.checkpoint_dirs(run_dir)] == ["step_00000003", "step_00000006"]
-    GeneralistForCausalLM.from_pretrained(run_dir / "model")
-    assert not (run_dir / ".hub-staging").exists()
+    run = RunFolder(tmp_path / "runs" / "hubrun")
+    assert [p.name for p in checkpoint_dirs(run.checkpoints)] == ["step_00000003", "step_00000006"]
+    GeneralistForCausalLM.from_pretrained(run.model)
+    assert not run.hub_staging.exists()
 
 
 def test_push_folder_backs_off_exponentially_and_reports_failure(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from datasets_build import synthetic
 from generalist import GeneralistTokenizer
 from generalist.packing import (
     CaptionSource,
@@ -19,21 +20,20 @@ from generalist.packing import (
     TextSource,
 )
 from generalist.vocab import Modality
-from tests import train_fixtures as fx
 
 
 @pytest.fixture(scope="module")
 def tok() -> GeneralistTokenizer:
     tok = GeneralistTokenizer.from_pretrained("tokenizers_cfg/default")
-    for spec in fx.task_specs().values():
+    for spec in synthetic.task_specs().values():
         tok.add_task_spec(spec)
     return tok
 
 
 @pytest.fixture(scope="module")
 def sources():
-    eps = fx.episodes(12)
-    return [TextSource("text", fx.texts()), CaptionSource("captions", fx.captions()),
+    eps = synthetic.episodes(12)
+    return [TextSource("text", synthetic.texts()), CaptionSource("captions", synthetic.captions()),
             ControlSource("control", eps, [e["task"] for e in eps])]
 
 
@@ -69,7 +69,7 @@ def test_sources_are_drawn_with_their_mixture_weights(tok, sources):
 
 
 def test_gato_prompts_come_from_the_same_task_and_source_half_from_the_episode_end(tok):
-    eps = fx.episodes(24)
+    eps = synthetic.episodes(24)
     sources = ["expert" if i % 4 < 2 else "random" for i in range(len(eps))]
     control = ControlSource("control", eps, [e["task"] for e in eps], sources=sources)
     mix = Mixture([control], [1.0], tok, PackingConfig(seq_len=200, return_prob=0.0, prompt_prob=1.0,
@@ -89,7 +89,7 @@ def test_gato_prompts_come_from_the_same_task_and_source_half_from_the_episode_e
 
 
 def test_unconditioned_sequences_show_only_episodes_above_the_imitation_threshold(tok):
-    eps = fx.episodes(24)
+    eps = synthetic.episodes(24)
     spec = tok.get_task_spec("Box-v0")
     returns = [float(e["rewards"].sum()) for e in eps]
     tok.add_task_spec(type(spec)(**{**spec.__dict__, "expert_return": 40.0, "random_return": 0.0}))
@@ -115,7 +115,7 @@ def test_unconditioned_sequences_show_only_episodes_above_the_imitation_threshol
 
 
 def test_return_conditioning_is_shown_or_replaced_by_no_return(tok):
-    eps = fx.episodes(6)
+    eps = synthetic.episodes(6)
     control = ControlSource("control", eps, [e["task"] for e in eps])
     shown = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=1.0)).sequence(0, 0, 0)[0]
     hidden = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=0.0, prompt_prob=0.0)

@@ -28,20 +28,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from gymnasium import spaces
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import train
-from datasets_build import iter_episodes, load_episodes
+from datasets_build import iter_episodes, load_episodes, synthetic
 from datasets_build.episodes import load_shard, shard_dirs
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec, TokenizationError
 from generalist.agent import Agent
+from generalist.integrity import CORRUPT_PREFIX, MANIFEST
+from generalist.training import checkpoints
+from generalist.training.run_folder import RunFolder
 from generalist.vocab import Modality
-from tests import train_fixtures as fx
 from tests.conftest import DEFAULT_TOKENIZER, TINY_LLAMA
-from tests.test_train import tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -57,19 +57,6 @@ def tok() -> GeneralistTokenizer:
 def model(tok) -> GeneralistForCausalLM:
     torch.manual_seed(0)
     return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_datasets(root)
-    return root
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def box_spec(tok, name="box") -> TaskSpec:
@@ -202,7 +189,7 @@ def test_a_task_the_model_does_not_know_lists_the_known_ones(tok, model, tmp_pat
 
 
 def test_episodes_that_do_not_match_their_spec_name_row_task_and_column(tmp_path):
-    fx.write_datasets(tmp_path)
+    synthetic.write_datasets(tmp_path)
     folder = tmp_path / "tiny_box"
     ds, specs = load_episodes(folder)
     wrong = TaskSpec.from_spaces("Box-v0", spaces.Box(-8, 8, (4,), np.float32), spaces.Box(-2, 2, (1,), np.float32))
@@ -240,7 +227,7 @@ def test_empty_and_truncated_episodes_are_errors(tok):
 
 
 def test_a_truncated_dataset_shard_is_an_error_naming_it(tmp_path):
-    fx.write_datasets(tmp_path)
+    synthetic.write_datasets(tmp_path)
     shard = shard_dirs(tmp_path / "tiny_disc")[0]
     arrow = next(shard.glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
@@ -248,16 +235,19 @@ def test_a_truncated_dataset_shard_is_an_error_naming_it(tmp_path):
         load_episodes(tmp_path / "tiny_disc")
 
 
-def train_in_process(data_root: Path, out: Path, *extra: str, **overrides) -> dict:
-    flags = tiny_flags(data_root, out, **{"run_name": "r", "total_steps": 6, "save_every": 2, "eval_every": 3,
-                                          "keep_last": 3, "run_eval": False, **overrides})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocess tests run it: a tiny model gains nothing from threads
-    try:
-        return train.main(train.parse_args([*flags, *extra]))
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
+@pytest.fixture
+def short_run(tiny_flags, train_in_process):
+    """``short_run(out, *extra)``: 6 steps in this process, a checkpoint every 2, three kept."""
+
+    def run(out: Path, *extra: str) -> dict:
+        return train_in_process(*tiny_flags(out, run_name="r", total_steps=6, save_every=2, eval_every=3,
+                                            keep_last=3, run_eval=False), *extra)
+
+    return run
+
+
+def ckpts(run_dir: Path) -> list[Path]:
+    return checkpoints.checkpoint_dirs(RunFolder(run_dir).checkpoints)
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
@@ -265,41 +255,58 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
-def test_resume_falls_back_past_a_damaged_checkpoint(data_root, tmp_path, capsys, fresh_accelerate_state):
-    train_in_process(data_root, tmp_path)
+def test_resume_falls_back_past_a_damaged_checkpoint(short_run, tmp_path, capsys):
+    short_run(tmp_path)
     run_dir = tmp_path / "r"
     before = logged_losses(run_dir)
-    step2, step4, step6 = train.checkpoint_dirs(run_dir)
+    step2, step4, step6 = ckpts(run_dir)
     weights = step4 / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
-    optimizer = sorted((step6 / train.STATE_DIR).glob("optimizer*"))[0]
+    optimizer = sorted((step6 / checkpoints.STATE_DIR).glob("optimizer*"))[0]
     data = bytearray(optimizer.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     optimizer.write_bytes(bytes(data))
     capsys.readouterr()
 
-    summary = train_in_process(data_root, tmp_path, "--resume")
+    summary = short_run(tmp_path, "--resume")
     out = capsys.readouterr().out
     assert f"skipping damaged checkpoint step_00000006: {optimizer} is corrupted" in out
     assert f"skipping damaged checkpoint step_00000004: {weights} is truncated or corrupted: 1000 bytes" in out
     assert "falling back to step_00000002" in out and f"resumed from {step2} at step 2" in out
     assert summary["steps"] == 6
     assert logged_losses(run_dir) == pytest.approx(before, rel=1e-5)  # same data order, same updates
-    assert [p.name for p in train.checkpoint_dirs(run_dir)] == ["step_00000002", "step_00000004", "step_00000006"]
-    assert all(train.verify_checkpoint(p) is None for p in train.checkpoint_dirs(run_dir))
-    assert sorted(p.name for p in (run_dir / train.CHECKPOINTS_DIR).glob(train.CORRUPT_PREFIX + "*")) == [
+    assert [p.name for p in ckpts(run_dir)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert all(checkpoints.verify_checkpoint(p) is None for p in ckpts(run_dir))
+    assert sorted(p.name for p in RunFolder(run_dir).checkpoints.glob(CORRUPT_PREFIX + "*")) == [
         "corrupt-step_00000004", "corrupt-step_00000006"]
 
     # nothing complete left: refuse, naming the damaged file
-    for ckpt in train.checkpoint_dirs(run_dir):
-        (ckpt / train.MANIFEST).write_text("{trunc")
+    for ckpt in ckpts(run_dir):
+        (ckpt / MANIFEST).write_text("{trunc")
     with pytest.raises(SystemExit, match=r"--resume: no complete checkpoint in .*manifest.json is unreadable"):
-        train_in_process(data_root, tmp_path, "--resume")
+        short_run(tmp_path, "--resume")
 
 
-def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(data_root, tmp_path, monkeypatch,
-                                                                          fresh_accelerate_state):
-    real_export, calls = train.export_model, []
+def test_evaluation_takes_the_newest_model_that_verifies(short_run, tmp_path, capsys):
+    """eval's checkpoint lookup follows --resume's rule: a damaged final model is named and skipped."""
+    from eval.checkpoint import load_checkpoint, resolve_checkpoint
+
+    short_run(tmp_path)
+    run = RunFolder(tmp_path / "r")
+    assert resolve_checkpoint(run.root) == run.model
+    weights = run.model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert resolve_checkpoint(run.root) == ckpts(run.root)[-1]  # the last checkpoint: the same weights
+    assert f"skipping damaged checkpoint {run.model}: {weights} is corrupted" in capsys.readouterr().err
+    with pytest.raises(OSError, match=r"model.safetensors is corrupted: its sha256 differs"):
+        load_checkpoint(run.model)  # named directly, it is an error naming the file
+
+
+def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(short_run, tmp_path, monkeypatch):
+    real_export, calls = checkpoints.export_model, []
 
     def export_until_the_disk_is_full(accelerator, model, tok, folder):
         calls.append(folder)
@@ -308,19 +315,19 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(dat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_export(accelerator, model, tok, folder)
 
-    monkeypatch.setattr(train, "export_model", export_until_the_disk_is_full)
+    monkeypatch.setattr(checkpoints, "export_model", export_until_the_disk_is_full)
     with pytest.raises(OSError, match=r"writing checkpoint .*step_00000004 failed \(No space left on device\).*"
                                       r"previous checkpoint .*step_00000002 is intact") as info:
-        train_in_process(data_root, tmp_path)
+        short_run(tmp_path)
     assert info.value.errno == errno.ENOSPC
     run_dir = tmp_path / "r"
-    (only,) = train.checkpoint_dirs(run_dir)
-    assert only.name == "step_00000002" and train.verify_checkpoint(only) is None
-    assert not list((run_dir / train.CHECKPOINTS_DIR).glob(".*"))  # the half-written tmp folder is gone
+    (only,) = ckpts(run_dir)
+    assert only.name == "step_00000002" and checkpoints.verify_checkpoint(only) is None
+    assert not list(RunFolder(run_dir).checkpoints.glob(".*"))  # the half-written tmp folder is gone
     GeneralistForCausalLM.from_pretrained(only)
 
-    monkeypatch.setattr(train, "export_model", real_export)  # space freed: resume finishes the run
-    assert train_in_process(data_root, tmp_path, "--resume")["steps"] == 6
+    monkeypatch.setattr(checkpoints, "export_model", real_export)  # space freed: resume finishes the run
+    assert short_run(tmp_path, "--resume")["steps"] == 6
 
 
 # --- CLI -------------------------------------------------------------------------------------------
@@ -329,7 +336,7 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(dat
 @pytest.mark.parametrize("flags,message", [
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--resume", "--overwrite"], "--resume continues the run folder and --overwrite deletes it"),
-    (["--mixture", "demoo"], r"--mixture 'demoo': not one of \['demo', 'full'\]"),
+    (["--mixture", "demoo"], r"--mixture 'demoo': not one of \['control', 'demo', 'full'\]"),
     (["--mixture", "text=heavy"], "bad weight in 'text=heavy'"),
     (["--keep_last", "0"], "--keep_last must be >= 1, got 0"),
     (["--mixture", "txt=1", "--data_root", "/nonexistent"], r"no dataset 'txt' under --data_root /nonexistent"),
@@ -343,32 +350,32 @@ def test_conflicting_or_unknown_training_flags_stop_before_any_work(tmp_path, fl
 def test_unknown_preset_and_dataset_names_list_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "large"])
-    assert "invalid choice: 'large' (choose from 'base', 'demo', 'small')" in capsys.readouterr().err
+    assert "invalid choice: 'large' (choose from 'base', 'control', 'demo', 'small')" in capsys.readouterr().err
     from datasets_build.__main__ import main as build_main
 
-    with pytest.raises(SystemExit, match=r"unknown dataset or mixture 'control'; datasets: \['babyai', 'captions', "
-                                         r"'control-core'.*mixtures: \['demo', 'full'\]"):
-        build_main(["control", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit, match=r"unknown dataset or mixture 'controll'; datasets: \['babyai', 'captions', "
+                                         r"'control-core'.*mixtures: \['control', 'demo', 'full'\]"):
+        build_main(["controll", "--out", "/nonexistent"])
 
 
 # --- faults: SIGKILL -------------------------------------------------------------------------------
 
 
-def test_training_killed_at_random_points_resumes_exactly(data_root, tmp_path):
+def test_training_killed_at_random_points_resumes_exactly(tiny_flags, tmp_path):
     """SIGKILL four times at random points: a random step, then either a random moment of it or the
     middle of writing its checkpoint (one is written every step). After each kill every published
     checkpoint is whole; the resumed runs log the same losses as the killed ones for the steps both
     ran (same data order, same updates), and the run completes."""
     rng = random.Random(1234)
     total = 16
-    cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="k", total_steps=total, save_every=1,
+    cmd = [sys.executable, "train.py", *tiny_flags(tmp_path, run_name="k", total_steps=total, save_every=1,
                                                    keep_last=2, eval_every=8, run_eval=False)]
     run_dir = tmp_path / "k"
-    ckpt_root = run_dir / train.CHECKPOINTS_DIR
+    ckpt_root = RunFolder(run_dir).checkpoints
     seen: dict[int, float] = {}
     kills, mid_save = 0, 0
     for round_, where in enumerate(["mid-save", "anywhere", "mid-save", "anywhere"]):
-        start = train.checkpoint_dirs(run_dir)
+        start = ckpts(run_dir)
         target = (int(start[-1].name.removeprefix("step_")) if start else 0) + rng.randint(1, 3)
         proc = subprocess.Popen(cmd + (["--resume"] if round_ else []), cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -386,10 +393,10 @@ def test_training_killed_at_random_points_resumes_exactly(data_root, tmp_path):
             kills += 1
         proc.wait()
         mid_save += bool(list(ckpt_root.glob(".tmp-*")))
-        for ckpt in train.checkpoint_dirs(run_dir):
-            assert train.verify_checkpoint(ckpt) is None, ckpt
+        for ckpt in ckpts(run_dir):
+            assert checkpoints.verify_checkpoint(ckpt) is None, ckpt
         names = [p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")]
-        assert all((ckpt_root / n / train.TRAINER_STATE).exists() for n in names), names
+        assert all((ckpt_root / n / checkpoints.TRAINER_STATE).exists() for n in names), names
         _check_same(seen, run_dir)
     assert kills == 4 and mid_save >= 1, (kills, mid_save)
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

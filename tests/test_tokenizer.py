@@ -10,16 +10,7 @@ from gymnasium import spaces
 from PIL import Image
 
 from generalist import GeneralistTokenizer, Modality, TaskSpec, TokenizationError, UnsupportedSpaceError
-from tests.conftest import SPACES, random_episode
-
-MU, M, BINS = 100.0, 256.0, 1024
-
-
-def reference_bin_edges_in_x(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x-space edges of mu-law bin k, straight from Gato's formula (independent of the library)."""
-    y_lo, y_hi = -1 + 2 * k / BINS, -1 + 2 * (k + 1) / BINS
-    inv = lambda y: np.sign(y) * ((M * MU + 1) ** np.abs(y) - 1) / MU
-    return inv(y_lo), inv(y_hi)
+from tests.conftest import BINS, SPACES, M, random_episode, reference_bin_edges_in_x
 
 
 def test_continuous_round_trip_within_one_bin(tok):

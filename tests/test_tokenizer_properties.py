@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from generalist import Modality, TaskSpec, TokenizationError
 from generalist.vocab import MU_LAW_M
-from tests.conftest import random_episode
-from tests.test_tokenizer import reference_bin_edges_in_x
+from tests.conftest import random_episode, reference_bin_edges_in_x
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple)
 bounds = st.floats(-1e4, 1e4, allow_nan=False)

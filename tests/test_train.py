@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny model and tiny datasets: checkpoints, exact resume after a kill, 2 processes.
+"""train.py end to end on a tiny model and tiny datasets: checkpoints, exact resume after a kill, 2 processes,
+settings restored on --resume, and the run folder ``python -m eval`` reads.
 
 The subprocess tests run the real command lines (`python train.py`, `accelerate launch`), so they
 also cover argument parsing, DataLoader workers and the process group. Each stays well under a
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,43 +20,27 @@ import pytest
 
 import train
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
-from tests import train_fixtures as fx
+from generalist.training import checkpoints, settings
+from generalist.training.run_folder import RunFolder
+from generalist.vocab import LOSS_MODALITIES
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSS_COLUMNS = ("loss", *train.MODALITIES)
+LOSS_COLUMNS = ("loss", *LOSS_MODALITIES)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    fx.write_datasets(root)
-    return root
-
-
-def tiny_flags(data_root: Path, out: Path, **overrides) -> list[str]:
-    flags = {"mixture": "tiny_text=1,tiny_captions=1,tiny_box=1,tiny_disc=1", "data_root": data_root,
-             "output_dir": out, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-             "seq_len": 64, "batch_size": 4, "total_steps": 12, "warmup_steps": 2, "log_every": 1,
-             "eval_every": 6, "eval_batches": 2, "save_every": 4, "num_workers": 0, "lr": 3e-3, **overrides}
-    out_flags = []
-    for k, v in flags.items():
-        if isinstance(v, bool):
-            out_flags.append(f"--{k}" if v else f"--no_{k}")
-        else:
-            out_flags += [f"--{k}", str(v)]
-    return out_flags
-
-
-def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
 def losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    with (run_dir / "train_metrics.csv").open() as f:
+    with RunFolder(run_dir).train_csv.open() as f:
         return {int(r["step"]): {k: float(r[k]) for k in LOSS_COLUMNS if r.get(k)} for r in csv.DictReader(f)}
+
+
+def ckpts(run_dir: Path) -> list[Path]:
+    return checkpoints.checkpoint_dirs(RunFolder(run_dir).checkpoints)
 
 
 def test_presets_set_defaults_and_flags_override_them():
@@ -65,57 +49,106 @@ def test_presets_set_defaults_and_flags_override_them():
     assert train.parse_args(["--preset", "small", "--hidden_size", "64"]).hidden_size == 64
     assert train.parse_args([]) == train.Args()
     args = train.parse_args(["--preset", "base", "--lr", "0.01", "--no_build_missing"])
-    assert train.parse_args(train.command_line(args).split()[2:]) == args
+    assert train.parse_args(settings.command_line(args, train.PRESETS).split()[2:]) == args
+
+
+def test_resume_restores_the_saved_settings_and_refuses_conflicting_flags(tmp_path):
+    where = ["--output_dir", str(tmp_path), "--run_name", "r"]
+    first = train.parse_args([*where, "--seq_len", "256", "--lr", "0.01", "--hub_token", "secret"])
+    (tmp_path / "r").mkdir()
+    settings.save(first, RunFolder(tmp_path / "r").args)
+    assert "secret" not in RunFolder(tmp_path / "r").args.read_text()  # the file lives next to the model
+
+    resumed = train.parse_args([*where, "--resume"])  # no flags repeated: the run's own settings
+    assert (resumed.seq_len, resumed.lr, resumed.resume) == (256, 0.01, True)
+    longer = train.parse_args([*where, "--resume", "--total_steps", "900", "--num_workers", "0", "--no_run_eval"])
+    assert (longer.seq_len, longer.total_steps, longer.num_workers, longer.run_eval) == (256, 900, 0, False)
+    assert train.parse_args([*where, "--resume", "--seq_len", "256"]).seq_len == 256  # agreeing is fine
+    with pytest.raises(SystemExit, match=r"--seq_len 512 conflicts with the run's saved seq_len=256; "
+                                         r"--batch_size 2 conflicts with the run's saved batch_size=8"):
+        train.parse_args([*where, "--resume", "--seq_len", "512", "--batch_size", "2"])
+    with pytest.raises(SystemExit, match=r"--preset small conflicts with the run's saved preset=demo"):
+        train.parse_args([*where, "--resume", "--preset", "small"])
+
+
+def test_eval_evaluates_a_run_folder_and_records_what_failed(tiny_flags, train_in_process, tmp_path, monkeypatch):
+    """``python -m eval RUN``: each evaluation the mixture calls for, through its script's ``main``; a
+    failing one is recorded, not raised, and the others still run."""
+    import eval.text
+    from eval.__main__ import main as evaluate
+
+    def broken(args):
+        raise RuntimeError("text evaluation exploded")
+
+    train_in_process(*tiny_flags(tmp_path, run_name="r", total_steps=2, save_every=2, eval_every=2,
+                                 run_eval=False))
+    folder = RunFolder(tmp_path / "r")
+    results = evaluate([str(folder.root), "--samples", "2", "--episodes", "1"])
+    assert results["model"] == str(folder.model)
+    assert results["caption/tiny_captions"]["metrics"]["samples"] == 2
+    assert results["text/tiny_text"]["documents"] == 2
+    assert {"control/dt", "control/gato"} <= set(results)  # the synthetic tasks have no env: errors inside
+    monkeypatch.setattr(eval.text, "main", broken)
+    again = evaluate([str(folder.root), "--samples", "2", "--episodes", "1"])
+    assert again["text/tiny_text"] == "failed: RuntimeError('text evaluation exploded')"
+    assert again["caption/tiny_captions"]["metrics"]["samples"] == 2
+    assert json.loads(folder.summary.read_text())["evaluation"] == again
+    assert results["report"] == str(folder.report) and "## Image captioning" in folder.report.read_text()
+    assert {p.name for p in folder.eval.iterdir()} >= {"caption.json", "text.json"}
 
 
 @pytest.mark.slow
-def test_training_writes_a_loadable_run_folder_and_rotates_checkpoints(data_root, tmp_path):
-    run([sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="r", keep_last=2)])
-    run_dir = tmp_path / "r"
-    ckpts = train.checkpoint_dirs(run_dir)
-    assert [p.name for p in ckpts] == ["step_00000008", "step_00000012"]
-    assert not list((run_dir / train.CHECKPOINTS_DIR).glob(train.TMP_PREFIX + "*"))
-    state = json.loads((ckpts[-1] / train.TRAINER_STATE).read_text())
+def test_training_writes_a_loadable_run_folder_and_rotates_checkpoints(tiny_flags, subprocess_env, tmp_path):
+    run([sys.executable, "train.py", *tiny_flags(tmp_path, run_name="r", keep_last=2, eval_samples=4,
+                                                 eval_episodes=1)], subprocess_env, timeout=600)
+    folder = RunFolder(tmp_path / "r")
+    assert [p.name for p in ckpts(folder.root)] == ["step_00000008", "step_00000012"]
+    assert not list(folder.checkpoints.glob(".*"))
+    state = checkpoints.read_trainer_state(ckpts(folder.root)[-1])
     assert state["step"] == 12 and state["data"]["next_batch"] == 12
-    for folder in (ckpts[-1], run_dir / "model"):
-        model = GeneralistForCausalLM.from_pretrained(folder)
-        tok = GeneralistTokenizer.from_pretrained(folder)
+    for model_dir in (ckpts(folder.root)[-1], folder.model):
+        model = GeneralistForCausalLM.from_pretrained(model_dir)
+        tok = GeneralistTokenizer.from_pretrained(model_dir)
         assert model.config.layout == tok.layout and set(tok.task_specs) == {"Box-v0", "Disc-v0"}
-    assert (run_dir / "learning_curves.png").stat().st_size > 0
-    assert (run_dir / "README.md").read_text().count("tiny_captions") >= 1
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert folder.curves.stat().st_size > 0
+    assert folder.card.read_text().count("tiny_captions") >= 1
+    summary = json.loads(folder.summary.read_text())
     assert summary["steps"] == 12 and set(summary["final"]["held-out"]) >= {"text", "caption", "action"}
-    assert any((run_dir / "tensorboard").iterdir())
+    assert any(folder.tensorboard.iterdir())
+    # python -m eval ran on the final model: every evaluation of the mixture, and the report
+    evaluation = summary["evaluation"]
+    assert evaluation["model"] == str(folder.model)
+    assert {"caption/tiny_captions", "text/tiny_text", "control/dt", "control/gato"} <= set(evaluation)
+    assert isinstance(evaluation["caption/tiny_captions"], dict) and folder.report.is_file()
     # a second run into the same folder must not silently clobber it
-    proc = subprocess.run([sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="r")], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run([sys.executable, "train.py", *tiny_flags(tmp_path, run_name="r")], cwd=ROOT,
+                          capture_output=True, text=True, env=subprocess_env)
     assert proc.returncode != 0 and "--resume" in proc.stderr
 
 
-def test_resume_after_a_kill_continues_the_same_loss_curve(data_root, tmp_path):
-    flags = dict(total_steps=16, save_every=4, keep_last=3)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    full_cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="full", **flags)]
+def test_resume_after_a_kill_continues_the_same_loss_curve(tiny_flags, subprocess_env, tmp_path):
+    flags = dict(total_steps=16, save_every=4, keep_last=3, run_eval=False)
+    full_cmd = [sys.executable, "train.py", *tiny_flags(tmp_path, run_name="full", **flags)]
     full_log = (tmp_path / "full.log").open("w")  # a file, not a pipe: nobody reads it while both run
-    full_run = subprocess.Popen(full_cmd, cwd=ROOT, env=env, stdout=full_log, stderr=subprocess.STDOUT)
+    full_run = subprocess.Popen(full_cmd, cwd=ROOT, env=subprocess_env, stdout=full_log, stderr=subprocess.STDOUT)
 
     # meanwhile the same run, killed (SIGKILL: no cleanup) as soon as its first checkpoint is published
-    cmd = [sys.executable, "train.py", *tiny_flags(data_root, tmp_path, run_name="killed", **flags)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "train.py", *tiny_flags(tmp_path, run_name="killed", **flags)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "killed"
     deadline = time.monotonic() + 120
-    while not train.checkpoint_dirs(killed_dir) and proc.poll() is None and time.monotonic() < deadline:
+    while not ckpts(killed_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    resumed_at = json.loads((train.checkpoint_dirs(killed_dir)[-1] / train.TRAINER_STATE).read_text())["step"]
+    assert not RunFolder(killed_dir).summary.exists(), "the run finished before it could be killed"
+    resumed_at = checkpoints.read_trainer_state(ckpts(killed_dir)[-1])["step"]
     assert 0 < resumed_at < 16
 
     full_run.wait(timeout=120)
     full_log.close()
     assert full_run.returncode == 0, (tmp_path / "full.log").read_text()[-5000:]
-    out = run([*cmd, "--resume"])
+    out = run([*cmd, "--resume"], subprocess_env)
     assert f"at step {resumed_at}" in out.stdout + out.stderr
     full, resumed = losses(tmp_path / "full"), losses(killed_dir)
     assert sorted(resumed) == sorted(full) == list(range(1, 17))
@@ -124,17 +157,17 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(data_root, tmp_path):
             assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
 
 
-def test_two_processes_train_the_same_parameters(data_root, tmp_path):
+def test_two_processes_train_the_same_parameters(tiny_flags, subprocess_env, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs/ddp_cpu_2proc.yaml"), "train.py",
-           *tiny_flags(data_root, tmp_path, run_name="ddp", total_steps=6, save_every=3, num_workers=1)]
-    run(cmd, timeout=180)
-    run_dir = tmp_path / "ddp"
-    hashes = {p.name: p.read_text() for p in (run_dir / "param_hashes").iterdir()}
+           *tiny_flags(tmp_path, run_name="ddp", total_steps=6, save_every=3, num_workers=1, run_eval=False)]
+    run(cmd, subprocess_env, timeout=180)
+    folder = RunFolder(tmp_path / "ddp")
+    hashes = {p.name: p.read_text() for p in folder.param_hashes.iterdir()}
     assert set(hashes) == {"rank0.txt", "rank1.txt"}
     assert hashes["rank0.txt"] == hashes["rank1.txt"]
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = json.loads(folder.summary.read_text())
     assert summary["processes"] == 2 and summary["tokens"] == 6 * 2 * 4 * 64
     # both ranks' RNG states are in the checkpoint, so a 2-process run resumes exactly too
-    assert {p.name for p in (train.checkpoint_dirs(run_dir)[-1] / train.STATE_DIR).glob("random_states_*")} == {
+    assert {p.name for p in (ckpts(folder.root)[-1] / checkpoints.STATE_DIR).glob("random_states_*")} == {
         "random_states_0.pkl", "random_states_1.pkl"}

@@ -1,0 +1,154 @@
+"""Built datasets as the packer's sources: what training and its evaluation read from ``--data_root``.
+
+A mixture is a registry name or ``name=weight,name=weight``. Each dataset becomes a train and a
+held-out :mod:`generalist.packing` source of its kind (control, caption or text). Rows are read
+lazily, when the packer draws them, so that opening a mixture costs no time and no memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+
+from datasets_build.common import TASK_SPECS
+from datasets_build.episodes import iter_episodes, load_episodes
+from generalist.packing import CaptionSource, ControlSource, TextSource
+from generalist.task_spec import TaskSpec
+
+Kind = Literal["control", "caption", "text"]
+
+
+class Column(Sequence):
+    """One column of a 🤗 dataset as a lazy sequence (rows are read when drawn, not up front)."""
+
+    def __init__(self, dataset: datasets.Dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(i)][self.column]
+
+
+class EpisodeRows(Sequence):
+    """Random access to the episodes of a control dataset, in ``iter_episodes``' format.
+
+    Decoding an episode reads all of its steps (a pixel episode is megabytes) although a sequence
+    uses a window of it, so decoded episodes are kept, up to ``cache_bytes`` per worker process.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, specs: dict[str, TaskSpec], indices: np.ndarray,
+                 cache_bytes: int = 1 << 30):
+        self.dataset, self.specs, self.indices = dataset, specs, indices
+        self.cache: OrderedDict[int, dict] = OrderedDict()
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.indices[i])
+        if row in self.cache:
+            self.cache.move_to_end(row)
+            return self.cache[row]
+        episode = next(iter_episodes(self.dataset.select([row]), self.specs))
+        self.cache[row] = episode
+        self.cached_bytes += _nbytes(episode)
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            self.cached_bytes -= _nbytes(self.cache.popitem(last=False)[1])
+        return episode
+
+
+def _nbytes(episode: dict) -> int:
+    arrays = [*episode["observations"].values(), *episode["actions"].values(), episode["rewards"]]
+    return sum(a.nbytes if isinstance(a, np.ndarray) else 64 * len(a) for a in arrays)
+
+
+def parse_mixture(mixture: str) -> dict[str, float]:
+    """A registry mixture name, or ``name=weight,name=weight`` -> ``{dataset: weight}``."""
+    if "=" not in mixture:
+        from datasets_build.registry import MIXTURES
+
+        if mixture not in MIXTURES:
+            raise ValueError(f"--mixture {mixture!r}: not one of {sorted(MIXTURES)} and not `name=weight,...`")
+        return dict(MIXTURES[mixture])
+    weights = {}
+    for part in mixture.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mixture: bad weight in {part!r}; expected name=weight") from None
+    return weights
+
+
+def open_splits(folder: Path) -> dict[str, datasets.Dataset]:
+    """The splits of a caption or text dataset: ``<folder>/data`` as datasets_build writes it, or a bare
+    ``save_to_disk`` folder."""
+    if not folder.exists():
+        raise FileNotFoundError(f"dataset {folder.name!r} not found at {folder}; build it or pass --data_root")
+    loaded = datasets.load_from_disk(str(folder / "data" if (folder / "data").is_dir() else folder))
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def dataset_kind(folder: Path, splits: dict[str, datasets.Dataset] | None = None) -> Kind:
+    """Control (a folder with task specs), caption (``image``, ``caption``) or text (``text``)."""
+    if (folder / TASK_SPECS).exists():
+        return "control"
+    columns = (splits or open_splits(folder))["train"].column_names
+    if "caption" in columns:
+        return "caption"
+    if "text" in columns:
+        return "text"
+    raise ValueError(f"{folder}: neither a control, caption (image, caption) nor text (text) dataset; "
+                     f"columns {columns}")
+
+
+def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1
+                 ) -> tuple[list, list, dict[str, TaskSpec]]:
+    """Train and held-out sources of every dataset, and the task specs of the control ones.
+
+    Control datasets hold out every ``1/eval_share``-th episode of every task — spread over the
+    expert, noisy and random sources alike (rows are stored by source, so "the last episodes" would
+    be only random ones); caption and text datasets use their ``validation``/``test`` split.
+    """
+    train, held_out, specs = [], [], {}
+    for name in weights:
+        folder = Path(root) / name
+        if (folder / TASK_SPECS).exists():
+            ds, task_specs = load_episodes(folder)
+            specs.update(task_specs)
+            tasks = np.asarray(ds["task"])
+            train_idx, eval_idx = [], []
+            for task in np.unique(tasks):
+                idx = np.flatnonzero(tasks == task)
+                if len(idx) < 10:  # tiny sets: evaluate on train
+                    train_idx += list(idx)
+                    eval_idx += list(idx)
+                    continue
+                held = np.zeros(len(idx), bool)
+                held[:: round(1 / eval_share)] = True
+                train_idx += list(idx[~held])
+                eval_idx += list(idx[held])
+            for out, idx in ((train, train_idx), (held_out, eval_idx)):
+                idx = np.asarray(sorted(idx))
+                out.append(ControlSource(name, EpisodeRows(ds, task_specs, idx), list(tasks[idx]),
+                                         sources=list(np.asarray(ds["source"])[idx]),
+                                         returns=np.asarray(ds["episode_return"], np.float64)[idx]))
+            continue
+        splits = open_splits(folder)
+        train_ds = splits["train"]
+        eval_ds = next((splits[s] for s in ("validation", "test") if s in splits), train_ds)
+        if dataset_kind(folder, splits) == "caption":
+            train.append(CaptionSource(name, train_ds))
+            held_out.append(CaptionSource(name, eval_ds))
+        else:
+            train.append(TextSource(name, Column(train_ds, "text")))
+            held_out.append(TextSource(name, Column(eval_ds, "text")))
+    return train, held_out, specs

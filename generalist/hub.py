@@ -9,6 +9,7 @@ uploading is rotated away. The local checkpoint is always written first and neve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
+
+from generalist import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class HubPusher:
         self._count += 1
         snapshot = self.staging_dir / f"push-{self._count:05d}"
         _link_tree(Path(folder), snapshot)
+        _manifest_of_what_ships(snapshot)
         with self._cond:
             if self._pending is not None:  # superseded before it started: drop it
                 shutil.rmtree(self._pending[0], ignore_errors=True)
@@ -131,6 +135,20 @@ def _link_tree(src: Path, dst: Path) -> None:
 
     shutil.copytree(src, dst, copy_function=link_or_copy,
                     ignore=shutil.ignore_patterns("state", "trainer_state.json", ".tmp*"))
+
+
+def _manifest_of_what_ships(snapshot: Path) -> None:
+    """Keep only the manifest entries of files the snapshot holds: a checkpoint's manifest also lists its
+    training state, which stays local, and a downloaded repo must verify against its own manifest."""
+    try:
+        entries = integrity.read_manifest(snapshot)
+    except ValueError:
+        entries = None
+    if entries is None:
+        return
+    manifest = snapshot / integrity.MANIFEST
+    manifest.unlink(missing_ok=True)  # a hard link to the checkpoint's own manifest: never write through it
+    manifest.write_text(json.dumps({k: v for k, v in entries.items() if (snapshot / k).is_file()}, indent=2))
 
 
 # --- model card ----------------------------------------------------------------------------------

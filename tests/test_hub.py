@@ -8,8 +8,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from generalist import GeneralistForCausalLM, GeneralistTokenizer
-from generalist.hub import model_card, push_folder
+from generalist import GeneralistForCausalLM, GeneralistTokenizer, integrity
+from generalist.hub import HubPusher, model_card, push_folder
 from generalist.training.checkpoints import checkpoint_dirs
 from generalist.training.run_folder import RunFolder
 
@@ -70,6 +70,7 @@ def test_pushed_repo_loads_with_from_pretrained(pushing_run, tmp_path, monkeypat
     assert "tiny_captions" in card and "| held-out |" in card and "python train.py" in card
     assert "--push_to_hub" in card
     assert not (repo / "state").exists()  # optimizer state stays local
+    assert integrity.verify(repo) is None  # and the manifest that ships lists only what ships
 
 
 def test_failed_pushes_are_retried_and_never_cost_the_local_checkpoint(pushing_run, tmp_path, monkeypatch):
@@ -108,3 +109,21 @@ def test_model_card_has_mixture_metrics_and_reproduce_command():
     assert card.startswith("---\nlibrary_name: transformers")
     assert "| control-core | 75.0% |" in card and "| train | 1.25 | 2.5 |" in card
     assert "python train.py --lr 0.1" in card and "`CartPole-v1`" in card
+
+
+def test_a_pushed_checkpoint_ships_a_manifest_of_what_it_ships(tmp_path, monkeypatch):
+    """The training state stays local, so the pushed manifest drops it; the checkpoint's own keeps it."""
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    ckpt = tmp_path / "step_00000001"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"w" * 10)
+    (ckpt / "state" / "optimizer.bin").write_bytes(b"o" * 10)
+    integrity.write_manifest(ckpt)
+    pusher = HubPusher("a/b", tmp_path / "staging", backoff_s=0.01)
+    pusher.submit(ckpt, "step 1")
+    assert pusher.close() == [("step 1", True)]
+    assert integrity.verify(tmp_path / "hub" / "a/b") is None
+    assert set(integrity.read_manifest(tmp_path / "hub" / "a/b")) == {"model.safetensors"}
+    assert set(integrity.read_manifest(ckpt)) == {"model.safetensors", "state/optimizer.bin"}
+    assert integrity.verify(ckpt) is None

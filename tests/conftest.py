@@ -84,6 +84,40 @@ def random_episode(spec, obs_space: spaces.Space, act_space: spaces.Space, steps
     }
 
 
+@pytest.fixture(scope="session")
+def dt_model(tok):
+    """A tiny model trained a few seconds on a 1-step task where the action decides the return:
+    action 0 -> reward 0, action 1 -> reward 1 (every episode ends after its one step).
+
+    Returns ``(model, spec)``. Sequences are return-conditioned, so the model can only pick the
+    action from ``R_0``: a Decision Transformer that ignores its target cannot pass tests on it.
+    """
+    from generalist import TaskSpec
+
+    spec = TaskSpec.from_spaces("one-step", spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2),
+                                expert_return=1.0, random_return=0.0)
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
+    rng = np.random.default_rng(0)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model trains faster on one thread (and on a busy machine)
+    try:
+        for _ in range(150):
+            actions = rng.integers(0, 2, 16)
+            batch = tok.collate([tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (1, 2))},
+                                                    {"action": np.array([a])}, np.array([float(a)]))
+                                 for a in actions])
+            loss = model(**batch).loss
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), spec
+
+
 # --- training runs: synthetic datasets, tiny-model flags, in-process runs (test_train, test_reliability,
 # test_hub, test_eval_run) -------------------------------------------------------------------------
 
@@ -150,7 +184,8 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture
 def rollout():
     """``rollout(agent, envs, steps, seed=0)``: step a vector env with an agent, asserting every action is
-    inside the action space; returns the number of finished episodes."""
+    inside the action space and the context within the agent's window; returns the number of
+    finished episodes."""
 
     def run(agent, envs, steps: int, seed: int = 0) -> int:
         obs, _ = envs.reset(seed=seed)
@@ -161,6 +196,7 @@ def rollout():
             obs, rewards, terminated, truncated, _ = envs.step(actions)
             agent.observe(rewards, terminated, truncated)
             finished += int((terminated | truncated).sum())
+            assert agent.state.length <= agent.context_length
         return finished
 
     return run

@@ -1,197 +1,454 @@
-"""Control-decoding benchmark: prints measured ratios from one run (not a pass/fail test).
+"""Control-decoding benchmark through :class:`generalist.Agent` in a gymnasium vector env.
 
-DESIGN.md targets, all measured here on CPU with ``torch.set_num_threads(2)``:
+Prints measured ratios from one run (not a pass/fail test): the README's "Measured" figures for
+decoding. Every decision is timed where users spend it, ``agent.act(obs)`` + ``agent.observe(...)``
+on a ``gym.vector.SyncVectorEnv``, so that a regression anywhere on that path (the Agent's
+bookkeeping, a mode, the engine, the tokenizer) shows in the figures, and a refactor of internal
+helpers cannot leave the benchmark timing code that users no longer run.
 
-* decision time with KV cache is flat in context length: 1000-token context ≤ 1.5 × a 100-token one
-  (the same decisions without a cache are timed next to it);
-* 32 environments batched give ≥ 10 × the decisions/s of one;
-* a Trajectory Transformer planning decision at the published planner's hopper settings
-  (11 obs / 3 action dims, beam 128, horizon 15, n_expand 2, 5 context transitions, a 4 × 128
-  backbone) takes about 1.5 s or less; a straightforward uncached beam search of the same model
-  (the same planner on ``Engine(use_cache=False)``, recomputing every sequence for every token, as
-  the reference planner does) is timed next to it;
-* agent throughput at JAT's size: 32 batched environments give ≥ 1.5 × the decisions/s of JAT
-  (GPT-Neo 12 × 768 picks one action in ~57 ms per environment, one at a time, measured by
-  ``../shared/reference_bench/jat_reference.py`` on this VM), i.e. ≥ 26 decisions/s. Timed with a
-  Llama-style 12 × 768 backbone (12 heads, MLP 2048, so 85 M parameters in the layers, as the 86 M
-  JAT reads per decision), random weights, hopper-like 11/3 (JAT's reference task), a 256-token
-  context (JAT's eval window).
+The targets, on CPU with ``torch.set_num_threads(2)``:
 
-A *decision* is what :class:`generalist.Agent` does per step in DT mode: feed the previous step's
-last action token and reward with ``[R_t] [o_t] <sep>``, then sample the 3 action tokens. The
-context is restored after each timed decision (``Engine.snapshot`` / ``Engine.restore``) so it stays at
-its length.
+* **decision time is flat in context length with the KV cache**: at ~1000 tokens of context ≤ 1.5 ×
+  at ~100 (Decision Transformer mode, default tiny Llama, 1 env). The same decisions without a
+  cache are timed next to it: the Agent is given an ``Engine(use_cache=False)`` (its ``engine``
+  attribute is replaced before ``reset``; the Agent has no constructor argument for it), so the
+  uncached figure runs the same Agent code, recomputing the whole sequence for every token;
+* **batching**: 32 environments give ≥ 10 × the decisions/s of one, at ~100 and ~1000 tokens;
+* **agent throughput at JAT's size** (Llama-style 12 × 768, 12 heads, MLP 2048: 85 M parameters in
+  the layers, as the 86 M JAT reads per decision; 32 envs; a 256-token context, JAT's eval window):
+  ≥ 1.5 × JAT's decisions/s. JAT's figure is never a built-in constant: it is either measured in
+  this run by ``../shared/reference_bench/jat_reference.py`` (``--with_references DIR``) or given
+  as ``--jat_ms MS`` (that script's last line, measured on the same machine); without it no ratio
+  is printed;
+* **Trajectory Transformer planning** at the published planner's hopper settings (11 obs / 3
+  action dims, beam 128, horizon 15, n_expand 2, 5 context transitions, the reference's 4 × 128
+  backbone) takes about 1.5 s or less per decision, timed through the Agent in TT mode. With
+  ``--tt_uncached`` the same planner is also timed by :func:`generalist.modes.tt_plan` on an
+  ``Engine(use_cache=False)`` (recomputing every sequence for every token, as the reference
+  planner does; minutes at the reference settings, too slow to pre-run an Agent with), next to a
+  cached ``tt_plan`` on the same context. ``--with_references DIR`` also runs the reference
+  planners' harnesses (``tt_reference.py``, ``faster_tt_reference.py``) at the same settings.
 
-    python bench/decode.py                 # everything (the uncached TT search takes minutes)
-    python bench/decode.py --skip-uncached-tt --repeats 5
+**Environment.** ``Hopper-v5`` (MuJoCo, 11-d observation, 3-d action, the task JAT's figure and
+the TT references use) with ``terminate_when_unhealthy=False``, so that no episode ends while a
+context is being built up (an ending episode would restart its row's context); a run checks that
+none did. Without MuJoCo (the ``[mujoco]`` extra) a stand-in gymnasium env with the same spaces
+and trivial dynamics is used, and the run says so. ``env.step`` is not part of a decision's time
+(it is the environment's cost, not the agent's); its median is printed beside the figures.
+
+**How a context of a given length is reached.** The simplest honest way: play it. Each *trial*
+resets the agent and the envs, plays untimed steps until the context is just short of the target
+length, then times ``timed_steps`` consecutive decisions (17 tokens per Hopper step, so the
+context grows by 17 per timed decision; the target is the mean over them). The *context* of a
+decision is the number of tokens in the agent's cache when it starts (``agent.state.length``;
+the previous step's last action token and reward are fed with the decision), printed as measured.
+In the DT figures the agent's window (the model's trained context, 2048) never slides while timing
+(checked), so no re-prefill is hidden in, or missing from, them. TT mode crops its window to the
+planner's 5 context steps, as the reference does, so its steady state re-prefills that window
+(under 100 tokens) at most decisions: that is included, and counted in the output. Figures are
+medians over all timed decisions of all trials; ratios are between settings of this one run.
+
+A *decision* in DT mode: feed the previous step's last action token and reward, then
+``[R_t] [o_t] <sep>``, then sample the 3 action tokens; for all envs at once. In TT mode the same
+plus a beam search over ``horizon`` imagined steps.
+
+    python bench/decode.py                          # everything (minutes on 2 cores)
+    python bench/decode.py --skip_tt --trials 3     # the decision and JAT-size figures only
+    python bench/decode.py --quick                  # a seconds-long smoke run (tiny sizes; not the figures)
+    python bench/decode.py --jat_ms 57.3            # JAT measured separately, same machine
+    python bench/decode.py --with_references ../shared/reference_bench --reference_python $VENV/bin/python
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import re
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
+import tyro
 from gymnasium import spaces
 
-from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
-from generalist.engine import DecodeState, Engine
-from generalist.modes import TTConfig, dt_act, tt_plan
-from generalist.modes.control import action_sample, reward_sample
-from generalist.tokenizer import Sample, concat_samples
+from generalist import Agent, Engine, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
+from generalist.modes import TTConfig, step_prompts, tt_plan
+from generalist.tokenizer import concat_samples
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    contexts: tuple[int, int] = (100, 1000)
+    """the short and long context (tokens) of the decision-time and batching figures"""
+    num_envs: int = 32
+    """environments of the batched figures (against 1)"""
+    trials: int = 5
+    """fresh episodes per setting; each plays up to the context, then times timed_steps decisions"""
+    timed_steps: int = 4
+    """consecutive decisions timed per trial (the median is over trials x timed_steps)"""
+    uncached: bool = True
+    """also time the decisions on an Engine(use_cache=False)"""
+    skip_jat_size: bool = False
+    """skip the agent-throughput figure at JAT's size"""
+    jat_layers: int = 12
+    """layers of the JAT-size backbone"""
+    jat_width: int = 768
+    """hidden size of the JAT-size backbone (heads of 64, Llama MLP 8/3 as wide: 2048 at 768)"""
+    jat_context: int = 256
+    """context (tokens) of the JAT-size figure: JAT's eval window"""
+    jat_trials: int = 2
+    """trials of the JAT-size figure (a 32-env decision there takes about a second)"""
+    jat_ms: float | None = None
+    """JAT's ms per decision measured on this machine by reference_bench/jat_reference.py (its last
+    line); used for the ratio instead of running that harness"""
+    skip_tt: bool = False
+    """skip the Trajectory Transformer figures"""
+    beam_width: int = 128
+    """TT beam width (reference: 128)"""
+    horizon: int = 15
+    """TT planning horizon (reference: 15)"""
+    n_expand: int = 2
+    """TT candidates per beam (reference: 2)"""
+    tt_repeats: int = 2
+    """timed TT decisions (after the 5 context steps, played with the same planner)"""
+    tt_uncached: bool = False
+    """also time tt_plan on an Engine(use_cache=False) (minutes at the reference settings)"""
+    with_references: Path | None = None
+    """a reference_bench folder: run its jat / tt / faster-tt harnesses at these settings first"""
+    reference_python: Path | None = None
+    """interpreter of the reference harnesses (default: this one; JAT's needs transformers==4.36.1)"""
+    reference_repeats: int = 3
+    """timed decisions per reference harness"""
+    env: str = "Hopper-v5"
+    """the env ("Hopper-v5", or "hopper-like": the stand-in with its spaces, used without MuJoCo)"""
+    threads: int = 2
+    """torch.set_num_threads"""
+    quick: bool = False
+    """smoke run: replace every size by a tiny one (seconds; the figures mean nothing)"""
+
+
+# What --quick replaces: everything that makes the run long, nothing that changes what runs.
+QUICK = dict(contexts=(20, 60), num_envs=4, trials=1, timed_steps=2, jat_layers=1, jat_width=64, jat_context=40,
+             jat_trials=1, beam_width=4, horizon=2, tt_repeats=1, reference_repeats=1)
+
 # The reference TT GPT's shape (4 layers, 4 heads, 128 wide; Janner et al. 2021, config/offline.py).
-# JAT's size (GPT-Neo 12 x 768): the Llama MLP has 3 matrices, so 2048 wide matches GPT-Neo's 2 x 3072.
-JAT_BACKBONE = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
-                "num_key_value_heads": 12, "max_position_embeddings": 2048, "tie_word_embeddings": False}
-JAT_MS_PER_DECISION = 57.0  # reference_bench/README.md, hopper, 1 env (32 envs in a loop: 53-60 ms each)
 TT_BACKBONE = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
-def hopper_spec() -> TaskSpec:
-    return TaskSpec.from_spaces("hopper-like", spaces.Box(-np.inf, np.inf, (11,), np.float32),
-                                spaces.Box(-1, 1, (3,), np.float32), expert_return=3000.0, random_return=0.0,
-                                return_scale=0.01)
+def jat_backbone(layers: int, width: int) -> dict:
+    """JAT's size (GPT-Neo 12 x 768, MLP 3072) as a Llama: its MLP has 3 matrices, so 8/3 x 768 = 2048
+    wide reads as many weights as GPT-Neo's 2 x 3072."""
+    heads = max(1, width // 64)
+    return {"hidden_size": width, "intermediate_size": width * 8 // 3, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 2048,
+            "tie_word_embeddings": False}
 
 
-def context(tok: GeneralistTokenizer, spec: TaskSpec, steps: int, rng: np.random.Generator) -> Sample:
-    """``<bos>`` + ``steps`` random whole steps (17 tokens each for hopper)."""
-    episode = {"observations": {"observation": rng.normal(size=(steps, 11))},
-               "actions": {"action": rng.uniform(-1, 1, (steps, 3))}, "rewards": rng.uniform(0, 3, steps)}
-    return tok.encode_episode(spec, **episode, end=False)
+class HopperLike(gym.Env):
+    """Hopper-v5's spaces with trivial dynamics: the stand-in when MuJoCo is not installed (decoding
+    cost depends on the spaces only)."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (11,), np.float64)
+    action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._obs = self.np_random.normal(size=11)
+        return self._obs, {}
+
+    def step(self, action):
+        self._obs = 0.9 * self._obs + 0.1 * self.np_random.normal(size=11)
+        return self._obs, float(1.0 + action.sum() * 0.01), False, False, {}
 
 
-def timed_decisions(engine: Engine, state: DecodeState, tok, spec, num_envs: int, repeats: int) -> list[float]:
-    """Seconds per decision step (all rows at once), context restored after each."""
-    rng = np.random.default_rng(1)
-    start = engine.snapshot(state)
-    tail = concat_samples([action_sample([tok.encode_continuous(np.array([0.1]))[0]]), reward_sample(tok, spec, 1.0)])
-    times = []
-    for _ in range(repeats + 1):  # one warm-up
-        obs = {"observation": rng.normal(size=(num_envs, 11))}
-        t0 = time.perf_counter()
-        dt_act(engine, state, tok, spec, obs, np.full(num_envs, 1000.0), prefixes=[tail] * num_envs)
-        times.append(time.perf_counter() - t0)
-        engine.restore(start)
-    return times[1:]
+def env_factory(name: str):
+    """A maker of one env; Hopper-v5 never terminates (its 1000-step limit is never reached here)."""
+    if name == "hopper-like":
+        return lambda: gym.wrappers.TimeLimit(HopperLike(), 1000)
+    if name != "Hopper-v5":
+        raise ValueError(f"env must be 'Hopper-v5' or 'hopper-like', got {name!r}")
+    return lambda: gym.make(name, terminate_when_unhealthy=False)
 
 
-def bench_decisions(model, tok, spec, repeats: int) -> dict:
-    rng = np.random.default_rng(0)
-    out = {}
-    for steps in (6, 59):  # 1 + 6*17 = 103 and 1 + 59*17 = 1004 tokens
-        ctx = context(tok, spec, steps, rng)
-        n_tokens = len(ctx["input_ids"])
-        for use_cache in (True, False):
-            engine = Engine(model, seed=0, use_cache=use_cache)
-            state = engine.prefill(ctx, num_rows=1)
-            times = timed_decisions(engine, state, tok, spec, 1, repeats)
-            out[("1 env", n_tokens, use_cache)] = statistics.median(times)
-        engine = Engine(model, seed=0)
-        state = engine.prefill(ctx, num_rows=32)
-        out[("32 envs", n_tokens, True)] = statistics.median(timed_decisions(engine, state, tok, spec, 32, repeats))
+def pick_env(name: str) -> str:
+    if name == "Hopper-v5":
+        try:
+            env_factory(name)().close()
+        except gym.error.DependencyNotInstalled:
+            print("note: MuJoCo is not installed ([mujoco] extra): using the hopper-like stand-in env")
+            return "hopper-like"
+    return name
+
+
+def vector_env(name: str, n: int) -> gym.vector.SyncVectorEnv:
+    return gym.vector.SyncVectorEnv([env_factory(name)] * n, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def hopper_spec(name: str) -> TaskSpec:
+    env = env_factory(name)()
+    spec = TaskSpec.from_env(env, name=name, expert_return=3000.0, random_return=0.0, return_scale=0.01)
+    env.close()
+    return spec
+
+
+def seeded_model(tok: GeneralistTokenizer, text_config: dict | None = None) -> GeneralistForCausalLM:
+    torch.manual_seed(0)
+    kwargs = {} if text_config is None else {"text_config": dict(text_config)}
+    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), **kwargs)).eval()
+
+
+# --- timing through the Agent ---
+@dataclass
+class Timing:
+    """Timed decisions of one setting: agent seconds per env-step, env.step seconds, contexts."""
+
+    num_envs: int
+    seconds: list[float] = field(default_factory=list)
+    env_seconds: list[float] = field(default_factory=list)
+    contexts: list[int] = field(default_factory=list)
+    refills: int = 0  # window slides during the timed decisions
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def per_s(self) -> float:
+        """Decisions per second (one per env per env-step)."""
+        return self.num_envs / self.median
+
+    @property
+    def context(self) -> int:
+        return round(statistics.mean(self.contexts))
+
+
+def steps_before(context: int, timed_steps: int, step_tokens: int) -> int:
+    """Untimed steps to play so that the timed decisions' contexts average ``context`` tokens.
+
+    After ``k`` steps the cache holds ``k * step_tokens - 1`` tokens (``<bos>`` and k steps, less
+    the last action token and reward, which the next decision feeds).
+    """
+    return max(1, round((context + 1) / step_tokens - (timed_steps - 1) / 2))
+
+
+def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials: int, pre_steps: int,
+               timed_steps: int, allow_refills: bool = False) -> Timing:
+    """Play ``trials`` fresh episodes of ``pre_steps`` untimed then ``timed_steps`` timed decisions.
+
+    Raises if an episode ends (its row's context would restart) or, unless ``allow_refills``, the
+    window slides while timing: either would make the figure a different one than it says.
+    """
+    out = Timing(envs.num_envs)
+    for trial in range(trials):
+        agent.reset(spec, num_envs=envs.num_envs)
+        obs, _ = envs.reset(seed=trial)
+        for k in range(pre_steps + timed_steps):
+            context, refills = 0 if agent.state is None else agent.state.length, agent.refills
+            t0 = time.perf_counter()
+            actions = agent.act(obs)
+            t1 = time.perf_counter()
+            obs, rewards, terminated, truncated, _ = envs.step(actions)
+            t2 = time.perf_counter()
+            agent.observe(rewards, terminated, truncated)
+            t3 = time.perf_counter()
+            if np.any(terminated | truncated):
+                raise RuntimeError(f"an episode ended at step {k}; the timed contexts would restart")
+            if k >= pre_steps:
+                out.seconds.append(t1 - t0 + t3 - t2)
+                out.env_seconds.append(t2 - t1)
+                out.contexts.append(context)
+                out.refills += agent.refills - refills
+    if out.refills and not allow_refills:
+        raise RuntimeError(f"the agent's window slid {out.refills} times while timing (context_length "
+                           f"{agent.context_length}); the figures would include re-prefills")
     return out
 
 
-def bench_jat_size(tok, spec, repeats: int, report=print) -> dict:
-    torch.manual_seed(0)
-    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=JAT_BACKBONE))
+def dt_agent(model, tok, use_cache: bool = True) -> Agent:
+    agent = Agent(model, tok, "dt")
+    if not use_cache:  # the Agent takes no engine argument; the same Agent code drives an uncached one
+        agent.engine = Engine(model, seed=0, use_cache=False)
+    return agent
+
+
+# --- the figures ---
+def bench_decisions(args: Args, tok, spec, model) -> dict[tuple[int, int, bool], Timing]:
+    """(envs, target context, cache) -> Timing, DT mode, at both contexts."""
+    step = tok.step_layout(spec).tokens
+    envs = {n: vector_env(args.env, n) for n in (1, args.num_envs)}
+    settings = [(1, True)] + ([(1, False)] if args.uncached else []) + [(args.num_envs, True)]
+    out = {}
+    for context in args.contexts:
+        pre = steps_before(context, args.timed_steps, step)
+        for n, cache in settings:
+            out[(n, context, cache)] = time_agent(dt_agent(model, tok, cache), envs[n], spec, args.trials, pre,
+                                                  args.timed_steps)
+    return out
+
+
+def report_decisions(args: Args, d: dict) -> None:
+    short, long_ = args.contexts
+    n = args.num_envs
+    c_short, c_long = d[(1, short, True)].context, d[(1, long_, True)].context
+    print("\n== control decisions through Agent (DT), median ms per env-step (act + observe) ==")
+    print(f"{'':14}{'ctx ' + str(c_short):>12}{'ctx ' + str(c_long):>12}{'ratio':>8}")
+    rows = [("KV cache", (1, True))] + ([("no cache", (1, False))] if args.uncached else []) + [
+        (f"{n} envs KV", (n, True))]
+    for label, (envs, cache) in rows:
+        a, b = d[(envs, short, cache)].median, d[(envs, long_, cache)].median
+        print(f"{label:14}{a * 1e3:12.1f}{b * 1e3:12.1f}{b / a:8.2f}x")
+    print(f"flat_in_context_ratio={d[(1, long_, True)].median / d[(1, short, True)].median:.2f} (target <= 1.5)")
+    if args.uncached:
+        print(f"cache_speedup_at_{c_long}={d[(1, long_, False)].median / d[(1, long_, True)].median:.1f}x")
+    for context in (short, long_):
+        one, many = d[(1, context, True)], d[(n, context, True)]
+        print(f"ctx {one.context}: decisions/s 1 env {one.per_s:.1f}, {n} envs {many.per_s:.1f} -> "
+              f"batched_speedup={many.per_s / one.per_s:.1f}x (target >= 10)")
+    env_ms = statistics.median(d[(n, long_, True)].env_seconds) * 1e3
+    print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
+
+
+def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[int, Timing]:
+    model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width))
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
-    ctx = context(tok, spec, 15, np.random.default_rng(0))  # 1 + 15 * 17 = 256 tokens, JAT's eval window
-    report(f"model 12x768 Llama, {layer_params / 1e6:.1f}M params in the layers, context {len(ctx['input_ids'])} "
-           f"tokens, 17 tokens fed per decision")
-    out = {}
-    for n in (1, 32):
-        engine = Engine(model, seed=0)
-        state = engine.prefill(ctx, num_rows=n)
-        out[n] = statistics.median(timed_decisions(engine, state, tok, spec, n, repeats))
-        report(f"{n:>2} env(s): {out[n] * 1e3:.1f} ms per env-step, {out[n] / n * 1e3:.1f} ms per decision, "
-               f"{n / out[n]:.1f} decisions/s")
-    ratio = (32 / out[32]) / (1e3 / JAT_MS_PER_DECISION)
-    report(f"jat_size_32env_decisions_per_s={32 / out[32]:.1f} -> vs_jat={ratio:.2f}x (target >= 1.5, i.e. >= "
-           f"{1.5e3 / JAT_MS_PER_DECISION:.0f}/s)")
+    pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
+    out = {n: time_agent(dt_agent(model, tok), vector_env(args.env, n), spec, args.jat_trials, pre,
+                         args.timed_steps) for n in (1, args.num_envs)}
+    print("\n== agent throughput at JAT's size (DT through Agent) ==")
+    print(f"model {args.jat_layers}x{args.jat_width} Llama, {layer_params / 1e6:.1f}M params in the layers, "
+          f"context {out[1].context} tokens (target {args.jat_context}), 17 tokens fed per decision")
+    for n, t in out.items():
+        print(f"{n:>2} env(s): {t.median * 1e3:.1f} ms per env-step, {t.median / n * 1e3:.1f} ms per decision, "
+              f"{t.per_s:.1f} decisions/s")
+    many = out[args.num_envs].per_s
+    if jat_ms is None:
+        print(f"jat_size_{args.num_envs}env_decisions_per_s={many:.1f}; JAT not measured in this run: pass "
+              "--jat_ms MS (reference_bench/jat_reference.py, this machine) or --with_references DIR")
+    else:
+        print(f"jat_size_{args.num_envs}env_decisions_per_s={many:.1f} vs JAT {1e3 / jat_ms:.1f}/s "
+              f"({jat_ms:.1f} ms per decision) -> vs_jat={many * jat_ms / 1e3:.2f}x (target >= 1.5)")
     return out
 
 
-def bench_tt(tok, spec, config: TTConfig, uncached: bool, report=print) -> dict:
-    torch.manual_seed(0)
-    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TT_BACKBONE))
+def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict[str, float]:
+    model = seeded_model(tok, TT_BACKBONE)
     params = sum(p.numel() for p in model.parameters())
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
-    rng = np.random.default_rng(0)
-    # steady state of the reference planner: 5 past transitions + the current observation
-    past = context(tok, spec, 5, rng)
-    now = tok.encode_steps(spec, {"observation": rng.normal(size=(1, 11))}, returns_to_go=np.array([1000.0]))[0]
-    ctx = concat_samples([past, now])
-    out = {"params": params, "layer_params": layer_params, "context_tokens": len(ctx["input_ids"])}
-    report(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is "
-           f"the {tok.vocab_size}-token embedding and head), context {out['context_tokens']} tokens")
-    for use_cache in (True, False) if uncached else (True,):
-        engine = Engine(model, seed=0, use_cache=use_cache)
-        times = []
-        for _ in range(2 if use_cache else 1):  # cached: one warm-up
-            state = engine.prefill(ctx)
-            t0 = time.perf_counter()
-            tt_plan(engine, state, tok, spec, config)
-            times.append(time.perf_counter() - t0)
-        out["cached" if use_cache else "uncached"] = times[-1]
-        if use_cache:
-            report(f"tt_cached_s_per_decision={times[-1]:.2f} (target about 1.5)")
-        else:
-            report(f"tt_uncached_s_per_decision={times[-1]:.2f} -> speedup={times[-1] / out['cached']:.1f}x")
+    agent = Agent(model, tok, "tt", tt_config=config)
+    t = time_agent(agent, vector_env(args.env, 1), spec, 1, config.context_steps, args.tt_repeats,
+                   allow_refills=True)
+    print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
+          f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps) ==")
+    print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is the "
+          f"{tok.vocab_size}-token embedding and head); {len(t.seconds)} timed decision(s) after "
+          f"{config.context_steps} played, context {t.context} tokens, window re-prefilled in {t.refills} (included)")
+    out = {"agent": t.median}
+    print(f"tt_agent_s_per_decision={t.median:.2f} (target about 1.5)")
+    for name, ms in references.items():
+        print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / t.median:.1f}x")
+    if args.tt_uncached:
+        out |= bench_tt_plan_uncached(model, tok, spec, config)
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=20, help="timed decisions per setting (median reported)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-uncached-tt", action="store_true", help="skip the (minutes-long) uncached TT search")
-    p.add_argument("--skip-tt", action="store_true", help="skip the Trajectory Transformer figures")
-    p.add_argument("--skip-jat-size", action="store_true", help="skip the agent-throughput figure at JAT's size")
-    p.add_argument("--beam-width", type=int, default=128)
-    p.add_argument("--horizon", type=int, default=15)
-    args = p.parse_args()
+def bench_tt_plan_uncached(model, tok, spec, config: TTConfig) -> dict[str, float]:
+    """``tt_plan`` cached and uncached from the same steady-state context (5 played steps + the
+    current observation, random values): the uncached planner is too slow to play steps with."""
+    rng = np.random.default_rng(0)
+    obs_dim, act_dim = spec.observation_fields[0].size, spec.action_size
+    past = tok.encode_episode(spec, {"observation": rng.normal(size=(config.context_steps, obs_dim))},
+                              {"action": rng.uniform(-1, 1, (config.context_steps, act_dim))},
+                              rng.uniform(0, 3, config.context_steps), condition_on_return=False, end=False)
+    now = step_prompts(tok, spec, {"observation": rng.normal(size=(1, obs_dim))})[0]
+    context = concat_samples([past, now])
+    out = {}
+    for use_cache in (True, False):
+        engine = Engine(model, seed=0, use_cache=use_cache)
+        for _ in range(2 if use_cache else 1):  # cached: one warm-up
+            state = engine.prefill(context)
+            t0 = time.perf_counter()
+            tt_plan(engine, state, tok, spec, config)
+            out["tt_plan_cached" if use_cache else "tt_plan_uncached"] = time.perf_counter() - t0
+    print(f"tt_plan on the engine, {len(context['input_ids'])}-token context: cached {out['tt_plan_cached']:.2f} s, "
+          f"tt_uncached_s_per_decision={out['tt_plan_uncached']:.2f} -> "
+          f"speedup={out['tt_plan_uncached'] / out['tt_plan_cached']:.1f}x")
+    return out
+
+
+# --- the reference harnesses ---
+def run_reference(args: Args, script: str, argv: list[str]) -> float | None:
+    """Run one reference_bench harness; its last ``<name>_ms_per_decision=`` line, or None if it failed."""
+    path = args.with_references / script
+    key = f"{Path(script).stem}_ms_per_decision"
+    if not path.exists():
+        print(f"{script}: not found in {args.with_references}")
+        return None
+    python = str(args.reference_python or sys.executable)
+    print(f"running {script} {' '.join(argv)}", flush=True)
+    proc = subprocess.run([python, str(path), *argv], capture_output=True, text=True)
+    found = re.findall(rf"^{key}=([0-9.]+)\s*$", proc.stdout, re.MULTILINE)
+    if proc.returncode or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"{script} failed (exit {proc.returncode}): {' | '.join(tail)}")
+        return None
+    print(f"{key}={found[-1]}")
+    return float(found[-1])
+
+
+def run_references(args: Args, config: TTConfig) -> tuple[float | None, dict[str, float]]:
+    """JAT's ms per decision (unless given as --jat_ms) and the TT planners', measured now."""
+    jat_ms, tt = args.jat_ms, {}
+    if args.with_references is None:
+        return jat_ms, tt
+    print("== reference harnesses (same machine, same run) ==")
+    repeats = ["--repeats", str(args.reference_repeats)]
+    if jat_ms is None and not args.skip_jat_size:
+        # 2 tokens per JAT timestep: this many steps fill its window, as in its eval loop's steady state
+        jat_ms = run_reference(args, "jat_reference.py", [
+            "--task", "hopper", "--context-window", str(args.jat_context), "--context-steps",
+            str(args.jat_context // 2 + 2), "--n-envs", "1", "--no-batched-forward", *repeats])
+    if not args.skip_tt:
+        plan = ["--dataset", "hopper-medium-v2", "--beam-width", str(config.beam_width), "--horizon",
+                str(config.horizon)]
+        for name, script, expand in (("tt_reference", "tt_reference.py", "--n-expand"),
+                                     ("faster_tt_reference", "faster_tt_reference.py", "--sample-expand")):
+            ms = run_reference(args, script, [*plan, expand, str(config.n_expand), *repeats])
+            if ms is not None:
+                tt[name] = ms
+    return jat_ms, tt
+
+
+def main(args: Args) -> None:
+    if args.quick:
+        args = dataclasses.replace(args, **QUICK)
+    args = dataclasses.replace(args, env=pick_env(args.env))
     torch.set_num_threads(args.threads)
     tok = GeneralistTokenizer.from_pretrained(ROOT / "tokenizers_cfg" / "default")
-    spec = hopper_spec()
+    spec = hopper_spec(args.env)
     tok.add_task_spec(spec)
-    torch.manual_seed(0)
-    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict()))  # the default tiny Llama
-    print(f"threads={args.threads} torch={torch.__version__} model=default tiny Llama "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), task hopper-like 11/3")
+    config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
+    jat_ms, tt_references = run_references(args, config)
 
-    d = bench_decisions(model, tok, spec, args.repeats)
-    (short, long_) = sorted({k[1] for k in d})
-    print("\n== control decisions (median ms per decision step) ==")
-    print(f"{'':12}{'ctx ' + str(short):>12}{'ctx ' + str(long_):>12}{'ratio':>8}")
-    rows = (("KV cache", ("1 env", True)), ("no cache", ("1 env", False)), ("32 envs KV", ("32 envs", True)))
-    for label, key in rows:
-        a, b = d[(key[0], short, key[1])], d[(key[0], long_, key[1])]
-        print(f"{label:12}{a * 1e3:12.1f}{b * 1e3:12.1f}{b / a:8.2f}x")
-    print(f"flat_in_context_ratio={d[('1 env', long_, True)] / d[('1 env', short, True)]:.2f} (target <= 1.5)")
-    print(f"cache_speedup_at_{long_}={d[('1 env', long_, False)] / d[('1 env', long_, True)]:.1f}x")
-    for n in (short, long_):
-        one = 1 / d[("1 env", n, True)]
-        many = 32 / d[("32 envs", n, True)]
-        print(f"ctx {n}: decisions/s 1 env {one:.1f}, 32 envs {many:.1f} -> batched_speedup={many / one:.1f}x "
-              "(target >= 10)")
-
+    model = seeded_model(tok)  # the default tiny Llama
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{'QUICK SMOKE RUN (tiny sizes, figures mean nothing): ' if args.quick else ''}threads={args.threads} "
+          f"torch={torch.__version__} model=default tiny Llama ({params / 1e6:.2f}M params), env {args.env} "
+          f"({spec.observation_fields[0].size} obs / {spec.action_size} action dims), "
+          f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting", flush=True)
+    report_decisions(args, bench_decisions(args, tok, spec, model))
     if not args.skip_jat_size:
-        print("\n== agent throughput at JAT's size ==")
-        bench_jat_size(tok, spec, max(3, args.repeats // 4), report=lambda line: print(line, flush=True))
-
-    if args.skip_tt:
-        return
-    config = TTConfig(beam_width=args.beam_width, horizon=args.horizon)
-    print(f"\n== Trajectory Transformer planning ({config}) ==")
-    bench_tt(tok, spec, config, uncached=not args.skip_uncached_tt, report=lambda line: print(line, flush=True))
+        bench_jat_size(args, tok, spec, jat_ms)
+    if not args.skip_tt:
+        bench_tt(args, tok, spec, config, tt_references)
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Args, use_underscores=True))

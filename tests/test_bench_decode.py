@@ -1,0 +1,77 @@
+"""``bench/decode.py`` runs its whole main path (tiny sizes, seconds), so that the benchmark cannot
+silently break again when the Agent, a mode or the engine changes under it (it once imported a
+helper that no longer existed); and its reference hook reads the harnesses' last lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``bench/decode.py`` as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def one_thread():
+    """1 thread: a 2-thread torch on a busy 2-core machine waits on every op (several-fold slower);
+    ``main`` sets the process's thread count, which is restored after."""
+    threads = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(threads)
+
+
+def _fake_harness(folder: Path, name: str, ms: float) -> None:
+    (folder / f"{name}.py").write_text(f"print('warming up')\nprint('{name}_ms_per_decision={ms}')\n")
+
+
+def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
+    _fake_harness(tmp_path, "jat_reference", 50.0)
+    _fake_harness(tmp_path, "tt_reference", 70_000.0)
+    _fake_harness(tmp_path, "faster_tt_reference", 30_000.0)
+    bench.main(bench.Args(quick=True, tt_uncached=True, with_references=tmp_path, threads=one_thread))
+    out = capsys.readouterr().out
+    for figure in ("flat_in_context_ratio=", "cache_speedup_at_", "batched_speedup=", "tt_agent_s_per_decision=",
+                   "tt_uncached_s_per_decision=", "tt_reference_s_per_decision=70.00",
+                   "faster_tt_reference_s_per_decision=30.00"):
+        assert figure in out, figure
+    # JAT's figure comes from this run's harness: the ratio is ours / (1000 / 50 ms)
+    per_s = float(re.search(r"jat_size_4env_decisions_per_s=([0-9.]+) vs JAT 20.0/s", out).group(1))
+    assert float(re.search(r"vs_jat=([0-9.]+)x", out).group(1)) == pytest.approx(per_s / 20, abs=0.01)
+
+
+def test_no_jat_ratio_without_a_measured_jat_figure(bench, capsys, one_thread):
+    bench.main(bench.Args(quick=True, uncached=False, skip_tt=True, threads=one_thread))
+    out = capsys.readouterr().out
+    assert "vs_jat" not in out and "JAT not measured in this run" in out
+
+
+def test_failed_reference_gives_no_figure(bench, tmp_path, capsys):
+    (tmp_path / "jat_reference.py").write_text("import sys\nsys.exit('no mirror')\n")
+    args = bench.Args(with_references=tmp_path)
+    assert bench.run_reference(args, "jat_reference.py", []) is None
+    assert bench.run_reference(args, "missing.py", []) is None
+    assert "no mirror" in capsys.readouterr().out
+
+
+def test_cli_takes_hyphens_and_underscores(bench):
+    args = tyro.cli(bench.Args, args=["--quick", "--jat-ms", "57.3", "--with_references", "/x"],
+                    use_underscores=True)
+    assert args.quick and args.jat_ms == 57.3 and args.with_references == Path("/x")

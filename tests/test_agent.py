@@ -191,7 +191,7 @@ def test_expert_return_sampling_through_the_agent_picks_high_returns(dt_model, t
     assert all(_fed_returns(tok, spec, c)[0] > 0.5 for c in spy.chunks[0])
 
 
-def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok, rollout):
+def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok):
     envs = _envs("Pendulum-v1", 2)
     spec = TaskSpec.from_env(envs, expert_return=-150.0, random_return=-1200.0)
     tok.add_task_spec(spec)
@@ -199,8 +199,14 @@ def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok, rollout
     agent = Agent(model, tok, "tt", tt_config=config)
     spy = ChunkSpy(agent.mode)
     agent.reset(spec, num_envs=2)
-    assert agent.context_length == 1 + agent.layout.tokens * (2 + 1 + 2)  # past steps + now + horizon
-    rollout(agent, envs, 12)
+    assert agent.context_length == 1 + agent.layout.tokens * (2 + 2 + 2)  # past steps + now + tail + horizon
+    obs, _ = envs.reset(seed=0)
+    for t in range(12):
+        obs, rewards, terminated, truncated, _ = envs.step(agent.act(obs))
+        agent.observe(rewards, terminated, truncated)
+        # what the planner saw: the current step and at least context_steps past ones (as the reference crops)
+        assert agent.state.attention_mask.sum(1).min() >= agent.layout.tokens * min(t, 2) + agent.layout.prompt_tokens
+    assert agent.refills > 0
     for chunks in spy.chunks:
         for chunk in chunks:
             assert not (chunk["modality_ids"] == Modality.RETURN).any()  # the value is predicted, never fed

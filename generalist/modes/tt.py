@@ -208,8 +208,9 @@ class TTMode:
         return None  # <no_return>: the value is predicted, never given
 
     def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
-        # past steps + the current one + the imagined horizon, as the reference planner crops
-        return prompt_tokens + 1 + layout.tokens * (self.config.context_steps + 1 + self.config.horizon)
+        # past steps + the current one + the imagined horizon, as the reference planner crops, and one
+        # step of room for what is fed before the current step, so that a refill keeps all past steps
+        return prompt_tokens + 1 + layout.tokens * (self.config.context_steps + 2 + self.config.horizon)
 
     def lookahead_tokens(self, layout: StepLayout) -> int:
         return self.config.horizon * layout.tokens

@@ -61,7 +61,7 @@ from generalist.training.run_folder import RunFolder
 @dataclass
 class Args:
     # --- run ---
-    preset: Literal["demo", "control", "small", "base"] = "demo"
+    preset: Literal["demo", "control", "control-lowq", "small", "base"] = "demo"
     """named defaults: demo (CPU, ~10 min), small (one GPU), base (JAT size, several GPUs); flags override them"""
     run_name: str | None = None
     """folder under output_dir for this run (default: the preset's name)"""
@@ -171,6 +171,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     "demo": {},  # the Args defaults: sized for two CPU cores and about ten minutes
     # core control + pixel variants only, sized for <= 30 minutes on two CPU cores (issue "Control that works")
     "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20),
+    # low-quality data (5 % expert): imitation sees every episode (plain behaviour cloning), so the
+    # gap to return conditioning (DT) and planning (TT) is what those modes add
+    "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, total_steps=1500, eval_every=250,
+                         save_every=250, eval_episodes=20),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, seq_len=1024,
                   batch_size=16, total_steps=20_000, lr=1e-3, warmup_steps=500, num_workers=4,
                   log_every=50, eval_every=1000, save_every=1000, eval_batches=16),

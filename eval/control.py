@@ -139,15 +139,6 @@ def mean_stderr(x: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def iqm(x: Sequence[float]) -> float:
-    """Interquartile mean: the mean of the middle 50 % (Agarwal et al. 2021, rliable)."""
-    x = np.sort(np.asarray(x, np.float64))
-    if len(x) == 0:
-        return math.nan
-    lo, hi = int(math.floor(0.25 * len(x))), int(math.ceil(0.75 * len(x)))
-    return float(x[lo:hi].mean()) if hi > lo else float(x.mean())
-
-
 @functools.cache
 def load_demos(path: str) -> tuple[Any, dict[str, TaskSpec]]:
     from datasets_build import load_episodes  # lazy: eval.control works without it

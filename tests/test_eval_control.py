@@ -1,6 +1,10 @@
-"""eval.control: an env that raises ends only its own episode; scores and IQM."""
+"""eval.control: an env that raises ends only its own episode; scores, rliable IQM over checkpoints, the
+JSON the README tables are generated from."""
 
 from __future__ import annotations
+
+import copy
+import json
 
 import gymnasium as gym
 import numpy as np
@@ -8,7 +12,8 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from eval.control import ErrorAsTermination, iqm, mean_stderr, normalised, rollout
+from eval import results
+from eval.control import ErrorAsTermination, aggregate, main, mean_stderr, normalised, rollout
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
 from tests.conftest import TINY_LLAMA
@@ -53,4 +58,41 @@ def test_scores():
     spec = TaskSpec.from_spaces("s", spaces.Box(-1, 1, (1,)), spaces.Discrete(2), expert_return=10.0, random_return=2.0)
     assert normalised(spec, [2.0, 10.0, 6.0]) == [0.0, 1.0, 0.5]
     assert mean_stderr([1.0, 3.0]) == (2.0, 1.0)
-    assert iqm([0, 1, 2, 3, 4, 5, 6, 100]) == pytest.approx(3.5)
+
+
+def test_iqm_over_checkpoints_and_tasks_has_a_bootstrap_ci():
+    run = lambda scores: [{"task": f"t{i}", "normalized_score": x} for i, x in enumerate(scores)]  # noqa: E731
+    agg = aggregate([run([0.0, 1.0, 2.0, 3.0]), run([4.0, 5.0, 6.0, 100.0])], [f"t{i}" for i in range(4)], reps=200)
+    assert agg["iqm"] == pytest.approx(3.5)  # the middle half of the 8 scores, not the outlier
+    lo, hi = agg["iqm_ci95"]
+    assert lo <= agg["iqm"] <= hi and hi > lo
+    assert agg["checkpoints"] == 2 and np.asarray(agg["matrix"]).shape == (2, 4)
+
+
+def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path):
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
+    spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
+    local = copy.copy(tok)  # the session tokenizer stays untouched
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(spec)
+    for k in range(2):  # two "seeds"
+        model.save_pretrained(tmp_path / f"s{k}")
+        local.save_pretrained(tmp_path / f"s{k}")
+    out = tmp_path / "results"
+    main(["--model", str(tmp_path / "s0"), str(tmp_path / "s1"), "--mode", "dt", "--tasks", "CartPole-v1",
+          "--episodes", "3", "--out", str(out), "--name", "control_tiny_dt"])
+    data = json.loads((out / "control_tiny_dt.json").read_text())
+    assert [len(run) for run in data["per_checkpoint"]] == [1, 1]
+    assert all(len(run[0]["returns"]) == 3 for run in data["per_checkpoint"])
+    assert data["results"][0]["episodes"] == 6 and data["results"][0]["checkpoints"] == 2
+    assert data["references"]["CartPole-v1"]["expert_return"] == 500.0
+    assert data["references"]["CartPole-v1"]["env_reward_threshold"] == 475.0  # gymnasium's own bar
+    assert data["iqm"]["checkpoints"] == 2 and "iqm_ci95" in data["iqm"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results.START}\nstale\n{results.END}\noutro\n")
+    assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 1  # stale
+    results.main(["--results", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "stale" not in text and "| CartPole-v1 |" in text and "3 × 2" in text and text.endswith("outro\n")
+    assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 0

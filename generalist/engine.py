@@ -53,6 +53,7 @@ from generalist.sampling import (
     filter_cdf,
     filter_top_k,
     filter_top_p,
+    median_index,
     sample_next_token,
 )
 from generalist.shared_prefix import (
@@ -393,29 +394,36 @@ class Engine:
 
     # --- sampling ---
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None) -> torch.Tensor:
+               top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
+               median: bool = False) -> torch.Tensor:
         """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
 
         Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
         Transformer's, drops the least likely ``cdf`` of the mass), then ``top_k``, then ``top_p``.
+        ``median``: when greedy, the ids are bins of one value in order and the token is the predicted
+        median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
         """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
+        if median and (temperature == 0 or top_k == 1):
+            return median_index(logits) + offset
         return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
-                 then: Allowed = None, *, cdf: float | None = None) -> torch.Tensor:
+                 then: Allowed = None, *, cdf: float | None = None,
+                 median: Sequence[bool] | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
         (a control loop feeds it together with the next step's tokens, saving a forward pass), and
         then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
-        Sampling arguments as in :meth:`sample`.
+        Sampling arguments as in :meth:`sample`; ``median[j]`` is its ``median`` for the j-th token.
         """
         out = []
         for j, allow in enumerate(allowed):
-            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf)  # (B,)
+            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf,
+                                median=bool(median and median[j]))  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
                 self.feed(state, token[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)

@@ -128,6 +128,20 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return out
 
 
+def median_index(logits: torch.Tensor) -> torch.Tensor:
+    """The bin where the predicted distribution's cumulative probability reaches ½ -> (B,).
+
+    The greedy reading of a *continuous* value whose ids are its bins in order. The argmax of
+    per-bin probability is biased: mu-law bins are far wider at large magnitudes than near 0 (and
+    clipping piles mass into the end bins), so a broad prediction's most probable *bin* sits at the
+    extremes even when the values are centred. On Pendulum, argmax actions saturated at ±2 in 85 %
+    of steps and played worse than random; the median saturated none (docs/token_layout.md). Since
+    mu-law is monotonic, the median bin is the predicted median value, whatever the binning.
+    """
+    cum = logits.double().softmax(-1).cumsum(-1)  # (B, V)
+    return (cum < 0.5).sum(-1).clamp(max=logits.shape[-1] - 1)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     generator: torch.Generator | None = None,

@@ -133,3 +133,16 @@ def test_constrain_on_logits_of_an_id_range():
     mask[3] = True
     with pytest.raises(ValueError, match="outside the computed"):
         constrain(logits, mask, offset=20)
+
+
+def test_greedy_continuous_value_is_the_median_not_the_most_probable_bin():
+    """30 % of the mass on the end bin (a clipped extreme), 70 % spread over 10 central bins: the
+    argmax is the extreme, the median a central bin (what greedy control decoding must pick)."""
+    from generalist.sampling import median_index
+
+    probs = torch.zeros(1, 100)
+    probs[0, 45:55] = 0.07
+    probs[0, 99] = 0.30
+    logits = probs.log()
+    assert int(logits.argmax(-1)) == 99
+    assert int(median_index(logits)) == 52  # cumulative 0.07 * 8 = 0.56 >= 0.5 at bin 52

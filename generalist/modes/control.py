@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from generalist.engine import DecodeState, Engine, constrain
+from generalist.engine import DecodeState, Engine
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, Sample, StepLayout, concat_samples, token_sample
 from generalist.vocab import Modality
@@ -124,41 +124,14 @@ def action_sample(action_ids: np.ndarray) -> Sample:
     return token_sample(action_ids, Modality.ACTION)
 
 
-def median_index(logits: torch.Tensor) -> torch.Tensor:
-    """The bin where the predicted distribution's cumulative probability reaches ½ -> (B,).
-
-    The greedy reading of a *continuous* value. The argmax of per-bin probability is biased: mu-law
-    bins are far wider at large magnitudes than near 0 (and clipping piles mass into the end bins),
-    so a broad prediction's most probable *bin* sits at the extremes even when the values are
-    centred. Pendulum showed it: argmax actions saturated at ±2 in 85 % of steps and played worse
-    than random, the median 0 % (``docs/token_layout.md``). Bins are in value order (mu-law is
-    monotonic), so the median bin is the predicted median value, whatever the binning.
-    """
-    cum = logits.double().softmax(-1).cumsum(-1)  # (B, V)
-    return (cum < 0.5).sum(-1).clamp(max=logits.shape[-1] - 1)
-
-
 def continuous_range(tok: GeneralistTokenizer, allowed: tuple[int, int]) -> bool:
     cont = tok.layout.ranges["continuous"]
     return cont.start <= allowed[0] and allowed[1] <= cont.stop
 
 
-def generate_values(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, ranges: Sequence[tuple[int, int]],
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    cdf: float | None = None, feed_last: bool = True, then=None) -> torch.Tensor:
-    """Like :meth:`Engine.generate` over per-token id ranges -> (B, n), but a greedy continuous token
-    (``temperature == 0`` or ``top_k == 1``) is the predicted median (:func:`median_index`)."""
-    out = []
-    for j, allowed in enumerate(ranges):
-        if continuous_range(tok, allowed) and (temperature == 0 or top_k == 1):
-            logits, offset = constrain(state.logits, allowed, state.logits_offset)
-            token = median_index(logits) + offset  # (B,)
-        else:
-            token = engine.sample(state, allowed, temperature, top_k, top_p, cdf=cdf)  # (B,)
-        out.append(token)
-        if j < len(ranges) - 1 or feed_last:
-            engine.feed(state, token[:, None], ranges[j + 1] if j < len(ranges) - 1 else then)
-    return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
+def continuous_flags(tok: GeneralistTokenizer, ranges: Sequence[tuple[int, int]]) -> list[bool]:
+    """Which of these token ranges are bins of a continuous value (greedy = the predicted median)."""
+    return [continuous_range(tok, r) for r in ranges]
 
 
 def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
@@ -171,7 +144,9 @@ def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer,
     """
     ranges = tok.action_token_ranges(spec)
     engine.feed(state, prompts, ranges[0] if ranges else None)
-    return generate_values(engine, state, tok, ranges, temperature, top_k, top_p, feed_last=False).numpy()  # (B, A)
+    ids = engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False,
+                          median=continuous_flags(tok, ranges))  # (B, A)
+    return ids.numpy()
 
 
 def decode_actions(tok: GeneralistTokenizer, spec: TaskSpec, ids: np.ndarray) -> list[Any]:
@@ -209,8 +184,7 @@ __all__ = [
     "action_sample",
     "concat_samples",
     "continuous_values",
-    "generate_values",
-    "median_index",
+    "continuous_flags",
     "decode_actions",
     "observation_token_ranges",
     "reward_sample",

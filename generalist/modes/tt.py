@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from generalist.engine import DecodeState, Engine, constrain
-from generalist.modes.control import ControlStep, continuous_values, generate_values, observation_token_ranges
+from generalist.modes.control import ControlStep, continuous_flags, continuous_values, observation_token_ranges
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
@@ -137,6 +137,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     gamma = spec.discount if config.discount is None else config.discount
     act_ranges = tok.action_token_ranges(spec)
     obs_ranges = observation_token_ranges(tok, spec)
+    obs_median = continuous_flags(tok, obs_ranges)
     cont, centres = continuous_values(tok)
     reward_values, value_values = centres / spec.reward_scale, centres / spec.return_scale
     after_reward = (cont[0], tok.eos_id + 1)  # the next R position: value bins ... <eos>
@@ -176,8 +177,8 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         rewards, alive, values, plans, scores = rewards[rows], alive[rows], values[rows], plans[rows], scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
-            obs = generate_values(engine, state, tok, obs_ranges, 1.0, config.k_obs, cdf=config.cdf_obs,
-                                  feed_last=False)  # k_obs = 1: the predicted median of each value
+            obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
+                                  median=obs_median)  # k_obs = 1: the predicted median of each value
             engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1), act_ranges[0])
 
     best = scores.view(e, beam).argmax(1)  # (E,)

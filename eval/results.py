@@ -49,6 +49,8 @@ def table(result: dict, name: str) -> str:
         lo, hi = iqm["iqm_ci95"]
         lines += ["", f"**IQM {iqm['iqm']:.2f}** (95 % CI {lo:.2f} – {hi:.2f}) over {len(iqm['tasks'])} tasks × "
                       f"{iqm['checkpoints']} checkpoints; {iqm['method']}."]
+    if result.get("profile_plot"):
+        lines += ["", f"![performance profile of {name}](docs/results/{result['profile_plot']})"]
     sweep = result.get("dt_sweep_spearman")
     if sweep:
         lines += ["", "DT return sweep, Spearman ρ(target, achieved): "

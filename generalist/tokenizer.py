@@ -1,5 +1,9 @@
 """`GeneralistTokenizer`: one object that turns every modality into one token stream.
 
+(Over 400 lines on purpose: the product contract is *one* tokenizer object for text, images,
+discrete and continuous values and whole episodes, with their save/load; the per-modality pieces
+are short methods of it, and the sample helpers at the top are what every other module builds on.)
+
 It knows no model. Its output is a *sample*: a dict of numpy arrays
 
 ====================  ==========================  ==================================================

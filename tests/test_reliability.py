@@ -354,7 +354,8 @@ def test_conflicting_or_unknown_training_flags_stop_before_any_work(tmp_path, fl
 def test_unknown_preset_and_dataset_names_list_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "large"])
-    assert "invalid choice: 'large' (choose from 'base', 'control', 'demo', 'small')" in capsys.readouterr().err
+    choices = ", ".join(f"'{p}'" for p in sorted(train.PRESETS))
+    assert f"invalid choice: 'large' (choose from {choices})" in capsys.readouterr().err
     from datasets_build.__main__ import main as build_main
 
     with pytest.raises(SystemExit, match=r"unknown dataset or mixture 'controll'; datasets: \['babyai', 'captions', "

@@ -190,6 +190,17 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def sweep_spearman(sweep: Sequence[dict], tasks: Sequence[str]) -> dict[str, float]:
+    """Per task, Spearman ρ between the DT target and the achieved return averaged over checkpoints."""
+    out = {}
+    for t in tasks:
+        targets = sorted({s["target_return"] for s in sweep if s["task"] == t})
+        achieved = [np.mean([s["mean_return"] for s in sweep if s["task"] == t and s["target_return"] == x])
+                    for x in targets]
+        out[t] = spearman(targets, achieved)
+    return out
+
+
 def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[dict]]:
     envs = make_envs(task, args.num_envs or args.episodes)
     spec = tok.task_specs.get(task)
@@ -362,9 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "per_checkpoint": per_checkpoint, "dt_sweep": sweep}
     if sweep:
         plot_dt_sweep(sweep, out / "dt_sweep.png")
-        summary["dt_sweep_spearman"] = {
-            t: spearman([s["target_return"] for s in sweep if s["task"] == t],
-                        [s["mean_return"] for s in sweep if s["task"] == t]) for t in tasks}
+        summary["dt_sweep_spearman"] = sweep_spearman(sweep, tasks)
     stem = args.name or f"control_{args.mode}"
     profile = plot_profiles(per_checkpoint, tasks, out / f"{stem}_profile.png", args.mode)
     if profile:

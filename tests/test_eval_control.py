@@ -96,3 +96,14 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     text = readme.read_text()
     assert "stale" not in text and "| CartPole-v1 |" in text and "3 × 2" in text and text.endswith("outro\n")
     assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 0
+
+
+def test_dt_sweep_rank_correlation_averages_the_checkpoints_per_target():
+    from eval.control import sweep_spearman
+
+    follows = [{"task": "a", "target_return": t, "mean_return": t + noise}
+               for t in (0.0, 1.0, 2.0) for noise in (-0.4, 0.4)]  # two checkpoints per target
+    ignores = [{"task": "b", "target_return": t, "mean_return": r}
+               for t, r in ((0.0, 5.0), (1.0, 4.0), (2.0, 3.0))]
+    rho = sweep_spearman(follows + ignores, ["a", "b"])
+    assert rho["a"] == pytest.approx(1.0) and rho["b"] == pytest.approx(-1.0)

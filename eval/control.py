@@ -18,7 +18,7 @@ checkpoint, one episode of the *expert* source of that task in ``--demos`` (pixe
 dataset), cut to the model's trained ``prompt_length``, half the time its end, half a uniform window.
 Without ``--demos`` Gato mode plays unprompted. With ``--mode dt --sweep K`` the agent is also
 conditioned on K targets from the random to the expert return; the Spearman ρ between target and
-achieved return is recorded and plotted (``dt_sweep.png``).
+achieved return is recorded and plotted (``<name>_dt_sweep.png``).
 
 Results go to ``OUT/control_<mode>.json``: ``{"results": [per task, pooled over checkpoints],
 "per_checkpoint": [...], "iqm": {...}, "references": {...}, "dt_sweep": [...], "command": ...}``.
@@ -40,6 +40,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
@@ -127,9 +128,8 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
 
 
 def normalised(spec: TaskSpec, returns: Sequence[float]) -> list[float] | None:
-    if spec.expert_return is None or spec.random_return is None or spec.expert_return == spec.random_return:
-        return None
-    return [(r - spec.random_return) / (spec.expert_return - spec.random_return) for r in returns]
+    scores = spec.normalized_returns(returns)
+    return None if scores is None else scores.tolist()
 
 
 def mean_stderr(x: Sequence[float]) -> tuple[float, float]:
@@ -181,15 +181,6 @@ def gato_prompt(args, tok: GeneralistTokenizer, model: GeneralistForCausalLM, sp
     return prompt, f"expert episode (return {float(np.sum(episode['rewards'])):.1f}), {len(prompt['input_ids'])} tokens"
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64)
-    rx, ry = rank(np.asarray(x)), rank(np.asarray(y))
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def sweep_spearman(sweep: Sequence[dict], tasks: Sequence[str]) -> dict[str, float]:
     """Per task, Spearman ρ between the DT target and the achieved return averaged over checkpoints."""
     out = {}
@@ -197,7 +188,8 @@ def sweep_spearman(sweep: Sequence[dict], tasks: Sequence[str]) -> dict[str, flo
         targets = sorted({s["target_return"] for s in sweep if s["task"] == t})
         achieved = [np.mean([s["mean_return"] for s in sweep if s["task"] == t and s["target_return"] == x])
                     for x in targets]
-        out[t] = spearman(targets, achieved)
+        constant = len(set(targets)) < 2 or len(set(achieved)) < 2  # no rank correlation to speak of
+        out[t] = math.nan if constant else float(spearmanr(targets, achieved).statistic)
     return out
 
 
@@ -371,10 +363,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "models": [str(f) for _, _, f in loaded], "mode": args.mode, "episodes_per_checkpoint": args.episodes,
                "results": pooled, "iqm": aggregate(per_checkpoint, tasks), "references": references(tok, tasks),
                "per_checkpoint": per_checkpoint, "dt_sweep": sweep}
-    if sweep:
-        plot_dt_sweep(sweep, out / "dt_sweep.png")
-        summary["dt_sweep_spearman"] = sweep_spearman(sweep, tasks)
     stem = args.name or f"control_{args.mode}"
+    if sweep:
+        plot_dt_sweep(sweep, out / f"{stem}_dt_sweep.png")
+        summary["dt_sweep_spearman"] = sweep_spearman(sweep, tasks)
     profile = plot_profiles(per_checkpoint, tasks, out / f"{stem}_profile.png", args.mode)
     if profile:
         summary["profile_plot"] = profile.name

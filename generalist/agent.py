@@ -61,7 +61,7 @@ from generalist.tokenizer import (
 )
 from generalist.vocab import Modality
 
-MODES = {"gato": GatoMode, "dt": DTMode, "tt": TTMode}
+MODES = ("gato", "dt", "tt")  # the modes an Agent makes from a name
 
 
 @dataclass
@@ -111,13 +111,15 @@ class Agent:
                  context_length: int | None = None, window_keep: float = 0.75, expert_returns: bool = False,
                  kappa: float = 10.0, tt_config: TTConfig | None = None,
                  autoreset: Literal["same_step", "next_step"] = "same_step", seed: int = 0):
-        if isinstance(mode, str):
-            if mode not in MODES:
-                raise ValueError(f"mode must be one of {sorted(MODES)} or a ControlMode, got {mode!r}")
-            mode = {"gato": lambda: GatoMode(temperature, top_k, top_p),
-                    "dt": lambda: DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature,
-                                         top_k=top_k, top_p=top_p),
-                    "tt": lambda: TTMode(tt_config)}[mode]()
+        if mode == "gato":
+            mode = GatoMode(temperature, top_k, top_p)
+        elif mode == "dt":
+            mode = DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature, top_k=top_k,
+                          top_p=top_p)
+        elif mode == "tt":
+            mode = TTMode(tt_config)
+        elif isinstance(mode, str):
+            raise ValueError(f"mode must be one of {list(MODES)} or a ControlMode, got {mode!r}")
         if autoreset not in ("same_step", "next_step"):
             raise ValueError(f"autoreset must be 'same_step' or 'next_step', got {autoreset!r}")
         if not 0 < window_keep <= 1:
@@ -153,11 +155,11 @@ class Agent:
         self.spec = self.tok.get_task_spec(spec)
         self.batched = num_envs is not None
         self.num_envs = num_envs or 1
-        if target_return is not None:
-            if not isinstance(self.mode, DTMode):
-                raise ValueError(f"target_return is a Decision Transformer setting; this agent's mode is "
-                                 f"{self.mode.name!r}")
-            self.mode.target_return = float(target_return)
+        if isinstance(self.mode, DTMode):
+            self.mode.set_target(target_return)
+        elif target_return is not None:
+            raise ValueError(f"target_return is a Decision Transformer setting; this agent's mode is "
+                             f"{self.mode.name!r}")
         self.prompt = prompt if prompt is not None else empty_sample()
         self.layout = self.tok.step_layout(self.spec)
         wanted = self.mode.context_tokens(self.layout, len(self.prompt["input_ids"]))
@@ -231,14 +233,14 @@ class Agent:
                     row.tail = token_sample([tok.bos_id], Modality.SPECIAL)
             else:
                 self.state = self.engine.new_state(self.num_envs)
-        prompts = step_prompts(tok, spec, flat, None)  # [<no_return>] [o_t] <sep>: the step's length
-        step_len = max(len(p["input_ids"]) for p in prompts) + spec.action_size + 1
+        prompts = step_prompts(tok, spec, flat, None)  # [<no_return>] [o_t] <sep>
+        step_len = max(len(p["input_ids"]) for p in prompts) + self.layout.closing_tokens
         tail_len = max(len(row.tail["input_ids"]) for row in self.rows)
         self._ensure_room(tail_len + step_len + self.mode.lookahead_tokens(self.layout))
         step = ControlStep(self.engine, self.state, tok, spec, self._flush)
         returns = self.mode.returns(step)  # R_t per row, or None: <no_return>
-        if returns is not None:
-            prompts = step_prompts(tok, spec, flat, returns)
+        if returns is not None:  # the same tokens with R_t in place of <no_return>
+            prompts = tok.set_returns(spec, prompts, returns)
         step.chunks = [concat_samples([row.tail, p]) for row, p in zip(self.rows, prompts, strict=True)]
         ids = self.mode.decide(step)  # (B, A)
         for row, p, a in zip(self.rows, prompts, ids, strict=True):

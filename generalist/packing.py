@@ -213,13 +213,11 @@ class ControlSource:
         key = (task, threshold)
         if key not in self._pools:
             idx = self.by_task[task]
-            spec = tok.get_task_spec(task)
-            if threshold is not None and self.returns is not None and spec.expert_return is not None \
-                    and spec.random_return is not None and spec.expert_return != spec.random_return:
-                score = (np.asarray(self.returns, np.float64)[idx] - spec.random_return) / (
-                    spec.expert_return - spec.random_return)
-                good = idx[score >= threshold]
-                idx = good if len(good) else idx
+            score = None
+            if threshold is not None and self.returns is not None:
+                score = tok.get_task_spec(task).normalized_returns(np.asarray(self.returns, np.float64)[idx])
+            if score is not None and (score >= threshold).any():
+                idx = idx[score >= threshold]
             self._pools[key] = idx
         return self._pools[key]
 

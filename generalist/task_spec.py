@@ -277,6 +277,13 @@ class TaskSpec:
     def action_space(self) -> spaces.Space:
         return _rebuild(self.action_tree, {f.name: f for f in self.action_fields})
 
+    def normalized_returns(self, returns) -> np.ndarray | None:
+        """Expert-normalised scores ``(R − R_random) / (R_expert − R_random)`` of these returns, or ``None``
+        without two distinct references (the one formula of evaluation and of Gato's data filter)."""
+        if self.expert_return is None or self.random_return is None or self.expert_return == self.random_return:
+            return None
+        return (np.asarray(returns, np.float64) - self.random_return) / (self.expert_return - self.random_return)
+
     @property
     def action_size(self) -> int:
         """Number of action tokens per step."""

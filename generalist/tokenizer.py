@@ -206,18 +206,19 @@ class StepLayout:
     return_index = 0  # R_t opens the step
 
     @property
-    def sep_index(self) -> int:
-        return 1 + self.observation_tokens
-
-    @property
     def prompt_tokens(self) -> int:
         """``[R] [o] <sep>``: what a decision feeds before sampling the action."""
         return self.observation_tokens + 2
 
     @property
+    def closing_tokens(self) -> int:
+        """``[a] [r]``: what follows the prompt."""
+        return self.action_tokens + 1
+
+    @property
     def tokens(self) -> int:
         """The whole step, reward included."""
-        return self.prompt_tokens + self.action_tokens + 1
+        return self.prompt_tokens + self.closing_tokens
 
 
 class GeneralistTokenizer:
@@ -483,15 +484,7 @@ class GeneralistTokenizer:
         if rewards is not None:  # before the returns: they are computed from the rewards
             r = self._scalars(rewards, t, "rewards") * spec.reward_scale
             rew = [_block(self.encode_continuous(r, "rewards")[:, None], Modality.REWARD)]
-        if returns_to_go is None:
-            ret = _block(np.full((t, 1), self.no_return_id), Modality.SPECIAL)
-            if values is not None:  # the input stays <no_return>; the label is the value (a prediction)
-                v = self._scalars(values, t, "values") * spec.return_scale
-                ret["labels"] = self.encode_continuous(v, "values")[:, None]
-                ret["modality_ids"][:] = int(Modality.VALUE)
-        else:
-            rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
-            ret = _block(self.encode_continuous(rtg, "returns_to_go")[:, None], Modality.RETURN)
+        ret = self._return_block(spec, t, returns_to_go, values)
         sep = _block(np.full((t, 1), self.sep_id), Modality.SPECIAL)
         if all(isinstance(b, dict) for b in obs):  # fixed layout: lay out all steps at once
             obs_block = _concat_blocks(obs)
@@ -503,6 +496,35 @@ class GeneralistTokenizer:
             o["local_positions"] = np.arange(1, len(o["input_ids"]) + 1, dtype=np.int64)
             per_step.append(concat_samples([_row(ret, i), o, _row(sep, i), *(_row(b, i) for b in act + rew)]))
         return per_step
+
+    def _return_block(self, spec: TaskSpec, t: int, returns_to_go: np.ndarray | None,
+                      values: np.ndarray | None = None) -> Sample:
+        """The ``R`` token of ``t`` steps (a (t, 1) block): the return-to-go as input, or ``<no_return>``
+        labelled with the value when ``values`` are given."""
+        if returns_to_go is not None:
+            rtg = self._scalars(returns_to_go, t, "returns_to_go") * spec.return_scale
+            return _block(self.encode_continuous(rtg, "returns_to_go")[:, None], Modality.RETURN)
+        ret = _block(np.full((t, 1), self.no_return_id), Modality.SPECIAL)
+        if values is not None:  # the input stays <no_return>; the label is the value (a prediction)
+            v = self._scalars(values, t, "values") * spec.return_scale
+            ret["labels"] = self.encode_continuous(v, "values")[:, None]
+            ret["modality_ids"][:] = int(Modality.VALUE)
+        return ret
+
+    def set_returns(self, task: str | TaskSpec, steps: Sequence[Sample], returns_to_go: np.ndarray) -> list[Sample]:
+        """These steps (one per row, as :meth:`encode_steps` gives them) with ``R_t`` set to
+        ``returns_to_go`` (task units): an agent conditions already-encoded observations on returns
+        without encoding them again."""
+        block = self._return_block(self.get_task_spec(task), len(steps), returns_to_go)
+        i = StepLayout.return_index
+        out = []
+        for row, step in enumerate(steps):
+            step = dict(step)
+            for key in ("input_ids", "modality_ids", "labels"):
+                step[key] = step[key].copy()
+                step[key][i] = block[key][row, 0]
+            out.append(step)
+        return out
 
     @staticmethod
     def _get(values: dict[str, Any], fld: FieldSpec, what: str):

@@ -211,3 +211,13 @@ def test_tt_agent_never_feeds_a_return_and_crops_its_context(model, tok):
         for chunk in chunks:
             assert not (chunk["modality_ids"] == Modality.RETURN).any()  # the value is predicted, never fed
             assert tok.no_return_id in chunk["input_ids"]
+
+
+def test_a_dt_target_lasts_one_reset(dt_model, tok):
+    model, spec = dt_model
+    tok.add_task_spec(spec)
+    agent = Agent(model, tok, "dt")
+    agent.reset(spec, num_envs=4, target_return=0.0)
+    assert _one_step_rollout(agent).tolist() == [0] * 4
+    agent.reset(spec, num_envs=4)  # no target: back to the task's expert return (1)
+    assert _one_step_rollout(agent).tolist() == [1] * 4

@@ -213,3 +213,16 @@ def test_corrupted_tokenizer_files_name_the_file(tok, tmp_path):
     path.write_text(path.read_text()[:1000])
     with pytest.raises(OSError, match="text_tokenizer.json"):
         GeneralistTokenizer.from_pretrained(tmp_path)
+
+
+def test_set_returns_equals_encoding_the_steps_with_returns(tok):
+    spec = TaskSpec.from_spaces("toy-returns", spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(3),
+                                return_scale=0.5)
+    obs = {"observation": np.array([[0.0, 1.0], [0.5, -1.0]], np.float32)}
+    returns = np.array([4.0, -3.0])
+    swapped = tok.set_returns(spec, tok.encode_steps(spec, obs), returns)
+    direct = tok.encode_steps(spec, obs, returns_to_go=returns)
+    for a, b in zip(swapped, direct, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

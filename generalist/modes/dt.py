@@ -3,7 +3,10 @@
 Each step is conditioned on ``R_t``: the target return at the episode start, then
 ``R_{t+1} = R_t − r_t`` (Chen et al. 2021, Algorithm 1). With ``expert_returns``, ``R_t`` is
 instead sampled from the model's own return distribution tilted toward high returns,
-``P(R) ∝ P_θ(R | context) · exp(κ · R_norm)`` (Lee et al. 2022, §3.4).
+``P(R) ∝ P_θ(R | context) · exp(κ · clip((R − R_low) / (R_high − R_low), 0, 1))`` (Lee et al. 2022,
+§3.4). The clip is ours: MGDT's return bins span only plausible returns, while our mu-law bins reach
+far past any task's returns, and an unclipped tilt would pick the largest representable return
+however unlikely the model finds it.
 """
 
 from __future__ import annotations
@@ -64,14 +67,20 @@ class DTMode(Sampler):
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
         super().__init__(temperature, top_k, top_p)
         self.target_return, self.expert_returns, self.kappa = target_return, expert_returns, kappa
+        self.episode_target = target_return  # R_0 of the episodes from now on (see set_target)
         self.returns_to_go = np.zeros(0)
+
+    def set_target(self, target_return: float | None) -> None:
+        """``R_0`` for the episodes that follow; ``None``: the mode's own ``target_return`` (or the
+        task's expert return). Called by :meth:`Agent.reset`, so a target lasts one reset."""
+        self.episode_target = self.target_return if target_return is None else float(target_return)
 
     def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
         if self.expert_returns:
             return
         if len(self.returns_to_go) != num_envs:
             self.returns_to_go = np.zeros(num_envs)
-        self.returns_to_go[rows] = initial_return(spec, self.target_return)
+        self.returns_to_go[rows] = initial_return(spec, self.episode_target)
 
     def returns(self, step: ControlStep) -> np.ndarray:
         if self.expert_returns:

@@ -140,8 +140,9 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         self.patch_encoder = PatchEncoder(config, hidden)
         # index 0 = "not inside an observation" and stays a zero vector
         self.local_position_embed = nn.Embedding(config.max_local_positions + 1, hidden, padding_idx=0)
-        self.register_buffer("loss_weight_table", torch.tensor(
-            [config.loss_weights[name] for name in MODALITY_NAMES]), persistent=False)
+        # A plain tuple, not a buffer: transformers v5's from_pretrained leaves non-persistent buffers
+        # uninitialised (a loaded model's loss came out as -3e26), and a persistent one would be a weight.
+        self.loss_weight_table = tuple(float(config.loss_weights[name]) for name in MODALITY_NAMES)
         self._no_split_modules = getattr(self.backbone, "_no_split_modules", None)
         self.post_init()
 
@@ -245,7 +246,8 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
                 weights = torch.ones_like(labels, dtype=out.logits.dtype)
                 modality_ids = torch.full_like(labels, int(Modality.TEXT))
             else:
-                weights = self.loss_weight_table.to(out.logits.dtype)[modality_ids]  # (B, T)
+                table = torch.tensor(self.loss_weight_table, dtype=out.logits.dtype, device=out.logits.device)
+                weights = table[modality_ids]  # (B, T)
             token_loss, loss = weighted_token_loss(out.logits, labels, weights)
             modality_losses, modality_counts = _per_modality(token_loss.detach(), labels[:, 1:], modality_ids[:, 1:])
         return GeneralistCausalLMOutput(

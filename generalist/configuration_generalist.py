@@ -57,6 +57,12 @@ class GeneralistConfig(PreTrainedConfig):
             ``max_position_embeddings``).
         prompt_length (`int`, *optional*): most tokens of a Gato demonstration prompt in training;
             evaluation draws prompts of the same size.
+        value_features (`int`): a continuous token's embedding also gets a learned linear map of its
+            bin's position on the mu-law axis, ``c`` in (-1, 1), and of ``sin / cos(2^k π c)`` for
+            ``k < value_features`` (0: off, pure Gato token embeddings). Why: a per-bin embedding knows
+            nothing of order, so a policy that turns on the *sign* of a small value (Pendulum's
+            velocity at a swing's turn, spread over ~240 rarely seen bins near 0) must learn every bin
+            on its own; JAT embeds continuous observations linearly for the same reason.
     """
 
     model_type = "generalist"
@@ -77,6 +83,7 @@ class GeneralistConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     context_length: int | None = None
     prompt_length: int | None = None
+    value_features: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -98,6 +98,31 @@ class PatchEncoder(nn.Module):
         return x + self.row_embed(positions[:, 0]) + self.col_embed(positions[:, 1])
 
 
+class ValueEmbedding(nn.Module):
+    """Where a continuous token's bin lies on the mu-law axis, embedded (see ``GeneralistConfig.value_features``).
+
+    ``c = (bin + 0.5) / (bins / 2) - 1`` in (-1, 1), monotone in the value; features ``[c, sin(2^k π c),
+    cos(2^k π c)]`` (k < K, Fourier features as in Tancik et al. 2020) go through one linear layer, so
+    neighbouring bins start with neighbouring embeddings and the sign of a value is one direction.
+    Tokens outside the continuous range get zero.
+    """
+
+    def __init__(self, config: GeneralistConfig, hidden: int):
+        super().__init__()
+        span = config.layout.ranges["continuous"]
+        self.start, self.bins = span.start, span.stop - span.start
+        self.proj = nn.Linear(1 + 2 * config.value_features, hidden, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        index = input_ids - self.start  # (B, T)
+        inside = (index >= 0) & (index < self.bins)
+        c = ((index.clamp(0, self.bins - 1) + 0.5) / (self.bins / 2) - 1.0).to(self.proj.weight.dtype)
+        angles = c[..., None] * torch.pi * 2.0 ** torch.arange(
+            (self.proj.in_features - 1) // 2, device=c.device, dtype=c.dtype)  # (B, T, K)
+        features = torch.cat([c[..., None], angles.sin(), angles.cos()], -1)  # (B, T, 1 + 2K)
+        return self.proj(features) * inside[..., None]  # (B, T, D)
+
+
 def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross entropy of next-token prediction and its weighted mean.
@@ -140,6 +165,8 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         self.patch_encoder = PatchEncoder(config, hidden)
         # index 0 = "not inside an observation" and stays a zero vector
         self.local_position_embed = nn.Embedding(config.max_local_positions + 1, hidden, padding_idx=0)
+        if config.value_features:
+            self.value_embed = ValueEmbedding(config, hidden)
         # A plain tuple, not a buffer: transformers v5's from_pretrained leaves non-persistent buffers
         # uninitialised (a loaded model's loss came out as -3e26), and a persistent one would be a weight.
         self.loss_weight_table = tuple(float(config.loss_weights[name]) for name in MODALITY_NAMES)
@@ -193,6 +220,8 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         if n_image:
             patch_embeds = self.patch_encoder(patches.to(embeds.dtype), patch_positions)  # (P, D)
             embeds = embeds.masked_scatter(image_mask[..., None], patch_embeds.to(embeds.dtype))
+        if self.config.value_features:
+            embeds = embeds + self.value_embed(input_ids).to(embeds.dtype)
         if local_positions is not None:
             local = local_positions.clamp(max=self.config.max_local_positions)
             embeds = embeds + self.local_position_embed(local)

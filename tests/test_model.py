@@ -21,11 +21,30 @@ def mixed_batch(tok):
     return tok([ep, "import os\nprint(os.sep)", {"image": Image.new("RGB", (50, 30), "blue"), "caption": "blue"}])
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", "gpt2", "llama-value-features"])
 def model(request, tiny_config, tiny_gpt2_config):
     torch.manual_seed(0)
-    config = tiny_config if request.param == "llama" else tiny_gpt2_config
+    config = tiny_gpt2_config if request.param == "gpt2" else tiny_config
+    if request.param == "llama-value-features":
+        config.value_features = 3
     return GeneralistForCausalLM(config).eval()
+
+
+def test_value_features_order_continuous_embeddings(tiny_config, tok):
+    """With value features, neighbouring continuous bins start close and the two signs far apart;
+    other tokens are untouched (a Gato-style model has no notion of a bin's order)."""
+    torch.manual_seed(0)
+    tiny_config.value_features = 3
+    model = GeneralistForCausalLM(tiny_config).eval()
+    span = tok.layout.ranges["continuous"]
+    mid = (span.start + span.stop) // 2
+    with torch.no_grad():
+        v = model.value_embed(torch.tensor([[mid - 300, mid - 1, mid, span.start - 1, span.stop]]))[0]
+    assert (v[1] - v[2]).norm() < (v[0] - v[2]).norm()  # bins next to each other: close
+    assert torch.equal(v[3:], torch.zeros_like(v[3:]))  # text and discrete tokens get nothing
+    plain = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(),
+                                                   text_config=tiny_config.text_config.to_dict()))
+    assert not hasattr(plain, "value_embed")
 
 
 def test_forward_both_backbones(model, mixed_batch, tok):

@@ -258,6 +258,10 @@ class Agent:
         """Close the step: append each ``r_t``, tell the mode, note finished episodes."""
         rewards = np.asarray(rewards, np.float64).reshape(-1)
         done = (np.asarray(terminated, bool) | np.asarray(truncated, bool)).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if len(bad):  # a broken environment: a return-to-go of inf would saturate silently
+            raise ValueError(f"{self.spec.name}: non-finite reward {rewards[bad[0]]} from environment row "
+                             f"{int(bad[0])} (rows {bad.tolist()}); rewards must be finite numbers")
         for i, row in enumerate(self.rows):
             if row.skip:  # the dummy step of a NEXT_STEP autoreset
                 row.skip, row.new_episode, row.tail = False, True, empty_sample()

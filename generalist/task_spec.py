@@ -12,6 +12,7 @@ continuous     float ``Box`` -> one mu-law bin token per element
 discrete       ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, integer ``Box`` (values shifted
                by their start / low so they begin at 0; at most 1024 values per element)
 image          ``Box(uint8)`` of shape (H, W, C), C in {1, 3, 4} and H, W >= 16 -> 16x16 patches
+               (a smaller uint8 box, e.g. MiniGrid's 7x7x3 symbolic grid, is discrete values)
 text           ``Text`` (and minigrid's ``MissionSpace``) -> BPE tokens
 =============  ==============================================================================
 

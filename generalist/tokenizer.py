@@ -713,7 +713,16 @@ class GeneralistTokenizer:
         d = Path(name_or_path)
         if not d.is_dir():
             from huggingface_hub import snapshot_download
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+            if d.exists():
+                raise NotADirectoryError(f"{name_or_path}: a tokenizer is a folder (written by save_pretrained), "
+                                         "not a file")
+            try:  # a path that cannot be a repo id ('a/b/c', './x', '/x') was meant as a local folder
+                validate_repo_id(str(name_or_path))
+            except HFValidationError:
+                raise FileNotFoundError(f"{name_or_path}: no such tokenizer folder (and not a Hub repo id "
+                                        "'user/name')") from None
             d = Path(snapshot_download(str(name_or_path), allow_patterns=[
                 CONFIG_FILE, TEXT_TOKENIZER_FILE, TASK_SPECS_FILE], **hub_kwargs))
         config = _read_json(d / CONFIG_FILE)

@@ -95,6 +95,32 @@ def test_agent_applies_the_tokenizer_rule_to_observations(tok, model):
         np.testing.assert_array_equal(prompt["input_ids"], row["input_ids"])
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_reward_is_an_error_naming_the_environment_row(tok, model, bad):
+    spec = TaskSpec.from_spaces("finite-rewards", spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2),
+                                expert_return=1.0, random_return=0.0)
+    tok.add_task_spec(spec)
+    agent = Agent(model, tok, "dt")
+    agent.reset(spec, num_envs=3)
+    agent.act(np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"non-finite reward .* environment row 1"):
+        agent.observe(np.array([0.0, bad, 1.0]), np.zeros(3, bool), np.zeros(3, bool))
+
+
+def test_small_uint8_grids_are_discrete_values_not_images():
+    """The documented rule: an image is uint8 (H, W, C) with H, W >= 16; a smaller one (MiniGrid's 7x7x3
+    symbolic grid) is read as discrete values, one token per element, like any integer Box."""
+    small = TaskSpec.from_spaces("grid", spaces.Box(0, 255, (8, 8, 3), np.uint8), spaces.Discrete(2))
+    large = TaskSpec.from_spaces("pixels", spaces.Box(0, 255, (16, 16, 3), np.uint8), spaces.Discrete(2))
+    assert small.observation_fields[0].kind == "discrete" and large.observation_fields[0].kind == "image"
+
+
+@pytest.mark.parametrize("path", ["some/missing/folder", "./missing", "/tmp/definitely/missing"])
+def test_a_missing_local_tokenizer_folder_says_so(path):
+    with pytest.raises(FileNotFoundError, match="no such tokenizer folder"):
+        GeneralistTokenizer.from_pretrained(path)
+
+
 def test_actions_outside_the_space_are_errors(tok):
     spec = box_spec(tok)
     with pytest.raises(TokenizationError, match=r"action: action value 1.5 .* outside the Box bounds \[-1, 1\]"):

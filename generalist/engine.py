@@ -221,9 +221,11 @@ class Engine:
             state.prefix.group *= n
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
-    def share(self, state: DecodeState, n: int) -> DecodeState:
+    def share(self, state: DecodeState, n: int, dtype: torch.dtype | None = None) -> DecodeState:
         """Like :meth:`repeat`, but the rows' context so far is stored once and shared by each group
         of ``n`` copies (:class:`SharedPrefix`): what beam search over a long context wants.
+        ``dtype``: the rows' own tokens (what each beam adds) are cached in it (e.g. ``torch.bfloat16``:
+        half the bytes to read per token; see :class:`AppendLayer`); the shared context keeps its own.
 
         Until :meth:`truncate` cuts back into it, :meth:`select` must keep every row in its group
         and :meth:`forget` is not available. Falls back to :meth:`repeat` without a cache, with a
@@ -237,7 +239,7 @@ class Engine:
             return self.repeat(state, n)
         mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool()
         state.prefix = SharedPrefix(cache=state.cache, length=state.length, mask=mask, group=n)
-        state.cache = new_cache(self.model.config.text_config)
+        state.cache = new_cache(self.model.config.text_config, dtype)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
     def _can_share(self) -> bool:

@@ -36,6 +36,11 @@ class AppendLayer(CacheLayerMixin):
 
     ``keys`` / ``values`` are (B, H_kv, L, D) views of the filled part; assigning them (as
     ``CacheLayerMixin.__init__`` does) replaces the storage.
+
+    ``dtype``: store keys and values in this dtype (e.g. ``torch.bfloat16``) whatever the model
+    computes in. Decoding is bound by reading the cache, so half the bytes is up to twice the speed
+    where the cache is large (a beam search's per-beam tokens); the attention function then sees
+    keys and values in this dtype (see :mod:`generalist.shared_prefix`).
     """
 
     is_compileable = False
@@ -45,7 +50,8 @@ class AppendLayer(CacheLayerMixin):
     headroom = 64  # free positions kept after the filled part when storage is (re)allocated
     max_spares = 4  # recycled buffers kept per layer
 
-    def __init__(self, **kwargs):
+    def __init__(self, dtype: torch.dtype | None = None, **kwargs):
+        self.storage_dtype = dtype
         self._k: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self._v: torch.Tensor | None = None
         self._length = 0
@@ -84,8 +90,9 @@ class AppendLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))  # (B, H_kv, 0, D)
-        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        dtype = self.storage_dtype or key_states.dtype
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=dtype)  # (B, H_kv, 0, D)
+        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtype)
         self._length = 0
         self.is_initialized = True
 
@@ -159,11 +166,12 @@ class AppendLayer(CacheLayerMixin):
             self.reorder_cache(torch.arange(self._k.shape[0], device=self.device).repeat_interleave(repeats))
 
 
-def new_cache(text_config) -> Cache:
-    """An :class:`AppendLayer` cache when every backbone layer is full attention, else ``DynamicCache``."""
+def new_cache(text_config, dtype: torch.dtype | None = None) -> Cache:
+    """An :class:`AppendLayer` cache (storing ``dtype``, default: the model's) when every backbone layer
+    is full attention, else ``DynamicCache`` (which stores what the model computes)."""
     layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
     if layer_types and all(t == "full_attention" for t in layer_types):
-        return Cache(layers=[AppendLayer() for _ in layer_types])
+        return Cache(layers=[AppendLayer(dtype) for _ in layer_types])
     return DynamicCache(config=text_config)
 
 

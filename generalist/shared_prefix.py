@@ -81,18 +81,54 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
     if shared_prefix.mask is not None:
         sp = sp.masked_fill(~shared_prefix.mask[:, None, None, :], float("-inf"))
+    own = _own_mask(attention_mask, q, ls, query.device)  # (B or 1, 1, Q, Ls) bool or None
+    if key.dtype != query.dtype:  # the rows' own tokens are cached in a narrower dtype (Engine.share)
+        if query.device.type == "cpu":
+            return _merged_attention(query, key, value, sp, pv, own, scale)
+        key, value = key.to(query.dtype), value.to(query.dtype)
     sp = sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp)  # (B, H, Q, Lp)
     ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
-    if attention_mask is not None:
-        mask = attention_mask[..., -ls:]
-        ss = ss.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else ss + mask
-    elif q > 1:  # causal among the new tokens, which are the last Q keys
-        future = torch.ones(q, ls, dtype=torch.bool, device=ss.device).triu(ls - q + 1)
-        ss = ss.masked_fill(future, float("-inf"))
+    if own is not None:
+        ss = ss.masked_fill(~own, float("-inf"))
     probs = torch.cat([sp, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, Lp + Ls)
     pp = probs[..., :lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)  # (E, H, gQ, Lp)
     out = torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
     out = out + torch.matmul(probs[..., lp:], value)
+    return out.transpose(1, 2).contiguous(), None  # (B, Q, H, D)
+
+
+def _own_mask(attention_mask: torch.Tensor | None, q: int, ls: int, device: torch.device) -> torch.Tensor | None:
+    """Which of the rows' own keys each query may attend to (True = attend), or ``None`` for all."""
+    if attention_mask is not None:
+        mask = attention_mask[..., -ls:]
+        return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if q > 1:  # causal among the new tokens, which are the last Q keys
+        return ~torch.ones(q, ls, dtype=torch.bool, device=device).triu(ls - q + 1)[None, None]
+    return None
+
+
+def _merged_attention(query, key, value, sp, pv, own, scale):
+    """Attention over [prefix, own keys] as two parts merged by their log-sum-exp (as in cascade /
+    flash-decoding attention): the prefix part in the query's dtype, the own part by torch's fused
+    CPU kernel in the cache's dtype, which reads each key and value once.
+
+    ``sp`` (E, H, gQ, Lp) prefix scores, ``pv`` (E, H, Lp, D) prefix values, ``own`` the own-key mask.
+    """
+    b, h, q, d = query.shape
+    e, lp = sp.shape[0], sp.shape[-1]
+    g = b // e
+    lse_p = sp.logsumexp(-1, keepdim=True)  # (E, H, gQ, 1)
+    out_p = torch.matmul((sp - lse_p).exp_(), pv)  # (E, H, gQ, D)
+    out_p = out_p.view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
+    lse_p = lse_p.view(e, h, g, q).transpose(1, 2).reshape(b, h, q)
+    bias = None
+    if own is not None:  # the fused kernel takes an additive mask of the cache's dtype
+        bias = torch.zeros(own.shape, dtype=key.dtype, device=key.device).masked_fill_(~own, float("-inf"))
+    out_s, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.to(key.dtype), key, value, 0.0, False, attn_mask=bias, scale=scale)  # (B, H, Q, D), (B, H, Q)
+    top = torch.maximum(lse_p, lse_s)
+    w_p, w_s = (lse_p - top).exp_()[..., None], (lse_s - top).exp_()[..., None]  # (B, H, Q, 1)
+    out = (out_p * w_p + out_s.to(query.dtype) * w_s) / (w_p + w_s)
     return out.transpose(1, 2).contiguous(), None  # (B, Q, H, D)
 
 

@@ -32,6 +32,7 @@ The first action of the best beam is returned. All beams of all environments are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ class TTConfig:
         context_steps: past steps the planner sees (reference ``max_context_transitions`` = 5).
         plan_freq: plan every this many steps and follow the plan's actions in between
             (reference: 1).
+        beam_cache_dtype: dtype the beams' own imagined tokens are cached in ("bfloat16": half the
+            bytes to read, which is what a planning step's time goes to; "float32": the model's own
+            precision). The shared context always keeps the model's dtype.
     """
 
     beam_width: int = 128
@@ -72,6 +76,7 @@ class TTConfig:
     discount: float | None = None
     context_steps: int = 5
     plan_freq: int = 1
+    beam_cache_dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
     def __post_init__(self):
         for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
@@ -145,7 +150,8 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     no_return = torch.full((1,), tok.no_return_id)
 
     snapshot = engine.snapshot(state)
-    engine.share(state, beam)  # (E*beam): every beam continues the same context, stored once
+    # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
+    engine.share(state, beam, getattr(torch, config.beam_cache_dtype))
     n = e * beam
     rewards = torch.zeros(n, horizon, dtype=torch.float64)  # expected r_t of each planned step
     alive = torch.ones(n, horizon + 1, dtype=torch.float64)  # P(episode still running) before step t

@@ -113,6 +113,8 @@ class Args:
     """attention heads"""
     intermediate_size: int = 512
     """MLP width"""
+    value_features: int = 6
+    """continuous tokens also embed their bin's place on the mu-law axis (GeneralistConfig.value_features; 0: off)"""
     init_from: str | None = None
     """start from the weights of this checkpoint (folder or Hub id) instead of a fresh init"""
 
@@ -239,7 +241,7 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
                      "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
                      "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
         vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
-        prompt_length=int(args.prompt_fraction * args.seq_len))
+        prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features)
 
 
 # --- main: data, model, the loop, the final model -------------------------------------------------

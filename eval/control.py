@@ -203,7 +203,9 @@ def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[di
         tok.add_task_spec(spec)
     tt = TTConfig(**{**TT_PRESETS["reference"].__dict__, **{k: v for k, v in
                                                             (("beam_width", args.beam_width),
-                                                             ("horizon", args.horizon)) if v is not None}})
+                                                             ("horizon", args.horizon),
+                                                             ("beam_cache_dtype", args.beam_cache_dtype))
+                                                            if v is not None}})
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
                   expert_returns=args.expert_returns, tt_config=tt, seed=seed)
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
@@ -312,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--context-length", type=int, default=None, help="default: the model's trained context")
     p.add_argument("--beam-width", type=int, default=None, help="TT (default 128, the reference planner's)")
     p.add_argument("--horizon", type=int, default=None, help="TT (default 15)")
+    p.add_argument("--beam-cache-dtype", choices=["bfloat16", "float32"], default=None,
+                   help="TT: dtype of the beams' own cached tokens (default bfloat16)")
     p.add_argument("--max-steps", type=int, default=100_000, help="safety cap on vector-env steps per rollout")
     p.add_argument("--seed", type=int, default=0, help="environment and sampling seed (checkpoint k adds 1000 k)")
     p.add_argument("--threads", type=int, default=None)

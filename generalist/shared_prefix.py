@@ -115,7 +115,7 @@ def _merged_attention(query, key, value, sp, pv, own, scale):
     ``sp`` (E, H, gQ, Lp) prefix scores, ``pv`` (E, H, Lp, D) prefix values, ``own`` the own-key mask.
     """
     b, h, q, d = query.shape
-    e, lp = sp.shape[0], sp.shape[-1]
+    e = sp.shape[0]
     g = b // e
     lse_p = sp.logsumexp(-1, keepdim=True)  # (E, H, gQ, 1)
     out_p = torch.matmul((sp - lse_p).exp_(), pv)  # (E, H, gQ, D)

@@ -1,0 +1,127 @@
+"""Soak benchmark of :class:`generalist.Agent`: memory and decision time over a long batched run.
+
+    python bench/agent_soak.py                          # 10,000 decisions x 32 Pendulum envs
+    python bench/agent_soak.py --decisions 500 --num_envs 4 --plot soak.png
+
+A user's evaluation or deployment runs the Agent for hours: contexts slide, episodes end and
+restart, caches are re-prefilled. This plays ``decisions`` steps of ``num_envs`` environments in a
+``SyncVectorEnv`` through ``agent.act`` / ``agent.observe`` (Gato mode, a seeded tiny model whose
+trained context is ``context_length``, so the window slides every few dozen steps and every
+Pendulum episode, 200 steps, ends by truncation and restarts its row), and records every
+``every`` decisions the process's resident memory (RSS) and the median decision time since the
+previous record.
+
+It prints the curve and two drift figures measured after ``warmup`` (a fraction of the run: the
+allocator's pools and oneDNN's primitive cache fill first): RSS at the end against RSS at warm-up
+(goal: <= 5 %), and the median decision time of the last tenth against that of the tenth after
+warm-up. ``--plot`` also draws both curves. Exit status 1 when the memory goal is missed, so that a
+leak fails a scripted run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import psutil
+import torch
+import tyro
+
+from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    decisions: int = 10_000
+    """vector-env steps (each one decision for every env)"""
+    num_envs: int = 32
+    """environments stepped together"""
+    env: str = "Pendulum-v1"
+    """gymnasium id (its episodes should end now and then, and run longer than the context)"""
+    context_length: int = 256
+    """the model's trained context: the Agent's window slides within it"""
+    every: int = 100
+    """decisions between records"""
+    warmup: float = 0.1
+    """share of the run before the reference record"""
+    threads: int = 2
+    """torch.set_num_threads"""
+    plot: Path | None = None
+    """also draw the curves into this PNG"""
+
+
+def main(args: Args) -> int:
+    torch.set_num_threads(args.threads)
+    tok = GeneralistTokenizer.from_pretrained(str(ROOT / "tokenizers_cfg/default"))
+    env = gym.make(args.env)
+    spec = TaskSpec.from_env(env, name=args.env, expert_return=0.0, random_return=-1.0)
+    env.close()
+    tok.add_task_spec(spec)
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(),
+                                                   context_length=args.context_length)).eval()
+    agent = Agent(model, tok, "gato")
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(args.env)] * args.num_envs,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    agent.reset(spec, num_envs=args.num_envs)
+    obs, _ = envs.reset(seed=0)
+    process = psutil.Process()
+    records: list[tuple[int, float, float]] = []  # (decision, RSS MiB, median ms since the last record)
+    times: list[float] = []
+    episodes = 0
+    for k in range(1, args.decisions + 1):
+        t0 = time.perf_counter()
+        actions = agent.act(obs)
+        t1 = time.perf_counter()
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        t2 = time.perf_counter()
+        agent.observe(rewards, terminated, truncated)
+        times.append(t1 - t0 + time.perf_counter() - t2)
+        episodes += int(np.sum(terminated | truncated))
+        if k % args.every == 0 or k == args.decisions:
+            records.append((k, process.memory_info().rss / 2**20, 1000 * statistics.median(times)))
+            times = []
+            print(f"decision {k:>6}  RSS {records[-1][1]:8.1f} MiB  {records[-1][2]:6.2f} ms/decision  "
+                  f"episodes {episodes}  window slides {agent.refills}", flush=True)
+    envs.close()
+
+    ks, rss, ms = (np.array(c) for c in zip(*records, strict=True))
+    ref = int(np.searchsorted(ks, args.warmup * args.decisions))
+    ref = min(ref, len(ks) - 1)
+    tenth = max(1, len(ks) // 10)
+    drift = rss[-1] / rss[ref] - 1.0
+    time_drift = float(np.median(ms[-tenth:]) / np.median(ms[ref: ref + tenth]) - 1.0)
+    print(f"\n{args.decisions} decisions x {args.num_envs} envs ({args.env}, context {args.context_length}): "
+          f"{episodes} episodes ended, the window slid {agent.refills} times")
+    print(f"RSS after warm-up (decision {ks[ref]}): {rss[ref]:.1f} MiB; at the end {rss[-1]:.1f} MiB; "
+          f"drift {100 * drift:+.1f} % (goal <= 5 %); peak {rss.max():.1f} MiB")
+    print(f"decision time: {np.median(ms[ref: ref + tenth]):.2f} ms after warm-up, {np.median(ms[-tenth:]):.2f} ms "
+          f"in the last tenth ({100 * time_drift:+.1f} %)")
+    if args.plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+        a.plot(ks, rss)
+        a.axvline(ks[ref], ls=":", c="grey")
+        a.set_ylabel("RSS (MiB)")
+        a.set_title(f"Agent soak: {args.num_envs} x {args.env}, context {args.context_length}")
+        b.plot(ks, ms)
+        b.set_ylabel("ms / decision (median)")
+        b.set_xlabel("decisions")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        print(f"plot: {args.plot}")
+    return 0 if drift <= 0.05 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args, use_underscores=True)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,11 @@ import torch
 import tyro
 
 from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
+
+try:  # a decision is timed as bench/decode.py times it; run as a script, bench/ is on sys.path
+    from decode import timed_step
+except ImportError:  # imported as bench.agent_soak (the tests)
+    from bench.decode import timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +81,8 @@ def main(args: Args) -> int:
     times: list[float] = []
     episodes = 0
     for k in range(1, args.decisions + 1):
-        t0 = time.perf_counter()
-        actions = agent.act(obs)
-        t1 = time.perf_counter()
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
-        t2 = time.perf_counter()
-        agent.observe(rewards, terminated, truncated)
-        times.append(t1 - t0 + time.perf_counter() - t2)
+        obs, _, terminated, truncated, agent_s, _ = timed_step(agent, envs, obs)
+        times.append(agent_s)
         episodes += int(np.sum(terminated | truncated))
         if k % args.every == 0 or k == args.decisions:
             records.append((k, process.memory_info().rss / 2**20, 1000 * statistics.median(times)))

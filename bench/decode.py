@@ -74,6 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -246,6 +247,18 @@ def steps_before(context: int, timed_steps: int, step_tokens: int) -> int:
     return max(1, round((context + 1) / step_tokens - (timed_steps - 1) / 2))
 
 
+def timed_step(agent: Agent, envs: gym.vector.VectorEnv, obs: Any) -> tuple[Any, Any, Any, Any, float, float]:
+    """One vector-env step through the Agent, timed where users spend it: ``(obs, rewards, terminated,
+    truncated, agent seconds, env.step seconds)``; the agent's are ``act`` + ``observe``."""
+    t0 = time.perf_counter()
+    actions = agent.act(obs)
+    t1 = time.perf_counter()
+    obs, rewards, terminated, truncated, _ = envs.step(actions)
+    t2 = time.perf_counter()
+    agent.observe(rewards, terminated, truncated)
+    return obs, rewards, terminated, truncated, t1 - t0 + time.perf_counter() - t2, t2 - t1
+
+
 def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials: int, pre_steps: int,
                timed_steps: int, allow_refills: bool = False) -> Timing:
     """Play ``trials`` fresh episodes of ``pre_steps`` untimed then ``timed_steps`` timed decisions.
@@ -259,18 +272,12 @@ def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials:
         obs, _ = envs.reset(seed=trial)
         for k in range(pre_steps + timed_steps):
             context, refills = 0 if agent.state is None else agent.state.length, agent.refills
-            t0 = time.perf_counter()
-            actions = agent.act(obs)
-            t1 = time.perf_counter()
-            obs, rewards, terminated, truncated, _ = envs.step(actions)
-            t2 = time.perf_counter()
-            agent.observe(rewards, terminated, truncated)
-            t3 = time.perf_counter()
+            obs, _, terminated, truncated, agent_s, env_s = timed_step(agent, envs, obs)
             if np.any(terminated | truncated):
                 raise RuntimeError(f"an episode ended at step {k}; the timed contexts would restart")
             if k >= pre_steps:
-                out.seconds.append(t1 - t0 + t3 - t2)
-                out.env_seconds.append(t2 - t1)
+                out.seconds.append(agent_s)
+                out.env_seconds.append(env_s)
                 out.contexts.append(context)
                 out.refills += agent.refills - refills
     if out.refills and not allow_refills:

@@ -46,10 +46,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from datasets_build.hub import is_hub_dataset_id
 from datasets_build.sources import load_sources, parse_mixture
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
-from generalist.hub import HubPusher, write_model_card
+from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
 from generalist.packing import Mixture, PackedStream, PackingConfig
 from generalist.training import checkpoints, settings
 from generalist.training.metrics import MetricLog, ModalityLosses, held_out_losses
@@ -82,8 +83,9 @@ class Args:
     """where built datasets live"""
     build_missing: bool = True
     """build the mixture's missing datasets before training (datasets_build.registry.ensure_built)"""
-    tokenizer: str = "tokenizers_cfg/default"
-    """tokenizer folder or Hub id; the control datasets' task specs are added to it"""
+    tokenizer: str | None = None
+    """tokenizer folder or Hub id (default: the byte-level BPE shipped with the package); the control datasets'
+    task specs are added to it"""
     seq_len: int = 512
     """tokens per packed training sequence (the context length in training)"""
     batch_size: int = 8
@@ -101,6 +103,9 @@ class Args:
     imitation_threshold: float | None = 0.8
     """<no_return> sequences show only episodes scoring at least this (expert-normalised; Gato filters at 0.8);
     None: every episode (behaviour cloning of the whole dataset)"""
+    hidden_action_prob: float = 0.5
+    """share of control sequences whose action inputs are <hidden_action> (labels kept): the policy view Gato
+    and DT modes act in, so that they read states instead of repeating their last action (0: off)"""
 
     # --- model ---
     backbone: str = "llama"
@@ -167,6 +172,8 @@ class Args:
     """retries of a failed push (the run goes on either way; the local checkpoint is never touched)"""
     hub_backoff_s: float = 2.0
     """wait before the first retry, doubled at each next one"""
+    hub_timeout_s: float = 1800.0
+    """a push still running after this long (a stalled connection) is abandoned with a warning; the next goes on"""
 
 
 PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
@@ -189,7 +196,8 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
 MAY_CHANGE_ON_RESUME = frozenset({
     "resume", "overwrite", "output_dir", "run_name", "data_root", "build_missing", "num_workers", "total_steps",
     "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "run_eval", "eval_episodes",
-    "eval_samples", "push_to_hub", "hub_model_id", "hub_private", "hub_token", "hub_retries", "hub_backoff_s"})
+    "eval_samples", "push_to_hub", "hub_model_id", "hub_private", "hub_token", "hub_retries", "hub_backoff_s",
+    "hub_timeout_s"})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
@@ -223,7 +231,8 @@ def validate_args(args: Args) -> dict[str, float]:
     except ValueError as e:
         problems.append(str(e))
     if "=" in args.mixture:  # datasets named directly are never built here: they must exist
-        missing = [name for name in weights if not (args.data_root / name).is_dir()]
+        missing = [name for name in weights if not (args.data_root / name).is_dir()
+                   and not is_hub_dataset_id(name, args.data_root)]  # a Hub dataset is downloaded by load_sources
         if missing:
             found = sorted(p.name for p in args.data_root.iterdir() if p.is_dir()) if args.data_root.is_dir() else []
             problems.append(f"--mixture: no dataset {', '.join(map(repr, missing))} under --data_root "
@@ -241,7 +250,8 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
                      "num_key_value_heads": args.num_heads, "intermediate_size": args.intermediate_size,
                      "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
         vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
-        prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features)
+        prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features,
+        hidden_action_prob=args.hidden_action_prob)
 
 
 # --- main: data, model, the loop, the final model -------------------------------------------------
@@ -280,22 +290,29 @@ def main(args: Args) -> dict[str, Any]:
         accelerator.print(f"datasets ready in {time.perf_counter() - t0:.0f}s")
     accelerator.wait_for_everyone()
     train_sources, eval_sources, specs = load_sources(weights, args.data_root)
-    tok = GeneralistTokenizer.from_pretrained(args.tokenizer)
+    tok = GeneralistTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else GeneralistTokenizer.default()
     for spec in specs.values():
         tok.add_task_spec(spec)
-    packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
-                            prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold)
-    src_weights = [weights[s.name] for s in train_sources]
-    train_mix = Mixture(train_sources, src_weights, tok, packing)
-    eval_mix = Mixture(eval_sources, src_weights, tok, packing)
 
     # --- model, optimizer, schedule ---
     if args.init_from:
         model = GeneralistForCausalLM.from_pretrained(args.init_from)
+        if len(model.config.layout.special_tokens) > len(tok.layout.special_tokens):
+            tok.with_all_special_tokens()  # the checkpoint has special tokens a saved tokenizer predates
+        if args.hidden_action_prob and tok.hidden_action_id is None:
+            raise ValueError(f"--init_from {args.init_from}: its vocabulary has no <hidden_action> token (an earlier "
+                             "version's model); fine-tune it with --hidden_action_prob 0")
+        model.config.hidden_action_prob = args.hidden_action_prob
     else:
-        model = GeneralistForCausalLM(model_config(args, tok))
+        model = GeneralistForCausalLM(model_config(args, tok.with_all_special_tokens()))
     if model.config.layout != tok.layout:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
+    packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
+                            prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold,
+                            hidden_action_prob=args.hidden_action_prob)
+    src_weights = [weights[s.name] for s in train_sources]
+    train_mix = Mixture(train_sources, src_weights, tok, packing)
+    eval_mix = Mixture(eval_sources, src_weights, tok, packing)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -334,7 +351,7 @@ def main(args: Args) -> dict[str, Any]:
     hub = None
     if args.push_to_hub and is_main:
         hub = HubPusher(args.hub_model_id, run.hub_staging, token=args.hub_token, private=args.hub_private,
-                        retries=args.hub_retries, backoff_s=args.hub_backoff_s)
+                        retries=args.hub_retries, backoff_s=args.hub_backoff_s, timeout_s=args.hub_timeout_s)
     last_metrics: dict[str, dict[str, float]] = {}
 
     def card(folder: Path) -> None:
@@ -434,16 +451,23 @@ def main(args: Args) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if is_main:
-        if hub is not None:
-            hub.submit(run.model, f"final model, step {step}")
         if args.run_eval:  # a separate process: its memory, imports and failures stay out of this one
             print("evaluating the final model: python -m eval", run.root, flush=True)
             code = subprocess.run([sys.executable, "-m", "eval", str(run.root)], check=False).returncode
             summary["evaluation"] = json.loads(run.summary.read_text()).get("evaluation", f"failed: exit code {code}")
+            for result in sorted(run.eval.glob("control_*.json")):  # the scores go into the card before it ships
+                update_card_results(run.model / CARD_FILE, json.loads(result.read_text())["per_checkpoint"][0])
+            shutil.copy(run.model / CARD_FILE, run.card)
         if hub is not None:
+            hub.submit(run.model, f"final model, step {step}")
             summary["hub_pushes"] = hub.close()
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``generalist-train`` console script."""
     main(parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -29,9 +29,9 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import torch
-import tyro
 
 from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
+from generalist.training.settings import parse
 
 try:  # a decision is timed as bench/decode.py times it; run as a script, bench/ is on sys.path
     from decode import timed_step
@@ -63,7 +63,7 @@ class Args:
 
 def main(args: Args) -> int:
     torch.set_num_threads(args.threads)
-    tok = GeneralistTokenizer.from_pretrained(str(ROOT / "tokenizers_cfg/default"))
+    tok = GeneralistTokenizer.default()
     env = gym.make(args.env)
     spec = TaskSpec.from_env(env, name=args.env, expert_return=0.0, random_return=-1.0)
     env.close()
@@ -123,4 +123,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Args, use_underscores=True)))
+    sys.exit(main(parse(Args, description=__doc__)))

@@ -79,12 +79,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import tyro
 from gymnasium import spaces
 
 from generalist import Agent, Engine, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.modes import TTConfig, step_prompts, tt_plan
 from generalist.tokenizer import concat_samples
+from generalist.training.settings import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -454,7 +454,7 @@ def main(args: Args) -> None:
         args = dataclasses.replace(args, **QUICK)
     args = dataclasses.replace(args, env=pick_env(args.env))
     torch.set_num_threads(args.threads)
-    tok = GeneralistTokenizer.from_pretrained(ROOT / "tokenizers_cfg" / "default")
+    tok = GeneralistTokenizer.default()
     spec = hopper_spec(args.env)
     tok.add_task_spec(spec)
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
@@ -474,4 +474,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, use_underscores=True))
+    main(parse(Args, description=__doc__))

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 import torch
-import tyro
 
 from generalist import Agent, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.modes import GatoMode
 from generalist.modes.control import ControlStep, continuous_flags
+from generalist.training.settings import parse
 
 
 @dataclass
@@ -81,4 +81,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args, description=__doc__))

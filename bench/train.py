@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -34,6 +33,7 @@ from datasets_build import synthetic
 from datasets_build.sources import load_sources, parse_mixture
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.packing import CaptionSource, ControlSource, Mixture, PackedStream, PackingConfig, TextSource
+from generalist.training.settings import parse
 from generalist.vocab import Modality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,4 +149,4 @@ def main(bench: Args) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")  # as train.py: patch counts vary per batch
-    main(tyro.cli(Args, use_underscores=True))
+    main(parse(Args, description=__doc__))

@@ -1,4 +1,8 @@
-"""``python -m datasets_build <name|mixture|all> --out data/``: build datasets (see ``--help``)."""
+"""``python -m datasets_build <name|mixture|all> --out data/``: build datasets (see ``--help``).
+
+``python -m datasets_build push --dataset control-core --repo_id user/control-core``: push one to the Hub
+(:mod:`datasets_build.hub`); ``train.py --mixture user/control-core=1`` trains on it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import tyro
 
 from datasets_build.base import BuildOptions
 from datasets_build.registry import DATASETS, MIXTURES, resolve
+from generalist.training.settings import parse
 
 OFFLINE_IMPORTS = ("minari", "d4rl")
 
@@ -24,7 +29,8 @@ class Args:
 
     name: Annotated[str, tyro.conf.Positional] = "demo"
     """a dataset (control-core, control-pixels, babyai, metaworld, captions, text), a mixture (demo,
-    full), `all`, or an import: `minari` (needs --minari-id) / `d4rl` (needs --d4rl-path)"""
+    full), `all`, an import: `minari` (needs --minari_id) / `d4rl` (needs --d4rl_path), or `push` (a built
+    dataset to the 🤗 Hub: --dataset NAME --repo_id user/name)"""
     out: Path = Path("data")
     """root folder; each dataset goes to <out>/<dataset name>/"""
     episodes: int | None = None
@@ -49,10 +55,18 @@ class Args:
     """task name given to the imported D4RL-style episodes"""
     list: bool = False
     """list datasets and mixtures, then exit"""
+    repo_id: str | None = None
+    """with name `push`: the 🤗 Hub dataset repo (user/name) to push --dataset to"""
+    dataset: str | None = None
+    """with name `push`: the built dataset (a name under --out, or a folder) to push"""
+    private: bool = False
+    """with name `push`: create the repo as private"""
+    hub_token: str | None = None
+    """with name `push`: Hub token (default: HF_TOKEN or the cached login)"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    args = parse(Args, argv, description=__doc__)
     if args.list:
         for name, builder in DATASETS.items():
             print(f"{name:16s} {builder.kind:9s} {builder.description}")
@@ -64,16 +78,26 @@ def main(argv: list[str] | None = None) -> None:
         episodes_per_shard=args.episodes_per_shard, overwrite=args.overwrite, progress=args.progress,
         samples=args.samples, command=shlex.join(["python", "-m", "datasets_build", *(argv or sys.argv[1:])]),
     )
+    if args.name == "push":
+        from datasets_build.hub import push_dataset
+
+        if not (args.repo_id and args.dataset):
+            raise SystemExit("`push` needs --dataset NAME and --repo_id user/name")
+        folder = Path(args.dataset) if Path(args.dataset).is_dir() else args.out / args.dataset
+        if not push_dataset(folder, args.repo_id, token=args.hub_token, private=args.private):
+            raise SystemExit(f"push of {folder} to {args.repo_id} failed (see the warnings above)")
+        print(f"pushed {folder} to https://huggingface.co/datasets/{args.repo_id}")
+        return
     if args.name in OFFLINE_IMPORTS:
         from datasets_build.offline import import_d4rl, import_minari
 
         if args.name == "minari":
             if not args.minari_id:
-                raise SystemExit("`minari` needs --minari-id")
+                raise SystemExit("`minari` needs --minari_id")
             print(import_minari(args.minari_id, args.out, options))
         else:
             if args.d4rl_path is None:
-                raise SystemExit("`d4rl` needs --d4rl-path")
+                raise SystemExit("`d4rl` needs --d4rl_path")
             print(import_d4rl(args.d4rl_path, args.d4rl_task, args.out, options))
         return
     try:

@@ -146,6 +146,11 @@ def load_shard(shard: Path) -> datasets.Dataset:
 
 
 def load_shards(folder: Path) -> datasets.Dataset:
+    """Every episode of a built control dataset: its shards, or the one parquet split of a Hub copy."""
+    from datasets_build.hub import is_hub_copy, load_hub_splits
+
+    if is_hub_copy(folder):
+        return load_hub_splits(folder)["train"]
     parts = [load_shard(p) for p in shard_dirs(folder)]
     if not parts:
         raise FileNotFoundError(f"no episode shards under {folder / SHARDS_DIR}")

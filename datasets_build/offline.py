@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
@@ -135,6 +136,17 @@ def _cut(tree: Any, steps: int) -> Any:
     return tree[:steps]
 
 
+MINARI_DATASET_ID = "minari_dataset_id"  # TaskSpec.extra key of an imported Minari dataset's id
+
+
+def recover_minari_env(dataset_id: str) -> gym.Env:
+    """The evaluation environment of a locally stored Minari dataset (its ``eval_env`` when it has one,
+    else the environment it was collected in), as ``minari`` itself recovers it."""
+    import minari
+
+    return minari.load_dataset(dataset_id).recover_environment(eval_env=True)
+
+
 def import_minari(dataset_id: str, root: Path, options: BuildOptions, name: str | None = None) -> Path:
     """Import a locally stored Minari dataset into ``root / name`` (default: the id, '/' -> '_')."""
     import minari
@@ -147,6 +159,9 @@ def import_minari(dataset_id: str, root: Path, options: BuildOptions, name: str 
     spec = TaskSpec.from_spaces(dataset_id, dataset.observation_space, dataset.action_space,
                                 expert_return=_optional_float(metadata.get("ref_max_score")),
                                 random_return=_optional_float(metadata.get("ref_min_score")))
+    # the task is named by its Minari id, which gymnasium does not know: evaluation recovers the
+    # environment through minari (eval.control.make_env)
+    spec.extra[MINARI_DATASET_ID] = dataset_id
     return write_imported(folder, spec, _minari_episode_rows(dataset, spec, f"minari:{dataset_id}"),
                           title=f"minari {dataset_id}", options=options,
                           description=f"Minari dataset `{dataset_id}` imported from the local Minari "

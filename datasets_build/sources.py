@@ -93,6 +93,10 @@ def open_splits(folder: Path) -> dict[str, datasets.Dataset]:
     ``save_to_disk`` folder."""
     if not folder.exists():
         raise FileNotFoundError(f"dataset {folder.name!r} not found at {folder}; build it or pass --data_root")
+    from datasets_build.hub import is_hub_copy, load_hub_splits
+
+    if is_hub_copy(folder):
+        return load_hub_splits(folder)
     loaded = datasets.load_from_disk(str(folder / "data" if (folder / "data").is_dir() else folder))
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
@@ -118,9 +122,11 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1
     expert, noisy and random sources alike (rows are stored by source, so "the last episodes" would
     be only random ones); caption and text datasets use their ``validation``/``test`` split.
     """
+    from datasets_build.hub import is_hub_dataset_id, open_hub_dataset
+
     train, held_out, specs = [], [], {}
     for name in weights:
-        folder = Path(root) / name
+        folder = open_hub_dataset(name) if is_hub_dataset_id(name, root) else Path(root) / name
         if (folder / TASK_SPECS).exists():
             ds, task_specs = load_episodes(folder)
             specs.update(task_specs)

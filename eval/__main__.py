@@ -1,6 +1,8 @@
 """Evaluate a training run: every evaluation its mixture calls for, then its report.
 
     python -m eval runs/NAME [--episodes N] [--samples N] [--data_root DIR]
+    generalist-eval runs/NAME                  # the same, as the installed console script
+    generalist-eval control --model user/name  # python -m eval.control (also caption, text, report, results)
 
 ``train.py`` runs this after training (unless ``--no_run_eval``); run it yourself on any run folder,
 finished or stopped early. It evaluates the run's newest model that verifies (``RUN/model``, or the
@@ -33,6 +35,7 @@ from typing import Any
 import tyro
 
 from generalist.training.run_folder import RunFolder
+from generalist.training.settings import parse
 
 DEFAULT_EPISODES = 5  # train.py's eval_episodes and eval_samples defaults, for a run without args.json
 DEFAULT_SAMPLES = 64
@@ -142,7 +145,28 @@ def _record(run: RunFolder, results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return evaluate_run(tyro.cli(Args, args=argv, description=__doc__))
+    return evaluate_run(parse(Args, argv, description=__doc__))
+
+
+SUBCOMMANDS = ("control", "caption", "text", "report", "results")
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``generalist-eval RUN`` (this module), or ``generalist-eval control|caption|text|report|results ...``
+    (``python -m eval.<name>``): one console script for every evaluation."""
+    import importlib
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(f"eval.{argv[0]}")
+        sys.argv = [f"generalist-eval {argv[0]}", *argv[1:]]
+        result = module.main(argv[1:]) if argv[0] in ("control", "results") else module.main(
+            parse(module.Args, argv[1:], description=module.__doc__))
+        if isinstance(result, int):
+            raise SystemExit(result)
+        return
+    main(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Caption held-out images with a checkpoint and score the captions.
 
-    python -m eval.caption --model runs/NAME --data data/captions [--split test] [--max-samples N] \
+    python -m eval.caption --model runs/NAME --data data/captions [--split test] [--max_samples N] \
         [--beam K] [--out DIR]
 
 Captions come from :func:`generalist.modes.caption` (greedy, or beam search with ``--beam K > 1``),
@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tyro
 from tqdm.auto import tqdm
 
 from eval.checkpoint import default_out, load_checkpoint, load_split, write_json
@@ -35,6 +34,7 @@ from eval.plots import CaptionExample, caption_grid
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.engine import Engine
 from generalist.modes import caption
+from generalist.training.settings import parse
 
 RESULTS_FILE = "caption.json"
 EXAMPLES_FILE = "caption_examples.png"
@@ -145,4 +145,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args, description=__doc__))

@@ -1,8 +1,9 @@
 """Finding and loading what the evaluation scripts need: a checkpoint and a dataset split.
 
-Every ``eval.*`` entry point takes ``--model`` as either a checkpoint folder (model and tokenizer
-written by ``save_pretrained`` side by side) or a run folder that holds one, so that the same path
-the training run printed can be pasted into any evaluation.
+Every ``eval.*`` entry point takes ``--model`` as a checkpoint folder (model and tokenizer written
+by ``save_pretrained`` side by side), a run folder that holds one (so that the path the training run
+printed can be pasted into any evaluation), or a 🤗 Hub repo id (``user/name``, downloaded once into
+the Hub cache), so that a pushed checkpoint is evaluated exactly like a local one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -28,8 +30,24 @@ def is_checkpoint(folder: Path) -> bool:
     return (folder / MODEL_CONFIG_FILE).is_file() and (folder / TOKENIZER_CONFIG_FILE).is_file()
 
 
+def is_hub_id(path: str | Path) -> bool:
+    """``user/name`` that is not a local path: a Hub repo id."""
+    text = str(path)
+    return (not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
+            and all(part and part.strip() == part for part in text.split("/")))
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The files of a model repo on the Hub (cached by ``huggingface_hub``), as a local folder."""
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=repo_id, revision=revision, repo_type="model"))
+    except Exception as e:  # offline, unknown repo, no access: say both readings of the argument
+        raise FileNotFoundError(f"--model {repo_id}: no such local folder, and the 🤗 Hub repo could not be "
+                                f"downloaded ({type(e).__name__}: {e})") from e
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest checkpoint below ``path`` that verifies.
+    """A checkpoint folder itself, the newest checkpoint below ``path`` that verifies, or a Hub repo's files.
 
     In a run folder that is the final model (``RUN/model``, written last) or, for a run stopped
     early, its newest intermediate checkpoint. "Newest" is by the time the folder was published; a
@@ -37,6 +55,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     naming the damaged file, as ``train.py --resume`` does, and staging or set-aside folders are
     never candidates.
     """
+    if is_hub_id(path):
+        path = download(str(path))
     path = Path(path)
     if is_checkpoint(path):
         return path
@@ -80,8 +100,11 @@ def default_out(model_arg: str | Path) -> Path:
     """Where results go without ``--out``: the run folder's ``eval/`` (next to eval.control's results).
 
     ``--model`` may name the run folder or its exported model; results belong to the run either way,
-    so that ``python -m eval.report RUN`` finds them. A loose checkpoint gets its own ``eval/``.
+    so that ``python -m eval.report RUN`` finds them. A loose checkpoint gets its own ``eval/``, a Hub
+    checkpoint ``eval/<user>--<name>`` here.
     """
+    if is_hub_id(model_arg):
+        return Path("eval") / str(model_arg).replace("/", "--")
     path = Path(model_arg)
     for folder in (path, path.parent):
         if RunFolder(folder).is_run():

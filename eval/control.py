@@ -27,15 +27,17 @@ An environment that raises during a rollout ends that episode with a recorded er
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -46,6 +48,7 @@ from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
 from generalist.modes import TT_PRESETS, TTConfig, demonstration_prompt
+from generalist.training.settings import parse
 
 
 class ErrorAsTermination(gym.Wrapper):
@@ -71,18 +74,68 @@ class ErrorAsTermination(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def make_env(task: str) -> gym.Env:
-    """The env of a task: datasets_build's catalogue knows the pixel, BabyAI and Meta-World variants
-    the data was collected in; without it, any registered gymnasium id."""
+def make_env(task: str, spec: TaskSpec | None = None) -> gym.Env:
+    """The env of a task: an imported Minari dataset's is recovered through minari (its task is named by
+    the dataset id, which gymnasium does not know); datasets_build's catalogue knows the pixel, BabyAI
+    and Meta-World variants the data was collected in; without it, any registered gymnasium id."""
     try:
         from datasets_build.control import make_task_env
+        from datasets_build.offline import MINARI_DATASET_ID, recover_minari_env
     except ImportError:
         return gym.make(task)
+    if spec is not None and MINARI_DATASET_ID in spec.extra:
+        return recover_minari_env(spec.extra[MINARI_DATASET_ID])
     return make_task_env(task)
 
 
-def make_envs(task: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(make_env(task))] * num_envs,
+def make_render_env(task: str, spec: TaskSpec | None = None) -> gym.Env | None:
+    """One env of ``task`` that renders ``rgb_array`` frames, or None if this machine cannot make it
+    (pixel tasks wrap a rendering env already; plain gymnasium ids are made with ``render_mode``)."""
+    try:
+        env = make_env(task, spec)
+        if env.render_mode == "rgb_array":
+            return env
+        env.close()
+        return gym.make(task, render_mode="rgb_array")
+    except (gym.error.Error, ImportError, TypeError):
+        return None
+
+
+def play_rendered(agent: Agent, env: gym.Env, spec: TaskSpec, seed: int, max_steps: int, prompt=None,
+                  target_return: float | None = None) -> tuple[list[np.ndarray], float, int]:
+    """One episode of ``agent`` in a rendering env -> (frames (H, W, 3) uint8, return, steps); closes ``env``."""
+    agent.reset(spec, num_envs=None, prompt=prompt, target_return=target_return)
+    obs, _ = env.reset(seed=seed)
+    frames, total, steps, done = [env.render()], 0.0, 0, False
+    while not done and steps < max_steps:
+        obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
+        agent.observe(reward, terminated, truncated)
+        total, steps, done = total + float(reward), steps + 1, terminated or truncated
+        frames.append(env.render())
+    env.close()
+    return frames, total, steps
+
+
+def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 30) -> list[Path]:
+    """``path``.gif (Pillow, always) and ``path``.mp4 when imageio has an ffmpeg plugin; returns what was written."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(np.asarray(f)[..., :3]) for f in frames]
+    gif = path.with_suffix(".gif")
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    written = [gif]
+    try:  # MP4 needs imageio's ffmpeg plugin (pip install imageio[ffmpeg]); without it the GIF is the video
+        import imageio.v3 as iio
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return written
+    iio.imwrite(path.with_suffix(".mp4"), np.stack([np.asarray(im) for im in images]), fps=fps)
+    return [*written, path.with_suffix(".mp4")]
+
+
+def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None) -> gym.vector.SyncVectorEnv:
+    return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(make_env(task, spec))] * num_envs,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -193,9 +246,11 @@ def sweep_spearman(sweep: Sequence[dict], tasks: Sequence[str]) -> dict[str, flo
     return out
 
 
-def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[dict]]:
-    envs = make_envs(task, args.num_envs or args.episodes)
+def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None = None) -> tuple[dict, list[dict]]:
+    """Roll out ``args.episodes`` episodes of ``task`` (and the DT sweep); with ``video_dir`` also one more
+    episode in a rendering env, saved as a video there."""
     spec = tok.task_specs.get(task)
+    envs = make_envs(task, args.num_envs or args.episodes, spec)
     if spec is None:
         print(f"WARNING: {task} is not one of the model's tasks {sorted(tok.task_specs)}; its spec is built from "
               "the environment, and the model never saw it in training")
@@ -211,7 +266,7 @@ def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[di
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
     target = args.target_return
     if args.mode == "dt" and target is None and not args.expert_returns and spec.expert_return is None:
-        raise ValueError(f"{task}: the task spec has no expert_return; pass --target-return")
+        raise ValueError(f"{task}: the task spec has no expert_return; pass --target_return")
     t0 = time.perf_counter()
     episodes = rollout(agent, envs, spec, args.episodes, seed, prompt, target, args.max_steps)
     seconds = time.perf_counter() - t0
@@ -236,6 +291,11 @@ def evaluate_task(args, tok, model, task: str, seed: int) -> tuple[dict, list[di
             sweep.append({"task": task, "seed": seed, "target_return": float(target), "mean_return": m,
                           "stderr_return": s})
     envs.close()
+    if video_dir is not None and (env := make_render_env(task, spec)) is not None:
+        frames, total, steps = play_rendered(agent, env, spec, seed, args.max_steps, prompt, target)
+        stem = f"{args.name or f'control_{args.mode}'}_{task.replace('/', '_')}"
+        record["video"] = [str(p.relative_to(video_dir.parent)) for p in save_video(frames, video_dir / stem)]
+        record["video_return"] = total
     return record, sweep
 
 
@@ -297,42 +357,94 @@ def plot_profiles(per_checkpoint: list[dict], tasks: Sequence[str], path: Path, 
     return save_figure(fig, path)
 
 
+@dataclass
+class Args:
+    """Roll out checkpoints in gymnasium environments; expert-normalised scores with rliable IQMs."""
+
+    model: tuple[str, ...]
+    """checkpoint folders (model + tokenizer), run folders or 🤗 Hub repo ids; several = training seeds"""
+    tasks: tuple[str, ...] | None = None
+    """gymnasium env ids (default: the tokenizer's tasks)"""
+    mode: Literal["gato", "dt", "tt"] = "dt"
+    episodes: int = 20
+    """episodes per task and checkpoint"""
+    num_envs: int | None = None
+    """environments stepped together (default: --episodes)"""
+    target_return: float | None = None
+    """DT target (default: the expert return)"""
+    expert_returns: bool = False
+    """DT: Multi-Game DT expert-return sampling"""
+    sweep: int = 0
+    """DT: also sweep this many targets from random to expert"""
+    demos: tuple[str, ...] | None = None
+    """Gato: built control datasets to draw the expert prompt from (pixel tasks: their own)"""
+    temperature: float = 0.0
+    context_length: int | None = None
+    """default: the model's trained context"""
+    beam_width: int | None = None
+    """TT (default 128, the reference planner's)"""
+    horizon: int | None = None
+    """TT (default 15)"""
+    beam_cache_dtype: Literal["bfloat16", "float32"] | None = None
+    """TT: dtype of the beams' own cached tokens (default bfloat16)"""
+    max_steps: int = 100_000
+    """safety cap on vector-env steps per rollout"""
+    seed: int = 0
+    """environment and sampling seed (checkpoint k adds 1000 k)"""
+    device: str = "cpu"
+    """where the model runs (cpu, cuda, cuda:1, mps); environments and sampling stay on the CPU"""
+    threads: int | None = None
+    out: str | None = None
+    """results folder (default: RUN/eval of the first --model)"""
+    name: str | None = None
+    """results file stem (default: control_<mode>)"""
+    video: bool = False
+    """also play one episode per task (first checkpoint) in a rendering env and save it to OUT/videos/ as a
+    GIF (and an MP4 where imageio has ffmpeg); the run report embeds them"""
+    update_card: bool = False
+    """write each checkpoint's scores into its model card (README.md metadata and table); a Hub
+    checkpoint's card is uploaded back to its repo"""
+    hub_token: str | None = None
+    """Hub token for --update_card of a Hub checkpoint (default: HF_TOKEN or the cached login)"""
+
+
+def update_card(model_arg: str, folder: Path, results: list[dict], token: str | None) -> str:
+    """Scores into the checkpoint's card: in place for a local folder; for a Hub repo, a copy of its card
+    updated and uploaded back (the download cache is never written into). Returns where it went."""
+    from eval.checkpoint import is_hub_id
+    from generalist.hub import CARD_FILE, push_folder, update_card_results
+
+    if not is_hub_id(model_arg):
+        card = folder / CARD_FILE
+        if not card.is_file():
+            card.write_text("---\nlibrary_name: transformers\n---\n")
+        update_card_results(card, results)
+        return str(card)
+    with tempfile.TemporaryDirectory() as tmp:
+        card = Path(tmp) / CARD_FILE
+        shutil.copy(folder / CARD_FILE, card) if (folder / CARD_FILE).is_file() else card.write_text("---\n---\n")
+        update_card_results(card, results)
+        ok = push_folder(tmp, model_arg, token=token, commit_message="eval.control: rollout scores in the model card")
+    if not ok:
+        raise SystemExit(f"--update_card: the card of {model_arg} could not be uploaded (see the warnings above)")
+    return f"https://huggingface.co/{model_arg}"
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, nargs="+",
-                   help="checkpoint folders (model + tokenizer) or run folders; several = training seeds")
-    p.add_argument("--tasks", nargs="+", default=None, help="gymnasium env ids (default: the tokenizer's tasks)")
-    p.add_argument("--mode", choices=("gato", "dt", "tt"), default="dt")
-    p.add_argument("--episodes", type=int, default=20, help="episodes per task and checkpoint")
-    p.add_argument("--num-envs", type=int, default=None, help="environments stepped together (default: --episodes)")
-    p.add_argument("--target-return", type=float, default=None, help="DT target (default: the expert return)")
-    p.add_argument("--expert-returns", action="store_true", help="DT: Multi-Game DT expert-return sampling")
-    p.add_argument("--sweep", type=int, default=0, help="DT: also sweep this many targets from random to expert")
-    p.add_argument("--demos", nargs="+", default=None,
-                   help="Gato: built control datasets to draw the expert prompt from (pixel tasks: their own)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--context-length", type=int, default=None, help="default: the model's trained context")
-    p.add_argument("--beam-width", type=int, default=None, help="TT (default 128, the reference planner's)")
-    p.add_argument("--horizon", type=int, default=None, help="TT (default 15)")
-    p.add_argument("--beam-cache-dtype", choices=["bfloat16", "float32"], default=None,
-                   help="TT: dtype of the beams' own cached tokens (default bfloat16)")
-    p.add_argument("--max-steps", type=int, default=100_000, help="safety cap on vector-env steps per rollout")
-    p.add_argument("--seed", type=int, default=0, help="environment and sampling seed (checkpoint k adds 1000 k)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="results folder (default: RUN/eval of the first --model)")
-    p.add_argument("--name", default=None, help="results file stem (default: control_<mode>)")
-    args = p.parse_args(argv)
+    args = parse(Args, argv, description=__doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     from eval.checkpoint import default_out, load_checkpoint
 
-    loaded = [load_checkpoint(m) for m in args.model]
+    loaded = [load_checkpoint(m, args.device) for m in args.model]
     tok = loaded[0][1]
     tasks = args.tasks or sorted(tok.task_specs)
     unknown = [t for t in tasks if t not in tok.task_specs and t not in gym.registry and ":" not in t]
     if unknown:  # before any rollout: a typo should not cost the other tasks' evaluation time
-        p.error(f"--tasks {' '.join(unknown)}: neither a task of this model "
-                f"({', '.join(sorted(tok.task_specs)) or 'none'}) nor a registered gymnasium environment")
+        known = ", ".join(sorted(tok.task_specs)) or "none"
+        print(f"error: --tasks {' '.join(unknown)}: neither a task of this model ({known}) nor a registered "
+              "gymnasium environment", file=sys.stderr)
+        raise SystemExit(2)
     out = Path(args.out) if args.out else default_out(args.model[0])
     out.mkdir(parents=True, exist_ok=True)
     per_checkpoint, sweep = [], []
@@ -340,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         run = []
         for task in tasks:
             try:
-                record, task_sweep = evaluate_task(args, tok, model, task, args.seed + 1000 * k)
+                record, task_sweep = evaluate_task(args, tok, model, task, args.seed + 1000 * k,
+                                                   out / "videos" if args.video and k == 0 else None)
             except (gym.error.Error, ValueError) as e:  # an env id not registered / installed, no DT target
                 record, task_sweep = {"task": task, "mode": args.mode, "episodes": 0, "errors": [str(e)]}, []
             record["checkpoint"] = str(folder)
@@ -376,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary["profile_plot"] = profile.name
     path = out / f"{stem}.json"
     path.write_text(json.dumps(summary, indent=2, default=float))
+    if args.update_card:
+        summary["cards"] = [update_card(arg, folder, run, args.hub_token)
+                            for arg, (_, _, folder), run in zip(args.model, loaded, per_checkpoint, strict=True)]
     if summary["iqm"]:
         agg = summary["iqm"]
         print(f"IQM of expert-normalised scores over {len(agg['tasks'])} tasks x {agg['checkpoints']} checkpoints: "

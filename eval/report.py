@@ -36,14 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import tyro
 
 from eval import caption as caption_eval
 from eval.checkpoint import load_checkpoint, resolve_checkpoint
+from eval.control import make_render_env, play_rendered
 from eval.plots import frame_strip, plot_dt_sweep, plot_learning_curves
 from generalist.training.run_folder import RunFolder
+from generalist.training.settings import parse
 from generalist.vocab import LOSS_MODALITIES
 
 TEXT_RESULTS = "text.json"
@@ -167,26 +168,6 @@ def curves_section(run_dir: Path, figures: Path) -> str:
     return "\n\n".join(out)
 
 
-def make_render_env(task: str) -> gym.Env | None:
-    """One env of ``task`` that renders ``rgb_array`` frames, or None if this machine cannot make it.
-
-    The datasets' catalogue knows how each task's env is built (pixel tasks wrap a rendering env);
-    plain gymnasium ids are made with ``render_mode="rgb_array"``.
-    """
-    from datasets_build.control import CORE_TASKS, PIXEL_TASKS
-
-    catalogue = {t.name: t for t in (*CORE_TASKS, *PIXEL_TASKS)}
-    if task in catalogue:
-        env = catalogue[task].make_env()
-        if env.render_mode == "rgb_array":
-            return env
-        env.close()
-    try:
-        return gym.make(task, render_mode="rgb_array")
-    except (gym.error.Error, ImportError, TypeError):
-        return None
-
-
 def render_rollout(checkpoint: Path, path: Path, task: str | None = None, max_steps: int = 200,
                    frames: int = ROLLOUT_FRAMES, seed: int = 0) -> RolloutStrip | None:
     """Roll the checkpoint out for one episode with :class:`generalist.agent.Agent` and save a strip.
@@ -205,15 +186,7 @@ def render_rollout(checkpoint: Path, path: Path, task: str | None = None, max_st
         spec = tokenizer.get_task_spec(name)
         mode = "dt" if spec.expert_return is not None else "gato"
         agent = Agent(model, tokenizer, mode=mode, seed=seed)
-        agent.reset(spec, num_envs=None)
-        obs, _ = env.reset(seed=seed)
-        shots, total, steps, done = [env.render()], 0.0, 0, False
-        while not done and steps < max_steps:
-            obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
-            agent.observe(reward, terminated, truncated)
-            total, steps, done = total + float(reward), steps + 1, terminated or truncated
-            shots.append(env.render())
-        env.close()
+        shots, total, steps = play_rendered(agent, env, spec, seed, max_steps)
         keep = np.unique(np.linspace(0, len(shots) - 1, min(frames, len(shots))).round().astype(int))
         title = f"{name}, {mode} mode: return {total:.1f} in {steps} steps"
         frame_strip([shots[i] for i in keep], path, labels=[f"t = {i}" for i in keep], title=title)
@@ -296,6 +269,10 @@ def control_section(run_dir: Path, figures: Path, rollout: bool = True) -> str:
                    f"{made.episode_return:.1f} in {made.steps} steps):\n\n" + image(strip, run_dir, "rollout"))
     else:
         out.append(f"Rollout strip: {NOT_RUN}.")
+    videos = sorted((eval_dir / "videos").glob("*.gif"))
+    if videos:  # eval.control --video: one episode per task
+        out.append("Rollout videos (`eval.control --video`):\n\n" + "\n".join(
+            f"- `{v.stem}`: ![{v.stem}]({v.relative_to(run_dir).as_posix()})" for v in videos))
     return "\n\n".join(out)
 
 
@@ -376,4 +353,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args, description=__doc__))

@@ -12,11 +12,13 @@ The tables replace what stands between ``<!-- results:start -->`` and ``<!-- res
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -76,12 +78,17 @@ def update(readme: Path, body: str) -> str:
     return f"{head}{START}\n{body}\n{END}{tail}"
 
 
+@dataclass
+class Args:
+    results: Path = Path("docs/results")
+    """the committed eval.control result files"""
+    readme: Path = Path("README.md")
+    check: bool = False
+    """only check that the README is up to date"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=Path("docs/results"))
-    p.add_argument("--readme", type=Path, default=Path("README.md"))
-    p.add_argument("--check", action="store_true", help="only check that the README is up to date")
-    args = p.parse_args(argv)
+    args = parse(Args, argv, description=__doc__)
     new = update(args.readme, render(args.results))
     if args.check:
         if new != args.readme.read_text():

@@ -1,6 +1,6 @@
 """Validation perplexity of a checkpoint on a text dataset.
 
-    python -m eval.text --model runs/NAME --data data/text [--split validation] [--max-length 512]
+    python -m eval.text --model runs/NAME --data data/text [--split validation] [--max_length 512]
 
 Perplexity is ``exp(mean NLL)`` over the *text* targets only, taken from the model's own forward
 (``labels`` + ``modality_ids``: the per-modality losses it reports for logging), so the number
@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import tyro
 from tqdm.auto import tqdm
 
 from eval.checkpoint import default_out, load_checkpoint, load_split, write_json
 from generalist import GeneralistForCausalLM, GeneralistTokenizer
 from generalist.tokenizer import Sample, slice_sample
+from generalist.training.settings import parse
 
 TEXT_TARGET = "text"  # the key of GeneralistCausalLMOutput.modality_losses for text targets
 
@@ -125,4 +125,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args, description=__doc__))

@@ -50,6 +50,7 @@ from generalist.modes.control import (
 from generalist.modes.dt import DTMode
 from generalist.modes.gato import GatoMode
 from generalist.modes.tt import TTConfig, TTMode
+from generalist.packing import hide_actions
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import (
     GeneralistTokenizer,
@@ -137,6 +138,9 @@ class Agent:
         self.engine = Engine(model, seed=seed)
         self.tok = tokenizer
         self.mode: ControlMode = mode
+        # the policy view (GeneralistConfig.hidden_action_prob): past actions are fed as <hidden_action>
+        hidden = getattr(model.config, "hidden_action_prob", 0.0) > 0 and getattr(mode, "policy_view", False)
+        self.hidden_action_id: int | None = tokenizer.hidden_action_id if hidden else None
         self.trained_context = trained or self.engine.max_length
         self.max_context = int(context_length or self.trained_context)
         self.window_keep = window_keep
@@ -161,6 +165,8 @@ class Agent:
             raise ValueError(f"target_return is a Decision Transformer setting; this agent's mode is "
                              f"{self.mode.name!r}")
         self.prompt = prompt if prompt is not None else empty_sample()
+        if self.hidden_action_id is not None and len(self.prompt["input_ids"]):
+            self.prompt = hide_actions(self.prompt, self.tok)  # as the model saw demonstrations in training
         self.layout = self.tok.step_layout(self.spec)
         wanted = self.mode.context_tokens(self.layout, len(self.prompt["input_ids"]))
         self.context_length = min(self.max_context, wanted or self.max_context)
@@ -237,14 +243,14 @@ class Agent:
         step_len = max(len(p["input_ids"]) for p in prompts) + self.layout.closing_tokens
         tail_len = max(len(row.tail["input_ids"]) for row in self.rows)
         self._ensure_room(tail_len + step_len + self.mode.lookahead_tokens(self.layout))
-        step = ControlStep(self.engine, self.state, tok, spec, self._flush)
+        step = ControlStep(self.engine, self.state, tok, spec, self._flush, hidden_action_id=self.hidden_action_id)
         returns = self.mode.returns(step)  # R_t per row, or None: <no_return>
         if returns is not None:  # the same tokens with R_t in place of <no_return>
             prompts = tok.set_returns(spec, prompts, returns)
         step.chunks = [concat_samples([row.tail, p]) for row, p in zip(self.rows, prompts, strict=True)]
         ids = self.mode.decide(step)  # (B, A)
         for row, p, a in zip(self.rows, prompts, ids, strict=True):
-            row.tail, row.pending = empty_sample(), concat_samples([p, action_sample(a)])
+            row.tail, row.pending = empty_sample(), concat_samples([p, self._action_sample(a)])
         self.last_action = ids
         actions = decode_actions(tok, spec, ids)
         for i, row in enumerate(self.rows):
@@ -268,7 +274,7 @@ class Agent:
                 continue
             r = reward_sample(self.tok, self.spec, float(rewards[i]))
             row.steps.append(concat_samples([row.pending, r]))
-            row.tail = concat_samples([action_sample(self.last_action[i, -1:]), r])
+            row.tail = concat_samples([self._action_sample(self.last_action[i, -1:]), r])
             self._trim(row)
             if done[i]:
                 if self.autoreset == "next_step":
@@ -276,6 +282,10 @@ class Agent:
                 else:
                     row.new_episode = True
         self.mode.end_step(rewards)
+
+    def _action_sample(self, ids: np.ndarray) -> Sample:
+        """Action tokens as the model reads them: the ids, or ``<hidden_action>`` in the policy view."""
+        return action_sample(ids if self.hidden_action_id is None else np.full_like(ids, self.hidden_action_id))
 
     def _trim(self, row: _Row) -> None:
         """Keep only the steps a window can hold (the rest can never be re-prefilled)."""

@@ -8,6 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 from generalist.vocab import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LOSS_WEIGHTS,
+    HIDDEN_ACTION,
     IMAGE,
     IMAGE_CHANNELS,
     MODALITY_NAMES,
@@ -16,7 +17,7 @@ from generalist.vocab import (
     VocabLayout,
 )
 
-DEFAULT_TEXT_VOCAB = 2048  # the size of tokenizers_cfg/default's BPE
+DEFAULT_TEXT_VOCAB = 2048  # the size of the packaged default tokenizer's BPE
 
 # A tiny Llama-style backbone that trains on a laptop CPU (about 3.5M parameters with our vocabulary).
 TINY_LLAMA = {
@@ -63,6 +64,10 @@ class GeneralistConfig(PreTrainedConfig):
             nothing of order, so a policy that turns on the *sign* of a small value (Pendulum's
             velocity at a swing's turn, spread over ~240 rarely seen bins near 0) must learn every bin
             on its own; JAT embeds continuous observations linearly for the same reason.
+        hidden_action_prob (`float`): share of the training control sequences whose action inputs were
+            ``<hidden_action>`` (:attr:`generalist.packing.PackingConfig.hidden_action_prob`). Above 0,
+            Gato and DT modes feed ``<hidden_action>`` for every action they take (the policy view they
+            were trained for); TT feeds the real actions its world model needs.
     """
 
     model_type = "generalist"
@@ -84,6 +89,7 @@ class GeneralistConfig(PreTrainedConfig):
     context_length: int | None = None
     prompt_length: int | None = None
     value_features: int = 0
+    hidden_action_prob: float = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -112,6 +118,11 @@ class GeneralistConfig(PreTrainedConfig):
                              f"got {self.context_length}")
         if self.prompt_length is None:
             self.prompt_length = self.context_length // 4
+        if not 0.0 <= self.hidden_action_prob <= 1.0:
+            raise ValueError(f"hidden_action_prob must be in [0, 1], got {self.hidden_action_prob}")
+        if self.hidden_action_prob and HIDDEN_ACTION not in layout.special_tokens:
+            raise ValueError(f"hidden_action_prob={self.hidden_action_prob} needs {HIDDEN_ACTION} in the vocabulary "
+                             f"layout; it has {layout.special_tokens}")
         for name in ("patch_size", "patch_encoder_channels", "max_local_positions", "prompt_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -95,6 +95,9 @@ class Engine:
     def __init__(self, model: GeneralistForCausalLM, seed: int = 0, use_cache: bool = True,
                  shared_prefix: bool = True):
         self.model = model.eval()
+        # Bookkeeping (masks, positions, sampling) stays on the CPU; tensors cross to the model's
+        # device only at the forward call, and logits (B, V') come back: one small copy per feed.
+        self.device = next(model.parameters(), torch.empty(0)).device  # a stand-in model may have no weights
         self.use_cache = use_cache
         self.shared_prefix = shared_prefix and use_cache
         self._shared_prefix_ready: bool | None = None  # enable_shared_prefix_attention's answer, asked once
@@ -167,13 +170,13 @@ class Engine:
                                        "its attention would ignore the prefix")
                 extra["shared_prefix"] = state.prefix
             out = self.model(
-                input_ids=chunk.input_ids, local_positions=chunk.local_positions, patches=chunk.patches,
-                patch_positions=chunk.patch_positions, attention_mask=None if bool(own_mask.all()) else own_mask,
-                position_ids=positions, cache=state.cache, use_cache=True, logits_to_keep=1,
-                vocab_range=vocab_range, **extra,
+                **self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
+                                  patches=chunk.patches, patch_positions=chunk.patch_positions,
+                                  attention_mask=None if bool(own_mask.all()) else own_mask, position_ids=positions),
+                cache=state.cache, use_cache=True, logits_to_keep=1, vocab_range=vocab_range, **extra,
             )
             state.cache = out.cache
-            logits = out.logits[:, -1].float()
+            logits = out.logits[:, -1].float().cpu()
         # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
         offset = 0 if vocab_range is None or logits.shape[-1] != vocab_range[1] - vocab_range[0] else vocab_range[0]
         self._set_logits(state, logits, offset, counts == 0)
@@ -202,13 +205,17 @@ class Engine:
             h["patches"] = [torch.cat([old, new]) for old, new in zip(h["patches"], parts, strict=True)]
         patches = torch.cat(h["patches"])  # rows in order = row-major order of <image> tokens
         out = self.model(
-            input_ids=h["input_ids"], local_positions=h["local_positions"],
-            patches=patches[:, :PATCH_DIM] if len(patches) else None,
-            patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
-            attention_mask=state.attention_mask, position_ids=h["position_ids"], use_cache=False, logits_to_keep=1,
-            vocab_range=vocab_range,
+            **self._on_device(input_ids=h["input_ids"], local_positions=h["local_positions"],
+                              patches=patches[:, :PATCH_DIM] if len(patches) else None,
+                              patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
+                              attention_mask=state.attention_mask, position_ids=h["position_ids"]),
+            use_cache=False, logits_to_keep=1, vocab_range=vocab_range,
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
+
+    def _on_device(self, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """The model's inputs on its device (a no-op on the CPU)."""
+        return {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
     # --- rows ---
     def repeat(self, state: DecodeState, n: int) -> DecodeState:
@@ -237,7 +244,7 @@ class Engine:
                 or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)
                 or not self._can_share()):
             return self.repeat(state, n)
-        mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool()
+        mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool().to(self.device)
         state.prefix = SharedPrefix(cache=state.cache, length=state.length, mask=mask, group=n)
         state.cache = new_cache(self.model.config.text_config, dtype)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
@@ -414,13 +421,14 @@ class Engine:
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
                  then: Allowed = None, *, cdf: float | None = None,
-                 median: Sequence[bool] | None = None) -> torch.Tensor:
+                 median: Sequence[bool] | None = None, feed_as: int | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
         (a control loop feeds it together with the next step's tokens, saving a forward pass), and
         then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
         Sampling arguments as in :meth:`sample`; ``median[j]`` is its ``median`` for the j-th token.
+        ``feed_as``: feed this id in place of every sampled token (``<hidden_action>``: the policy view).
         """
         out = []
         for j, allow in enumerate(allowed):
@@ -428,7 +436,8 @@ class Engine:
                                 median=bool(median and median[j]))  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
-                self.feed(state, token[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)
+                fed = token if feed_as is None else torch.full_like(token, feed_as)
+                self.feed(state, fed[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)
         return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
     @torch.inference_mode()

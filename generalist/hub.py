@@ -15,11 +15,11 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from generalist import integrity
 
@@ -41,8 +41,10 @@ def push_folder(
     retries: int = 4,
     backoff_s: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
+    repo_type: str = "model",
 ) -> bool:
-    """Create ``repo_id`` if needed and upload ``folder``; retry with backoff; True when it landed.
+    """Create ``repo_id`` (a ``repo_type`` repo) if needed and upload ``folder``; retry with backoff; True when
+    it landed.
 
     Waits ``backoff_s * 2**k`` seconds before retry ``k + 1``. Every failure is logged with its
     reason; after the last one this returns False rather than raising, because a training run
@@ -51,8 +53,8 @@ def push_folder(
     api = HfApi(token=token)
     for attempt in range(retries + 1):
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
                               commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE)
             logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
             return True
@@ -75,11 +77,11 @@ class HubPusher:
     """
 
     def __init__(self, repo_id: str, staging_dir: str | os.PathLike, *, token: str | None = None,
-                 private: bool = False, retries: int = 4, backoff_s: float = 2.0):
+                 private: bool = False, retries: int = 4, backoff_s: float = 2.0, timeout_s: float = 1800.0):
         self.repo_id, self.token, self.private = repo_id, token, private
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self.staging_dir = Path(staging_dir)
-        self.results: list[tuple[str, bool]] = []  # (commit message, landed) of every finished push
+        self.results: list[tuple[str, bool | None]] = []  # (commit message, landed; None: abandoned) per push
         self._pending: tuple[Path, str] | None = None
         self._cond = threading.Condition()
         self._closed = False
@@ -107,13 +109,29 @@ class HubPusher:
                     return
                 snapshot, message = self._pending
                 self._pending = None
-            ok = push_folder(snapshot, self.repo_id, token=self.token, private=self.private,
-                             commit_message=message, retries=self.retries, backoff_s=self.backoff_s)
+            ok = self._push_with_timeout(snapshot, message)
             self.results.append((message, ok))
-            shutil.rmtree(snapshot, ignore_errors=True)
+            if ok is not None:  # an abandoned push may still be reading its snapshot
+                shutil.rmtree(snapshot, ignore_errors=True)
 
-    def close(self) -> list[tuple[str, bool]]:
-        """Finish the pending upload and stop; returns ``(commit message, landed)`` per push."""
+    def _push_with_timeout(self, snapshot: Path, message: str) -> bool | None:
+        """:func:`push_folder` in its own thread, waited for at most ``timeout_s``: a call that blocks (a
+        stalled connection) is abandoned with a warning (None), so the next checkpoint's push still goes."""
+        outcome: list[bool] = []
+        worker = threading.Thread(target=lambda: outcome.append(push_folder(
+            snapshot, self.repo_id, token=self.token, private=self.private, commit_message=message,
+            retries=self.retries, backoff_s=self.backoff_s)), name="hub-push", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            logger.warning("push %r to %s did not finish within %.0f s: abandoned (the local checkpoint is kept; "
+                           "the next push goes on)", message, self.repo_id, self.timeout_s)
+            return None
+        return outcome[0]
+
+    def close(self) -> list[tuple[str, bool | None]]:
+        """Finish the pending upload (at most ``timeout_s``) and stop; returns ``(commit message, landed)`` per
+        push, landed ``None`` for one abandoned after ``timeout_s``."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -163,6 +181,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+RESULTS_START, RESULTS_END = "<!-- control results: written by eval.control -->", "<!-- end of control results -->"
+CARD_TAGS = ("generalist", "gato", "decision-transformer", "trajectory-transformer", "multimodal",
+             "reinforcement-learning")
+
+
 def model_card(
     *,
     model_id: str,
@@ -170,7 +193,8 @@ def model_card(
     metrics: Mapping[str, Mapping[str, float]],
     reproduce: str,
     summary: Mapping[str, Any],
-    tasks: list[str] = (),
+    tasks: Sequence[str] = (),
+    eval_results: Sequence[EvalResult] = (),
 ) -> str:
     """The README.md of a checkpoint: what it is, what it was trained on, how well, how to rebuild it.
 
@@ -180,18 +204,21 @@ def model_card(
         metrics: row name (``train``, ``eval``) -> modality -> loss.
         reproduce: the exact command that trained it.
         summary: key facts (parameters, steps, tokens, wall time...).
-        tasks: control tasks the tokenizer knows.
+        tasks: control tasks the tokenizer knows (each becomes a tag).
+        eval_results: rollout scores (:func:`control_eval_results`), in the card's metadata
+            (``model-index``, which the Hub shows) and as a table.
     """
     total = sum(mixture.values()) or 1.0
     mix_rows = [[name, f"{w / total:.1%}"] for name, w in mixture.items()]
     modalities = sorted({m for row in metrics.values() for m in row})
     metric_rows = [[split, *[row.get(m, "") for m in modalities]] for split, row in metrics.items()]
-    front = "\n".join(["---", "library_name: transformers", "license: apache-2.0", "pipeline_tag: text-generation",
-                       "tags:", "- generalist", "- gato", "- decision-transformer", "- multimodal",
-                       "- reinforcement-learning",
-                       *(["datasets:"] + [f"- {name}" for name in mixture] if mixture else []), "---"])
+    data = ModelCardData(library_name="transformers", license="apache-2.0", pipeline_tag="reinforcement-learning",
+                         tags=[*CARD_TAGS, *tasks], datasets=list(mixture) or None, model_name=model_id,
+                         eval_results=list(eval_results) or None)
     facts = "\n".join(f"- **{k}**: {v}" for k, v in summary.items())
-    return f"""{front}
+    return f"""---
+{data.to_yaml()}
+---
 
 # {model_id}
 
@@ -203,11 +230,18 @@ decoding, image captioning and text generation.
 ## Use
 
 ```python
-import generalist  # registers the model type with transformers
-from generalist import GeneralistForCausalLM, GeneralistTokenizer
+import gymnasium as gym
+from generalist import Agent, GeneralistForCausalLM, GeneralistTokenizer
 
-model = GeneralistForCausalLM.from_pretrained("{model_id}")
-tokenizer = GeneralistTokenizer.from_pretrained("{model_id}")
+model = GeneralistForCausalLM.from_pretrained("{model_id}")  # also AutoModelForCausalLM once generalist is imported
+tokenizer = GeneralistTokenizer.from_pretrained("{model_id}")  # not AutoTokenizer: it tokenizes every modality
+agent = Agent(model, tokenizer, "gato")
+```
+
+Evaluate it in real environments (downloads it, rolls out, writes scores into this card with `--update_card`):
+
+```bash
+python -m eval.control --model {model_id} --mode gato --episodes 20
 ```
 
 ## Training
@@ -222,6 +256,8 @@ Control tasks: {", ".join(f"`{t}`" for t in tasks) if tasks else "none"}.
 
 ## Results
 
+{results_block(eval_results)}
+
 Next-token cross entropy per target modality (nats):
 
 {_table(["split", *modalities], metric_rows) if metric_rows else "not measured"}
@@ -232,6 +268,55 @@ Next-token cross entropy per target modality (nats):
 {reproduce}
 ```
 """
+
+
+def results_block(eval_results: Sequence[EvalResult]) -> str:
+    """The card's rollout table (between markers, so that a later evaluation replaces it)."""
+    rows = [[r.dataset_name, r.metric_name or r.metric_type, r.metric_value] for r in eval_results]
+    body = (_table(["task", "metric", "value"], rows) if rows
+            else "Rollouts: not measured yet (`python -m eval.control --model THIS --update_card`).")
+    return f"{RESULTS_START}\n{body}\n{RESULTS_END}"
+
+
+def control_eval_results(results: Sequence[Mapping[str, Any]]) -> list[EvalResult]:
+    """EvalResults of ``eval.control`` records (one per task): mean return ± stderr and the expert-normalised
+    score, as the Hub's reinforcement-learning cards state them (``metric_type: mean_reward``)."""
+    out = []
+    for r in results:
+        if not r.get("episodes"):
+            continue
+        mode, task = r["mode"], r["task"]
+        common = dict(task_type="reinforcement-learning", dataset_type=task, dataset_name=task)
+        out.append(EvalResult(**common, metric_type="mean_reward", metric_name=f"mean return, {mode} mode",
+                              metric_value=f"{r['mean_return']:.2f} +/- {r['stderr_return']:.2f}"))
+        if "normalized_score" in r:
+            out.append(EvalResult(**common, metric_type="expert_normalized_score",
+                                  metric_name=f"expert-normalised score, {mode} mode ({r['episodes']} episodes)",
+                                  metric_value=round(float(r["normalized_score"]), 4)))
+    return out
+
+
+def update_card_results(card_path: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> ModelCard:
+    """Merge ``eval.control`` records into a card: metadata and table; a task's earlier score in the same
+    mode is replaced, other modes and tasks kept."""
+    card = ModelCard.load(card_path)
+    new = control_eval_results(results)
+    replaced = {(r.dataset_name, r.metric_name) for r in new}
+    kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.metric_name) not in replaced]
+    merged = kept + new
+    card.data.eval_results = merged or None
+    card.data.model_name = card.data.model_name or Path(card_path).parent.name
+    card.data.pipeline_tag = "reinforcement-learning"
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + sorted({r.dataset_name for r in new} - set(tags))
+    block = results_block(merged)
+    if RESULTS_START in card.text and RESULTS_END in card.text:
+        head, rest = card.text.split(RESULTS_START, 1)
+        card.text = head + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        card.text = card.text.rstrip() + "\n\n## Results\n\n" + block + "\n"
+    card.save(card_path)
+    return card
 
 
 def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:

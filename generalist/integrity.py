@@ -33,6 +33,9 @@ MANIFEST = "manifest.json"
 LEGACY_CHECKSUMS = "checksums.json"
 TMP_PREFIX = ".tmp-"  # a staging folder: never read, removed by clean_staging
 CORRUPT_PREFIX = "corrupt-"  # a folder that failed verification, kept for inspection
+# Files outside the manifest: a model card is documentation that evaluation rewrites after the
+# checkpoint is published (its scores), and nothing reads it as data.
+UNCHECKED = frozenset({"README.md"})
 
 
 def sha256_file(path: Path) -> str:
@@ -49,7 +52,7 @@ def write_manifest(folder: Path, files: Iterable[Path] | None = None) -> Path:
     folder = Path(folder)
     chosen = sorted(folder.rglob("*") if files is None else (folder / f for f in files))
     entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-               for p in chosen if p.is_file() and p.name != MANIFEST}
+               for p in chosen if p.is_file() and p.name != MANIFEST and p.name not in UNCHECKED}
     path = folder / MANIFEST
     path.write_text(json.dumps(entries, indent=2))
     return path
@@ -87,7 +90,7 @@ def verify(folder: Path, include: Callable[[str], bool] | None = None, *, hashes
     except ValueError as e:
         return str(e)
     for name, meta in (entries or {}).items():
-        if include is not None and not include(name):
+        if Path(name).name in UNCHECKED or (include is not None and not include(name)):
             continue
         path = folder / name
         if not path.is_file():

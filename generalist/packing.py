@@ -57,6 +57,11 @@ class PackingConfig:
         imitation_threshold: ``<no_return>`` sequences show only episodes whose expert-normalised
             return is at least this (Gato's filter is 0.8); ``None``: every episode (plain behaviour
             cloning of the whole dataset). Return-conditioned sequences always see every episode.
+        hidden_action_prob: probability that a control sequence shows every action *input* as
+            ``<hidden_action>`` (labels kept): the policy view, which Gato and DT modes use at
+            inference. A policy that sees its past actions learns to repeat them (the "copycat"
+            problem of behaviour cloning from histories, Wen et al. 2020); hidden, it must read the
+            states. The other sequences keep real actions for the world model TT plans with.
     """
 
     seq_len: int = 512
@@ -64,11 +69,12 @@ class PackingConfig:
     prompt_prob: float = 0.25
     prompt_fraction: float = 0.25
     imitation_threshold: float | None = 0.8
+    hidden_action_prob: float = 0.0
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        for name in ("return_prob", "prompt_prob", "prompt_fraction"):
+        for name in ("return_prob", "prompt_prob", "prompt_fraction", "hidden_action_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -169,6 +175,19 @@ def demonstration(tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: 
     if n < len(steps):  # variable-length (text) steps: fewer fit than estimated
         steps, head, tail = (steps[len(steps) - n:], [], tail) if end else (steps[:n], head, [])
     return concat_samples(head + steps + tail)
+
+
+def hide_actions(sample: Sample, tok: GeneralistTokenizer) -> Sample:
+    """``sample`` with every action token's *input* replaced by ``<hidden_action>``; labels unchanged (see
+    :attr:`PackingConfig.hidden_action_prob`). Training and the Agent's policy view both call this."""
+    if tok.hidden_action_id is None:
+        raise ValueError("this tokenizer's layout has no <hidden_action> token (saved by an earlier version); "
+                         "a new model gets it from GeneralistTokenizer.with_all_special_tokens()")
+    out = dict(sample)
+    out["labels"] = sample["labels"].copy()  # token_sample shares one array between ids and labels
+    out["input_ids"] = np.where(sample["modality_ids"] == int(Modality.ACTION), tok.hidden_action_id,
+                                sample["input_ids"])
+    return out
 
 
 @dataclass
@@ -279,7 +298,10 @@ class ControlSource:
             live.append(index)
             index = int(pool[rng.integers(len(pool))])
         meta["episodes"] = live
-        return concat_samples(parts), meta
+        sample = concat_samples(parts)
+        # drawn only when used, so that runs without hidden actions keep their exact data order
+        meta["hidden_actions"] = bool(cfg.hidden_action_prob and rng.random() < cfg.hidden_action_prob)
+        return (hide_actions(sample, tok) if meta["hidden_actions"] else sample), meta
 
 
 class Mixture:

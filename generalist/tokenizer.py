@@ -55,6 +55,7 @@ from generalist.vocab import (
     BOS,
     DEFAULT_IMAGE_SIZE,
     EOS,
+    HIDDEN_ACTION,
     IMAGE,
     IMAGE_CHANNELS,
     MU_LAW_M,
@@ -63,11 +64,15 @@ from generalist.vocab import (
     PAD,
     PATCH_SIZE,
     SEP,
+    SPECIAL_TOKENS,
     Modality,
     VocabLayout,
 )
 
 CONFIG_FILE = "tokenizer_config.json"
+# the packaged default: a byte-level BPE of 2048 tokens trained on CPython's documentation
+# (tokenizers_cfg/build_default.py), so training works from any directory without a download
+DEFAULT_TOKENIZER_DIR = Path(__file__).parent / "default_tokenizer"
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 TASK_SPECS_FILE = "task_specs.json"
 
@@ -241,9 +246,23 @@ class GeneralistTokenizer:
         self.task_specs: dict[str, TaskSpec] = {}
         for spec in task_specs:
             self.add_task_spec(spec)
+        self._set_layout(self.layout)
+
+    def _set_layout(self, layout: VocabLayout) -> None:
+        self.layout = layout
         self.pad_id, self.bos_id, self.eos_id, self.sep_id, self.image_id, self.no_return_id = (
-            self.layout.special_id(t) for t in (PAD, BOS, EOS, SEP, IMAGE, NO_RETURN)
+            layout.special_id(t) for t in (PAD, BOS, EOS, SEP, IMAGE, NO_RETURN)
         )
+        # None in a layout saved before the token existed (its model never saw it)
+        self.hidden_action_id = layout.special_id(HIDDEN_ACTION) if HIDDEN_ACTION in layout.special_tokens else None
+
+    def with_all_special_tokens(self) -> GeneralistTokenizer:
+        """This tokenizer with every special token this version defines (appended; no id changes), for a
+        *new* model. A loaded tokenizer keeps the layout it was saved with, which its model was built on."""
+        if self.layout.special_tokens != SPECIAL_TOKENS[: len(self.layout.special_tokens)]:
+            raise ValueError(f"special tokens {self.layout.special_tokens} are not a prefix of {SPECIAL_TOKENS}")
+        self._set_layout(VocabLayout(self.layout.text_size, self.layout.num_continuous, self.layout.num_discrete))
+        return self
 
     # --- vocabulary ---
     @property
@@ -734,10 +753,19 @@ class GeneralistTokenizer:
             d / TASK_SPECS_FILE).exists() else []
         tok = cls(text, image_size=config.get("image_size", DEFAULT_IMAGE_SIZE), task_specs=specs)
         saved = VocabLayout.from_dict(config["layout"])
-        if saved != tok.layout:
+        n = len(saved.special_tokens)
+        if saved.special_tokens == SPECIAL_TOKENS[:n] and saved == VocabLayout(
+                tok.layout.text_size, tok.layout.num_continuous, tok.layout.num_discrete, SPECIAL_TOKENS[:n]):
+            tok._set_layout(saved)  # saved by an earlier version, with fewer special tokens: keep its ids
+        else:
             raise ValueError(f"{d / CONFIG_FILE}: saved vocabulary layout {saved} does not match the text "
                              f"tokenizer's (text vocabulary {tok.layout.text_size})")
         return tok
+
+    @classmethod
+    def default(cls) -> GeneralistTokenizer:
+        """The tokenizer shipped with the package (:data:`DEFAULT_TOKENIZER_DIR`), no task specs."""
+        return cls.from_pretrained(DEFAULT_TOKENIZER_DIR)
 
     @classmethod
     def from_text_tokenizer_file(cls, path: str | os.PathLike, **kwargs) -> GeneralistTokenizer:

@@ -32,7 +32,11 @@ EOS = "<eos>"  # end of an episode / sample (a finished caption or text ends her
 SEP = "<sep>"  # between an observation and its action
 IMAGE = "<image>"  # placeholder for one image patch; its embedding is computed from the pixels
 NO_RETURN = "<no_return>"  # "unconditioned": stands where the return-to-go would be (Gato mode)
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, SEP, IMAGE, NO_RETURN)
+# an action the model is not shown (the policy view, docs/token_layout.md): fed in place of past actions
+# so that a policy must read the states, not copy its previous action. Appended last: layouts saved
+# before it existed are a prefix of this one, and their ids are unchanged.
+HIDDEN_ACTION = "<hidden_action>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, SEP, IMAGE, NO_RETURN, HIDDEN_ACTION)
 
 
 class Modality(IntEnum):

@@ -11,9 +11,10 @@ import torch
 from gymnasium import spaces
 
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
+from generalist.tokenizer import DEFAULT_TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = ROOT / "tokenizers_cfg" / "default"
+DEFAULT_TOKENIZER = DEFAULT_TOKENIZER_DIR
 
 TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 2, "max_position_embeddings": 1024}

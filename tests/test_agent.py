@@ -221,3 +221,67 @@ def test_a_dt_target_lasts_one_reset(dt_model, tok):
     assert _one_step_rollout(agent).tolist() == [0] * 4
     agent.reset(spec, num_envs=4)  # no target: back to the task's expert return (1)
     assert _one_step_rollout(agent).tolist() == [1] * 4
+
+
+class TwoTorqueEnv(gym.Env):
+    """Three observed values, a two-element continuous action (so an action is more than one token)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.observation_space.sample(), float(np.sum(action)), False, self.t >= 5, {}
+
+
+@pytest.mark.parametrize("mode", ["gato", "dt", "tt"])
+def test_policy_view_hides_every_fed_action_in_gato_and_dt_and_none_in_tt(tok, mode):
+    """A model trained with hidden actions is fed ``<hidden_action>`` for every action Gato and DT take
+    (past steps, the demonstration prompt, and a multi-token action's own tokens); TT, whose world model
+    needs them, is fed the real ones."""
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
+                                                   hidden_action_prob=0.5)).eval()
+    envs = gym.vector.SyncVectorEnv([TwoTorqueEnv] * 2)
+    spec = TaskSpec.from_spaces("TwoTorque-v0", envs.single_observation_space, envs.single_action_space,
+                                expert_return=10.0, random_return=0.0)
+    tok.add_task_spec(spec)
+    demo = {"task": spec.name, "observations": {"observation": np.zeros((3, 3))},
+            "actions": {"action": np.full((3, 2), 1.5)}, "rewards": np.ones(3)}
+    prompt = demonstration_prompt(tok, demo, max_tokens=model.config.prompt_length) if mode == "gato" else None
+    agent = Agent(model, tok, mode, tt_config=TTConfig(beam_width=2, horizon=1))
+    fed = []  # (ids, modality ids or None) of every feed, the prefills included
+    feed = agent.engine.feed
+
+    def spy(state, chunk, *args, **kwargs):
+        if isinstance(chunk, torch.Tensor):
+            fed.append((chunk.reshape(-1).tolist(), None))
+        elif isinstance(chunk, list):
+            fed.extend((list(s["input_ids"]), list(s["modality_ids"])) for s in chunk)
+        return feed(state, chunk, *args, **kwargs)
+
+    agent.engine.feed = spy
+    agent.reset(spec, num_envs=2, prompt=prompt)
+    obs, _ = envs.reset(seed=0)
+    for _ in range(4):
+        obs, rewards, terminated, truncated, _ = envs.step(agent.act(obs))
+        agent.observe(rewards, terminated, truncated)
+    actions_fed = [i for ids, mods in fed if mods is not None for i, m in zip(ids, mods, strict=True)
+                   if m == Modality.ACTION]
+    steps = [s for row in agent.rows for s in row.steps]
+    kept = [i for s in steps for i, m in zip(s["input_ids"], s["modality_ids"], strict=True) if m == Modality.ACTION]
+    within_step = [i for ids, mods in fed if mods is None for i in ids]  # a first action token, fed for the second
+    assert actions_fed and kept and len(kept) == 2 * len(steps)
+    if mode == "tt":
+        assert tok.hidden_action_id not in actions_fed + kept
+    else:
+        assert set(actions_fed) == set(kept) == set(within_step) == {tok.hidden_action_id}
+        if mode == "gato":
+            assert tok.hidden_action_id in agent.prompt["input_ids"]
+            assert not np.isin(agent.prompt["input_ids"][agent.prompt["modality_ids"] == Modality.ACTION],
+                               tok.encode_continuous(np.array([1.5]))).any()

@@ -203,6 +203,42 @@ def test_minari_dataset_is_imported(tmp_path, monkeypatch):
     assert specs["toy/cartpole-v0"].expert_return == 500.0
 
 
+def test_minari_import_trains_and_evaluates_in_the_recovered_environment(tmp_path, monkeypatch, tiny_flags,
+                                                                         train_in_process):
+    """Minari -> train -> evaluate: the task is named by the Minari id (no gymnasium env has it), so the
+    rollouts run in the environment minari recovers, scored against the dataset's ref scores."""
+    minari = pytest.importorskip("minari")
+    import gymnasium as gym
+
+    from datasets_build.offline import import_minari
+    from eval import control
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = minari.DataCollector(gym.make("CartPole-v1"))
+    env.action_space.seed(0)
+    for seed in range(4):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            done = terminated or truncated
+    env.create_dataset(dataset_id="toy/cartpole-v0", algorithm_name="random", ref_min_score=20.0,
+                       ref_max_score=500.0)
+    data = tmp_path / "data"
+    import_minari("toy/cartpole-v0", data, BuildOptions(progress=False))
+    summary = train_in_process(*tiny_flags(tmp_path / "runs", run_name="minari", data_root=data,
+                                           mixture="toy_cartpole-v0=1", total_steps=4, save_every=4,
+                                           eval_every=4, run_eval=False))
+    assert summary["steps"] == 4
+    result = control.main(["--model", str(tmp_path / "runs" / "minari"), "--mode", "gato", "--episodes", "2",
+                           "--out", str(tmp_path / "eval")])
+    (record,) = result["results"]
+    assert record["task"] == "toy/cartpole-v0" and record["episodes"] == 2 and "errors" not in record
+    assert result["references"]["toy/cartpole-v0"]["expert_return"] == 500.0
+    assert result["references"]["toy/cartpole-v0"]["random_return"] == 20.0
+    assert record["normalized_score"] == pytest.approx((record["mean_return"] - 20.0) / 480.0)
+
+
 @pytest.mark.slow
 def test_babyai_bot_is_an_expert(tmp_path):
     pytest.importorskip("minigrid")

@@ -29,7 +29,7 @@ def test_build_train_act_caption(tmp_path, subprocess_env, rollout):
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     for name, size in (("control-core", ["--episodes", "5"]), ("captions", ["--samples", "40"]), ("text", [])):
-        run("-m", "datasets_build", name, "--out", str(data), "--no-progress", *size)
+        run("-m", "datasets_build", name, "--out", str(data), "--no_progress", *size)
     run("train.py", "--mixture", "control-core=0.5,captions=0.3,text=0.2", "--data_root", str(data),
         "--output_dir", str(runs), "--run_name", "e2e", "--hidden_size", "32", "--num_layers", "2",
         "--num_heads", "2", "--intermediate_size", "64", "--seq_len", "128", "--batch_size", "4",

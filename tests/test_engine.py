@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from generalist.engine import Chunk, Engine
 from generalist.kv_cache import AppendLayer, layer_contract_problems
+from generalist.tokenizer import DEFAULT_TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,7 +247,7 @@ print("ok")
 def test_shared_prefix_attention_is_opt_in():
     """Nothing registered at import; only an engine's first ``share`` switches the model, once, and
     the model then computes exactly what it did (a fresh interpreter: other tests switch models)."""
-    script = OPT_IN_SCRIPT.format(tokenizer=str(ROOT / "tokenizers_cfg" / "default"))
+    script = OPT_IN_SCRIPT.format(tokenizer=str(DEFAULT_TOKENIZER_DIR))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 

@@ -107,3 +107,27 @@ def test_dt_sweep_rank_correlation_averages_the_checkpoints_per_target():
                for t, r in ((0.0, 5.0), (1.0, 4.0), (2.0, 3.0))]
     rho = sweep_spearman(follows + ignores, ["a", "b"])
     assert rho["a"] == pytest.approx(1.0) and rho["b"] == pytest.approx(-1.0)
+
+
+def test_video_records_one_rendered_episode_per_task_and_the_report_embeds_it(tok, tmp_path):
+    from PIL import Image
+
+    from eval.report import control_section
+
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
+    local = copy.copy(tok)
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0))
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    local.save_pretrained(run / "model")
+    summary = main(["--model", str(run / "model"), "--mode", "gato", "--tasks", "CartPole-v1", "--episodes", "2",
+                    "--video", "--out", str(run / "eval")])
+    (record,) = summary["per_checkpoint"][0]
+    gif = run / "eval" / record["video"][0]
+    assert gif.name == "control_gato_CartPole-v1.gif" and gif.parent.name == "videos"
+    with Image.open(gif) as im:  # the whole episode, one frame per step plus the first
+        assert im.n_frames >= 2 and im.size == (600, 400)
+    assert "![control_gato_CartPole-v1](eval/videos/control_gato_CartPole-v1.gif)" in control_section(
+        run, tmp_path / "figures", rollout=False)

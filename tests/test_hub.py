@@ -15,12 +15,14 @@ from generalist.training.run_folder import RunFolder
 
 
 class FakeHub:
-    """Stands in for the Hub: ``upload_folder`` copies into ``root/<repo_id>``; the first ``failures`` raise."""
+    """Stands in for the Hub: ``upload_folder`` adds or replaces files in ``root/<repo_id>`` (never deletes
+    others, as the real call); ``snapshot_download`` returns that folder; the first ``failures`` uploads raise."""
 
     def __init__(self, root: Path, failures: int = 0):
         self.root, self.failures = root, failures
         self.created: list[str] = []
         self.uploads: list[str] = []
+        self.downloads: list[str] = []
         self.attempts = 0
 
     def install(self, monkeypatch) -> None:
@@ -34,14 +36,20 @@ class FakeHub:
             hub.attempts += 1
             if hub.attempts <= hub.failures:
                 raise ConnectionError(f"simulated Hub outage (attempt {hub.attempts})")
-            dest = hub.root / repo_id
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(folder_path, dest, ignore=shutil.ignore_patterns(*(ignore_patterns or [])))
+            shutil.copytree(folder_path, hub.root / repo_id, ignore=shutil.ignore_patterns(*(ignore_patterns or [])),
+                            dirs_exist_ok=True)
             hub.uploads.append(commit_message)
             return f"https://huggingface.co/{repo_id}/commit/0"
 
+        def snapshot_download(repo_id, revision=None, repo_type=None, **kwargs):
+            hub.downloads.append(repo_id)
+            if not (hub.root / repo_id).is_dir():
+                raise huggingface_hub.errors.RepositoryNotFoundError(f"404: {repo_id}")
+            return str(hub.root / repo_id)
+
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
 
 
 @pytest.fixture
@@ -106,7 +114,10 @@ def test_model_card_has_mixture_metrics_and_reproduce_command():
     card = model_card(model_id="u/m", mixture={"text": 1.0, "control-core": 3.0},
                       metrics={"train": {"text": 2.5, "action": 1.25}}, reproduce="python train.py --lr 0.1",
                       summary={"steps": 10}, tasks=["CartPole-v1"])
-    assert card.startswith("---\nlibrary_name: transformers")
+    data = huggingface_hub.ModelCard(card).data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "reinforcement-learning",
+                                                                    "apache-2.0")
+    assert "CartPole-v1" in data.tags and "not measured yet" in card
     assert "| control-core | 75.0% |" in card and "| train | 1.25 | 2.5 |" in card
     assert "python train.py --lr 0.1" in card and "`CartPole-v1`" in card
 
@@ -127,3 +138,72 @@ def test_a_pushed_checkpoint_ships_a_manifest_of_what_it_ships(tmp_path, monkeyp
     assert set(integrity.read_manifest(tmp_path / "hub" / "a/b")) == {"model.safetensors"}
     assert set(integrity.read_manifest(ckpt)) == {"model.safetensors", "state/optimizer.bin"}
     assert integrity.verify(ckpt) is None
+
+
+def test_hub_round_trip_push_evaluate_from_the_hub_and_scores_land_in_the_card(pushing_run, tmp_path, monkeypatch):
+    """train -> push -> ``eval.control --model user/name --update_card`` -> the card on the Hub has the scores."""
+    from eval import control
+
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    pushing_run(tmp_path / "runs")
+    repo_id = "someone/tiny-generalist"
+    monkeypatch.chdir(tmp_path)  # results of a Hub checkpoint go to ./eval/<user>--<name>
+    summary = control.main(["--model", repo_id, "--mode", "gato", "--tasks", "CartPole-v1", "--episodes", "2",
+                            "--device", "cpu", "--update_card"])
+    assert hub.downloads == [repo_id] and hub.uploads[-1] == "eval.control: rollout scores in the model card"
+    assert (tmp_path / "eval" / "someone--tiny-generalist" / "control_gato.json").is_file()
+    repo = hub.root / repo_id
+    card = huggingface_hub.ModelCard.load(repo / "README.md")
+    assert card.data.pipeline_tag == "reinforcement-learning" and "CartPole-v1" in card.data.tags
+    (result,) = card.data.eval_results
+    mean = summary["results"][0]["mean_return"]
+    assert (result.dataset_name, result.metric_type, result.task_type) == ("CartPole-v1", "mean_reward",
+                                                                            "reinforcement-learning")
+    assert result.metric_value.startswith(f"{mean:.2f} +/- ")
+    assert f"| CartPole-v1 | mean return, gato mode | {mean:.2f}" in card.text and "tiny_captions" in card.text
+    assert integrity.verify(repo) is None  # the card is outside the manifest: updating it damages nothing
+    GeneralistForCausalLM.from_pretrained(repo)
+    # a second evaluation in another mode adds to the card; the same mode again replaces its row
+    control.main(["--model", repo_id, "--mode", "gato", "--tasks", "CartPole-v1", "--episodes", "1", "--update_card"])
+    assert len(huggingface_hub.ModelCard.load(repo / "README.md").data.eval_results) == 1
+
+
+def test_a_hub_id_that_cannot_be_downloaded_is_named(tmp_path, monkeypatch):
+    from eval.checkpoint import load_checkpoint
+
+    FakeHub(tmp_path / "hub").install(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="someone/missing: no such local folder, and the 🤗 Hub repo"):
+        load_checkpoint("someone/missing")
+
+
+def test_a_stalled_upload_is_abandoned_and_neither_holds_up_training_nor_the_next_push(pushing_run, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """The first upload call blocks (a stalled connection): it is abandoned after --hub_timeout_s with a
+    warning, training goes on meanwhile, and the later pushes (step 6, the final model) land."""
+    import threading
+    import time
+
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    landing, release = huggingface_hub.HfApi.upload_folder, threading.Event()
+    calls = []
+
+    def stalling_upload(self, **kwargs):
+        calls.append(kwargs["commit_message"])
+        if len(calls) == 1:
+            release.wait(60)  # blocks like a dead connection (released at the end of the test)
+        return landing(self, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", stalling_upload)
+    t0 = time.perf_counter()
+    try:
+        summary = pushing_run(tmp_path / "runs", hub_timeout_s=1.0)
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 45
+    pushes = dict(summary["hub_pushes"])
+    assert pushes["step 3"] is None and pushes["final model, step 6"] is True
+    assert "final model, step 6" in hub.uploads and "did not finish within 1 s: abandoned" in caplog.text
+    GeneralistForCausalLM.from_pretrained(tmp_path / "hub" / "someone/tiny-generalist")

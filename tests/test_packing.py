@@ -24,7 +24,7 @@ from generalist.vocab import Modality
 
 @pytest.fixture(scope="module")
 def tok() -> GeneralistTokenizer:
-    tok = GeneralistTokenizer.from_pretrained("tokenizers_cfg/default")
+    tok = GeneralistTokenizer.default()
     for spec in synthetic.task_specs().values():
         tok.add_task_spec(spec)
     return tok
@@ -122,6 +122,31 @@ def test_return_conditioning_is_shown_or_replaced_by_no_return(tok):
                      ).sequence(0, 0, 0)[0]
     assert (shown["modality_ids"] == Modality.RETURN).any() and tok.no_return_id not in shown["input_ids"]
     assert not (hidden["modality_ids"] == Modality.RETURN).any() and tok.no_return_id in hidden["input_ids"]
+
+
+def test_hidden_action_sequences_show_no_action_but_still_learn_every_one(tok, sources):
+    """The policy view: in a share ``hidden_action_prob`` of control sequences every action *input* is
+    ``<hidden_action>`` while its label is the real action; text, captions and other tokens are untouched,
+    and a run without it keeps its exact data (no extra random draw)."""
+    plain, hidden = mixture(tok, sources), mixture(tok, sources, hidden_action_prob=0.5)
+    shown = []
+    for i in range(120):
+        a, meta_a = plain.sequence(seed=0, rank=0, index=i)
+        b, meta_b = hidden.sequence(seed=0, rank=0, index=i)
+        if meta_b.get("kind") != "control":
+            assert np.array_equal(a["input_ids"], b["input_ids"])
+            continue
+        act = b["modality_ids"] == Modality.ACTION
+        assert act.any() and np.array_equal(a["labels"], b["labels"])  # the same sequence, the same targets
+        assert np.array_equal(a["input_ids"][~act], b["input_ids"][~act])
+        if meta_b["hidden_actions"]:
+            assert (b["input_ids"][act] == tok.hidden_action_id).all()
+            assert (b["labels"][act] != tok.hidden_action_id).all()
+        else:
+            assert np.array_equal(a["input_ids"], b["input_ids"])
+        assert tok.hidden_action_id not in a["input_ids"] and not meta_a["hidden_actions"]
+        shown.append(meta_b["hidden_actions"])
+    assert len(shown) > 30 and 0.3 < np.mean(shown) < 0.7
 
 
 def test_long_text_is_cut_into_a_window_of_the_context(tok):

@@ -1,10 +1,10 @@
-"""Rebuild ``tokenizers_cfg/default``: a byte-level BPE trained on CPython's documentation text.
+"""Rebuild ``generalist/default_tokenizer`` (package data): a byte-level BPE trained on CPython's documentation text.
 
 The corpus is ``pydoc_data.topics`` (shipped with every CPython), so the recipe runs on any machine
 without a network. Byte-level BPE means no character is ever unknown: unseen characters fall back
 to their UTF-8 bytes.
 
-    python tokenizers_cfg/build_default.py            # writes tokenizers_cfg/default/
+    python tokenizers_cfg/build_default.py            # writes generalist/default_tokenizer/
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from generalist import GeneralistTokenizer
 
 @dataclass
 class Args:
-    out: Path = Path(__file__).parent / "default"
+    out: Path = Path(__file__).parents[1] / "generalist" / "default_tokenizer"
     """Directory the tokenizer is saved to."""
     vocab_size: int = 2048
     """Text BPE vocabulary size (small: the model trains on a CPU)."""

@@ -42,6 +42,8 @@ class ControlStep:
             ``[R_t] [o_t] <sep>``. Filled in after :meth:`ControlMode.returns`.
         flush: feeds what is pending before ``R_t`` (the previous step's end), for modes that must
             read the model's prediction *at* ``R_t`` (Multi-Game DT's expert returns).
+        hidden_action_id: set when the Agent feeds actions as ``<hidden_action>`` (the policy view,
+            :attr:`ControlMode.policy_view`): a multi-token action's tokens are fed as it, too.
     """
 
     engine: Engine
@@ -50,12 +52,16 @@ class ControlStep:
     spec: TaskSpec
     flush: Callable[[], None]
     chunks: list[Sample] | None = None
+    hidden_action_id: int | None = None
 
 
 class ControlMode(Protocol):
     """A control decoding mode (Gato, DT, TT...): a strategy the Agent calls; see the module docstring."""
 
     name: str
+    # True: a policy from states, fed past actions as <hidden_action> when the model was trained with
+    # hidden actions (GeneralistConfig.hidden_action_prob); False: real actions (a planner's world model)
+    policy_view: bool
 
     def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:
         """Episodes start in these rows (indices among ``num_envs`` environments)."""
@@ -82,6 +88,8 @@ class ControlMode(Protocol):
 class Sampler:
     """Gato and DT decide alike: feed the step, sample the action tokens (greedy at ``temperature=0``)."""
 
+    policy_view = True
+
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
@@ -90,7 +98,7 @@ class Sampler:
 
     def decide(self, step: ControlStep) -> np.ndarray:
         return sample_actions(step.engine, step.state, step.tok, step.spec, step.chunks, self.temperature,
-                              self.top_k, self.top_p)
+                              self.top_k, self.top_p, feed_as=step.hidden_action_id)
 
     def end_step(self, rewards: np.ndarray) -> None:
         pass
@@ -136,16 +144,17 @@ def continuous_flags(tok: GeneralistTokenizer, ranges: Sequence[tuple[int, int]]
 
 def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
                    prompts: Sequence[Sample], temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None) -> np.ndarray:
+                   top_p: float | None = None, feed_as: int | None = None) -> np.ndarray:
     """Feed the step prompts, then choose every row's action tokens -> ids (B, A).
 
     Greedy (``temperature=0``): argmax for discrete elements, the predicted median for continuous
     ones. The last action token is *not* fed: the caller feeds it with the reward and the next step.
+    ``feed_as``: the id fed in place of each sampled token (see :meth:`Engine.generate`).
     """
     ranges = tok.action_token_ranges(spec)
     engine.feed(state, prompts, ranges[0] if ranges else None)
     ids = engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False,
-                          median=continuous_flags(tok, ranges))  # (B, A)
+                          median=continuous_flags(tok, ranges), feed_as=feed_as)  # (B, A)
     return ids.numpy()
 
 

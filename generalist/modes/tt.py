@@ -202,6 +202,7 @@ class TTMode:
     """
 
     name = "tt"
+    policy_view = False  # the planner rolls its world model forward, which needs the real actions
 
     def __init__(self, config: TTConfig | None = None):
         self.config = config or TTConfig()

@@ -24,6 +24,11 @@ import tyro
 T = TypeVar("T")
 
 
+def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Every command line of the project (train, data, eval, bench) in one style: tyro, ``--snake_case``."""
+    return tyro.cli(cls, args=argv, description=description, use_underscores=True)
+
+
 def parse_with_presets(cls: type[T], presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None,
                        description: str | None = None) -> T:
     """``--preset`` picks the defaults (``cls``'s, updated by the preset) that the other flags override."""

@@ -1,0 +1,122 @@
+"""Built datasets as 🤗 Hub datasets: push one, and open a pushed one as training opens a local one.
+
+    python -m datasets_build push control-core --repo_id user/control-core [--out data]
+    python train.py --mixture user/control-core=1,text=1       # a Hub id and a local dataset alike
+
+A Hub copy holds what a local build holds, in the Hub's own form: the episodes (or each split) as
+parquet under ``data/``, the task specs *inside* the repo (``task_specs.json``, and the task list in
+the card's YAML), ``build.json`` (how it was made), and a ``DatasetCard`` whose YAML states the
+license, task category, size, the ``configs`` that ``datasets.load_dataset(repo_id)`` reads, and the
+expert / random reference returns. :func:`open_hub_dataset` downloads a repo (``snapshot_download``,
+cached) and returns a folder that :func:`datasets_build.sources.load_sources` opens like a local build,
+so a pushed and reloaded dataset trains exactly like the original (``tests/test_datasets_hub.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from datasets_build.common import BUILD_RECORD, CARD, TASK_SPECS
+from datasets_build.episodes import load_shards, load_task_specs
+from generalist.hub import push_folder
+
+PARQUET_DIR = "data"  # <split>-00000-of-00001.parquet, the layout the Hub's dataset viewer reads
+TASK_CATEGORY = {"control": "reinforcement-learning", "caption": "image-to-text", "text": "text-generation"}
+
+
+def _size_category(rows: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if rows < limit:
+            return name
+    return "1M<n<10M"
+
+
+def hub_layout(folder: Path, staging: Path) -> dict[str, Any]:
+    """Write ``folder`` (a built dataset) into ``staging`` as the Hub copy; returns the card's metadata."""
+    from datasets_build.sources import dataset_kind, open_splits
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset folder; build it first (python -m datasets_build NAME)")
+    kind = dataset_kind(folder)
+    splits = {"train": load_shards(folder)} if kind == "control" else open_splits(folder)
+    (staging / PARQUET_DIR).mkdir(parents=True)
+    for split, ds in splits.items():
+        ds.to_parquet(str(staging / PARQUET_DIR / f"{split}-00000-of-00001.parquet"))
+    for name in (TASK_SPECS, BUILD_RECORD):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, staging / name)
+    rows = sum(len(ds) for ds in splits.values())
+    meta: dict[str, Any] = {"kind": kind, "rows": rows, "splits": sorted(splits)}
+    if kind == "control":
+        specs = load_task_specs(folder)
+        meta["tasks"] = {name: {"expert_return": s.expert_return, "random_return": s.random_return}
+                         for name, s in specs.items()}
+    return meta
+
+
+def dataset_card(folder: Path, repo_id: str, meta: dict[str, Any]) -> DatasetCard:
+    """The local card's text under YAML metadata the Hub understands."""
+    data = DatasetCardData(
+        license="apache-2.0", pretty_name=folder.name, task_categories=[TASK_CATEGORY[meta["kind"]]],
+        size_categories=[_size_category(meta["rows"])], tags=["generalist", meta["kind"], *meta.get("tasks", {})],
+        configs=[{"config_name": "default", "data_files": [
+            {"split": s, "path": f"{PARQUET_DIR}/{s}-*.parquet"} for s in meta["splits"]]}],
+        generalist={"kind": meta["kind"], "task_specs_file": TASK_SPECS if meta["kind"] == "control" else None,
+                    "reference_returns": meta.get("tasks")},
+    )
+    body = (folder / CARD).read_text() if (folder / CARD).is_file() else f"# {folder.name}\n"
+    load = (f"\n## Load\n\n```python\nfrom datasets_build.hub import open_hub_dataset\n"
+            f"folder = open_hub_dataset({repo_id!r})   # then train.py --mixture {repo_id}=1\n```\n\n"
+            f"or the episodes alone: `datasets.load_dataset({repo_id!r})`; task specs in `{TASK_SPECS}`.\n")
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body.rstrip()}\n{load}")
+
+
+def push_dataset(folder: Path, repo_id: str, *, token: str | None = None, private: bool = False,
+                 retries: int = 4) -> bool:
+    """Push a built dataset to ``repo_id`` (a dataset repo); True when it landed."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp)
+        meta = hub_layout(folder, staging)
+        dataset_card(folder, repo_id, meta).save(staging / CARD)
+        return push_folder(staging, repo_id, token=token, private=private, retries=retries, repo_type="dataset",
+                           commit_message=f"Upload generalist dataset {folder.name}")
+
+
+def is_hub_dataset_id(name: str, root: Path) -> bool:
+    """``user/name`` that is not a dataset folder under ``root``."""
+    return name.count("/") == 1 and not (Path(root) / name).exists() and not name.startswith((".", "/"))
+
+
+def open_hub_dataset(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or reuse the cached copy of) a pushed dataset; a folder :func:`load_sources` can open."""
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision))
+    except Exception as e:
+        raise FileNotFoundError(f"--mixture {repo_id}: no such local dataset, and the 🤗 Hub dataset could not be "
+                                f"downloaded ({type(e).__name__}: {e})") from e
+
+
+def is_hub_copy(folder: Path) -> bool:
+    return (Path(folder) / PARQUET_DIR).is_dir() and any((Path(folder) / PARQUET_DIR).glob("*.parquet"))
+
+
+def load_hub_splits(folder: Path) -> dict[str, datasets.Dataset]:
+    """The splits of a Hub copy (parquet files named ``<split>-*.parquet``)."""
+    files: dict[str, list[str]] = {}
+    for f in sorted((Path(folder) / PARQUET_DIR).glob("*.parquet")):
+        files.setdefault(f.name.split("-", 1)[0], []).append(str(f))
+    loaded = datasets.load_dataset("parquet", data_files=files)
+    return dict(loaded)
+
+
+def load_hub_task_specs(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / TASK_SPECS).read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import train
-from generalist import GeneralistForCausalLM, GeneralistTokenizer
+from generalist import GeneralistForCausalLM, GeneralistTokenizer, integrity
 from generalist.training import checkpoints, settings
 from generalist.training.run_folder import RunFolder
 from generalist.vocab import LOSS_MODALITIES
@@ -171,3 +172,59 @@ def test_two_processes_train_the_same_parameters(tiny_flags, subprocess_env, tmp
     # both ranks' RNG states are in the checkpoint, so a 2-process run resumes exactly too
     assert {p.name for p in (ckpts(folder.root)[-1] / checkpoints.STATE_DIR).glob("random_states_*")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
+
+
+def _rank_pids(run_name: str) -> dict[int, int]:
+    """{rank: pid} of the train.py processes of a run (Linux: read from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"train.py" not in b" ".join(cmdline) or run_name.encode() not in cmdline:
+                continue
+            environ = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            if b"RANK" in environ and b"accelerate" not in b" ".join(cmdline):
+                found[int(environ[b"RANK"])] = int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_a_rank_killed_mid_run_stops_the_other_naming_it_and_the_run_resumes_exactly(tiny_flags, subprocess_env,
+                                                                                      tmp_path):
+    """SIGKILL rank 1 of a 2-process run: the launcher stops rank 0 within 60 s and names rank 1 and its
+    signal, only whole checkpoints are published, and ``--resume`` continues the uninterrupted run's losses."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "accelerate_configs/ddp_cpu_2proc.yaml"), "train.py"]
+    flags = dict(total_steps=12, save_every=4, keep_last=3, num_workers=0, run_eval=False)
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([*launch, *tiny_flags(tmp_path, run_name="killed2", **flags)], cwd=ROOT,
+                            env=subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    killed_dir, deadline = tmp_path / "killed2", time.monotonic() + 180
+    while not ckpts(killed_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = _rank_pids("killed2")
+    assert set(pids) == {0, 1} and proc.poll() is None, "the run ended before a rank could be killed"
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    proc.wait(timeout=120)
+    detected_s = time.monotonic() - t0
+    print(f"rank 1 killed: the launcher stopped in {detected_s:.1f} s")
+    log.close()
+    text = (tmp_path / "killed.log").read_text()
+    assert proc.returncode != 0 and detected_s < 60, text[-3000:]
+    # torchrun's failure report names the dead rank and its signal
+    assert "rank      : 1 (local_rank: 1)" in text and "(SIGKILL)" in text, text[-3000:]
+    assert not RunFolder(killed_dir).summary.exists() and _rank_pids("killed2") == {}  # rank 0 is gone too
+    for ckpt in ckpts(killed_dir):  # only complete checkpoints under their final name
+        assert integrity.verify(ckpt) is None
+    resumed_at = checkpoints.read_trainer_state(ckpts(killed_dir)[-1])["step"]
+    run([*launch, *tiny_flags(tmp_path, run_name="killed2", **flags), "--resume"], subprocess_env, timeout=300)
+    run([*launch, *tiny_flags(tmp_path, run_name="full2", **flags)], subprocess_env, timeout=300)
+    full, resumed = losses(tmp_path / "full2"), losses(killed_dir)
+    assert sorted(resumed) == sorted(full) == list(range(1, 13)) and 0 < resumed_at < 12
+    for step in full:
+        for k, v in full[step].items():
+            assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)

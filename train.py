@@ -103,6 +103,9 @@ class Args:
     imitation_threshold: float | None = 0.8
     """<no_return> sequences show only episodes scoring at least this (expert-normalised; Gato filters at 0.8);
     None: every episode (behaviour cloning of the whole dataset)"""
+    expert_labels: bool = True
+    """imitation sequences take the expert's action at each state as the label where the dataset records it
+    (DART: its noisy executions' states, the expert's labels); return-conditioned ones keep the executed actions"""
     hidden_action_prob: float = 0.5
     """share of control sequences whose action inputs are <hidden_action> (labels kept): the policy view Gato
     and DT modes act in, so that they read states instead of repeating their last action (0: off)"""
@@ -180,10 +183,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     "demo": {},  # the Args defaults: sized for two CPU cores and about ten minutes
     # core control + pixel variants only, sized for <= 30 minutes on two CPU cores (issue "Control that works")
     "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20),
-    # low-quality data (5 % expert): imitation sees every episode (plain behaviour cloning), so the
-    # gap to return conditioning (DT) and planning (TT) is what those modes add
-    "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, total_steps=1500, eval_every=250,
-                         save_every=250, eval_episodes=20),
+    # low-quality data (5 % expert): imitation sees every episode and its executed actions (plain behaviour
+    # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add
+    "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, expert_labels=False, total_steps=1500,
+                         eval_every=250, save_every=250, eval_episodes=20),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, seq_len=1024,
                   batch_size=16, total_steps=20_000, lr=1e-3, warmup_steps=500, num_workers=4,
                   log_every=50, eval_every=1000, save_every=1000, eval_batches=16),
@@ -309,7 +312,7 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
     packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
                             prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold,
-                            hidden_action_prob=args.hidden_action_prob)
+                            hidden_action_prob=args.hidden_action_prob, expert_labels=args.expert_labels)
     src_weights = [weights[s.name] for s in train_sources]
     train_mix = Mixture(train_sources, src_weights, tok, packing)
     eval_mix = Mixture(eval_sources, src_weights, tok, packing)

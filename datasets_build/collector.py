@@ -40,7 +40,7 @@ from gymnasium.vector.utils import iterate
 from tqdm.auto import tqdm
 
 from datasets_build.common import derive_seed, quiet_datasets
-from datasets_build.episodes import SHARDS_DIR, episode_features, episode_return, stack_leaf
+from datasets_build.episodes import EXPERT_PREFIX, SHARDS_DIR, episode_features, episode_return, stack_leaf
 from generalist.integrity import atomic_folder, clean_staging
 from generalist.task_spec import TaskSpec
 
@@ -277,7 +277,7 @@ def collect_task(
         the task's spec (scales not filled in yet) and collection statistics.
     """
     spec = task_spec(task)
-    features = features or episode_features(spec)
+    features = features or episode_features(spec, expert_actions=True)
     stats = CollectStats()
 
     plan = plan_episodes(task.name, counts, episodes_per_shard)
@@ -332,6 +332,8 @@ def collect_task(
                     episode.leaves[name].append(value)
                 for name, value in spec.flatten_action(action).items():
                     episode.leaves[name].append(value)
+                for name, value in spec.flatten_action(expert_actions[i]).items():  # DART labels (episodes.py)
+                    episode.leaves[EXPERT_PREFIX + name].append(value)
             obs, rewards, terminated, truncated, _ = envs.step(_batch_actions(action_space, actions))
             done = np.zeros(num_envs, dtype=bool)
             for i, episode in enumerate(slots):
@@ -381,6 +383,10 @@ def _episode_row(spec: TaskSpec, episode: _Episode, terminated: bool, truncated:
     }
     for leaf in (*spec.observation_fields, *spec.action_fields):
         row[leaf.name] = stack_leaf(leaf, episode.leaves[leaf.name], features[leaf.name])
+    for leaf in spec.action_fields:
+        if EXPERT_PREFIX + leaf.name in features:
+            row[EXPERT_PREFIX + leaf.name] = stack_leaf(leaf, episode.leaves[EXPERT_PREFIX + leaf.name],
+                                                        features[EXPERT_PREFIX + leaf.name])
     return row
 
 

@@ -186,7 +186,7 @@ class ControlDatasetBuilder:
         self._check_config(folder, tasks, counts, options)
 
         specs = {task.name: task_spec(task) for task in tasks}
-        features = episode_features(list(specs.values()))
+        features = episode_features(list(specs.values()), expert_actions=True)
         stats: dict[str, CollectStats] = {}
         for task in tasks:
             specs[task.name], stats[task.name] = collect_task(

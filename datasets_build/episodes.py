@@ -22,6 +22,12 @@ float vector), that column falls back to :data:`FLAT_NUMERIC`: per step, the lea
 flattened into a float32 list (exact for discrete values, which are below 2**24). The loaders
 reshape and cast every leaf back to its spec's shape and dtype.
 
+Control datasets built here also hold ``expert_<leaf>`` per action leaf: the action the expert
+*would* have taken at each visited state (equal to ``<leaf>`` on expert episodes; on noisy and random
+ones, the clean action before the noise). Imitation trains on it (DART, Laskey et al. 2017: the
+expert's label on states that its noisy executions reached, where a cloned policy's own mistakes
+lead), while return conditioning keeps the executed actions.
+
 A dataset folder holds complete shards under ``shards/`` (see :mod:`datasets_build.collector`);
 :func:`load_episodes` concatenates them (cheaply: arrow tables are memory-mapped).
 """
@@ -63,8 +69,12 @@ def leaf_feature(leaf: FieldSpec) -> datasets.features.FeatureType:
     return _ARRAY_TYPES[len(leaf.shape)](shape=(None, *leaf.shape), dtype=dtype)
 
 
-def episode_features(specs: TaskSpec | list[TaskSpec]) -> datasets.Features:
-    """The schema of a dataset holding episodes of ``specs`` (see the module docstring)."""
+EXPERT_PREFIX = "expert_"  # expert_<action leaf>: the expert's action at each step (see the module docstring)
+
+
+def episode_features(specs: TaskSpec | list[TaskSpec], expert_actions: bool = False) -> datasets.Features:
+    """The schema of a dataset holding episodes of ``specs`` (see the module docstring); ``expert_actions``:
+    with an ``expert_<leaf>`` column per action leaf."""
     specs = [specs] if isinstance(specs, TaskSpec) else list(specs)
     features = {
         "task": datasets.Value("string"),
@@ -88,6 +98,9 @@ def episode_features(specs: TaskSpec | list[TaskSpec]) -> datasets.Features:
         else:
             raise ValueError(f"tasks {[s.name for s in specs]} disagree on text/image leaf {name!r}: "
                              f"{sorted(candidates)}; put them in separate datasets")
+    if expert_actions:
+        for name in {leaf.name for spec in specs for leaf in spec.action_fields}:
+            features[EXPERT_PREFIX + name] = features[name]
     return datasets.Features(features)
 
 
@@ -208,7 +221,7 @@ def iter_episodes(dataset: datasets.Dataset, specs: dict[str, TaskSpec]) -> Iter
             if len(leaves[f.name]) != len(rewards):
                 raise ValueError(f"episode row {i} ({task}), column {f.name!r}: {len(leaves[f.name])} steps but "
                                  f"{len(rewards)} rewards; every column holds one value per step")
-        yield {
+        episode = {
             "task": spec.name,
             "source": str(row["source"]),
             "observations": {f.name: leaves[f.name] for f in spec.observation_fields},
@@ -217,6 +230,10 @@ def iter_episodes(dataset: datasets.Dataset, specs: dict[str, TaskSpec]) -> Iter
             "terminated": bool(row["terminated"]),
             "truncated": bool(row["truncated"]),
         }
+        if all(row.get(EXPERT_PREFIX + f.name) is not None for f in spec.action_fields):
+            episode["expert_actions"] = {f.name: _leaf_value(f, row[EXPERT_PREFIX + f.name])
+                                         for f in spec.action_fields}
+        yield episode
 
 
 def _leaf_value(leaf: FieldSpec, value: Any) -> np.ndarray | list[str]:

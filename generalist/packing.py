@@ -62,6 +62,12 @@ class PackingConfig:
             inference. A policy that sees its past actions learns to repeat them (the "copycat"
             problem of behaviour cloning from histories, Wen et al. 2020); hidden, it must read the
             states. The other sequences keep real actions for the world model TT plans with.
+        expert_labels: in unconditioned (imitation) sequences of episodes that record the expert's
+            action at every step (``expert_actions``, datasets_build's control datasets), that action
+            is the label and the executed one stays the input. The noisy experts' episodes that pass
+            ``imitation_threshold`` then teach what the expert does in the states its perturbed
+            executions reach, where a cloned policy's own errors lead (DART, Laskey et al. 2017);
+            without it they teach the noise. Return-conditioned sequences keep the executed actions.
     """
 
     seq_len: int = 512
@@ -70,6 +76,7 @@ class PackingConfig:
     prompt_fraction: float = 0.25
     imitation_threshold: float | None = 0.8
     hidden_action_prob: float = 0.0
+    expert_labels: bool = False
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -136,20 +143,35 @@ class CaptionSource:
 
 
 def episode_steps(tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, t1: int,
-                  condition_on_return: bool) -> list[Sample]:
-    """Steps ``t0..t1-1`` of an episode; returns-to-go (inputs) or values (labels) over the whole episode."""
+                  condition_on_return: bool, expert_labels: bool = False) -> list[Sample]:
+    """Steps ``t0..t1-1`` of an episode; returns-to-go (inputs) or values (labels) over the whole episode.
+
+    ``expert_labels`` (unconditioned steps of an episode that records ``expert_actions``): each action
+    token's *label* is the expert's action at that state, its input the executed one (DART, see
+    :attr:`PackingConfig.expert_labels`).
+    """
     rewards = np.asarray(episode["rewards"], np.float64)
     obs = {k: v[t0:t1] for k, v in episode["observations"].items()}
     act = {k: v[t0:t1] for k, v in episode["actions"].items()}
     if condition_on_return:
         return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], returns_to_go(rewards)[t0:t1])
     discount = tok.get_task_spec(episode["task"]).discount
-    return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], None,
-                            values=returns_to_go(rewards, discount)[t0:t1])
+    values = returns_to_go(rewards, discount)[t0:t1]
+    steps = tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], None, values=values)
+    if not (expert_labels and "expert_actions" in episode):
+        return steps
+    expert = {k: v[t0:t1] for k, v in episode["expert_actions"].items()}
+    relabel = tok.encode_steps(episode["task"], obs, expert, rewards[t0:t1], None, values=values)
+    out = []
+    for step, other in zip(steps, relabel, strict=True):  # the same layout: only action ids differ
+        step = dict(step)
+        step["labels"] = np.where(step["modality_ids"] == int(Modality.ACTION), other["input_ids"], step["labels"])
+        out.append(step)
+    return out
 
 
 def demonstration(tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int, rng: np.random.Generator,
-                  end: bool | None = None) -> Sample:
+                  end: bool | None = None, expert_labels: bool = False) -> Sample:
     """A Gato prompt (Reed et al. 2022, §3.3) of at most ``budget`` tokens from one episode.
 
     Half of the prompts (``end=None``: drawn by ``rng``) are the *end* of the episode (its last
@@ -164,7 +186,7 @@ def demonstration(tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: 
     per_step = max(1, _length(episode_steps(tok, episode, n_steps - 1, n_steps, False)[0]))
     k = max(1, min(n_steps, (budget - 1) // per_step))  # whole steps that fit beside <bos>/<eos>
     t0 = n_steps - k if end else int(rng.integers(0, n_steps - k + 1))
-    steps = episode_steps(tok, episode, t0, t0 + k, False)
+    steps = episode_steps(tok, episode, t0, t0 + k, False, expert_labels)
     head = [token_sample([tok.bos_id], Modality.SPECIAL)] if t0 == 0 else []
     tail = [tok.end_of_episode(bool(episode.get("terminated", False)))] if t0 + k == n_steps else []
     room = budget - sum(_length(p) for p in head + tail)
@@ -241,7 +263,7 @@ class ControlSource:
         return self._pools[key]
 
     def _episode_tokens(self, tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int, room: int,
-                        condition_on_return: bool) -> Sample:
+                        condition_on_return: bool, expert_labels: bool = False) -> Sample:
         """Encode from step ``t0`` (``<bos>`` if 0) until ``room`` tokens are filled or ``<eos>``.
 
         Steps are encoded in chunks sized from the first step's length, so a long episode costs
@@ -255,7 +277,7 @@ class ControlSource:
         t, per_step = t0, None
         while used < room and t < n_steps:
             chunk = 1 if per_step is None else max(1, -(-(room - used) // per_step))
-            steps = episode_steps(tok, episode, t, min(n_steps, t + chunk), condition_on_return)
+            steps = episode_steps(tok, episode, t, min(n_steps, t + chunk), condition_on_return, expert_labels)
             if per_step is None:
                 per_step = max(1, _length(steps[0]))
             parts += steps
@@ -280,7 +302,8 @@ class ControlSource:
             same = pool if self._source is None else pool[self._source[pool] == self._source[first]]
             others = same[same != first] if len(same) > 1 else same
             j = int(others[rng.integers(len(others))])
-            demo = demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len), rng)
+            demo = demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len), rng,
+                                 expert_labels=cfg.expert_labels)
             parts.append(demo)
             room -= _length(demo)
             meta["prompt_episode"], meta["prompt_task"] = j, str(self.tasks[j])
@@ -292,7 +315,7 @@ class ControlSource:
             per_step = max(1, _length(episode_steps(tok, episode, 0, 1, condition)[0]))
             fits = room // per_step
             t0 = 0 if n_steps <= fits else int(rng.integers(0, n_steps - max(fits, 1) + 1))
-            sample = self._episode_tokens(tok, episode, t0, room, condition)
+            sample = self._episode_tokens(tok, episode, t0, room, condition, cfg.expert_labels and not condition)
             parts.append(sample)
             room -= _length(sample)
             live.append(index)

@@ -71,6 +71,28 @@ def test_core_experts_are_experts(core):
         assert abs(spec.random_return) * spec.return_scale <= 10.0 + 1e-9
 
 
+def test_every_step_records_the_experts_action_beside_the_executed_one(core):
+    """DART labels: equal to the executed action on expert episodes, the clean action under noise and
+    random play (for Pendulum's continuous torque, different at almost every noisy step)."""
+    dataset, specs = load_episodes(core)
+    seen = set()
+    for episode in iter_episodes(dataset, specs):
+        executed, expert = episode["actions"]["action"], episode["expert_actions"]["action"]
+        assert expert.shape == executed.shape and spec_contains(specs[episode["task"]], expert)
+        same = np.mean([np.array_equal(a, b) for a, b in zip(executed, expert, strict=True)])
+        if episode["source"] == "expert":
+            assert same == 1.0
+        elif episode["task"] == "Pendulum-v1":
+            assert same < 0.5, (episode["source"], same)
+        seen.add(episode["source"])
+    assert {"expert", "random"} <= seen
+
+
+def spec_contains(spec, actions) -> bool:
+    space = spec.action_space()
+    return all(space.contains(spec.unflatten_action({"action": a})) for a in actions)
+
+
 def test_core_card_records_the_build(core):
     import json
 

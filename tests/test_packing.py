@@ -114,6 +114,30 @@ def test_unconditioned_sequences_show_only_episodes_above_the_imitation_threshol
         tok.add_task_spec(spec)
 
 
+def test_expert_labels_teach_the_experts_action_where_the_noisy_one_was_executed(tok):
+    """DART: an imitation sequence of an episode that records the expert's actions is *labelled* with them
+    while its inputs stay the executed actions; a return-conditioned one keeps the executed labels."""
+    eps = [e for e in synthetic.episodes(12) if e["task"] == "Box-v0"]
+    for e in eps:  # the expert would have pushed the other way at every step
+        e["expert_actions"] = {"action": -e["actions"]["action"]}
+    control = ControlSource("control", eps, [e["task"] for e in eps])
+    executed = {int(i) for e in eps for i in tok.encode_continuous(e["actions"]["action"].reshape(-1), "action")}
+    expert = {int(i) for e in eps for i in tok.encode_continuous(-e["actions"]["action"].reshape(-1), "action")}
+    for return_prob, labelled in ((0.0, expert), (1.0, executed)):
+        mix = Mixture([control], [1.0], tok, PackingConfig(seq_len=200, return_prob=return_prob, prompt_prob=0.5,
+                                                           imitation_threshold=None, expert_labels=True))
+        for i in range(10):
+            sample, _ = mix.sequence(seed=0, rank=0, index=i)
+            act = sample["modality_ids"] == Modality.ACTION
+            assert set(sample["input_ids"][act].tolist()) <= executed  # the model is shown what was done
+            assert set(sample["labels"][act].tolist()) <= labelled
+            assert (sample["labels"][act] != sample["input_ids"][act]).any() == (return_prob == 0.0)
+    plain = Mixture([control], [1.0], tok, PackingConfig(seq_len=200, return_prob=0.0, imitation_threshold=None))
+    sample, _ = plain.sequence(seed=0, rank=0, index=0)
+    act = sample["modality_ids"] == Modality.ACTION
+    assert act.any() and (sample["labels"][act] == sample["input_ids"][act]).all()  # off: the executed actions
+
+
 def test_return_conditioning_is_shown_or_replaced_by_no_return(tok):
     eps = synthetic.episodes(6)
     control = ControlSource("control", eps, [e["task"] for e in eps])

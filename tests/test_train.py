@@ -228,3 +228,43 @@ def test_a_rank_killed_mid_run_stops_the_other_naming_it_and_the_run_resumes_exa
     for step in full:
         for k, v in full[step].items():
             assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+
+
+FULL_DISK_ON_ONE_RANK = '''
+import errno, os, sys
+sys.path.insert(0, {root!r})
+from generalist.training import checkpoints
+real, calls = checkpoints.export_model, []
+
+def export_until_the_disk_is_full(accelerator, model, tok, folder):
+    calls.append(folder)
+    if len(calls) == 2 and os.environ["RANK"] == "1":  # rank 1's second checkpoint: half a file, then ENOSPC
+        (folder / "model.safetensors").write_bytes(b"\\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(accelerator, model, tok, folder)
+
+checkpoints.export_model = export_until_the_disk_is_full
+import train
+train.cli()
+'''
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_rank_stops_every_rank_naming_the_checkpoint(tiny_flags, subprocess_env, tmp_path):
+    """Rank 1's disk fills while it writes the second checkpoint: the run stops on both ranks within 60 s
+    (no hang at the barrier), the error names the checkpoint and ENOSPC, and the first checkpoint is intact."""
+    script = tmp_path / "train_full_disk.py"
+    script.write_text(FULL_DISK_ON_ONE_RANK.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs/ddp_cpu_2proc.yaml"), str(script),
+           *tiny_flags(tmp_path, run_name="full_disk", total_steps=12, save_every=4, num_workers=0, run_eval=False)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    text, stopped_s = proc.stdout + proc.stderr, time.monotonic() - t0
+    print(f"full disk on rank 1: the run stopped {stopped_s:.1f} s after launch")
+    assert proc.returncode != 0 and stopped_s < 120, text[-3000:]
+    assert "writing checkpoint" in text and "step_00000008 failed (No space left on device)" in text, text[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in text and _rank_pids("full_disk") == {}
+    run_dir = tmp_path / "full_disk"
+    (only,) = ckpts(run_dir)
+    assert only.name == "step_00000004" and checkpoints.verify_checkpoint(only) is None

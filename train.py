@@ -46,9 +46,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from datasets_build.episodes import EXPERT_PREFIX
 from datasets_build.hub import is_hub_dataset_id
-from datasets_build.sources import load_sources, parse_mixture
+from datasets_build.sources import EpisodeRows, load_sources, parse_mixture
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
@@ -296,8 +295,7 @@ def main(args: Args) -> dict[str, Any]:
     train_sources, eval_sources, specs = load_sources(weights, args.data_root)
     if args.expert_labels:  # a dataset built before expert actions were recorded silently imitates the noise
         for src in train_sources:
-            columns = getattr(getattr(getattr(src, "episodes", None), "dataset", None), "column_names", None)
-            if columns is not None and not any(c.startswith(EXPERT_PREFIX) for c in columns):
+            if isinstance(getattr(src, "episodes", None), EpisodeRows) and not src.episodes.has_expert_actions:
                 accelerator.print(f"WARNING: {src.name} records no expert actions (built by an earlier version): its "
                                   "imitation sequences learn the executed actions; rebuild it with "
                                   f"`python -m datasets_build {src.name} --overwrite` for --expert_labels")

@@ -1,6 +1,6 @@
 """Built datasets as 🤗 Hub datasets: push one, and open a pushed one as training opens a local one.
 
-    python -m datasets_build push control-core --repo_id user/control-core [--out data]
+    python -m datasets_build push --dataset control-core --repo_id user/control-core [--out data]
     python train.py --mixture user/control-core=1,text=1       # a Hub id and a local dataset alike
 
 A Hub copy holds what a local build holds, in the Hub's own form: the episodes (or each split) as
@@ -14,7 +14,6 @@ so a pushed and reloaded dataset trains exactly like the original (``tests/test_
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from datasets_build.common import BUILD_RECORD, CARD, TASK_SPECS
 from datasets_build.episodes import load_shards, load_task_specs
-from generalist.hub import push_folder
+from generalist.hub import is_repo_id, push_folder
 
 PARQUET_DIR = "data"  # <split>-00000-of-00001.parquet, the layout the Hub's dataset viewer reads
 TASK_CATEGORY = {"control": "reinforcement-learning", "caption": "image-to-text", "text": "text-generation"}
@@ -93,7 +92,7 @@ def push_dataset(folder: Path, repo_id: str, *, token: str | None = None, privat
 
 def is_hub_dataset_id(name: str, root: Path) -> bool:
     """``user/name`` that is not a dataset folder under ``root``."""
-    return name.count("/") == 1 and not (Path(root) / name).exists() and not name.startswith((".", "/"))
+    return not (Path(root) / name).exists() and is_repo_id(name)
 
 
 def open_hub_dataset(repo_id: str, revision: str | None = None) -> Path:
@@ -116,7 +115,3 @@ def load_hub_splits(folder: Path) -> dict[str, datasets.Dataset]:
         files.setdefault(f.name.split("-", 1)[0], []).append(str(f))
     loaded = datasets.load_dataset("parquet", data_files=files)
     return dict(loaded)
-
-
-def load_hub_task_specs(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / TASK_SPECS).read_text())

@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 
 from datasets_build.common import TASK_SPECS
-from datasets_build.episodes import iter_episodes, load_episodes
+from datasets_build.episodes import EXPERT_PREFIX, iter_episodes, load_episodes
 from generalist.packing import CaptionSource, ControlSource, TextSource
 from generalist.task_spec import TaskSpec
 
@@ -51,6 +51,11 @@ class EpisodeRows(Sequence):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def has_expert_actions(self) -> bool:
+        """Whether the dataset records the expert's action at every step (``expert_<leaf>`` columns)."""
+        return any(c.startswith(EXPERT_PREFIX) for c in self.dataset.column_names)
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.indices[i])

@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from datasets_build.common import is_built
 from datasets_build.registry import load_split_dataset
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, integrity
+from generalist.hub import is_repo_id
 from generalist.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from generalist.training.run_folder import RunFolder
 
@@ -32,9 +33,7 @@ def is_checkpoint(folder: Path) -> bool:
 
 def is_hub_id(path: str | Path) -> bool:
     """``user/name`` that is not a local path: a Hub repo id."""
-    text = str(path)
-    return (not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
-            and all(part and part.strip() == part for part in text.split("/")))
+    return not Path(path).exists() and is_repo_id(str(path))
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

@@ -415,14 +415,12 @@ def update_card(model_arg: str, folder: Path, results: list[dict], token: str | 
     from generalist.hub import CARD_FILE, push_folder, update_card_results
 
     if not is_hub_id(model_arg):
-        card = folder / CARD_FILE
-        if not card.is_file():
-            card.write_text("---\nlibrary_name: transformers\n---\n")
-        update_card_results(card, results)
-        return str(card)
+        update_card_results(folder / CARD_FILE, results)
+        return str(folder / CARD_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         card = Path(tmp) / CARD_FILE
-        shutil.copy(folder / CARD_FILE, card) if (folder / CARD_FILE).is_file() else card.write_text("---\n---\n")
+        if (folder / CARD_FILE).is_file():
+            shutil.copy(folder / CARD_FILE, card)
         update_card_results(card, results)
         ok = push_folder(tmp, model_arg, token=token, commit_message="eval.control: rollout scores in the model card")
     if not ok:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from generalist import integrity
 
@@ -29,6 +30,16 @@ CARD_FILE = "README.md"
 # What a model repo holds: save_pretrained artifacts of the model and the tokenizer, and the card.
 # Training state (optimizer moments, RNG) stays local.
 UPLOAD_IGNORE = ["state/*", "state/**", "trainer_state.json", ".tmp*", "*.tmp"]
+
+
+def is_repo_id(text: str) -> bool:
+    """``user/name`` as the Hub spells repo ids (one slash, characters it allows); callers check first that
+    no local path of that name exists."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
 
 
 def push_folder(
@@ -297,9 +308,10 @@ def control_eval_results(results: Sequence[Mapping[str, Any]]) -> list[EvalResul
 
 
 def update_card_results(card_path: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> ModelCard:
-    """Merge ``eval.control`` records into a card: metadata and table; a task's earlier score in the same
-    mode is replaced, other modes and tasks kept."""
-    card = ModelCard.load(card_path)
+    """Merge ``eval.control`` records into a card (a new one where there is none): metadata and table; a
+    task's earlier score in the same mode is replaced, other modes and tasks kept."""
+    card = (ModelCard.load(card_path) if Path(card_path).is_file()
+            else ModelCard("---\nlibrary_name: transformers\n---\n"))
     new = control_eval_results(results)
     replaced = {(r.dataset_name, r.metric_name) for r in new}
     kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.metric_name) not in replaced]

@@ -156,18 +156,11 @@ def episode_steps(tok: GeneralistTokenizer, episode: Mapping[str, Any], t0: int,
     if condition_on_return:
         return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], returns_to_go(rewards)[t0:t1])
     discount = tok.get_task_spec(episode["task"]).discount
-    values = returns_to_go(rewards, discount)[t0:t1]
-    steps = tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], None, values=values)
-    if not (expert_labels and "expert_actions" in episode):
-        return steps
-    expert = {k: v[t0:t1] for k, v in episode["expert_actions"].items()}
-    relabel = tok.encode_steps(episode["task"], obs, expert, rewards[t0:t1], None, values=values)
-    out = []
-    for step, other in zip(steps, relabel, strict=True):  # the same layout: only action ids differ
-        step = dict(step)
-        step["labels"] = np.where(step["modality_ids"] == int(Modality.ACTION), other["input_ids"], step["labels"])
-        out.append(step)
-    return out
+    labels = None
+    if expert_labels and "expert_actions" in episode:
+        labels = {k: v[t0:t1] for k, v in episode["expert_actions"].items()}
+    return tok.encode_steps(episode["task"], obs, act, rewards[t0:t1], None,
+                            values=returns_to_go(rewards, discount)[t0:t1], action_labels=labels)
 
 
 def demonstration(tok: GeneralistTokenizer, episode: Mapping[str, Any], budget: int, rng: np.random.Generator,

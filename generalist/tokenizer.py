@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +261,7 @@ class GeneralistTokenizer:
         *new* model. A loaded tokenizer keeps the layout it was saved with, which its model was built on."""
         if self.layout.special_tokens != SPECIAL_TOKENS[: len(self.layout.special_tokens)]:
             raise ValueError(f"special tokens {self.layout.special_tokens} are not a prefix of {SPECIAL_TOKENS}")
-        self._set_layout(VocabLayout(self.layout.text_size, self.layout.num_continuous, self.layout.num_discrete))
+        self._set_layout(replace(self.layout, special_tokens=SPECIAL_TOKENS))
         return self
 
     # --- vocabulary ---
@@ -480,18 +480,21 @@ class GeneralistTokenizer:
         rewards: np.ndarray | None = None,
         returns_to_go: np.ndarray | None = None,
         values: np.ndarray | None = None,
+        action_labels: dict[str, Any] | None = None,
     ) -> list[Sample]:
         """Encode T timesteps; one sample per step ``[R_t] [o_t] <sep> [a_t] [r_t]``.
 
         ``returns_to_go`` None means "no return" (Gato mode): ``R_t`` is ``<no_return>``, labelled
         with ``values`` (T,) (discounted returns-to-go, task units) when given. Without ``actions``
         each step ends after ``<sep>`` (the prompt for the next action); without ``rewards`` after
-        the action.
+        the action. ``action_labels`` (same fields as ``actions``): the action tokens' labels, where the
+        inputs stay ``actions`` (DART: the expert's action where a noisy one was executed).
         """
-        steps = self._steps(task, observations, actions, rewards, returns_to_go, values)
+        steps = self._steps(task, observations, actions, rewards, returns_to_go, values, action_labels)
         return steps if isinstance(steps, list) else [_row(steps, i) for i in range(len(steps["input_ids"]))]
 
-    def _steps(self, task, observations, actions, rewards, returns_to_go, values=None) -> Sample | list[Sample]:
+    def _steps(self, task, observations, actions, rewards, returns_to_go, values=None,
+               action_labels=None) -> Sample | list[Sample]:
         """The steps as one block (fixed layout) or as per-step samples (text fields)."""
         spec = self.get_task_spec(task)
         t = self._num_steps(spec, observations)
@@ -499,6 +502,10 @@ class GeneralistTokenizer:
                for f in spec.observation_fields]
         act = [] if actions is None else [
             self._field_block(f, self._get(actions, f, "actions"), t, Modality.ACTION) for f in spec.action_fields]
+        if action_labels is not None:  # the same ids layout: only which action each token is trained to be
+            act = [{**block, "labels": self._field_block(f, self._get(action_labels, f, "action_labels"), t,
+                                                         Modality.ACTION)["input_ids"]}
+                   for block, f in zip(act, spec.action_fields, strict=True)]
         rew = []
         if rewards is not None:  # before the returns: they are computed from the rewards
             r = self._scalars(rewards, t, "rewards") * spec.reward_scale
@@ -753,9 +760,7 @@ class GeneralistTokenizer:
             d / TASK_SPECS_FILE).exists() else []
         tok = cls(text, image_size=config.get("image_size", DEFAULT_IMAGE_SIZE), task_specs=specs)
         saved = VocabLayout.from_dict(config["layout"])
-        n = len(saved.special_tokens)
-        if saved.special_tokens == SPECIAL_TOKENS[:n] and saved == VocabLayout(
-                tok.layout.text_size, tok.layout.num_continuous, tok.layout.num_discrete, SPECIAL_TOKENS[:n]):
+        if saved == replace(tok.layout, special_tokens=SPECIAL_TOKENS[: len(saved.special_tokens)]):
             tok._set_layout(saved)  # saved by an earlier version, with fewer special tokens: keep its ids
         else:
             raise ValueError(f"{d / CONFIG_FILE}: saved vocabulary layout {saved} does not match the text "

@@ -6,7 +6,15 @@ middling and high returns, so every task gets episodes from several *sources*::
     expert        the task's expert policy
     noisy-<eps>   the expert with noise: epsilon-random actions (discrete leaves) or gaussian
                   noise of std eps * half the action range, clipped (continuous leaves)
+    burst-<p>     the expert, interrupted by bursts: at each step outside a burst one starts with
+                  probability p and holds one random action for ``BURST_STEPS`` steps
     random        uniformly random actions
+
+Why bursts as well as per-step noise: white noise averages out within a few steps, so the noisy
+experts stay close to the expert's own states, while a cloned policy's errors are consistent over
+many steps and carry it far away (a Pendulum pumped past the upright energy, spinning). A held
+random action reaches such states, and the expert's action recorded there (DART labels,
+``episodes.py``) is the recovery a policy needs to learn.
 
 Sharding and resumption. The episodes of one (task, source) are split into shards of
 ``episodes_per_shard``; a shard is written atomically (tmp folder + ``os.replace``) as soon as its
@@ -47,14 +55,17 @@ from generalist.task_spec import TaskSpec
 EXPERT = "expert"
 RANDOM = "random"
 NOISY_PREFIX = "noisy-"
+BURST_PREFIX = "burst-"
+BURST_STEPS = 10  # steps a burst holds its random action (0.5 s of Pendulum, 0.2 s of CartPole)
 # default share of each source in a task's episodes: mostly expert data, a spread of noise levels
 # (epsilon for discrete actions / std as a fraction of the half range for continuous ones) and
 # random play, so that returns span the whole range from random to expert.
 DEFAULT_SOURCE_MIX: dict[str, float] = {
-    EXPERT: 0.4,
-    f"{NOISY_PREFIX}0.1": 0.2,
-    f"{NOISY_PREFIX}0.3": 0.2,
+    EXPERT: 0.35,
+    f"{NOISY_PREFIX}0.1": 0.15,
+    f"{NOISY_PREFIX}0.3": 0.15,
     f"{NOISY_PREFIX}0.6": 0.1,
+    f"{BURST_PREFIX}0.05": 0.15,
     RANDOM: 0.1,
 }
 DEFAULT_EPISODES_PER_SHARD = 16
@@ -117,17 +128,19 @@ class EpisodeKey:
 
 
 def source_noise(source: str) -> float | None:
-    """Noise level of a source name: 0 for the expert, None for random, eps for ``noisy-eps``."""
+    """Noise level of a source name: 0 for the expert, None for random, eps / p for ``noisy-eps`` / ``burst-p``."""
     if source == EXPERT:
         return 0.0
     if source == RANDOM:
         return None
-    if source.startswith(NOISY_PREFIX):
-        level = float(source.removeprefix(NOISY_PREFIX))
-        if not 0.0 < level <= 1.0:
-            raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
-        return level
-    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r} or '{NOISY_PREFIX}<level>'")
+    for prefix in (NOISY_PREFIX, BURST_PREFIX):
+        if source.startswith(prefix):
+            level = float(source.removeprefix(prefix))
+            if not 0.0 < level <= 1.0:
+                raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
+            return level
+    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>' or "
+                     f"'{BURST_PREFIX}<probability>'")
 
 
 def split_episodes(total: int, mix: dict[str, float]) -> dict[str, int]:
@@ -192,11 +205,20 @@ def _(space: spaces.Dict, action, level: float, rng: np.random.Generator) -> dic
     return {k: noisy_action(s, action[k], level, rng) for k, s in space.spaces.items()}
 
 
-def source_action(space: spaces.Space, expert_action: Any, source: str, rng: np.random.Generator) -> Any:
+def source_action(space: spaces.Space, expert_action: Any, episode: _Episode) -> Any:
+    """The action an episode's source takes, given the expert's (bursts keep their state in the episode)."""
+    source, rng = episode.key.source, episode.rng
     level = source_noise(source)
     if level is None:
         return random_action(space, rng)
     if level == 0.0:
+        return expert_action
+    if source.startswith(BURST_PREFIX):
+        if episode.burst_left == 0 and rng.random() < level:
+            episode.burst_left, episode.burst_action = BURST_STEPS, random_action(space, rng)
+        if episode.burst_left > 0:
+            episode.burst_left -= 1
+            return episode.burst_action
         return expert_action
     return noisy_action(space, expert_action, level, rng)
 
@@ -211,6 +233,8 @@ class _Episode:
     rng: np.random.Generator
     leaves: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     rewards: list[float] = field(default_factory=list)
+    burst_left: int = 0  # steps the current burst still holds burst_action (burst-<p> sources)
+    burst_action: Any = None
 
 
 @dataclass
@@ -326,7 +350,7 @@ def collect_task(
                 if episode is None:  # idle slot: any valid action, its data is discarded
                     actions.append(random_action(action_space, np.random.default_rng(0)))
                     continue
-                action = source_action(action_space, expert_actions[i], episode.key.source, episode.rng)
+                action = source_action(action_space, expert_actions[i], episode)
                 actions.append(action)
                 for name, value in spec.flatten_observation(per_slot_obs[i]).items():
                     episode.leaves[name].append(value)

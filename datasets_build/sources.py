@@ -149,9 +149,11 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1
                 eval_idx += list(idx[held])
             for out, idx in ((train, train_idx), (held_out, eval_idx)):
                 idx = np.asarray(sorted(idx))
-                out.append(ControlSource(name, EpisodeRows(ds, task_specs, idx), list(tasks[idx]),
+                rows = EpisodeRows(ds, task_specs, idx)
+                out.append(ControlSource(name, rows, list(tasks[idx]),
                                          sources=list(np.asarray(ds["source"])[idx]),
-                                         returns=np.asarray(ds["episode_return"], np.float64)[idx]))
+                                         returns=np.asarray(ds["episode_return"], np.float64)[idx],
+                                         expert_labelled=rows.has_expert_actions))
             continue
         splits = open_splits(folder)
         train_ds = splits["train"]

@@ -64,10 +64,12 @@ class PackingConfig:
             states. The other sequences keep real actions for the world model TT plans with.
         expert_labels: in unconditioned (imitation) sequences of episodes that record the expert's
             action at every step (``expert_actions``, datasets_build's control datasets), that action
-            is the label and the executed one stays the input. The noisy experts' episodes that pass
-            ``imitation_threshold`` then teach what the expert does in the states its perturbed
-            executions reach, where a cloned policy's own errors lead (DART, Laskey et al. 2017);
-            without it they teach the noise. Return-conditioned sequences keep the executed actions.
+            is the label and the executed one stays the input. The perturbed episodes then teach what
+            the expert does in the states they reach, where a cloned policy's own errors lead (DART,
+            Laskey et al. 2017); without it they teach the noise. Where a source records the expert's
+            actions in every episode (:attr:`ControlSource.expert_labelled`), every episode is such a
+            lesson and ``imitation_threshold`` picks only the prompts. Return-conditioned sequences
+            keep the executed actions.
     """
 
     seq_len: int = 512
@@ -218,6 +220,11 @@ class ControlSource:
             comes from an episode of the *same* source as the live one (Gato §3.3), so the model
             learns to play as well as its prompt. ``None``: any episode of the task.
         returns: each episode's return, for :attr:`PackingConfig.imitation_threshold`.
+        expert_labelled: every episode records the expert's action at each step (``expert_actions``).
+            With :attr:`PackingConfig.expert_labels` the labels of every episode are then the expert's,
+            so imitation sequences draw from *all* episodes of the task, whatever their return: the
+            noisy, burst and random ones are where the recovery states are. The return filter and the
+            same-source rule then apply only to the prompt, which is drawn from the successful episodes.
     """
 
     name: str
@@ -225,6 +232,7 @@ class ControlSource:
     tasks: Sequence[str]
     sources: Sequence[str] | None = None
     returns: Sequence[float] | None = None
+    expert_labelled: bool = False
 
     def __post_init__(self):
         for what in ("tasks", "sources", "returns"):
@@ -284,15 +292,21 @@ class ControlSource:
         first = int(rng.integers(len(self.episodes)))
         task = str(self.tasks[first])
         condition = bool(rng.random() < cfg.return_prob)
-        # return-conditioned sequences see every episode; unconditioned ones (imitation) the good ones
-        pool = self.by_task[task] if condition else self.imitation_pool(tok, task, cfg.imitation_threshold)
+        relabelled = not condition and cfg.expert_labels and self.expert_labelled
+        # return-conditioned sequences see every episode; unconditioned ones (imitation) the good ones,
+        # or all of them when every label is the expert's
+        good = None if condition else self.imitation_pool(tok, task, cfg.imitation_threshold)
+        pool = self.by_task[task] if condition or relabelled else good
         if not condition:
             first = int(pool[rng.integers(len(pool))])
         parts, room = [], cfg.seq_len
         meta: dict[str, Any] = {"source": self.name, "kind": "control", "task": task,
                                 "condition_on_return": condition, "prompt_episode": None}
         if not condition and rng.random() < cfg.prompt_prob:
-            same = pool if self._source is None else pool[self._source[pool] == self._source[first]]
+            if relabelled:  # a successful episode shows the task; any source, its labels are the expert's
+                same = good
+            else:
+                same = pool if self._source is None else pool[self._source[pool] == self._source[first]]
             others = same[same != first] if len(same) > 1 else same
             j = int(others[rng.integers(len(others))])
             demo = demonstration(tok, self.episodes[j], int(cfg.prompt_fraction * cfg.seq_len), rng,

@@ -14,7 +14,7 @@ import pytest
 from datasets_build import iter_episodes, load_episodes
 from datasets_build.base import BuildOptions
 from datasets_build.captions import HELD_OUT_PAIRS, CaptionDatasetBuilder, caption_compositions
-from datasets_build.collector import EXPERT, RANDOM, split_episodes
+from datasets_build.collector import BURST_PREFIX, BURST_STEPS, EXPERT, RANDOM, split_episodes
 from datasets_build.common import is_built
 from datasets_build.control import CORE_TASKS, PIXEL_TASKS, ControlDatasetBuilder
 from datasets_build.episodes import SHARDS_DIR, shard_dirs
@@ -82,10 +82,25 @@ def test_every_step_records_the_experts_action_beside_the_executed_one(core):
         same = np.mean([np.array_equal(a, b) for a, b in zip(executed, expert, strict=True)])
         if episode["source"] == "expert":
             assert same == 1.0
+        elif episode["source"].startswith(BURST_PREFIX) and episode["task"] == "Pendulum-v1":
+            assert 0.0 < same < 1.0, same
+            assert_bursts_hold_their_action(executed, expert)
         elif episode["task"] == "Pendulum-v1":
             assert same < 0.5, (episode["source"], same)
         seen.add(episode["source"])
-    assert {"expert", "random"} <= seen
+    assert {"expert", "random", "burst-0.05"} <= seen
+
+
+def assert_bursts_hold_their_action(executed: np.ndarray, expert: np.ndarray) -> None:
+    """Away from the expert, a burst source holds one random action for BURST_STEPS steps (the last
+    burst may be cut by the episode's end)."""
+    off = ~np.all(executed == expert, axis=-1)
+    run_start = 0
+    for t in range(1, len(executed) + 1):
+        if t == len(executed) or not off[t] or not off[t - 1] or not np.array_equal(executed[t], executed[t - 1]):
+            if off[run_start]:
+                assert t - run_start == BURST_STEPS or t == len(executed), (run_start, t)
+            run_start = t
 
 
 def spec_contains(spec, actions) -> bool:

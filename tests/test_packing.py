@@ -110,6 +110,19 @@ def test_unconditioned_sequences_show_only_episodes_above_the_imitation_threshol
             meta = conditioned.sequence(seed=1, rank=0, index=i)[1]
             seen |= set(meta["episodes"])
         assert seen - good  # return-conditioned sequences still see the poor episodes
+        # every episode labelled by the expert (DART): imitation learns from all of them, prompts stay good
+        relabelled = ControlSource("control", eps, [e["task"] for e in eps], returns=returns, expert_labelled=True)
+        for expert_labels, poor_shown in ((True, True), (False, False)):
+            mix = Mixture([relabelled], [1.0], tok, PackingConfig(seq_len=300, return_prob=0.0, prompt_prob=0.5,
+                                                                  imitation_threshold=0.8, expert_labels=expert_labels))
+            live, prompts = set(), set()
+            for i in range(60):
+                meta = mix.sequence(seed=1, rank=0, index=i)[1]
+                if meta["task"] == "Box-v0":
+                    live |= set(meta["episodes"])
+                    prompts |= {meta["prompt_episode"]} - {None}
+            assert prompts and prompts <= good
+            assert bool(live - good) == poor_shown
     finally:
         tok.add_task_spec(spec)
 

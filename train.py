@@ -41,7 +41,8 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -146,7 +147,9 @@ class Args:
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
-    """steps between logged training losses (CSV, TensorBoard)"""
+    """steps between logged training losses (CSV and the --report_to trackers)"""
+    report_to: tuple[Literal["tensorboard", "trackio", "wandb", "none"], ...] = ("tensorboard",)
+    """experiment trackers (accelerate's) that get the metrics besides the CSV; several allowed; none: CSV only"""
     eval_every: int = 50
     """steps between held-out losses (0: only at the end)"""
     eval_batches: int = 4
@@ -198,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
 # fed; never what is trained (model, data, optimisation, seed), which the checkpoint was made for.
 MAY_CHANGE_ON_RESUME = frozenset({
     "resume", "overwrite", "output_dir", "run_name", "data_root", "build_missing", "num_workers", "total_steps",
-    "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "run_eval", "eval_episodes",
+    "log_every", "report_to", "eval_every", "eval_batches", "save_every", "keep_last", "run_eval", "eval_episodes",
     "eval_samples", "push_to_hub", "hub_model_id", "hub_private", "hub_token", "hub_retries", "hub_backoff_s",
     "hub_timeout_s"})
 
@@ -228,6 +231,12 @@ def validate_args(args: Args) -> dict[str, float]:
     for name in ("save_every", "eval_every", "num_workers", "warmup_steps", "hub_retries"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if "none" in args.report_to and len(args.report_to) > 1:
+        problems.append(f"--report_to none means no tracker; got it with {[t for t in args.report_to if t != 'none']}")
+    available = {str(t) for t in get_available_trackers()}  # accelerate drops a missing one without a word
+    for tracker in trackers(args):
+        if tracker not in available:
+            problems.append(f"--report_to {tracker}: the {tracker} package is not installed (pip install {tracker})")
     weights: dict[str, float] = {}
     try:
         weights = parse_mixture(args.mixture)
@@ -243,6 +252,10 @@ def validate_args(args: Args) -> dict[str, float]:
     if problems:
         raise SystemExit("train.py: " + "; ".join(problems))
     return weights
+
+
+def trackers(args: Args) -> list[str]:
+    return [t for t in args.report_to if t != "none"]
 
 
 def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
@@ -279,6 +292,8 @@ def main(args: Args) -> dict[str, Any]:
         mixed_precision=mixed_precision,
         # a batch without images leaves the patch encoder without gradients
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=trackers(args) or None,
+        project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.tensorboard)),
     )
     is_main = accelerator.is_main_process
     set_seed(args.seed)
@@ -347,13 +362,14 @@ def main(args: Args) -> dict[str, Any]:
 
     # --- logging, model card, hub ---
     resumed_at = step if resume_from is not None else None
+    if trackers(args):  # TensorBoard under run/tensorboard/<run name>; a resumed run overwrites its lost steps
+        accelerator.init_trackers(run.root.name, config=settings.flat_config(args),
+                                  init_kwargs={"tensorboard": {"purge_step": resumed_at}})
     if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run.tensorboard, purge_step=resumed_at)
         settings.save(args, run.args)
-        train_log = MetricLog(run.train_csv, writer, "train", resumed_at)
-        eval_log = MetricLog(run.eval_csv, writer, "eval", resumed_at)
+        log = accelerator.log if trackers(args) else None
+        train_log = MetricLog(run.train_csv, log, "train", resumed_at)
+        eval_log = MetricLog(run.eval_csv, log, "eval", resumed_at)
     reproduce = settings.command_line(args, PRESETS)
     if accelerator.num_processes > 1:
         reproduce = f"accelerate launch --num_processes {accelerator.num_processes} {reproduce.removeprefix('python ')}"
@@ -451,7 +467,6 @@ def main(args: Args) -> dict[str, Any]:
             plot_learning_curves(train_log.rows, eval_log.rows, run.curves)
         shutil.copy(run.model / "README.md", run.card)
         run.summary.write_text(json.dumps(summary, indent=2, default=str))
-        writer.close()
         accelerator.print(
             f"done: {step} steps, {tokens_seen:,} tokens in {wall / 60:.1f} min ({train_tps:,.0f} tok/s)\n"
             + "\n".join(f"  {split:>8}: " + "  ".join(f"{m} {v:.3f}" for m, v in row.items())

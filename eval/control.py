@@ -134,6 +134,18 @@ def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 30) -> list[
     return [*written, path.with_suffix(".mp4")]
 
 
+def video_to_tensorboard(logdir: Path, tag: str, gif: Path, frame: np.ndarray) -> None:
+    """The GIF as an animated image in TensorBoard's Images tab, beside the training scalars when ``logdir``
+    is under the run folder. ``SummaryWriter.add_video`` would need moviepy to encode; the GIF exists."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
+    height, width = np.asarray(frame).shape[:2]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif.read_bytes())
+    with SummaryWriter(str(logdir)) as writer:
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), 0)
+
+
 def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None) -> gym.vector.SyncVectorEnv:
     return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(make_env(task, spec))] * num_envs,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -294,8 +306,10 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     if video_dir is not None and (env := make_render_env(task, spec)) is not None:
         frames, total, steps = play_rendered(agent, env, spec, seed, args.max_steps, prompt, target)
         stem = f"{args.name or f'control_{args.mode}'}_{task.replace('/', '_')}"
-        record["video"] = [str(p.relative_to(video_dir.parent)) for p in save_video(frames, video_dir / stem)]
+        written = save_video(frames, video_dir / stem)
+        record["video"] = [str(p.relative_to(video_dir.parent)) for p in written]
         record["video_return"] = total
+        video_to_tensorboard(video_dir.parent / "tensorboard", f"videos/{stem}", written[0], frames[0])
     return record, sweep
 
 
@@ -400,7 +414,7 @@ class Args:
     """results file stem (default: control_<mode>)"""
     video: bool = False
     """also play one episode per task (first checkpoint) in a rendering env and save it to OUT/videos/ as a
-    GIF (and an MP4 where imageio has ffmpeg); the run report embeds them"""
+    GIF (and an MP4 where imageio has ffmpeg); the run report embeds them, OUT/tensorboard shows them"""
     update_card: bool = False
     """write each checkpoint's scores into its model card (README.md metadata and table); a Hub
     checkpoint's card is uploaded back to its repo"""

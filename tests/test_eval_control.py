@@ -131,3 +131,8 @@ def test_video_records_one_rendered_episode_per_task_and_the_report_embeds_it(to
         assert im.n_frames >= 2 and im.size == (600, 400)
     assert "![control_gato_CartPole-v1](eval/videos/control_gato_CartPole-v1.gif)" in control_section(
         run, tmp_path / "figures", rollout=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "eval" / "tensorboard")).Reload()
+    (shown,) = events.Images("videos/control_gato_CartPole-v1")  # TensorBoard gets the same GIF
+    assert shown.encoded_image_string == gif.read_bytes() and (shown.width, shown.height) == (600, 400)

@@ -53,6 +53,30 @@ def test_presets_set_defaults_and_flags_override_them():
     assert train.parse_args(settings.command_line(args, train.PRESETS).split()[2:]) == args
 
 
+def test_metrics_go_to_the_chosen_trackers_and_a_missing_one_is_named(tiny_flags, train_in_process, tmp_path,
+                                                                       monkeypatch):
+    """``--report_to``: accelerate's trackers (TensorBoard by default) get every CSV row's scalars; ``none``
+    keeps the CSV only; a tracker whose package is missing stops the run before any work (accelerate
+    alone would drop it without a word)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny = dict(total_steps=2, save_every=2, eval_every=2, run_eval=False)
+    train_in_process(*tiny_flags(tmp_path, run_name="tb", **tiny))
+    folder = RunFolder(tmp_path / "tb")
+    events = EventAccumulator(str(folder.tensorboard / "tb")).Reload()
+    assert {"train/loss", "train/tokens_per_s", "eval/action"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    train_in_process(*tiny_flags(tmp_path, run_name="csv_only", **tiny), "--report_to", "none")
+    csv_only = RunFolder(tmp_path / "csv_only")
+    assert csv_only.train_csv.is_file() and not csv_only.tensorboard.exists()
+    args = train.parse_args(["--report_to", "tensorboard", "wandb"])
+    assert train.parse_args(settings.command_line(args, train.PRESETS).split()[2:]) == args
+    monkeypatch.setattr(train, "get_available_trackers", lambda: [])
+    with pytest.raises(SystemExit, match=r"--report_to wandb: the wandb package is not installed \(pip install"):
+        train.main(train.parse_args(tiny_flags(tmp_path, run_name="w") + ["--report_to", "wandb"]))
+    assert not (tmp_path / "w").exists()
+
+
 def test_resume_restores_the_saved_settings_and_refuses_conflicting_flags(tmp_path):
     where = ["--output_dir", str(tmp_path), "--run_name", "r"]
     first = train.parse_args([*where, "--seq_len", "256", "--lr", "0.01", "--hub_token", "secret"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +26,14 @@ if TYPE_CHECKING:
 
 
 class MetricLog:
-    """Rows of metrics in a CSV and in TensorBoard under ``prefix/``.
+    """Rows of metrics in a CSV and, under ``prefix/``, in experiment trackers (``Accelerator.log``).
 
     On resume the CSV keeps the rows up to the resumed step, so that the steps a killed run logged
     after its last checkpoint are logged once, by the resumed run, with the same values.
     """
 
-    def __init__(self, path: Path, writer: Any, prefix: str, resume_step: int | None = None):
-        self.path, self.writer, self.prefix = Path(path), writer, prefix
+    def __init__(self, path: Path, log: Callable[..., Any] | None, prefix: str, resume_step: int | None = None):
+        self.path, self.log, self.prefix = Path(path), log, prefix
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             with self.path.open() as f:
@@ -52,10 +53,9 @@ class MetricLog:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self._write()
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and v != "":
-                    self.writer.add_scalar(f"{self.prefix}/{k}", float(v), int(row["step"]))
+        if self.log is not None:
+            self.log({f"{self.prefix}/{k}": float(v) for k, v in row.items() if k != "step" and v != ""},
+                     step=int(row["step"]))
 
 
 class ModalityLosses:

@@ -7,7 +7,7 @@ takes the paths from :class:`RunFolder` instead of spelling file names itself::
     checkpoints/step_XXXXXXXX/  the same, plus the training state (see generalist.training.checkpoints)
     train_metrics.csv           loss per target modality, lr, grad norm, tokens/s, data wait share
     eval_metrics.csv            held-out loss per modality
-    tensorboard/                the same scalars (train/, eval/)
+    tensorboard/<run name>/     the same scalars (train/, eval/), with --report_to tensorboard
     learning_curves.png         loss per modality against training tokens
     metrics.json, args.json     summary (wall time, tokens/s, final losses, evaluation) and settings
     README.md                   the final model's card

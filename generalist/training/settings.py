@@ -50,6 +50,8 @@ def command_line(args: Any, presets: Mapping[str, Mapping[str, Any]], script: st
             continue
         if isinstance(value, bool):
             flags.append(f"--{f.name}" if value else f"--no_{f.name}")
+        elif isinstance(value, tuple | list):
+            flags.append(" ".join([f"--{f.name}", *map(shlex.quote, map(str, value))]))
         elif value is not None:
             flags.append(f"--{f.name} {shlex.quote(str(value))}")
     return " ".join([script, *flags])
@@ -63,6 +65,12 @@ def save(args: Any, path: Path, secret: Collection[str] = ("hub_token",)) -> Non
     tmp.replace(path)
 
 
+def flat_config(args: Any, secret: Collection[str] = ("hub_token",)) -> dict[str, int | float | str | bool]:
+    """The settings as the scalars experiment trackers take (TensorBoard's hparams refuse None and lists)."""
+    return {k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in dataclasses.asdict(args).items() if k not in secret}
+
+
 def load(cls: type[T], path: Path) -> T:
     """Settings saved by :func:`save` (fields it does not know are ignored, missing ones default)."""
     saved = json.loads(Path(path).read_text())
@@ -72,7 +80,8 @@ def load(cls: type[T], path: Path) -> T:
         if f.name in saved:
             value = saved[f.name]
             is_path = hints[f.name] is Path or Path in typing.get_args(hints[f.name])
-            values[f.name] = Path(value) if is_path and value is not None else value
+            values[f.name] = (Path(value) if is_path and value is not None
+                              else tuple(value) if isinstance(value, list) else value)  # JSON has no tuples
     return cls(**values)
 
 

@@ -82,6 +82,12 @@ class Args:
     """a mixture of datasets_build.registry.MIXTURES, or `name=weight,name=weight` of datasets under data_root"""
     data_root: Path = Path("data")
     """where built datasets live"""
+    stream: bool = False
+    """read Hub datasets and local parquet (Hub-layout) folders as streams instead of downloading them: a window
+    of --stream_window items slides along the shuffled stream (datasets_build/streaming.py); local builds are read
+    from disk as always"""
+    stream_window: int = 256
+    """items (episodes, captions, documents) a streamed dataset keeps in memory and packs from"""
     build_missing: bool = True
     """build the mixture's missing datasets before training (datasets_build.registry.ensure_built)"""
     tokenizer: str | None = None
@@ -225,7 +231,8 @@ def validate_args(args: Args) -> dict[str, float]:
         problems.append("--push_to_hub needs --hub_model_id user/name")
     if args.resume and args.overwrite:
         problems.append("--resume continues the run folder and --overwrite deletes it; pass only one")
-    for name in ("total_steps", "batch_size", "grad_accum", "seq_len", "keep_last", "log_every", "eval_batches"):
+    for name in ("total_steps", "batch_size", "grad_accum", "seq_len", "keep_last", "log_every", "eval_batches",
+                 "stream_window"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("save_every", "eval_every", "num_workers", "warmup_steps", "hub_retries"):
@@ -307,7 +314,8 @@ def main(args: Args) -> dict[str, Any]:
         ensure_built(args.mixture, args.data_root)
         accelerator.print(f"datasets ready in {time.perf_counter() - t0:.0f}s")
     accelerator.wait_for_everyone()
-    train_sources, eval_sources, specs = load_sources(weights, args.data_root)
+    stream = dict(seed=args.seed, world_size=accelerator.num_processes, window=args.stream_window)
+    train_sources, eval_sources, specs = load_sources(weights, args.data_root, stream=stream if args.stream else None)
     if args.expert_labels:  # a dataset built before expert actions were recorded silently imitates the noise
         for src in train_sources:
             if isinstance(getattr(src, "episodes", None), EpisodeRows) and not src.episodes.has_expert_actions:

@@ -192,48 +192,55 @@ def load_episodes(path_or_name: str | Path, root: str | Path = "data") -> tuple[
     return load_shards(folder), load_task_specs(folder)
 
 
-def iter_episodes(dataset: datasets.Dataset, specs: dict[str, TaskSpec]) -> Iterator[dict[str, Any]]:
-    """Yield episodes as the tokenizer's ``encode_episode`` takes them.
+def iter_episodes(dataset: datasets.Dataset | datasets.IterableDataset, specs: dict[str, TaskSpec]
+                  ) -> Iterator[dict[str, Any]]:
+    """Yield episodes as the tokenizer's ``encode_episode`` takes them (:func:`episode_from_row` of each row).
 
     Each item: ``{"task", "source", "observations": {leaf: (T, ...) array or list[str]},
     "actions": {leaf: (T, ...) array}, "rewards": float32 (T,), "terminated", "truncated"}``.
     Arrays come back in the leaf's dtype (uint8 for images).
+    """
+    for i, row in enumerate(dataset.with_format("numpy")):
+        yield episode_from_row(row, specs, i)
+
+
+def episode_from_row(row: dict[str, Any], specs: dict[str, TaskSpec], i: int | None = None) -> dict[str, Any]:
+    """One dataset row (numpy or python values) as an episode.
+
     A row that does not match its task's spec (unknown task, missing column, wrong shape or number
     of steps) is a ``ValueError`` naming the row, the task, the column and what was expected.
     """
-    for i, row in enumerate(dataset.with_format("numpy")):
-        task = str(row["task"])
-        if task not in specs:
-            raise ValueError(f"episode row {i}: task {task!r} has no task spec; the dataset's specs are "
-                             f"{sorted(specs)}")
-        spec = specs[task]
-        rewards = np.asarray(row["rewards"], dtype=np.float32)
-        leaves = {}
-        for f in (*spec.observation_fields, *spec.action_fields):
-            if row.get(f.name) is None:
-                raise ValueError(f"episode row {i} ({task}): no column {f.name!r}, which the task spec declares; "
-                                 f"columns: {sorted(k for k, v in row.items() if v is not None)}")
-            try:
-                leaves[f.name] = _leaf_value(f, row[f.name])
-            except ValueError as e:
-                raise ValueError(f"episode row {i} ({task}), column {f.name!r}: does not match the task spec's "
-                                 f"{f.space_type} of per-step shape {f.shape} ({e})") from None
-            if len(leaves[f.name]) != len(rewards):
-                raise ValueError(f"episode row {i} ({task}), column {f.name!r}: {len(leaves[f.name])} steps but "
-                                 f"{len(rewards)} rewards; every column holds one value per step")
-        episode = {
-            "task": spec.name,
-            "source": str(row["source"]),
-            "observations": {f.name: leaves[f.name] for f in spec.observation_fields},
-            "actions": {f.name: leaves[f.name] for f in spec.action_fields},
-            "rewards": rewards,
-            "terminated": bool(row["terminated"]),
-            "truncated": bool(row["truncated"]),
-        }
-        if all(row.get(EXPERT_PREFIX + f.name) is not None for f in spec.action_fields):
-            episode["expert_actions"] = {f.name: _leaf_value(f, row[EXPERT_PREFIX + f.name])
-                                         for f in spec.action_fields}
-        yield episode
+    where = "episode row" if i is None else f"episode row {i}"
+    task = str(row["task"])
+    if task not in specs:
+        raise ValueError(f"{where}: task {task!r} has no task spec; the dataset's specs are {sorted(specs)}")
+    spec = specs[task]
+    rewards = np.asarray(row["rewards"], dtype=np.float32)
+    leaves = {}
+    for f in (*spec.observation_fields, *spec.action_fields):
+        if row.get(f.name) is None:
+            raise ValueError(f"{where} ({task}): no column {f.name!r}, which the task spec declares; "
+                             f"columns: {sorted(k for k, v in row.items() if v is not None)}")
+        try:
+            leaves[f.name] = _leaf_value(f, row[f.name])
+        except ValueError as e:
+            raise ValueError(f"{where} ({task}), column {f.name!r}: does not match the task spec's "
+                             f"{f.space_type} of per-step shape {f.shape} ({e})") from None
+        if len(leaves[f.name]) != len(rewards):
+            raise ValueError(f"{where} ({task}), column {f.name!r}: {len(leaves[f.name])} steps but "
+                             f"{len(rewards)} rewards; every column holds one value per step")
+    episode = {
+        "task": spec.name,
+        "source": str(row["source"]),
+        "observations": {f.name: leaves[f.name] for f in spec.observation_fields},
+        "actions": {f.name: leaves[f.name] for f in spec.action_fields},
+        "rewards": rewards,
+        "terminated": bool(row["terminated"]),
+        "truncated": bool(row["truncated"]),
+    }
+    if all(row.get(EXPERT_PREFIX + f.name) is not None for f in spec.action_fields):
+        episode["expert_actions"] = {f.name: _leaf_value(f, row[EXPERT_PREFIX + f.name]) for f in spec.action_fields}
+    return episode
 
 
 def _leaf_value(leaf: FieldSpec, value: Any) -> np.ndarray | list[str]:

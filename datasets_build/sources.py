@@ -119,18 +119,29 @@ def dataset_kind(folder: Path, splits: dict[str, datasets.Dataset] | None = None
                      f"columns {columns}")
 
 
-def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1
+def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1, stream: dict | None = None
                  ) -> tuple[list, list, dict[str, TaskSpec]]:
     """Train and held-out sources of every dataset, and the task specs of the control ones.
 
     Control datasets hold out every ``1/eval_share``-th episode of every task — spread over the
     expert, noisy and random sources alike (rows are stored by source, so "the last episodes" would
     be only random ones); caption and text datasets use their ``validation``/``test`` split.
+    ``stream``: Hub datasets and local parquet (Hub-layout) folders are read as streams instead,
+    with these keyword arguments of :func:`datasets_build.streaming.streamed_sources` (``seed``,
+    ``world_size``, ``window``...); local builds are read from disk as always.
     """
     from datasets_build.hub import is_hub_dataset_id, open_hub_dataset
+    from datasets_build.streaming import is_parquet_folder, streamed_sources
 
     train, held_out, specs = [], [], {}
     for name in weights:
+        if stream is not None and (is_hub_dataset_id(name, root) or is_parquet_folder(Path(root) / name)):
+            streamed_train, streamed_held_out, streamed_specs = streamed_sources(name, root, eval_share=eval_share,
+                                                                                 **stream)
+            train.append(streamed_train)
+            held_out.append(streamed_held_out)
+            specs.update(streamed_specs)
+            continue
         folder = open_hub_dataset(name) if is_hub_dataset_id(name, root) else Path(root) / name
         if (folder / TASK_SPECS).exists():
             ds, task_specs = load_episodes(folder)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -95,6 +95,17 @@ class Source(Protocol):
 
     def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
         """Exactly ``cfg.seq_len`` tokens and a small dict describing what went in."""
+        ...
+
+
+@runtime_checkable
+class WindowedSource(Protocol):
+    """A dataset read as a stream (``datasets_build.streaming``): sequence ``index`` of ``rank`` is packed
+    from the in-memory source ``at(rank, index)`` returns (the stream's window at that point)."""
+
+    name: str
+
+    def at(self, rank: int, index: int) -> Source:
         ...
 
 
@@ -349,6 +360,8 @@ class Mixture:
     def sequence(self, seed: int, rank: int, index: int) -> tuple[Sample, dict]:
         rng = np.random.default_rng([seed, rank, index])
         source = self.sources[int(rng.choice(len(self.sources), p=self.probs))]
+        if isinstance(source, WindowedSource):
+            source = source.at(rank, index)
         sample, meta = source.pack(rng, self.tok, self.cfg)
         if _length(sample) != self.cfg.seq_len:
             raise RuntimeError(f"{source.name} packed {_length(sample)} tokens instead of {self.cfg.seq_len}")

@@ -28,6 +28,7 @@ function of (seed, rank, batch index), which is also what makes ``--resume`` exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from datasets_build.hub import is_hub_dataset_id
-from datasets_build.sources import EpisodeRows, load_sources, parse_mixture
+from datasets_build.sources import EpisodeRows, changed_files, load_sources, parse_mixture, source_files
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
@@ -316,6 +317,22 @@ def main(args: Args) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     stream = dict(seed=args.seed, world_size=accelerator.num_processes, window=args.stream_window)
     train_sources, eval_sources, specs = load_sources(weights, args.data_root, stream=stream if args.stream else None)
+    data_files = source_files(train_sources + eval_sources)
+
+    def check_data(error: BaseException | None = None) -> None:
+        """Stop naming the data file that changed under the run (truncated, replaced, deleted)."""
+        if changed := changed_files(data_files):
+            raise SystemExit(f"train.py: training data changed while the run read it: {'; '.join(changed)}. Restore "
+                             "or rebuild the dataset, then --resume (the data order is a function of the step, so "
+                             "the resumed run reads what this one would have)") from error
+
+    @contextlib.contextmanager
+    def data_guard():
+        try:
+            yield
+        except Exception as e:  # e.g. "DataLoader worker ... is killed by signal: Bus error", raised anywhere
+            check_data(e)
+            raise
     if args.expert_labels:  # a dataset built before expert actions were recorded silently imitates the noise
         for src in train_sources:
             if isinstance(getattr(src, "episodes", None), EpisodeRows) and not src.episodes.has_expert_actions:
@@ -411,50 +428,52 @@ def main(args: Args) -> dict[str, Any]:
     wait_s, overhead_s, start_tokens = 0.0, 0.0, tokens_seen  # overhead: evaluation and checkpoints
     t_start = t_window = time.perf_counter()
     bar = tqdm(total=args.total_steps, initial=step, disable=not is_main, desc=run.root.name, dynamic_ncols=True)
-    while step < args.total_steps:
-        for _ in range(args.grad_accum):
-            t_wait = time.perf_counter()
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
-            wait_s += time.perf_counter() - t_wait
-            with accelerator.accumulate(model), accelerator.autocast():
-                out = model(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.add(out)
-            loss_sum += out.loss.detach().float()
-            loss_n += 1
-            batch_tokens = int(batch["attention_mask"].numel()) * accelerator.num_processes
-            tokens_seen, tokens_window = tokens_seen + batch_tokens, tokens_window + batch_tokens
-        scheduler.step()
-        step += 1
-        bar.update(1)
+    with data_guard():  # a worker killed by a truncated shard (SIGBUS) is reported naming the file
+        while step < args.total_steps:
+            for _ in range(args.grad_accum):
+                t_wait = time.perf_counter()
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
+                wait_s += time.perf_counter() - t_wait
+                with accelerator.accumulate(model), accelerator.autocast():
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.add(out)
+                loss_sum += out.loss.detach().float()
+                loss_n += 1
+                batch_tokens = int(batch["attention_mask"].numel()) * accelerator.num_processes
+                tokens_seen, tokens_window = tokens_seen + batch_tokens, tokens_window + batch_tokens
+            scheduler.step()
+            step += 1
+            bar.update(1)
 
-        if step % args.log_every == 0 or step == args.total_steps:
-            last_metrics["train"] = losses.reduce(accelerator)
-            mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_n
-            now = time.perf_counter()
-            tps = tokens_window / (now - t_window)
-            if is_main:
-                train_log.add({"step": step, "tokens": tokens_seen, "loss": mean_loss, **last_metrics["train"],
-                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                               "tokens_per_s": tps, "data_wait_share": wait_s / (now - t_window)})
-                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
-            loss_sum.zero_()
-            loss_n, tokens_window, wait_s, t_window = 0, 0, 0.0, now
-        t_other = time.perf_counter()  # evaluation and checkpoints are not training throughput
-        if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-            batches = (eval_mix.batch(args.seed + 1_000_003, accelerator.process_index, b, args.batch_size)
-                       for b in range(args.eval_batches))  # the same held-out batches every time
-            last_metrics["held-out"] = held_out_losses(accelerator, model, batches)
-            if is_main:
-                eval_log.add({"step": step, "tokens": tokens_seen, **last_metrics["held-out"]})
-        if (args.save_every and step % args.save_every == 0) or step == args.total_steps:
-            save_checkpoint()
-        t_window += time.perf_counter() - t_other
-        overhead_s += time.perf_counter() - t_other
+            if step % args.log_every == 0 or step == args.total_steps:
+                last_metrics["train"] = losses.reduce(accelerator)
+                mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_n
+                now = time.perf_counter()
+                tps = tokens_window / (now - t_window)
+                if is_main:
+                    train_log.add({"step": step, "tokens": tokens_seen, "loss": mean_loss, **last_metrics["train"],
+                                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                   "tokens_per_s": tps, "data_wait_share": wait_s / (now - t_window)})
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
+                loss_sum.zero_()
+                loss_n, tokens_window, wait_s, t_window = 0, 0, 0.0, now
+            t_other = time.perf_counter()  # evaluation and checkpoints are not training throughput
+            if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
+                check_data()  # held-out batches are read in this process: a truncated shard would kill it
+                batches = (eval_mix.batch(args.seed + 1_000_003, accelerator.process_index, b, args.batch_size)
+                           for b in range(args.eval_batches))  # the same held-out batches every time
+                last_metrics["held-out"] = held_out_losses(accelerator, model, batches)
+                if is_main:
+                    eval_log.add({"step": step, "tokens": tokens_seen, **last_metrics["held-out"]})
+            if (args.save_every and step % args.save_every == 0) or step == args.total_steps:
+                save_checkpoint()
+            t_window += time.perf_counter() - t_other
+            overhead_s += time.perf_counter() - t_other
     bar.close()
     session_s = time.perf_counter() - t_start
     wall = elapsed_before + session_s

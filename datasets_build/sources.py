@@ -75,6 +75,31 @@ def _nbytes(episode: dict) -> int:
     return sum(a.nbytes if isinstance(a, np.ndarray) else 64 * len(a) for a in arrays)
 
 
+def source_files(sources: Sequence[Any]) -> dict[str, int]:
+    """The files the sources read lazily (memory-mapped arrow shards), with their sizes now.
+
+    Why: a shard truncated or replaced while training reads it fails deep inside a DataLoader
+    worker (a memory-mapped page past the new end of file is a SIGBUS, which kills the worker with no
+    word about which file). :func:`changed_files` compares against this snapshot to name it.
+    """
+    files = {}
+    for src in sources:
+        data = next((getattr(src, a) for a in ("episodes", "texts", "items") if hasattr(src, a)), None)
+        for f in getattr(getattr(data, "dataset", data), "cache_files", None) or []:
+            files[f["filename"]] = Path(f["filename"]).stat().st_size
+    return files
+
+
+def changed_files(snapshot: dict[str, int]) -> list[str]:
+    """``"path (was N bytes, now M)"`` for every file of the snapshot that is not as it was (or is gone)."""
+    changed = []
+    for name, size in snapshot.items():
+        now = Path(name).stat().st_size if Path(name).exists() else None
+        if now != size:
+            changed.append(f"{name} (was {size:,} bytes, now {'missing' if now is None else f'{now:,}'})")
+    return changed
+
+
 def parse_mixture(mixture: str) -> dict[str, float]:
     """A registry mixture name, or ``name=weight,name=weight`` -> ``{dataset: weight}``."""
     if "=" not in mixture:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,3 +293,35 @@ def test_a_full_disk_on_one_rank_stops_every_rank_naming_the_checkpoint(tiny_fla
     run_dir = tmp_path / "full_disk"
     (only,) = ckpts(run_dir)
     assert only.name == "step_00000004" and checkpoints.verify_checkpoint(only) is None
+
+
+@pytest.mark.slow
+def test_a_shard_truncated_while_training_reads_it_is_named_and_the_run_resumes(data_root, tiny_flags, subprocess_env,
+                                                                                tmp_path):
+    """Truncate the text dataset's arrow file under a running ``train.py`` (its DataLoader worker dies of
+    SIGBUS on the memory-mapped page): the run stops naming the file and its sizes; restored, ``--resume``
+    finishes the run."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "tiny_text", root / "tiny_text")
+    shard = max((root / "tiny_text").rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    original = shard.read_bytes()
+    flags = dict(mixture="tiny_text=1", data_root=root, total_steps=3000, save_every=5, eval_every=0, num_workers=1,
+                 run_eval=False)
+    log = (tmp_path / "truncated.log").open("w")
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_flags(tmp_path, run_name="t", **flags)], cwd=ROOT,
+                            env=subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not ckpts(tmp_path / "t") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its data could be truncated"
+    shard.write_bytes(b"")  # truncated in place: the worker's memory map now ends at 0 bytes
+    proc.wait(timeout=120)
+    log.close()
+    text = (tmp_path / "truncated.log").read_text()
+    assert proc.returncode != 0, text[-3000:]
+    assert f"training data changed while the run read it: {shard} (was {len(original):,} bytes, now 0)" in text, \
+        text[-3000:]
+    shard.write_bytes(original)
+    run([sys.executable, "train.py", *tiny_flags(tmp_path, run_name="t", **{**flags, "total_steps": 12}),
+         "--resume"], subprocess_env, timeout=300)
+    assert checkpoints.read_trainer_state(ckpts(tmp_path / "t")[-1])["step"] == 12

@@ -47,7 +47,7 @@ from scipy.stats import spearmanr
 from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
-from generalist.modes import TT_PRESETS, TTConfig, demonstration_prompt
+from generalist.modes import TTConfig, demonstration_prompt, tt_preset
 from generalist.training.settings import parse
 
 
@@ -268,11 +268,9 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
               "the environment, and the model never saw it in training")
         spec = TaskSpec.from_env(envs, name=task)
         tok.add_task_spec(spec)
-    tt = TTConfig(**{**TT_PRESETS["reference"].__dict__, **{k: v for k, v in
-                                                            (("beam_width", args.beam_width),
-                                                             ("horizon", args.horizon),
-                                                             ("beam_cache_dtype", args.beam_cache_dtype))
-                                                            if v is not None}})
+    overrides = {k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon),
+                                   ("beam_cache_dtype", args.beam_cache_dtype)) if v is not None}
+    tt = TTConfig(**{**tt_preset(task).__dict__, **overrides}) if overrides else None  # None: the task's preset
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
                   expert_returns=args.expert_returns, tt_config=tt, seed=seed)
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
@@ -396,9 +394,9 @@ class Args:
     context_length: int | None = None
     """default: the model's trained context"""
     beam_width: int | None = None
-    """TT (default 128, the reference planner's)"""
+    """TT (default: the task's preset in generalist.modes.TT_PRESETS, else 128 as the reference planner)"""
     horizon: int | None = None
-    """TT (default 15)"""
+    """TT (default: the task's preset, else 15)"""
     beam_cache_dtype: Literal["bfloat16", "float32"] | None = None
     """TT: dtype of the beams' own cached tokens (default bfloat16)"""
     max_steps: int = 100_000

@@ -90,7 +90,8 @@ class Agent:
             ``model.config.context_length``).
         window_keep: fraction of the context kept when the window slides.
         expert_returns, kappa: DT made from a name: Multi-Game DT expert-return sampling.
-        tt_config: TT made from a name: the planner's settings.
+        tt_config: TT made from a name: the planner's settings (default: each task's preset,
+            :func:`generalist.modes.tt_preset`).
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
         seed: seed of the engine's sampling generator.
 
@@ -159,6 +160,8 @@ class Agent:
         self.spec = self.tok.get_task_spec(spec)
         self.batched = num_envs is not None
         self.num_envs = num_envs or 1
+        if isinstance(self.mode, TTMode):
+            self.mode.set_task(self.spec.name)  # the task's planner preset, unless one was given
         if isinstance(self.mode, DTMode):
             self.mode.set_target(target_return)
         elif target_return is not None:

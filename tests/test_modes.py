@@ -191,6 +191,27 @@ def test_tt_presets_match_the_reference_config():
     assert TT_PRESETS["hopper-medium-v2"] == TTConfig(plan_freq=5)
 
 
+def test_the_agent_plans_with_the_tasks_tt_preset_unless_given_one(model, tok):
+    """The default planner is per task (CartPole: 16 beams, horizon 5), else the reference's; a given
+    ``tt_config`` wins everywhere."""
+    import gymnasium as gym
+
+    from generalist import Agent
+    from generalist.modes import TT_PRESETS
+
+    local = _with_spec(tok, TaskSpec.from_env(gym.make("CartPole-v1")))
+    local = _with_spec(local, TaskSpec.from_env(gym.make("Acrobot-v1")))
+    agent = Agent(model, local, "tt")
+    agent.reset("CartPole-v1")
+    assert agent.mode.config == TT_PRESETS["CartPole-v1"] == TTConfig(beam_width=16, horizon=5)
+    agent.reset("Acrobot-v1")
+    assert agent.mode.config == TT_PRESETS["reference"]
+    mine = TTConfig(beam_width=4, horizon=2)
+    agent = Agent(model, local, "tt", tt_config=mine)
+    agent.reset("CartPole-v1")
+    assert agent.mode.config is mine
+
+
 # --- Decision Transformer: conditioning changes behaviour -----------------------------------------
 
 

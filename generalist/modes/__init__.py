@@ -19,7 +19,7 @@ from generalist.modes.control import ControlMode, ControlStep, decode_actions, r
 from generalist.modes.dt import DTMode, initial_return, sample_expert_returns
 from generalist.modes.gato import GatoMode, demonstration_prompt
 from generalist.modes.text import generate_text
-from generalist.modes.tt import TT_PRESETS, Plan, TTConfig, TTMode, tt_plan
+from generalist.modes.tt import TT_PRESETS, Plan, TTConfig, TTMode, tt_plan, tt_preset
 
 __all__ = [
     "TT_PRESETS",
@@ -40,4 +40,5 @@ __all__ = [
     "sample_expert_returns",
     "step_prompts",
     "tt_plan",
+    "tt_preset",
 ]

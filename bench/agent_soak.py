@@ -35,8 +35,10 @@ from generalist.training.settings import parse
 
 try:  # a decision is timed as bench/decode.py times it; run as a script, bench/ is on sys.path
     from decode import timed_step
+    from soak import drift_report
 except ImportError:  # imported as bench.agent_soak (the tests)
     from bench.decode import timed_step
+    from bench.soak import drift_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,33 +94,10 @@ def main(args: Args) -> int:
     envs.close()
 
     ks, rss, ms = (np.array(c) for c in zip(*records, strict=True))
-    ref = int(np.searchsorted(ks, args.warmup * args.decisions))
-    ref = min(ref, len(ks) - 1)
-    tenth = max(1, len(ks) // 10)
-    drift = rss[-1] / rss[ref] - 1.0
-    time_drift = float(np.median(ms[-tenth:]) / np.median(ms[ref: ref + tenth]) - 1.0)
     print(f"\n{args.decisions} decisions x {args.num_envs} envs ({args.env}, context {args.context_length}): "
           f"{episodes} episodes ended, the window slid {agent.refills} times")
-    print(f"RSS after warm-up (decision {ks[ref]}): {rss[ref]:.1f} MiB; at the end {rss[-1]:.1f} MiB; "
-          f"drift {100 * drift:+.1f} % (goal <= 5 %); peak {rss.max():.1f} MiB")
-    print(f"decision time: {np.median(ms[ref: ref + tenth]):.2f} ms after warm-up, {np.median(ms[-tenth:]):.2f} ms "
-          f"in the last tenth ({100 * time_drift:+.1f} %)")
-    if args.plot is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-        a.plot(ks, rss)
-        a.axvline(ks[ref], ls=":", c="grey")
-        a.set_ylabel("RSS (MiB)")
-        a.set_title(f"Agent soak: {args.num_envs} x {args.env}, context {args.context_length}")
-        b.plot(ks, ms)
-        b.set_ylabel("ms / decision (median)")
-        b.set_xlabel("decisions")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-        print(f"plot: {args.plot}")
+    drift = drift_report(ks, rss, ms, warmup=args.warmup, unit="decision", plot=args.plot,
+                         title=f"Agent soak: {args.num_envs} x {args.env}, context {args.context_length}")
     return 0 if drift <= 0.05 else 1
 
 

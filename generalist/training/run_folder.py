@@ -5,7 +5,7 @@ takes the paths from :class:`RunFolder` instead of spelling file names itself::
 
     model/                      the final model: save_pretrained artifacts of model and tokenizer + README.md card
     checkpoints/step_XXXXXXXX/  the same, plus the training state (see generalist.training.checkpoints)
-    train_metrics.csv           loss per target modality, lr, grad norm, tokens/s, data wait share
+    train_metrics.csv           loss per target modality, lr, grad norm, tokens/s, data wait share, RSS
     eval_metrics.csv            held-out loss per modality
     tensorboard/<run name>/     the same scalars (train/, eval/), with --report_to tensorboard
     learning_curves.png         loss per modality against training tokens

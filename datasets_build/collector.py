@@ -8,13 +8,18 @@ middling and high returns, so every task gets episodes from several *sources*::
                   noise of std eps * half the action range, clipped (continuous leaves)
     burst-<p>     the expert, interrupted by bursts: at each step outside a burst one starts with
                   probability p and holds one random action for ``BURST_STEPS`` steps
+    lag-<k>       the expert acting on the observation of k steps before (a late sensor): a
+                  consistent, deterministic, worse policy (stateless experts only)
     random        uniformly random actions
 
 Why bursts as well as per-step noise: white noise averages out within a few steps, so the noisy
 experts stay close to the expert's own states, while a cloned policy's errors are consistent over
 many steps and carry it far away (a Pendulum pumped past the upright energy, spinning). A held
 random action reaches such states, and the expert's action recorded there (DART labels,
-``episodes.py``) is the recovery a policy needs to learn.
+``episodes.py``) is the recovery a policy needs to learn. And why lagged experts: noise around the
+expert averages out in behaviour cloning too (the most frequent action in a state stays the
+expert's), so data of noisy experts does not show what return conditioning adds; a late expert is
+wrong the same way every time, as the early policies of a replay buffer are (D4RL's medium-replay).
 
 Sharding and resumption. The episodes of one (task, source) are split into shards of
 ``episodes_per_shard``; a shard is written atomically (tmp folder + ``os.replace``) as soon as its
@@ -44,7 +49,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
-from gymnasium.vector.utils import iterate
+from gymnasium.vector.utils import concatenate, create_empty_array, iterate
 from tqdm.auto import tqdm
 
 from datasets_build.common import derive_seed, quiet_datasets
@@ -57,6 +62,7 @@ RANDOM = "random"
 NOISY_PREFIX = "noisy-"
 BURST_PREFIX = "burst-"
 BURST_STEPS = 10  # steps a burst holds its random action (0.5 s of Pendulum, 0.2 s of CartPole)
+LAG_PREFIX = "lag-"
 # default share of each source in a task's episodes: mostly expert data, a spread of noise levels
 # (epsilon for discrete actions / std as a fraction of the half range for continuous ones) and
 # random play, so that returns span the whole range from random to expert.
@@ -133,14 +139,26 @@ def source_noise(source: str) -> float | None:
         return 0.0
     if source == RANDOM:
         return None
+    if source_lag(source):
+        return 0.0
     for prefix in (NOISY_PREFIX, BURST_PREFIX):
         if source.startswith(prefix):
             level = float(source.removeprefix(prefix))
             if not 0.0 < level <= 1.0:
                 raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
             return level
-    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>' or "
-                     f"'{BURST_PREFIX}<probability>'")
+    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>', "
+                     f"'{BURST_PREFIX}<probability>' or '{LAG_PREFIX}<steps>'")
+
+
+def source_lag(source: str) -> int:
+    """Steps of delay of a ``lag-<k>`` source's observations (0 for every other source)."""
+    if not source.startswith(LAG_PREFIX):
+        return 0
+    lag = source.removeprefix(LAG_PREFIX)
+    if not lag.isdigit() or int(lag) < 1:
+        raise ValueError(f"delay of source {source!r} must be a whole number of steps >= 1")
+    return int(lag)
 
 
 def split_episodes(total: int, mix: dict[str, float]) -> dict[str, int]:
@@ -235,6 +253,7 @@ class _Episode:
     rewards: list[float] = field(default_factory=list)
     burst_left: int = 0  # steps the current burst still holds burst_action (burst-<p> sources)
     burst_action: Any = None
+    seen: deque = field(default_factory=deque)  # the last k + 1 observations (lag-<k> sources)
 
 
 @dataclass
@@ -317,6 +336,10 @@ def collect_task(
     num_envs = max(1, min(num_envs, len(queue)))
     envs = make_vector_env(task, num_envs)
     expert = task.make_expert(num_envs)
+    lags = {source_lag(source) for source in counts} - {0}
+    if lags and not isinstance(getattr(expert, "expert", expert), StatelessExpert):
+        raise ValueError(f"{task.name}: lag-<k> sources ask the expert about past observations, which only a "
+                         f"stateless expert can answer; {type(expert).__name__} keeps state")
     action_space = envs.single_action_space
     slots: list[_Episode | None] = [None] * num_envs
 
@@ -345,12 +368,25 @@ def collect_task(
         while any(s is not None for s in slots) and (max_shards is None or stats.shards_written < max_shards):
             per_slot_obs = list(iterate(envs.observation_space, obs))
             expert_actions = expert.act(obs, envs.envs)
+            late_actions = expert_actions
+            if lags:  # lag-<k> slots: the expert's answer to their observation of k steps before
+                late = []
+                for i, episode in enumerate(slots):
+                    lag = source_lag(episode.key.source) if episode is not None else 0
+                    if lag:
+                        episode.seen.append(per_slot_obs[i])
+                        while len(episode.seen) > lag + 1:
+                            episode.seen.popleft()
+                    late.append(episode.seen[0] if lag else per_slot_obs[i])
+                late_actions = expert.act(concatenate(envs.single_observation_space, late,
+                                                      create_empty_array(envs.single_observation_space, num_envs)),
+                                          envs.envs)
             actions = []
             for i, episode in enumerate(slots):
                 if episode is None:  # idle slot: any valid action, its data is discarded
                     actions.append(random_action(action_space, np.random.default_rng(0)))
                     continue
-                action = source_action(action_space, expert_actions[i], episode)
+                action = source_action(action_space, late_actions[i], episode)
                 actions.append(action)
                 for name, value in spec.flatten_observation(per_slot_obs[i]).items():
                     episode.leaves[name].append(value)

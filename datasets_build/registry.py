@@ -14,7 +14,7 @@ import datasets
 
 from datasets_build.base import Builder, BuildOptions
 from datasets_build.captions import CaptionDatasetBuilder
-from datasets_build.collector import EXPERT, NOISY_PREFIX, RANDOM
+from datasets_build.collector import EXPERT, LAG_PREFIX, NOISY_PREFIX, RANDOM
 from datasets_build.common import is_built
 from datasets_build.control import (
     CORE_TASKS,
@@ -34,10 +34,12 @@ DATASETS: dict[str, Builder] = {
                     "with scripted experts, noisy experts and random play."),
     "control-lowq": ControlDatasetBuilder(
         "control-lowq", lambda: CORE_TASKS, default_episodes=400,
-        source_mix={EXPERT: 0.05, f"{NOISY_PREFIX}0.3": 0.15, f"{NOISY_PREFIX}0.6": 0.4, RANDOM: 0.4},
+        source_mix={EXPERT: 0.05, f"{LAG_PREFIX}4": 0.25, f"{LAG_PREFIX}8": 0.25, f"{NOISY_PREFIX}0.6": 0.15,
+                    RANDOM: 0.3},
         description="The core classic-control tasks as low-quality data (as D4RL's medium-replay is): 5 % "
-                    "expert episodes, the rest heavily noisy experts and random play. Return conditioning "
-                    "and planning exist for data like this."),
+                    "expert episodes; the rest late experts (acting on the observation of 4 or 8 steps before: "
+                    "consistently wrong, as a replay buffer's early policies are), a heavily noisy expert and "
+                    "random play. Return conditioning and planning exist for data like this."),
     "control-pixels": ControlDatasetBuilder(
         "control-pixels", lambda: PIXEL_TASKS, default_episodes=10,
         description="Pendulum and CartPole whose observation is a 64x64 rendered frame plus the state "

@@ -16,7 +16,7 @@ from datasets_build.base import BuildOptions
 from datasets_build.captions import HELD_OUT_PAIRS, CaptionDatasetBuilder, caption_compositions
 from datasets_build.collector import BURST_PREFIX, BURST_STEPS, EXPERT, RANDOM, split_episodes
 from datasets_build.common import is_built
-from datasets_build.control import CORE_TASKS, PIXEL_TASKS, ControlDatasetBuilder
+from datasets_build.control import CORE_TASKS, PIXEL_TASKS, ControlDatasetBuilder, babyai_tasks
 from datasets_build.episodes import SHARDS_DIR, shard_dirs
 from datasets_build.registry import DATASETS, MIXTURES, load_split_dataset
 from datasets_build.text import TextDatasetBuilder
@@ -89,6 +89,27 @@ def test_every_step_records_the_experts_action_beside_the_executed_one(core):
             assert same < 0.5, (episode["source"], same)
         seen.add(episode["source"])
     assert {"expert", "random", "burst-0.05"} <= seen
+
+
+def test_a_lagged_expert_acts_on_the_observation_of_k_steps_before(tmp_path):
+    """``lag-<k>``: the executed action at step t is the expert's answer at step t - k, which the DART labels
+    record (the expert is stateless); the first k steps answer the first observation. A stateful expert
+    cannot be lagged."""
+    pendulum = next(t for t in CORE_TASKS if t.name == "Pendulum-v1")
+    builder = ControlDatasetBuilder("lagged", lambda: (pendulum,), "", 4,
+                                    source_mix={"expert": 0.4, "lag-3": 0.4, "random": 0.2})
+    dataset, specs = load_episodes(builder.build(tmp_path, TINY))
+    lagged = [e for e in iter_episodes(dataset, specs) if e["source"] == "lag-3"]
+    assert lagged
+    for e in lagged:
+        executed, expert = e["actions"]["action"], e["expert_actions"]["action"]
+        np.testing.assert_array_equal(executed[3:], expert[:-3])
+        np.testing.assert_array_equal(executed[:3], np.repeat(expert[:1], 3, axis=0))
+        assert not np.array_equal(executed, expert)
+    babyai = ControlDatasetBuilder("stateful", lambda: babyai_tasks()[:1], "", 2, source_mix={"lag-2": 1.0})
+    pytest.importorskip("minigrid")
+    with pytest.raises(ValueError, match="lag-<k> sources ask the expert about past observations"):
+        babyai.build(tmp_path / "b", TINY)
 
 
 def assert_bursts_hold_their_action(executed: np.ndarray, expert: np.ndarray) -> None:

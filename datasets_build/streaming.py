@@ -33,6 +33,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,10 @@ class StreamedSource:
         self._start = 0  # stream position of the window's first item
         self._source: Source | None = None
         self.rows_read = 0  # raw rows taken from the stream so far (decoded or skipped)
+
+    def __getstate__(self) -> dict:
+        """Pickled (a DataLoader worker started by spawn) without the open stream: the copy restarts it."""
+        return {**self.__dict__, "_rank": None, "_rows": None, "_items": deque(), "_start": 0, "_source": None}
 
     def _stream(self, rank: int) -> Iterator[dict]:
         """The rank's rows, shuffled, epoch after epoch."""
@@ -130,24 +136,51 @@ def _parquet_rows(files: list[str], held_out: bool | None, every: int) -> Iterat
                     i += 1
 
 
-def _open(files: list[str], held_out: bool | None, every: int) -> Callable[[int, int], datasets.IterableDataset]:
-    """``(rank, world) -> IterableDataset`` over the files (each file a shard, so that ranks and the shuffle
-    split them). Rows are decoded by the features the parquet footer records (images to PIL). Built on
-    ``IterableDataset.from_generator`` rather than ``load_dataset(..., streaming=True)``, whose parquet
-    reader sleeps 5 s whenever an iterator stops (datasets 5, an Arrow shutdown workaround): at every
-    epoch's end and every restart."""
-    import fsspec
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class ParquetStream:
+    """``(rank, world) -> IterableDataset`` over parquet files (each file a shard, so that ranks and the
+    shuffle split them), optionally only the held-out rows. Rows are decoded by the features the parquet
+    footer records (images to PIL). A picklable object, not a closure: DataLoader workers started by
+    spawn (macOS, Windows) receive the sources pickled.
 
-    with fsspec.open(files[0], "rb") as f:
-        features = datasets.Features.from_arrow_schema(pq.read_schema(f))
+    Built on ``IterableDataset.from_generator`` rather than ``load_dataset(..., streaming=True)``, whose
+    parquet reader sleeps 5 s whenever an iterator stops (datasets 5, an Arrow shutdown workaround):
+    at every epoch's end and every restart."""
 
-    def open_stream(rank: int, world_size: int) -> datasets.IterableDataset:
+    files: tuple[str, ...]
+    held_out: bool | None
+    every: int
+
+    def features(self) -> datasets.Features:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        with fsspec.open(self.files[0], "rb") as f:
+            return datasets.Features.from_arrow_schema(pq.read_schema(f))
+
+    def __call__(self, rank: int, world_size: int) -> datasets.IterableDataset:
         ds = datasets.IterableDataset.from_generator(
-            _parquet_rows, features=features, gen_kwargs={"files": list(files), "held_out": held_out, "every": every})
+            _parquet_rows, features=self.features(),
+            gen_kwargs={"files": list(self.files), "held_out": self.held_out, "every": self.every})
         return split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
 
-    return open_stream
+
+def _control_window(name: str, episodes: list[dict]) -> Source:
+    return ControlSource(name, episodes, [e["task"] for e in episodes], sources=[e["source"] for e in episodes],
+                         returns=[float(e["episode_return"]) for e in episodes],
+                         expert_labelled=all("expert_actions" in e for e in episodes))
+
+
+def _control_item(specs: dict[str, TaskSpec], row: dict) -> dict:
+    return {**episode_from_row(row, specs), "episode_return": float(row["episode_return"])}
+
+
+def _caption_item(row: dict) -> dict:
+    return {"image": row["image"], "caption": row["caption"]}
+
+
+def _text_item(row: dict) -> str:
+    return row["text"]
 
 
 def stream_files(name: str, root: Path) -> tuple[dict[str, list[str] | str], dict[str, TaskSpec] | None]:
@@ -186,30 +219,23 @@ def streamed_sources(name: str, root: Path, *, seed: int, world_size: int = 1, w
     # held out: a fixed window (the first `window` held-out items), as the held-out batches are the same every time
     held_kw = {**kw, "advance_every": 1 << 62}
     if specs is not None:  # control: episodes
-        def build(episodes: list[dict]) -> Source:
-            return ControlSource(name, episodes, [e["task"] for e in episodes], sources=[e["source"] for e in episodes],
-                                 returns=[float(e["episode_return"]) for e in episodes],
-                                 expert_labelled=all("expert_actions" in e for e in episodes))
-
-        def decode(row: dict) -> dict:
-            return {**episode_from_row(row, specs), "episode_return": float(row["episode_return"])}
-
-        train = StreamedSource(name, _open(files["train"], False, every), build, decode, **kw)
-        held_out = StreamedSource(name, _open(files["train"], True, every), build, decode, **held_kw)
+        build, decode = partial(_control_window, name), partial(_control_item, specs)
+        train = StreamedSource(name, ParquetStream(tuple(files["train"]), False, every), build, decode, **kw)
+        held_out = StreamedSource(name, ParquetStream(tuple(files["train"]), True, every), build, decode, **held_kw)
         return train, held_out, specs
     held_files = next((files[s] for s in ("validation", "test") if s in files), None)
-    columns = list(_open(files["train"], None, every)(0, 1).features)
+    columns = list(ParquetStream(tuple(files["train"]), None, every).features())
     if "caption" in columns:
-        build: Callable[[list[Any]], Source] = lambda items: CaptionSource(name, items)  # noqa: E731
-        decode: Callable[[dict], Any] = lambda row: {"image": row["image"], "caption": row["caption"]}  # noqa: E731
+        build, decode = partial(CaptionSource, name), _caption_item
     elif "text" in columns:
-        build, decode = (lambda texts: TextSource(name, texts)), (lambda row: row["text"])
+        build, decode = partial(TextSource, name), _text_item
     else:
         raise ValueError(f"--stream: {name} is neither a control (task_specs.json), caption nor text dataset; "
                          f"columns {columns}")
-    train = StreamedSource(name, _open(files["train"], None if held_files else False, every), build, decode, **kw)
-    held_out = StreamedSource(name, _open(held_files or files["train"], None if held_files else True, every),
-                              build, decode, **held_kw)
+    train = StreamedSource(name, ParquetStream(tuple(files["train"]), None if held_files else False, every), build,
+                           decode, **kw)
+    held_out = StreamedSource(name, ParquetStream(tuple(held_files or files["train"]), None if held_files else True,
+                                                  every), build, decode, **held_kw)
     return train, held_out, {}
 
 

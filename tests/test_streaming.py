@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import pickle
 import shutil
 
 import pytest
@@ -39,6 +40,8 @@ def test_a_streamed_dataset_packs_from_a_sliding_window_deterministically(parque
                       tok, cfg)
     assert [resumed.sequence(3, 0, i)[0]["input_ids"].tolist() for i in (13, 19)] == [seqs[13], seqs[19]]  # ahead
     assert first.sequence(3, 0, 4)[0]["input_ids"].tolist() == seqs[4]  # and back (the stream restarts)
+    copied = Mixture([pickle.loads(pickle.dumps(train))], [1.0], tok, cfg)  # as a spawned DataLoader worker gets it
+    assert copied.sequence(3, 0, 17)[0]["input_ids"].tolist() == seqs[17]
     other_seed = streamed_sources("tiny_box", parquet_root, seed=4, window=8, advance_every=2)[0]
     assert Mixture([other_seed], [1.0], tok, cfg).sequence(3, 0, 0)[0]["input_ids"].tolist() != seqs[0]  # by seed
     # held-out rows are every 10th of the split, the others train: no episode in both

@@ -3,8 +3,9 @@
     python -m datasets_build push --dataset control-core --repo_id user/control-core [--out data]
     python train.py --mixture user/control-core=1,text=1       # a Hub id and a local dataset alike
 
-A Hub copy holds what a local build holds, in the Hub's own form: the episodes (or each split) as
-parquet under ``data/``, the task specs *inside* the repo (``task_specs.json``, and the task list in
+A Hub copy holds what a local build holds, in the Hub's own form: the episodes as parquet under
+``data/<task>/`` (one config per task, and ``default`` for all of them; caption and text datasets: each
+split under ``data/``), the task specs *inside* the repo (``task_specs.json``, and the task list in
 the card's YAML), ``build.json`` (how it was made), and a ``DatasetCard`` whose YAML states the
 license, task category, size, the ``configs`` that ``datasets.load_dataset(repo_id)`` reads, and the
 expert / random reference returns. :func:`open_hub_dataset` downloads a repo (``snapshot_download``,
@@ -47,13 +48,27 @@ def hub_layout(folder: Path, staging: Path) -> dict[str, Any]:
     kind = dataset_kind(folder)
     splits = {"train": load_shards(folder)} if kind == "control" else open_splits(folder)
     (staging / PARQUET_DIR).mkdir(parents=True)
-    for split, ds in splits.items():
-        ds.to_parquet(str(staging / PARQUET_DIR / f"{split}-00000-of-00001.parquet"))
+    configs = []
+    if kind == "control":  # one folder (and config) per task, in the order load_shards reads the shards
+        tasks = splits["train"]["task"]
+        for task in sorted(set(tasks), key=task_folder):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            splits["train"].select(rows).to_parquet(
+                str(staging / PARQUET_DIR / task_folder(task) / "train-00000-of-00001.parquet"))
+            configs.append({"config_name": task_folder(task), "data_files": [
+                {"split": "train", "path": f"{PARQUET_DIR}/{task_folder(task)}/train-*.parquet"}]})
+        configs.insert(0, {"config_name": "default", "default": True, "data_files": [
+            {"split": "train", "path": f"{PARQUET_DIR}/*/train-*.parquet"}]})
+    else:
+        for split, ds in splits.items():
+            ds.to_parquet(str(staging / PARQUET_DIR / f"{split}-00000-of-00001.parquet"))
+        configs = [{"config_name": "default", "data_files": [
+            {"split": s, "path": f"{PARQUET_DIR}/{s}-*.parquet"} for s in sorted(splits)]}]
     for name in (TASK_SPECS, BUILD_RECORD):
         if (folder / name).is_file():
             shutil.copy(folder / name, staging / name)
     rows = sum(len(ds) for ds in splits.values())
-    meta: dict[str, Any] = {"kind": kind, "rows": rows, "splits": sorted(splits)}
+    meta: dict[str, Any] = {"kind": kind, "rows": rows, "splits": sorted(splits), "configs": configs}
     if kind == "control":
         specs = load_task_specs(folder)
         meta["tasks"] = {name: {"expert_return": s.expert_return, "random_return": s.random_return}
@@ -66,8 +81,7 @@ def dataset_card(folder: Path, repo_id: str, meta: dict[str, Any]) -> DatasetCar
     data = DatasetCardData(
         license="apache-2.0", pretty_name=folder.name, task_categories=[TASK_CATEGORY[meta["kind"]]],
         size_categories=[_size_category(meta["rows"])], tags=["generalist", meta["kind"], *meta.get("tasks", {})],
-        configs=[{"config_name": "default", "data_files": [
-            {"split": s, "path": f"{PARQUET_DIR}/{s}-*.parquet"} for s in meta["splits"]]}],
+        configs=meta["configs"],
         generalist={"kind": meta["kind"], "task_specs_file": TASK_SPECS if meta["kind"] == "control" else None,
                     "reference_returns": meta.get("tasks")},
     )
@@ -104,14 +118,26 @@ def open_hub_dataset(repo_id: str, revision: str | None = None) -> Path:
                                 f"downloaded ({type(e).__name__}: {e})") from e
 
 
+def task_folder(task: str) -> str:
+    """A task's folder (and config name) under ``data/``, as ``shards/`` names it."""
+    return task.replace("/", "_")
+
+
+def parquet_files(folder: Path) -> dict[str, list[str]]:
+    """``{split: files}`` of a Hub copy: ``data/<split>-*.parquet`` or, per task, ``data/<task>/<split>-*.parquet``
+    (sorted by path: tasks in the order the local build stores them)."""
+    files: dict[str, list[str]] = {}
+    for f in sorted((Path(folder) / PARQUET_DIR).rglob("*.parquet")):
+        files.setdefault(f.name.split("-", 1)[0], []).append(str(f))
+    return files
+
+
 def is_hub_copy(folder: Path) -> bool:
-    return (Path(folder) / PARQUET_DIR).is_dir() and any((Path(folder) / PARQUET_DIR).glob("*.parquet"))
+    return bool(parquet_files(folder)) if (Path(folder) / PARQUET_DIR).is_dir() else False
 
 
 def load_hub_splits(folder: Path) -> dict[str, datasets.Dataset]:
-    """The splits of a Hub copy (parquet files named ``<split>-*.parquet``)."""
-    files: dict[str, list[str]] = {}
-    for f in sorted((Path(folder) / PARQUET_DIR).glob("*.parquet")):
-        files.setdefault(f.name.split("-", 1)[0], []).append(str(f))
+    """The splits of a Hub copy."""
+    files = parquet_files(folder)
     loaded = datasets.load_dataset("parquet", data_files=files)
     return dict(loaded)

@@ -44,6 +44,7 @@ from datasets.distributed import split_dataset_by_node
 
 from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import episode_from_row, load_task_specs
+from datasets_build.hub import is_hub_copy, parquet_files
 from generalist.packing import CaptionSource, ControlSource, PackingConfig, Source, TextSource
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer
@@ -114,7 +115,7 @@ class StreamedSource:
 
 
 def is_parquet_folder(folder: Path) -> bool:
-    return any((Path(folder) / "data").glob("*.parquet"))
+    return is_hub_copy(folder)
 
 
 def _parquet_rows(files: list[str], held_out: bool | None, every: int) -> Iterator[dict]:
@@ -183,22 +184,19 @@ def _text_item(row: dict) -> str:
     return row["text"]
 
 
-def stream_files(name: str, root: Path) -> tuple[dict[str, list[str] | str], dict[str, TaskSpec] | None]:
+def stream_files(name: str, root: Path) -> tuple[dict[str, list[str]], dict[str, TaskSpec] | None]:
     """Parquet files per split of a local Hub-layout folder or a Hub dataset id, and its task specs (control)."""
     folder = Path(root) / name
     if folder.is_dir():
         if not is_parquet_folder(folder):
             raise ValueError(f"--stream: {folder} holds no parquet under data/ (a local build is read from disk "
                              "anyway; `python -m datasets_build push` writes the streamable layout)")
-        files: dict[str, list[str] | str] = {}
-        for f in sorted((folder / "data").glob("*.parquet")):
-            files.setdefault(f.name.split("-", 1)[0], []).append(str(f))
-        return files, load_task_specs(folder) if (folder / TASK_SPECS).is_file() else None
+        return parquet_files(folder), load_task_specs(folder) if (folder / TASK_SPECS).is_file() else None
     import huggingface_hub
 
     fs = huggingface_hub.HfFileSystem()
     files = {}
-    for f in sorted(fs.glob(f"datasets/{name}/data/*.parquet")):
+    for f in sorted(fs.glob(f"datasets/{name}/data/**/*.parquet")):
         files.setdefault(Path(f).name.split("-", 1)[0], []).append(f"hf://{f}")
     if not files:
         raise FileNotFoundError(f"--stream: no parquet under data/ in the Hub dataset {name}")

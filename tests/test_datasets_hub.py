@@ -28,6 +28,8 @@ def test_a_pushed_dataset_has_its_task_specs_a_card_with_metadata_and_loads_with
     assert card.data.generalist["reference_returns"]["Box-v0"].keys() == {"expert_return", "random_return"}
     episodes = datasets.load_dataset(str(box), split="train")  # the card's `configs` is what the Hub reads
     assert len(episodes) == 6 and {"observation", "action", "rewards", "task"} <= set(episodes.column_names)
+    assert datasets.get_dataset_config_names(str(box)) == ["default", "Box-v0"]  # and one config per task
+    assert set(datasets.load_dataset(str(box), "Box-v0", split="train")["task"]) == {"Box-v0"}
     text = datasets.load_dataset(str(hub.root / "someone/tiny_text"))
     assert set(text) == {"train", "validation"} and len(text["train"]) == 40
     captions = huggingface_hub.DatasetCard.load(hub.root / "someone/tiny_captions" / "README.md")

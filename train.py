@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from datasets_build.hub import is_hub_dataset_id
-from datasets_build.sources import EpisodeRows, changed_files, load_sources, parse_mixture, source_files
+from datasets_build.sources import DataFiles, EpisodeRows, load_sources, parse_mixture
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
@@ -329,22 +329,7 @@ def main(args: Args) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     stream = dict(seed=args.seed, world_size=accelerator.num_processes, window=args.stream_window)
     train_sources, eval_sources, specs = load_sources(weights, args.data_root, stream=stream if args.stream else None)
-    data_files = source_files(train_sources + eval_sources)
-
-    def check_data(error: BaseException | None = None) -> None:
-        """Stop naming the data file that changed under the run (truncated, replaced, deleted)."""
-        if changed := changed_files(data_files):
-            raise SystemExit(f"train.py: training data changed while the run read it: {'; '.join(changed)}. Restore "
-                             "or rebuild the dataset, then --resume (the data order is a function of the step, so "
-                             "the resumed run reads what this one would have)") from error
-
-    @contextlib.contextmanager
-    def data_guard():
-        try:
-            yield
-        except Exception as e:  # e.g. "DataLoader worker ... is killed by signal: Bus error", raised anywhere
-            check_data(e)
-            raise
+    data_files = DataFiles(train_sources + eval_sources)  # to name a shard truncated under the run
     if args.expert_labels:  # a dataset built before expert actions were recorded silently imitates the noise
         for src in train_sources:
             if isinstance(getattr(src, "episodes", None), EpisodeRows) and not src.episodes.has_expert_actions:
@@ -440,7 +425,7 @@ def main(args: Args) -> dict[str, Any]:
     wait_s, overhead_s, start_tokens = 0.0, 0.0, tokens_seen  # overhead: evaluation and checkpoints
     t_start = t_window = time.perf_counter()
     bar = tqdm(total=args.total_steps, initial=step, disable=not is_main, desc=run.root.name, dynamic_ncols=True)
-    with data_guard():  # a worker killed by a truncated shard (SIGBUS) is reported naming the file
+    with data_files.guard():  # a worker killed by a truncated shard (SIGBUS) is reported naming the file
         while step < args.total_steps:
             for _ in range(args.grad_accum):
                 t_wait = time.perf_counter()
@@ -477,7 +462,7 @@ def main(args: Args) -> dict[str, Any]:
                 loss_n, tokens_window, wait_s, t_window = 0, 0, 0.0, now
             t_other = time.perf_counter()  # evaluation and checkpoints are not training throughput
             if (args.eval_every and step % args.eval_every == 0) or step == args.total_steps:
-                check_data()  # held-out batches are read in this process: a truncated shard would kill it
+                data_files.check()  # held-out batches are read in this process: a truncated shard would kill it
                 batches = (eval_mix.batch(args.seed + 1_000_003, accelerator.process_index, b, args.batch_size)
                            for b in range(args.eval_batches))  # the same held-out batches every time
                 last_metrics["held-out"] = held_out_losses(accelerator, model, batches)

@@ -350,7 +350,8 @@ def collect_task(
             if queue:
                 key = queue.popleft()
                 episode_seed = key.seed(seed)
-                slots[i] = _Episode(key, episode_seed, np.random.default_rng(episode_seed))
+                slots[i] = _Episode(key, episode_seed, np.random.default_rng(episode_seed),
+                                    seen=deque(maxlen=source_lag(key.source) + 1))
                 seeds[i] = episode_seed
             else:
                 slots[i] = None
@@ -372,12 +373,10 @@ def collect_task(
             if lags:  # lag-<k> slots: the expert's answer to their observation of k steps before
                 late = []
                 for i, episode in enumerate(slots):
-                    lag = source_lag(episode.key.source) if episode is not None else 0
-                    if lag:
-                        episode.seen.append(per_slot_obs[i])
-                        while len(episode.seen) > lag + 1:
-                            episode.seen.popleft()
-                    late.append(episode.seen[0] if lag else per_slot_obs[i])
+                    lagged = episode is not None and source_lag(episode.key.source) > 0
+                    if lagged:
+                        episode.seen.append(per_slot_obs[i])  # keeps the last k + 1
+                    late.append(episode.seen[0] if lagged else per_slot_obs[i])
                 late_actions = expert.act(concatenate(envs.single_observation_space, late,
                                                       create_empty_array(envs.single_observation_space, num_envs)),
                                           envs.envs)

@@ -133,7 +133,7 @@ def parquet_files(folder: Path) -> dict[str, list[str]]:
 
 
 def is_hub_copy(folder: Path) -> bool:
-    return bool(parquet_files(folder)) if (Path(folder) / PARQUET_DIR).is_dir() else False
+    return bool(parquet_files(folder))
 
 
 def load_hub_splits(folder: Path) -> dict[str, datasets.Dataset]:

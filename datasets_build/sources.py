@@ -7,8 +7,9 @@ lazily, when the packer draws them, so that opening a mixture costs no time and 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,29 +76,46 @@ def _nbytes(episode: dict) -> int:
     return sum(a.nbytes if isinstance(a, np.ndarray) else 64 * len(a) for a in arrays)
 
 
-def source_files(sources: Sequence[Any]) -> dict[str, int]:
-    """The files the sources read lazily (memory-mapped arrow shards), with their sizes now.
+class DataFiles:
+    """The files the sources read lazily (memory-mapped arrow shards), with their sizes when the run began.
 
-    Why: a shard truncated or replaced while training reads it fails deep inside a DataLoader
-    worker (a memory-mapped page past the new end of file is a SIGBUS, which kills the worker with no
-    word about which file). :func:`changed_files` compares against this snapshot to name it.
+    Why: a shard truncated or replaced while training reads it fails deep inside a DataLoader worker
+    (a memory-mapped page past the new end of file is a SIGBUS, which kills the worker with no word
+    about which file). :meth:`check` compares the files with the snapshot and stops naming them.
     """
-    files = {}
-    for src in sources:
-        data = next((getattr(src, a) for a in ("episodes", "texts", "items") if hasattr(src, a)), None)
-        for f in getattr(getattr(data, "dataset", data), "cache_files", None) or []:
-            files[f["filename"]] = Path(f["filename"]).stat().st_size
-    return files
 
+    def __init__(self, sources: Sequence[Any]):
+        self.sizes: dict[str, int] = {}
+        for src in sources:
+            data = next((getattr(src, a) for a in ("episodes", "texts", "items") if hasattr(src, a)), None)
+            for f in getattr(getattr(data, "dataset", data), "cache_files", None) or []:
+                self.sizes[f["filename"]] = Path(f["filename"]).stat().st_size
 
-def changed_files(snapshot: dict[str, int]) -> list[str]:
-    """``"path (was N bytes, now M)"`` for every file of the snapshot that is not as it was (or is gone)."""
-    changed = []
-    for name, size in snapshot.items():
-        now = Path(name).stat().st_size if Path(name).exists() else None
-        if now != size:
-            changed.append(f"{name} (was {size:,} bytes, now {'missing' if now is None else f'{now:,}'})")
-    return changed
+    def changed(self) -> list[str]:
+        """``"path (was N bytes, now M)"`` for every file that is not as it was (or is gone)."""
+        out = []
+        for name, size in self.sizes.items():
+            now = Path(name).stat().st_size if Path(name).exists() else None
+            if now != size:
+                out.append(f"{name} (was {size:,} bytes, now {'missing' if now is None else f'{now:,}'})")
+        return out
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Stop naming the files that changed under the run (truncated, replaced, deleted), if any."""
+        if changed := self.changed():
+            raise SystemExit(f"train.py: training data changed while the run read it: {'; '.join(changed)}. Restore "
+                             "or rebuild the dataset, then --resume (the data order is a function of the step, so "
+                             "the resumed run reads what this one would have)") from error
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Any failure inside (e.g. "DataLoader worker ... is killed by signal: Bus error", which surfaces
+        wherever the main process is) is reported as the changed files when there are any."""
+        try:
+            yield
+        except Exception as e:
+            self.check(e)
+            raise
 
 
 def parse_mixture(mixture: str) -> dict[str, float]:
@@ -155,12 +173,12 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1,
     with these keyword arguments of :func:`datasets_build.streaming.streamed_sources` (``seed``,
     ``world_size``, ``window``...); local builds are read from disk as always.
     """
-    from datasets_build.hub import is_hub_dataset_id, open_hub_dataset
-    from datasets_build.streaming import is_parquet_folder, streamed_sources
+    from datasets_build.hub import is_hub_copy, is_hub_dataset_id, open_hub_dataset
+    from datasets_build.streaming import streamed_sources
 
     train, held_out, specs = [], [], {}
     for name in weights:
-        if stream is not None and (is_hub_dataset_id(name, root) or is_parquet_folder(Path(root) / name)):
+        if stream is not None and (is_hub_dataset_id(name, root) or is_hub_copy(Path(root) / name)):
             streamed_train, streamed_held_out, streamed_specs = streamed_sources(name, root, eval_share=eval_share,
                                                                                  **stream)
             train.append(streamed_train)

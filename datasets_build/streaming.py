@@ -114,10 +114,6 @@ class StreamedSource:
         raise TypeError(f"{self.name} is streamed: a Mixture packs it through at(rank, index)")
 
 
-def is_parquet_folder(folder: Path) -> bool:
-    return is_hub_copy(folder)
-
-
 def _parquet_rows(files: list[str], held_out: bool | None, every: int) -> Iterator[dict]:
     """Rows of parquet files, a record batch at a time (local paths or ``hf://`` URLs through fsspec).
 
@@ -188,7 +184,7 @@ def stream_files(name: str, root: Path) -> tuple[dict[str, list[str]], dict[str,
     """Parquet files per split of a local Hub-layout folder or a Hub dataset id, and its task specs (control)."""
     folder = Path(root) / name
     if folder.is_dir():
-        if not is_parquet_folder(folder):
+        if not is_hub_copy(folder):
             raise ValueError(f"--stream: {folder} holds no parquet under data/ (a local build is read from disk "
                              "anyway; `python -m datasets_build push` writes the streamable layout)")
         return parquet_files(folder), load_task_specs(folder) if (folder / TASK_SPECS).is_file() else None
@@ -237,4 +233,4 @@ def streamed_sources(name: str, root: Path, *, seed: int, world_size: int = 1, w
     return train, held_out, {}
 
 
-__all__ = ["StreamedSource", "is_parquet_folder", "stream_files", "streamed_sources"]
+__all__ = ["StreamedSource", "stream_files", "streamed_sources"]

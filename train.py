@@ -57,6 +57,7 @@ from generalist.packing import Mixture, PackedStream, PackingConfig
 from generalist.training import checkpoints, settings
 from generalist.training.metrics import MetricLog, ModalityLosses, held_out_losses
 from generalist.training.run_folder import RunFolder
+from generalist.vocab import DEFAULT_LOSS_WEIGHTS
 
 # --- settings -------------------------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ from generalist.training.run_folder import RunFolder
 @dataclass
 class Args:
     # --- run ---
-    preset: Literal["demo", "control", "control-lowq", "small", "base"] = "demo"
+    preset: Literal["demo", "control", "control-lowq", "babyai", "small", "base"] = "demo"
     """named defaults: demo (CPU, ~10 min), small (one GPU), base (JAT size, several GPUs); flags override them"""
     run_name: str | None = None
     """folder under output_dir for this run (default: the preset's name)"""
@@ -131,6 +132,9 @@ class Args:
     """MLP width"""
     value_features: int = 6
     """continuous tokens also embed their bin's place on the mu-law axis (GeneralistConfig.value_features; 0: off)"""
+    observation_loss_weight: float = DEFAULT_LOSS_WEIGHTS["observation"]
+    """loss weight of observation tokens (actions, rewards, returns and text weigh 1): the world model TT plans
+    with; lower it where observations are long and only the policy matters (BabyAI's 148 tokens per step)"""
     init_from: str | None = None
     """start from the weights of this checkpoint (folder or Hub id) instead of a fresh init"""
 
@@ -197,6 +201,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add
     "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, expert_labels=False, total_steps=1500,
                          eval_every=250, save_every=250, eval_episodes=20),
+    # BabyAI in Gato mode (issue "Control that works"): 148 observation tokens per step, so observations weigh
+    # little and most sequences are imitation (the expert's labels on every episode, as in control)
+    "babyai": dict(mixture="babyai", observation_loss_weight=0.1, return_prob=0.25, total_steps=3000,
+                   eval_every=250, save_every=250, eval_episodes=20),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, seq_len=1024,
                   batch_size=16, total_steps=20_000, lr=1e-3, warmup_steps=500, num_workers=4,
                   log_every=50, eval_every=1000, save_every=1000, eval_batches=16),
@@ -287,7 +295,7 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
                      "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
         vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
         prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features,
-        hidden_action_prob=args.hidden_action_prob)
+        hidden_action_prob=args.hidden_action_prob, loss_weights={"observation": args.observation_loss_weight})
 
 
 # --- main: data, model, the loop, the final model -------------------------------------------------

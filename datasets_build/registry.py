@@ -45,7 +45,7 @@ DATASETS: dict[str, Builder] = {
         description="Pendulum and CartPole whose observation is a 64x64 rendered frame plus the state "
                     "(Dict observation), so images and control meet in one sequence."),
     "babyai": ControlDatasetBuilder(
-        "babyai", babyai_tasks, default_episodes=100,
+        "babyai", babyai_tasks, default_episodes=1000,
         description="BabyAI levels (minigrid): text mission + 7x7x3 egocentric grid + direction, "
                     "discrete actions; expert: minigrid's BabyAIBot. Needs the `babyai` extra."),
     "metaworld": ControlDatasetBuilder(
@@ -62,6 +62,7 @@ MIXTURES: dict[str, dict[str, float]] = {
     # the `control` training preset: the core tasks and their pixel variants
     "control": {"control-core": 0.85, "control-pixels": 0.15},
     "control-lowq": {"control-lowq": 1.0},
+    "babyai": {"babyai": 1.0},
     "full": {"control-core": 0.25, "control-pixels": 0.1, "babyai": 0.15, "metaworld": 0.15,
              "captions": 0.2, "text": 0.15},
 }

@@ -51,13 +51,29 @@ from generalist.modes import TTConfig, demonstration_prompt, tt_preset
 from generalist.training.settings import parse
 
 
+def _is_minigrid(env: gym.Env) -> bool:
+    return any(c.__name__ == "MiniGridEnv" for c in type(env.unwrapped).__mro__)
+
+
 class ErrorAsTermination(gym.Wrapper):
-    """Turns an exception in ``step`` into the end of the episode, remembering the error."""
+    """Turns an exception in ``step`` into the end of the episode, remembering the error; also remembers
+    whether the episode succeeded, where the env says what success is (``success`` is None otherwise):
+    Meta-World's ``info["success"]``, and MiniGrid/BabyAI's reward, which is paid only on success.
+    A vector env resets an env in the step that ends its episode, so both are read (and cleared) by
+    :meth:`outcome`, not by ``reset``."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
+        self._minigrid = _is_minigrid(env)
         self.error: str | None = None
+        self.success: bool | None = False if self._minigrid else None
         self._last_obs = None
+
+    def outcome(self) -> tuple[str | None, bool | None]:
+        """(error, success) of the episode that just ended; the next one starts clean."""
+        out = self.error, self.success
+        self.error, self.success = None, False if self._minigrid else None
+        return out
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -71,6 +87,10 @@ class ErrorAsTermination(gym.Wrapper):
             self.error = f"{type(e).__name__}: {e}"
             return self._last_obs, 0.0, True, False, {}
         self._last_obs = obs
+        if "success" in info:
+            self.success = bool(self.success) or bool(info["success"])
+        elif self._minigrid:
+            self.success = self.success or (bool(terminated) and reward > 0)
         return obs, reward, terminated, truncated, info
 
 
@@ -179,9 +199,8 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             for i in range(n):
                 traces[i]["rew"].append(float(rewards[i]))
         for i in np.flatnonzero(terminated | truncated):
-            error = envs.envs[i].error
-            envs.envs[i].error = None
-            episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error}
+            error, success = envs.envs[i].outcome()
+            episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
@@ -291,6 +310,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     if norm is not None:
         record["normalized_score"], record["stderr_normalized"] = mean_stderr(norm)
         record["normalized_scores"] = norm
+    if successes := [e["success"] for e in episodes if e["error"] is None and e["success"] is not None]:
+        record["success_rate"] = float(np.mean(successes))
     if origin:
         record["prompt"] = origin
     sweep = []
@@ -470,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             run.append(record)
             sweep += task_sweep
             score = f" normalised {record['normalized_score']:.3f}" if "normalized_score" in record else ""
+            if "success_rate" in record:
+                score += f", success {record['success_rate']:.2f}"
             print(f"[{k}] {task} [{args.mode}]: return {record.get('mean_return', math.nan):.2f} ± "
                   f"{record.get('stderr_return', math.nan):.2f} over {record['episodes']} episodes{score}"
                   + (f", {len(record['errors'])} errors" if record["errors"] else ""), flush=True)
@@ -484,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "mean_return": m, "stderr_return": se}
         if norm:
             entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
+        if rated := [r for r in recs if "success_rate" in r]:
+            entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
+                                                     weights=[r["episodes"] for r in rated]))
         pooled.append(entry)
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command,

@@ -34,16 +34,18 @@ def table(result: dict, name: str) -> str:
     """One result file as a markdown section."""
     refs = result.get("references", {})
     iqm = result.get("iqm") or {}
+    rated = any("success_rate" in entry for entry in result["results"])  # tasks whose env says what success is
     lines = [f"#### `{name}` — {result['mode']} mode", "",
              f"`{result.get('command', '')}`", "",
-             "| task | expert-normalised score | return | episodes × checkpoints | expert / random reference "
-             "| env threshold |",
-             "|---|---|---|---|---|---|"]
+             "| task | expert-normalised score | " + ("success rate | " if rated else "") + "return "
+             "| episodes × checkpoints | expert / random reference | env threshold |",
+             "|---|---|---|---|---|---|" + ("---|" if rated else "")]
     for entry in result["results"]:
         ref = refs.get(entry["task"], {})
-        fmt = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+        fmt = lambda x, digits=1: "–" if x is None else f"{x:.{digits}f}"  # noqa: E731
+        success = f"{fmt(entry.get('success_rate'), 2)} | " if rated else ""
         lines.append(
-            f"| {entry['task']} | {_score(entry)} | {entry['mean_return']:.1f} ± {entry['stderr_return']:.1f} "
+            f"| {entry['task']} | {_score(entry)} | {success}{entry['mean_return']:.1f} ± {entry['stderr_return']:.1f} "
             f"| {entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']} "
             f"| {fmt(ref.get('expert_return'))} / {fmt(ref.get('random_return'))} "
             f"| {fmt(ref.get('env_reward_threshold'))} |")

@@ -136,3 +136,55 @@ def test_video_records_one_rendered_episode_per_task_and_the_report_embeds_it(to
     events = EventAccumulator(str(run / "eval" / "tensorboard")).Reload()
     (shown,) = events.Images("videos/control_gato_CartPole-v1")  # TensorBoard gets the same GIF
     assert shown.encoded_image_string == gif.read_bytes() and (shown.width, shown.height) == (600, 400)
+
+
+class Checkpoints(gym.Env):
+    """Episodes of 3 steps; ``info["success"]`` (as Meta-World reports it) on the 2nd step of every other episode."""
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self):
+        self.t, self.episode = 0, -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(2, np.float32), 0.0, False, self.t >= 3, {"success": self.t == 2 and self.episode % 2 == 0}
+
+
+def test_success_is_what_the_env_reports_and_is_kept_across_the_vector_envs_autoreset(tok):
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
+    envs = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Checkpoints())],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    spec = TaskSpec.from_env(envs, name="checkpoints")
+    tok.add_task_spec(spec)
+    episodes = rollout(Agent(model, tok, "gato"), envs, spec, episodes=4, seed=0)
+    assert [e["success"] for e in episodes] == [True, False, True, False]  # success mid-episode counts
+    flaky = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Flaky(False))])
+    assert rollout(Agent(model, tok, "gato"), flaky, TaskSpec.from_env(flaky, name="flaky"), 1, 0)[0]["success"] is None
+
+
+def test_babyai_success_is_reaching_the_goal():
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+
+    from datasets_build.control import make_task_env
+
+    env = ErrorAsTermination(make_task_env("BabyAI-GoToRedBallGrey-v0"))
+    env.reset(seed=1)
+    bot, terminated, truncated, total = BabyAIBot(env.unwrapped), False, False, 0.0
+    while not (terminated or truncated):
+        _, reward, terminated, truncated, _ = env.step(bot.replan())
+        total += reward
+    assert total > 0 and env.outcome() == (None, True)
+    env.reset(seed=1)
+    truncated = False
+    while not truncated:  # turning in place never reaches the ball
+        _, _, terminated, truncated, _ = env.step(0)
+        assert not terminated
+    assert env.outcome() == (None, False)

@@ -34,16 +34,23 @@ class Chunk:
     patch_positions: torch.Tensor | None = None
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Chunk:
-        """Plain tokens (actions, rewards, text): (B, n) or (B,) ids, no local positions.
+    def from_ids(cls, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 local_positions: Sequence[int] | None = None) -> Chunk:
+        """Tokens given as ids: (B, n) or (B,), every row the same kind of token at each column.
 
         ``attention_mask`` (same shape, 0 = padding) defaults to every token being real.
+        ``local_positions`` (n,): each column's place inside its observation (1, 2, ...; 0 for tokens
+        outside one: actions, rewards, text, the default). Observation tokens a planner imagines must
+        carry them, as the tokenizer's observations do, or the model reads them as something else.
         """
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[:, None]
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long().view_as(ids)
-        return cls(ids, mask, torch.zeros_like(ids))
+        local = torch.zeros_like(ids)
+        if local_positions is not None:
+            local[:] = torch.as_tensor(list(local_positions), dtype=torch.long)
+        return cls(ids, mask, local)
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample], pad_id: int) -> Chunk:

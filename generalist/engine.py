@@ -421,7 +421,8 @@ class Engine:
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
                  then: Allowed = None, *, cdf: float | None = None,
-                 median: Sequence[bool] | None = None, feed_as: int | None = None) -> torch.Tensor:
+                 median: Sequence[bool] | None = None, feed_as: int | None = None,
+                 local_positions: Sequence[int] | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
@@ -429,6 +430,8 @@ class Engine:
         then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
         Sampling arguments as in :meth:`sample`; ``median[j]`` is its ``median`` for the j-th token.
         ``feed_as``: feed this id in place of every sampled token (``<hidden_action>``: the policy view).
+        ``local_positions[j]``: the j-th token's place inside its observation when it is fed (tokens of an
+        imagined observation; see :meth:`Chunk.from_ids`); default 0, a token outside an observation.
         """
         out = []
         for j, allow in enumerate(allowed):
@@ -437,7 +440,9 @@ class Engine:
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
                 fed = token if feed_as is None else torch.full_like(token, feed_as)
-                self.feed(state, fed[:, None], allowed[j + 1] if j < len(allowed) - 1 else then)
+                chunk = fed[:, None] if local_positions is None else Chunk.from_ids(
+                    fed[:, None], local_positions=[local_positions[j]])
+                self.feed(state, chunk, allowed[j + 1] if j < len(allowed) - 1 else then)
         return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
     @torch.inference_mode()

@@ -180,6 +180,41 @@ def test_tt_plan_runs_on_a_real_model_and_restores_state(model, tok):
     torch.testing.assert_close(state.logits, fresh.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_the_planner_imagines_observations_as_the_tokenizer_lays_them_out(model, tok):
+    """What the planner imagines is scored as the model scores the same step encoded by the tokenizer, in
+    training's layout. Its imagined observation tokens were fed without their places in the observation
+    (the local positions 1..n every observation carries), so the world model read its own predictions
+    as something else: on CartPole the second imagined state and every value after it were noise
+    (V = 244 where no return exceeds 100), and the beam search picked exactly those."""
+    from generalist.modes.control import continuous_values
+
+    spec = TaskSpec.from_spaces("tt-layout", spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (1,), np.float32))
+    engine = Engine(model, seed=0)
+    context = tok.encode_steps(spec, {"observation": np.full((1, 3), 0.3, np.float32)})[0]  # <no_return> o <sep>
+    plan = tt_plan(engine, engine.prefill(context), tok, spec,
+                   TTConfig(beam_width=1, n_expand=1, horizon=2, k_act=1, cdf_act=None, beam_cache_dtype="float32"))
+    cont, centres = continuous_values(tok)
+
+    def reward_then_value(state) -> tuple[float, float]:  # as the planner reads them
+        reward = state.logits[0, cont[0]: cont[1]].double().softmax(-1) @ (centres / spec.reward_scale)
+        engine.feed(state, torch.tensor([[int(state.logits[0, cont[0]: cont[1]].argmax()) + cont[0]]]))
+        value = state.logits[0, cont[0]: cont[1]].double().softmax(-1) @ (centres / spec.return_scale)
+        return float(reward), float(value)
+
+    state = engine.prefill(context)  # replay the best beam, each step as the tokenizer encodes it
+    engine.feed(state, torch.from_numpy(plan.plan_ids[:, 0]))
+    first = reward_then_value(state)
+    imagined = tok.decode_continuous(plan.observation_ids[0, 0])
+    step = tok.encode_steps(spec, {"observation": imagined[None].astype(np.float32)})[0]
+    assert step["input_ids"][1:4].tolist() == plan.observation_ids[0, 0].tolist()
+    assert step["local_positions"].tolist() == [0, 1, 2, 3, 0]  # <no_return> o o o <sep>
+    engine.feed(state, [step])
+    engine.feed(state, torch.from_numpy(plan.plan_ids[:, 1]))
+    second = reward_then_value(state)
+    np.testing.assert_allclose(plan.rewards[0], [first[0], second[0]], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(plan.values[0], [first[1], second[1]], rtol=1e-4, atol=1e-5)
+
+
 def test_tt_presets_match_the_reference_config():
     from generalist.modes import TT_PRESETS
 

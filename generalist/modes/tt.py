@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from generalist.decode_state import Chunk
 from generalist.engine import DecodeState, Engine, constrain
 from generalist.modes.control import ControlStep, continuous_flags, continuous_values, observation_token_ranges
 from generalist.task_spec import TaskSpec
@@ -126,12 +127,17 @@ class Plan:
         plan_ids: (E, H, A) the best beam's action tokens for the whole horizon.
         scores: (E,) the best beam's score.
         values: (E, H) the best beam's predicted value after each planned step.
+        rewards: (E, H) the best beam's predicted (expected) reward of each planned step.
+        observation_ids: (E, H - 1, O) the observation tokens the best beam imagined after each planned
+            step but the last (``tok.decode_continuous`` / ``decode_discrete`` read them).
     """
 
     action_ids: np.ndarray
     plan_ids: np.ndarray
     scores: np.ndarray
     values: np.ndarray
+    rewards: np.ndarray
+    observation_ids: np.ndarray
 
 
 def _expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -158,6 +164,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     after_reward = (cont[0], tok.eos_id + 1)  # the next R position: value bins ... <eos>
     n_bins, eos_col = cont[1] - cont[0], tok.eos_id - cont[0]
     no_return = torch.full((1,), tok.no_return_id)
+    obs_local = range(1, len(obs_ranges) + 1)
 
     snapshot = engine.snapshot(state)
     # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
@@ -168,10 +175,12 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     values = torch.zeros(n, horizon, dtype=torch.float64)  # expected V_{t+1} after step t
     discounts = gamma ** torch.arange(horizon + 1, dtype=torch.float64)
     plans = torch.zeros(n, horizon, len(act_ranges), dtype=torch.long)
+    imagined = torch.zeros(n, horizon - 1, len(obs_ranges), dtype=torch.long)  # o_{t+1} after each step but the last
     scores = torch.zeros(n, dtype=torch.float64)
     for t in range(horizon):
         engine.repeat(state, expand)  # (E*beam*expand), grouped per environment
-        rewards, alive, values, plans = (x.repeat_interleave(expand, 0) for x in (rewards, alive, values, plans))
+        rewards, alive, values, plans, imagined = (x.repeat_interleave(expand, 0)
+                                                   for x in (rewards, alive, values, plans, imagined))
         plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
                                       cdf=config.cdf_act)
         r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
@@ -190,18 +199,23 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         scores, best = total.view(e, beam * expand).topk(beam, dim=1)  # (E, beam)
         rows = (best + torch.arange(e)[:, None] * beam * expand).flatten()  # (E*beam,)
         engine.select(state, rows)
-        rewards, alive, values, plans, scores = rewards[rows], alive[rows], values[rows], plans[rows], scores.flatten()
+        rewards, alive, values, plans, imagined = (x[rows] for x in (rewards, alive, values, plans, imagined))
+        scores = scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
+            # each imagined token at its place in the observation (1..n), as the tokenizer lays observations out
             obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
-                                  median=obs_median)  # k_obs = 1: the predicted median of each value
-            engine.feed(state, torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1), act_ranges[0])
+                                  median=obs_median, local_positions=obs_local)  # k_obs = 1: predicted medians
+            last = torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1)
+            engine.feed(state, Chunk.from_ids(last, local_positions=(len(obs_ranges), 0)), act_ranges[0])
+            imagined[:, t] = obs
 
     best = scores.view(e, beam).argmax(1)  # (E,)
     rows = best + torch.arange(e) * beam
     engine.restore(snapshot)
     return Plan(action_ids=plans[rows, 0].numpy(), plan_ids=plans[rows].numpy(),
-                scores=scores.view(e, beam)[torch.arange(e), best].numpy(), values=values[rows].numpy())
+                scores=scores.view(e, beam)[torch.arange(e), best].numpy(), values=values[rows].numpy(),
+                rewards=rewards[rows].numpy(), observation_ids=imagined[rows].numpy())
 
 
 class TTMode:

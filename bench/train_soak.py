@@ -42,7 +42,9 @@ class Args:
     run: Path | None = None
     """analyse this existing run folder instead of training one"""
     output_dir: Path = Path("runs")
-    """where the soak run goes (run name: soak)"""
+    """where the soak run goes"""
+    run_name: str = "soak"
+    """its folder under output_dir (the one analysed; a --run_name inside --flags is refused)"""
     flags: str = ""
     """more train.py flags, e.g. '--preset control --data_root data'"""
     warmup: float = 0.1
@@ -66,12 +68,14 @@ def curves(run: RunFolder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def main(args: Args) -> int:
     if args.run is None:
-        cmd = [sys.executable, "train.py", "--run_name", "soak", "--output_dir", str(args.output_dir), "--overwrite",
-               "--total_steps", str(args.steps), "--no_run_eval", "--save_every", str(max(1, args.steps // 5)),
-               *shlex.split(args.flags)]
+        if "--run_name" in args.flags:  # train.py would take the last one, and another run would be analysed
+            raise SystemExit("bench/train_soak.py: give the run's name as --run_name, not inside --flags")
+        cmd = [sys.executable, "train.py", "--run_name", args.run_name, "--output_dir", str(args.output_dir),
+               "--overwrite", "--total_steps", str(args.steps), "--no_run_eval",
+               "--save_every", str(max(1, args.steps // 5)), *shlex.split(args.flags)]
         print("running:", shlex.join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
-    run = RunFolder(args.run or args.output_dir / "soak")
+    run = RunFolder(args.run or args.output_dir / args.run_name)
     steps, rss, ms = curves(run)
     print(f"\n{run.root}: {steps[-1]} steps, {len(steps)} records")
     for k in np.linspace(0, len(steps) - 1, min(len(steps), 11)).astype(int):

@@ -54,6 +54,7 @@ from generalist.sampling import (
     filter_top_k,
     filter_top_p,
     median_index,
+    sample_distinct,
     sample_next_token,
 )
 from generalist.shared_prefix import (
@@ -67,7 +68,7 @@ from generalist.tokenizer import PATCH_DIM, Sample
 __all__ = [
     "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",
     "Snapshot", "as_range", "constrain", "enable_shared_prefix_attention", "filter_cdf", "filter_top_k",
-    "filter_top_p", "new_cache", "sample_next_token", "shared_prefix_attention",
+    "filter_top_p", "new_cache", "sample_distinct", "sample_next_token", "shared_prefix_attention",
 ]
 
 

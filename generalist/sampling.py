@@ -171,3 +171,22 @@ def sample_next_token(
         logits = filter_top_p(logits, top_p)
     probs = logits.softmax(-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_distinct(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` *different* ids per row drawn without replacement from ``softmax(logits)`` (B, V) -> (B, n).
+
+    The Gumbel-top-k trick (Kool et al. 2019): the ``n`` largest ``logits + Gumbel noise`` are a
+    sample without replacement, in the order drawn. A row with fewer than ``n`` allowed (finite) ids
+    repeats its first draw in the places left over.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    logits = logits.float()
+    uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1.0)
+    keys = logits - (-uniform.log()).log()  # (B, V) logits + Gumbel(0, 1)
+    top = keys.topk(min(n, logits.shape[-1]), dim=-1)  # (B, n')
+    ids = torch.where(torch.isneginf(top.values), top.indices[:, :1], top.indices)
+    if ids.shape[1] < n:
+        ids = torch.cat([ids, ids[:, :1].expand(-1, n - ids.shape[1])], 1)
+    return ids

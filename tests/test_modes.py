@@ -80,10 +80,10 @@ class ScriptedModel(torch.nn.Module):
     ended), as ``reward_of(actions) -> (r, V or None)`` says. It refuses a return fed as an input:
     the token after a reward must be ``<no_return>`` (the value is a prediction, never an input)."""
 
-    def __init__(self, tok, reward_of):
+    def __init__(self, tok, reward_of, prior=(0.0, 0.0, 0.0)):
         super().__init__()
         self.config = GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)
-        self.tok, self.reward_of = tok, reward_of
+        self.tok, self.reward_of, self.prior = tok, reward_of, torch.tensor(prior)  # action logits after <sep>
 
     def forward(self, input_ids, cache=None, **_):
         ids = input_ids if not isinstance(cache, HistoryCache) else torch.cat([cache.ids, input_ids], 1)
@@ -98,7 +98,7 @@ class ScriptedModel(torch.nn.Module):
             since_sep = len(row) - 1 - seps[-1]
             actions = [t - base for t in row if base <= t < base + 3]
             if since_sep == 0:
-                logits[i, 0, base: base + 3] = 0.0
+                logits[i, 0, base: base + 3] = self.prior
             elif since_sep == 1:  # the reward of this step
                 r, _ = self.reward_of(actions)
                 logits[i, 0, int(tok.encode_continuous(np.array([r]))[0])] = 0.0
@@ -129,10 +129,10 @@ def _terminal(actions: list[int]) -> tuple[float, float | None]:
     return 0.5, 1.0
 
 
-def _plan(tok, reward_of, config) -> tuple:
+def _plan(tok, reward_of, config, prior=(0.0, 0.0, 0.0)) -> tuple:
     spec = TaskSpec.from_spaces("tt-scripted", spaces.Box(-1, 1, (1,), np.float32), spaces.Discrete(3),
                                 discount=0.99)
-    engine = Engine(ScriptedModel(tok, reward_of), seed=0)
+    engine = Engine(ScriptedModel(tok, reward_of, prior), seed=0)
     context = tok.encode_steps(spec, {"observation": np.zeros((1, 1), np.float32)})[0]  # <no_return> o <sep>
     state = engine.prefill([context, context])  # two environments, batched
     length = state.length
@@ -152,6 +152,16 @@ def test_tt_scores_predicted_values_and_beats_a_myopic_planner(tok):
     short = _plan(tok, _delayed, TTConfig(beam_width=6, horizon=1, n_expand=4, cdf_act=None))
     assert short.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2
     np.testing.assert_allclose(short.scores, value(0.0) + 0.99 * value(3.0), rtol=1e-5)
+
+
+def test_tt_compares_discrete_actions_the_model_thinks_unlikely(tok):
+    # the model is 99.7 % sure of the myopic action 1 (imitation would take it); the reference's cdf
+    # filter (drop the least likely 60 % of the mass) left only that action to every child, so the planner
+    # could not find action 0's delayed reward. A beam's children now try different actions.
+    sure = (-3.0, 3.0, -3.0)
+    for seed_beams in (1, 6):
+        plan = _plan(tok, _delayed, TTConfig(beam_width=seed_beams, horizon=2, n_expand=3), prior=sure)
+        assert plan.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2, seed_beams
 
 
 def test_tt_counts_nothing_after_a_predicted_end_of_episode(tok):

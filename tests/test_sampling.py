@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from generalist.sampling import constrain, filter_cdf, filter_top_k, filter_top_p, sample_next_token
+from generalist.sampling import (
+    constrain,
+    filter_cdf,
+    filter_top_k,
+    filter_top_p,
+    sample_distinct,
+    sample_next_token,
+)
 
 
 def _logits(*probs: float) -> torch.Tensor:
@@ -146,3 +153,17 @@ def test_greedy_continuous_value_is_the_median_not_the_most_probable_bin():
     logits = probs.log()
     assert int(logits.argmax(-1)) == 99
     assert int(median_index(logits)) == 52  # cumulative 0.07 * 8 = 0.56 >= 0.5 at bin 52
+
+
+def test_sample_distinct_draws_without_replacement_in_proportion():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]])).expand(20_000, -1)  # id 3 never allowed
+    ids = sample_distinct(logits, 2, g)  # (B, 2)
+    assert (ids[:, 0] != ids[:, 1]).all() and (ids != 3).all()
+    first = torch.bincount(ids[:, 0], minlength=4) / len(ids)
+    assert torch.allclose(first, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.015), first
+    # the second draw is from what is left: P(1 second) = 0.7·0.2/0.3 + 0.1·0.2/0.9
+    assert abs(float((ids[:, 1] == 1).float().mean()) - (0.7 * 0.2 / 0.3 + 0.1 * 0.2 / 0.9)) < 0.015
+    # fewer allowed ids than asked for: the first draw fills the rest
+    only_one = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    assert sample_distinct(only_one, 3, g).tolist() == [[0, 0, 0]]

@@ -11,7 +11,12 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 
 1. every beam is expanded ``n_expand`` times and samples its action tokens (the reference's cdf
    filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass, then top-k ``k_act``,
-   in the reference's order), constrained to the action space;
+   in the reference's order), constrained to the action space. Not the reference's (it has no
+   discrete actions): where the first action token is a *discrete* value, a beam's children take
+   ``n_expand`` different ones, drawn without replacement in proportion to the model's
+   probabilities and without the cdf filter. On two actions the filter keeps only the likelier one
+   (it drops the least likely 60 % of the mass), so every child repeated it and the planner could
+   only follow the model's prior, never compare the alternative: no better than greedy;
 2. the reward token ``r_t`` is predicted and fed (greedy, reference ``k_rew=1``); then the next
    ``R`` position is read: its distribution over value bins and ``<eos>`` gives the expected value
    ``V_{t+1}`` (the reference's ``percentile='mean'``) and the probability that the episode ended,
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 
 from generalist.decode_state import Chunk
-from generalist.engine import DecodeState, Engine, constrain
+from generalist.engine import DecodeState, Engine, constrain, sample_distinct
 from generalist.modes.control import ControlStep, continuous_flags, continuous_values, observation_token_ranges
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, StepLayout
@@ -51,7 +56,8 @@ class TTConfig:
     Attributes:
         beam_width: beams kept per environment after each step (reference: 128).
         horizon: planning steps (reference: 15).
-        n_expand: candidates sampled per beam before pruning (reference: 2).
+        n_expand: candidates sampled per beam before pruning (reference: 2); on a discrete first
+            action token, that many *different* actions (see the module's step 1).
         k_obs, k_act: top-k truncation of observation / action tokens (1 = greedy; None = off).
         cdf_obs, cdf_act: the reference's ``filter_cdf``: drop the least likely ``cdf`` of the
             probability mass (reference: None, 0.6).
@@ -165,6 +171,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     n_bins, eos_col = cont[1] - cont[0], tok.eos_id - cont[0]
     no_return = torch.full((1,), tok.no_return_id)
     obs_local = range(1, len(obs_ranges) + 1)
+    enumerate_first = expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
 
     snapshot = engine.snapshot(state)
     # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
@@ -181,8 +188,16 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         engine.repeat(state, expand)  # (E*beam*expand), grouped per environment
         rewards, alive, values, plans, imagined = (x.repeat_interleave(expand, 0)
                                                    for x in (rewards, alive, values, plans, imagined))
-        plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
-                                      cdf=config.cdf_act)
+        if enumerate_first:  # a beam's children try different actions, however sure the model is
+            parents, lo = constrain(state.logits[::expand], act_ranges[0], state.logits_offset)  # (E*beam, n)
+            first = (sample_distinct(parents, expand, engine.generator) + lo).flatten()  # (E*beam*expand,)
+            engine.feed(state, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
+            rest = engine.generate(state, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
+                                   cdf=config.cdf_act)
+            plans[:, t] = torch.cat([first[:, None], rest], 1)
+        else:
+            plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
+                                          cdf=config.cdf_act)
         r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
         rewards[:, t] = _expected(r_logits, reward_values)
         greedy = config.k_reward == 1

@@ -282,6 +282,22 @@ def resident_mib() -> float:
     return total / 2**20
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Batches of varying size (image patches), evaluations and checkpoints allocate and free buffers of
+    many sizes; glibc keeps freed memory in its heaps, where later allocations fragment it, and a long
+    run's resident memory rose in steps (the 10,000-step soak: +9.1 %, +38 MiB after step 9,500). With
+    a trim at every logged step the same soak stayed in one band (+2.4 %; README, "Measured (speed)").
+    """
+    import ctypes
+    import ctypes.util
+
+    if sys.platform.startswith("linux") and (name := ctypes.util.find_library("c")):
+        with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def trackers(args: Args) -> list[str]:
     return [t for t in args.report_to if t != "none"]
 
@@ -478,6 +494,8 @@ def main(args: Args) -> dict[str, Any]:
                     eval_log.add({"step": step, "tokens": tokens_seen, **last_metrics["held-out"]})
             if (args.save_every and step % args.save_every == 0) or step == args.total_steps:
                 save_checkpoint()
+            if step % args.log_every == 0:
+                release_freed_memory()
             t_window += time.perf_counter() - t_other
             overhead_s += time.perf_counter() - t_other
     bar.close()

@@ -26,8 +26,9 @@ The targets, on CPU with ``torch.set_num_threads(2)``:
 * **Trajectory Transformer planning** at the published planner's hopper settings (11 obs / 3
   action dims, beam 128, horizon 15, n_expand 2, 5 context transitions, the reference's 4 × 128
   backbone), timed through the Agent in TT mode, is at most 1/50 of the original planner's time and
-  1/20 of Faster-TT's (``--with_references``), with the beams' own cache in bfloat16 (the default)
-  and, for comparison, in float32 (``--tt_beam_cache_dtypes``). With
+  1/20 of Faster-TT's (``--with_references``), with the beams' own cache as the default
+  (``auto``: bfloat16 on CUDA or an AMX CPU, else float32) and, for comparison, in the other dtype
+  (``--tt_beam_cache_dtypes``). With
   ``--tt_uncached`` the same planner is also timed by :func:`generalist.modes.tt_plan` on an
   ``Engine(use_cache=False)`` (recomputing every sequence for every token, as the reference
   planner does; minutes at the reference settings, too slow to pre-run an Agent with), next to a
@@ -83,6 +84,7 @@ from gymnasium import spaces
 
 from generalist import Agent, Engine, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.modes import TTConfig, step_prompts, tt_plan
+from generalist.modes.tt import beam_cache_dtype
 from generalist.tokenizer import concat_samples
 from generalist.training.settings import parse
 
@@ -124,8 +126,9 @@ class Args:
     """TT candidates per beam (reference: 2)"""
     tt_repeats: int = 2
     """timed TT decisions (after the 5 context steps, played with the same planner)"""
-    tt_beam_cache_dtypes: tuple[str, ...] = ("bfloat16", "float32")
-    """TTConfig.beam_cache_dtype values to time, the first one for the ratios to the references"""
+    tt_beam_cache_dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32")
+    """TTConfig.beam_cache_dtype values to time, the first one for the ratios to the references (a dtype
+    that an earlier entry's ``auto`` already timed is skipped)"""
     tt_uncached: bool = False
     """also time tt_plan on an Engine(use_cache=False) (minutes at the reference settings)"""
     with_references: Path | None = None
@@ -358,14 +361,19 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps) ==")
-    out = {}
+    out, timed = {}, set()
     for dtype in args.tt_beam_cache_dtypes:  # the default first: the figure the ratios are for
+        resolved = beam_cache_dtype(dtype, next(model.parameters()).device)
+        if resolved in timed:
+            continue
+        timed.add(resolved)
         cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
         agent = Agent(model, tok, "tt", tt_config=cfg)
         t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
                        allow_refills=True)
         out[dtype] = t.median
-        print(f"beams' own cache {dtype}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
+        label = dtype if dtype != "auto" else f"auto = {str(resolved).removeprefix('torch.')}"
+        print(f"beams' own cache {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
               f"context {t.context} tokens, window re-prefilled in {t.refills} (included): {t.median:.2f} s")
     print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is the "
           f"{tok.vocab_size}-token embedding and head)")

@@ -418,8 +418,8 @@ class Args:
     """TT (default: the task's preset in generalist.modes.TT_PRESETS, else 128 as the reference planner)"""
     horizon: int | None = None
     """TT (default: the task's preset, else 15)"""
-    beam_cache_dtype: Literal["bfloat16", "float32"] | None = None
-    """TT: dtype of the beams' own cached tokens (default bfloat16)"""
+    beam_cache_dtype: Literal["auto", "bfloat16", "float32"] | None = None
+    """TT: dtype of the beams' own cached tokens (default auto: bfloat16 on CUDA or an AMX CPU, else float32)"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0

@@ -327,3 +327,15 @@ def test_caption_and_text_stop_and_decode(model, tok):
     assert len(greedy) == len(beams) == 2 and all(isinstance(c, str) for c in greedy + beams)
     texts = generate_text(Engine(model, seed=0), tok, ["hello", "the cat"], max_new_tokens=6, temperature=1.0, top_k=20)
     assert len(texts) == 2
+
+
+def test_the_beam_cache_dtype_follows_the_hardware_unless_named(monkeypatch):
+    from generalist.modes.tt import beam_cache_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert beam_cache_dtype("float32", cuda) == torch.float32 and beam_cache_dtype("bfloat16", cpu) == torch.bfloat16
+    assert beam_cache_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert beam_cache_dtype("auto", cpu) == torch.bfloat16  # AMX: bfloat16 attention is fast
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert beam_cache_dtype("auto", cpu) == torch.float32

@@ -288,7 +288,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
         spec = TaskSpec.from_env(envs, name=task)
         tok.add_task_spec(spec)
     overrides = {k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon),
-                                   ("beam_cache_dtype", args.beam_cache_dtype)) if v is not None}
+                                   ("beam_cache_dtype", args.beam_cache_dtype),
+                                   ("distinct_actions", args.distinct_actions)) if v is not None}
     tt = TTConfig(**{**tt_preset(task).__dict__, **overrides}) if overrides else None  # None: the task's preset
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
                   expert_returns=args.expert_returns, tt_config=tt, seed=seed)
@@ -420,6 +421,9 @@ class Args:
     """TT (default: the task's preset, else 15)"""
     beam_cache_dtype: Literal["auto", "bfloat16", "float32"] | None = None
     """TT: dtype of the beams' own cached tokens (default auto: bfloat16 on CUDA or an AMX CPU, else float32)"""
+    distinct_actions: bool | None = None
+    """TT: a beam's children take different discrete first actions (TTConfig.distinct_actions; default off, as
+    the reference)"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0

@@ -154,13 +154,17 @@ def test_tt_scores_predicted_values_and_beats_a_myopic_planner(tok):
     np.testing.assert_allclose(short.scores, value(0.0) + 0.99 * value(3.0), rtol=1e-5)
 
 
-def test_tt_compares_discrete_actions_the_model_thinks_unlikely(tok):
-    # the model is 99.7 % sure of the myopic action 1 (imitation would take it); the reference's cdf
-    # filter (drop the least likely 60 % of the mass) left only that action to every child, so the planner
-    # could not find action 0's delayed reward. A beam's children now try different actions.
+def test_tt_compares_discrete_actions_the_model_thinks_unlikely_when_asked(tok):
+    # the model is 99.7 % sure of the myopic action 1 (imitation would take it). The reference's cdf
+    # filter (drop the least likely 60 % of the mass) leaves only that action to every child: the plan is
+    # the greedy policy's. With distinct_actions a beam's children try different actions and the planner
+    # finds action 0's delayed reward.
     sure = (-3.0, 3.0, -3.0)
+    greedy = _plan(tok, _delayed, TTConfig(beam_width=6, horizon=2, n_expand=3), prior=sure)
+    assert greedy.action_ids.tolist() == [[tok.layout.discrete_offset + 1]] * 2
     for seed_beams in (1, 6):
-        plan = _plan(tok, _delayed, TTConfig(beam_width=seed_beams, horizon=2, n_expand=3), prior=sure)
+        plan = _plan(tok, _delayed, TTConfig(beam_width=seed_beams, horizon=2, n_expand=3, distinct_actions=True),
+                     prior=sure)
         assert plan.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2, seed_beams
 
 

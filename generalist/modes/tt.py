@@ -11,12 +11,14 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 
 1. every beam is expanded ``n_expand`` times and samples its action tokens (the reference's cdf
    filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass, then top-k ``k_act``,
-   in the reference's order), constrained to the action space. Not the reference's (it has no
-   discrete actions): where the first action token is a *discrete* value, a beam's children take
-   ``n_expand`` different ones, drawn without replacement in proportion to the model's
-   probabilities and without the cdf filter. On two actions the filter keeps only the likelier one
-   (it drops the least likely 60 % of the mass), so every child repeated it and the planner could
-   only follow the model's prior, never compare the alternative: no better than greedy;
+   in the reference's order), constrained to the action space. On a *discrete* action the filter
+   keeps only the likeliest value whenever it holds over 40 % of the mass (always, on two actions),
+   so every beam takes the policy's greedy action and the "plan" is the greedy policy's.
+   ``TTConfig.distinct_actions`` (not the reference's, which has no discrete actions) makes a
+   beam's children take ``n_expand`` *different* first action tokens instead, drawn without
+   replacement in proportion to the model's probabilities and without the cdf filter, so the
+   planner compares the alternatives by their predicted rewards and values — which only helps where
+   those predictions are good (README, "Trajectory Transformer on discrete actions");
 2. the reward token ``r_t`` is predicted and fed (greedy, reference ``k_rew=1``); then the next
    ``R`` position is read: its distribution over value bins and ``<eos>`` gives the expected value
    ``V_{t+1}`` (the reference's ``percentile='mean'``) and the probability that the episode ended,
@@ -56,8 +58,9 @@ class TTConfig:
     Attributes:
         beam_width: beams kept per environment after each step (reference: 128).
         horizon: planning steps (reference: 15).
-        n_expand: candidates sampled per beam before pruning (reference: 2); on a discrete first
-            action token, that many *different* actions (see the module's step 1).
+        n_expand: candidates sampled per beam before pruning (reference: 2).
+        distinct_actions: where the first action token is a discrete value, a beam's ``n_expand``
+            children take different ones (see the module's step 1; not the reference's).
         k_obs, k_act: top-k truncation of observation / action tokens (1 = greedy; None = off).
         cdf_obs, cdf_act: the reference's ``filter_cdf``: drop the least likely ``cdf`` of the
             probability mass (reference: None, 0.6).
@@ -87,6 +90,7 @@ class TTConfig:
     context_steps: int = 5
     plan_freq: int = 1
     beam_cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    distinct_actions: bool = False
 
     def __post_init__(self):
         for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
@@ -188,7 +192,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     n_bins, eos_col = cont[1] - cont[0], tok.eos_id - cont[0]
     no_return = torch.full((1,), tok.no_return_id)
     obs_local = range(1, len(obs_ranges) + 1)
-    enumerate_first = expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
+    enumerate_first = config.distinct_actions and expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
 
     snapshot = engine.snapshot(state)
     # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype

@@ -13,6 +13,7 @@ damaged ``model.safetensors`` (test_model), damaged tokenizer JSON (test_tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -476,11 +477,16 @@ def test_dataset_build_killed_mid_shard_resumes_without_duplicates_or_gaps(tmp_p
     folder = root / "killed"
     rng = random.Random(7)
     kills = 0
+    def published() -> int:  # polled while the build renames its temporary folders: one may vanish mid-listing
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                return len(shard_dirs(folder))
+
     for _ in range(2):
         proc = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(root)], cwd=ROOT, env=ENV)
-        before = len(shard_dirs(folder))
+        before = published()
         deadline = time.monotonic() + 60
-        while proc.poll() is None and len(shard_dirs(folder)) <= before and time.monotonic() < deadline:
+        while proc.poll() is None and published() <= before and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:

@@ -29,6 +29,7 @@ function of (seed, rank, batch index), which is also what makes ``--resume`` exa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -290,12 +291,20 @@ def release_freed_memory() -> None:
     run's resident memory rose in steps (the 10,000-step soak: +9.1 %, +38 MiB after step 9,500). With
     a trim at every logged step the same soak stayed in one band (+2.4 %; README, "Measured (speed)").
     """
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``), or ``None``."""
     import ctypes
     import ctypes.util
 
     if sys.platform.startswith("linux") and (name := ctypes.util.find_library("c")):
         with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
-            ctypes.CDLL(name).malloc_trim(0)
+            return ctypes.CDLL(name).malloc_trim
+    return None
 
 
 def trackers(args: Args) -> list[str]:

@@ -20,6 +20,7 @@ from datasets_build.registry import DATASETS, MIXTURES, resolve
 from generalist.training.settings import parse
 
 OFFLINE_IMPORTS = ("minari", "d4rl")
+D4RL_EXPORT = "export-d4rl"
 
 
 @dataclass
@@ -29,8 +30,9 @@ class Args:
 
     name: Annotated[str, tyro.conf.Positional] = "demo"
     """a dataset (control-core, control-pixels, babyai, metaworld, captions, text), a mixture (demo,
-    full), `all`, an import: `minari` (needs --minari_id) / `d4rl` (needs --d4rl_path), or `push` (a built
-    dataset to the 🤗 Hub: --dataset NAME --repo_id user/name)"""
+    full, locomotion), `all`, an import: `minari` (needs --minari_id) / `d4rl` (needs --d4rl_path), `export-d4rl`
+    (a built dataset as a D4RL-style file: --dataset NAME --d4rl_path FILE) or `push` (a built dataset to
+    the 🤗 Hub: --dataset NAME --repo_id user/name)"""
     out: Path = Path("data")
     """root folder; each dataset goes to <out>/<dataset name>/"""
     episodes: int | None = None
@@ -50,7 +52,7 @@ class Args:
     minari_id: str | None = None
     """Minari dataset id to import from $MINARI_DATASETS_PATH (with name `minari`)"""
     d4rl_path: Path | None = None
-    """D4RL-style .hdf5/.npz file to import (with name `d4rl`)"""
+    """D4RL-style .hdf5/.npz file to import (with name `d4rl`) or to write (with name `export-d4rl`)"""
     d4rl_task: str = "d4rl-task"
     """task name given to the imported D4RL-style episodes"""
     list: bool = False
@@ -58,18 +60,23 @@ class Args:
     repo_id: str | None = None
     """with name `push`: the 🤗 Hub dataset repo (user/name) to push --dataset to"""
     dataset: str | None = None
-    """with name `push`: the built dataset (a name under --out, or a folder) to push"""
+    """with name `push` / `export-d4rl`: the built dataset (a name under --out, or a folder)"""
     private: bool = False
     """with name `push`: create the repo as private"""
     hub_token: str | None = None
     """with name `push`: Hub token (default: HF_TOKEN or the cached login)"""
 
 
+def _dataset_folder(args: Args) -> Path:
+    """``--dataset``: a folder, or the name of a dataset under ``--out``."""
+    return Path(args.dataset) if Path(args.dataset).is_dir() else args.out / args.dataset
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(Args, argv, description=__doc__)
     if args.list:
         for name, builder in DATASETS.items():
-            print(f"{name:16s} {builder.kind:9s} {builder.description}")
+            print(f"{name:26s} {builder.kind:9s} {builder.description}")
         for name, weights in MIXTURES.items():
             print(f"mixture {name}: {weights}")
         return
@@ -83,10 +90,18 @@ def main(argv: list[str] | None = None) -> None:
 
         if not (args.repo_id and args.dataset):
             raise SystemExit("`push` needs --dataset NAME and --repo_id user/name")
-        folder = Path(args.dataset) if Path(args.dataset).is_dir() else args.out / args.dataset
+        folder = _dataset_folder(args)
         if not push_dataset(folder, args.repo_id, token=args.hub_token, private=args.private):
             raise SystemExit(f"push of {folder} to {args.repo_id} failed (see the warnings above)")
         print(f"pushed {folder} to https://huggingface.co/datasets/{args.repo_id}")
+        return
+    if args.name == D4RL_EXPORT:
+        from datasets_build.offline import export_d4rl
+
+        if not (args.dataset and args.d4rl_path):
+            raise SystemExit(f"`{D4RL_EXPORT}` needs --dataset NAME and --d4rl_path FILE.hdf5")
+        folder = _dataset_folder(args)
+        print(export_d4rl(folder, args.d4rl_path))
         return
     if args.name in OFFLINE_IMPORTS:
         from datasets_build.offline import import_d4rl, import_minari

@@ -11,6 +11,8 @@ middling and high returns, so every task gets episodes from several *sources*::
     lag-<k>       the expert acting on the observation of k steps before (a late sensor): a
                   consistent, deterministic, worse policy (stateless experts only)
     random        uniformly random actions
+    policy-<name> one of the expert's own policies, by name (the checkpoints of a trained agent:
+                  ``medium``, the snapshots of a replay buffer; ``experts/locomotion.py``)
 
 Why bursts as well as per-step noise: white noise averages out within a few steps, so the noisy
 experts stay close to the expert's own states, while a cloned policy's errors are consistent over
@@ -63,6 +65,7 @@ NOISY_PREFIX = "noisy-"
 BURST_PREFIX = "burst-"
 BURST_STEPS = 10  # steps a burst holds its random action (0.5 s of Pendulum, 0.2 s of CartPole)
 LAG_PREFIX = "lag-"
+POLICY_PREFIX = "policy-"
 # default share of each source in a task's episodes: mostly expert data, a spread of noise levels
 # (epsilon for discrete actions / std as a fraction of the half range for continuous ones) and
 # random play, so that returns span the whole range from random to expert.
@@ -81,11 +84,12 @@ class Expert(Protocol):
     """A policy over a batch of env slots.
 
     ``act`` returns one action per slot for the batched observation. Stateful experts (planners such
-    as the BabyAI bot) learn about a new episode through ``begin`` and about the action that was
-    really taken (the expert's or a noisy replacement) through ``observe``.
+    as the BabyAI bot, stochastic policies) learn about a new episode through ``begin`` (its key, so
+    its source, and its seed) and about the action that was really taken (the expert's or a noisy
+    replacement) through ``observe``.
     """
 
-    def begin(self, slot: int, env: gym.Env) -> None: ...
+    def begin(self, slot: int, env: gym.Env, key: EpisodeKey, seed: int) -> None: ...
 
     def act(self, observations: Any, envs: Sequence[gym.Env]) -> list[Any]: ...
 
@@ -95,7 +99,7 @@ class Expert(Protocol):
 class StatelessExpert:
     """Base class of experts that only look at the current observation."""
 
-    def begin(self, slot: int, env: gym.Env) -> None:
+    def begin(self, slot: int, env: gym.Env, key: EpisodeKey, seed: int) -> None:
         return None
 
     def observe(self, slot: int, action: Any) -> None:
@@ -134,8 +138,9 @@ class EpisodeKey:
 
 
 def source_noise(source: str) -> float | None:
-    """Noise level of a source name: 0 for the expert, None for random, eps / p for ``noisy-eps`` / ``burst-p``."""
-    if source == EXPERT:
+    """Noise level of a source name: 0 for the expert (and its named policies), None for random, eps / p
+    for ``noisy-eps`` / ``burst-p``."""
+    if source == EXPERT or (source.startswith(POLICY_PREFIX) and len(source) > len(POLICY_PREFIX)):
         return 0.0
     if source == RANDOM:
         return None
@@ -148,7 +153,7 @@ def source_noise(source: str) -> float | None:
                 raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
             return level
     raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>', "
-                     f"'{BURST_PREFIX}<probability>' or '{LAG_PREFIX}<steps>'")
+                     f"'{BURST_PREFIX}<probability>', '{LAG_PREFIX}<steps>' or '{POLICY_PREFIX}<name>'")
 
 
 def source_lag(source: str) -> int:
@@ -359,7 +364,7 @@ def collect_task(
         obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
         for i in np.flatnonzero(mask):
             if slots[i] is not None:
-                expert.begin(int(i), envs.envs[i])
+                expert.begin(int(i), envs.envs[i], slots[i].key, slots[i].seed)
         return obs
 
     bar = tqdm(total=len(shard_of), desc=task.name, unit="ep", disable=not progress, leave=False)

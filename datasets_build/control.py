@@ -174,19 +174,29 @@ class ControlDatasetBuilder:
     default_episodes: int
     source_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MIX))
     kind: DatasetKind = "control"
+    expert_actions: bool = True  # record the expert's action next to the taken one (DART labels)
+    sources_note: str = ("`noisy-e`: epsilon-random actions with probability e (discrete) or gaussian noise of "
+                         "std e x half the action range, clipped (continuous).")
+
+    def episode_counts(self, options: BuildOptions) -> dict[str, int]:
+        """Episodes per source, for every task."""
+        return split_episodes(options.episodes or self.default_episodes, self.source_mix)
+
+    def reference_returns(self, task: ControlTask, sources: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
+        """(expert, random) return of a task: the means of its ``expert`` and ``random`` episodes."""
+        return float(returns[sources == EXPERT].mean()), float(returns[sources == RANDOM].mean())
 
     def build(self, root: Path, options: BuildOptions) -> Path:
         folder, done = prepare_folder(root, self.name, options)
         if done:
             return folder
         start = time.perf_counter()
-        episodes = options.episodes or self.default_episodes
-        counts = split_episodes(episodes, self.source_mix)
+        counts = self.episode_counts(options)
         tasks = list(self.tasks())
         self._check_config(folder, tasks, counts, options)
 
         specs = {task.name: task_spec(task) for task in tasks}
-        features = episode_features(list(specs.values()), expert_actions=True)
+        features = episode_features(list(specs.values()), expert_actions=self.expert_actions)
         stats: dict[str, CollectStats] = {}
         for task in tasks:
             specs[task.name], stats[task.name] = collect_task(
@@ -226,8 +236,7 @@ class ControlDatasetBuilder:
             mine = all_tasks == task.name
             sources, returns = all_sources[mine], all_returns[mine]
             rewards = np.concatenate([np.asarray(all_rewards[i], dtype=np.float64) for i in np.flatnonzero(mine)])
-            expert_return = float(returns[sources == EXPERT].mean())
-            random_return = float(returns[sources == RANDOM].mean())
+            expert_return, random_return = self.reference_returns(task, sources, returns)
             specs[task.name] = replace(
                 specs[task.name],
                 expert_return=expert_return,
@@ -242,12 +251,10 @@ class ControlDatasetBuilder:
                           specs[task.name].reward_scale, raw, s.steps_per_second if s.steps else "resumed"])
         write_json_atomic(folder / TASK_SPECS, {name: spec.to_dict() for name, spec in specs.items()})
 
-        per_source = {}
-        for source in self.source_mix:
-            per_source[source] = int((all_sources == source).sum())
+        per_source = {source: int((all_sources == source).sum()) for source in dict.fromkeys(all_sources)}
         record = {
             "name": self.name,
-            "builder": f"datasets_build.control.ControlDatasetBuilder({self.name!r})",
+            "builder": f"{type(self).__module__}.{type(self).__qualname__}({self.name!r})",
             "command": options.command,
             "seed": options.seed,
             "build_date": now_iso(),
@@ -271,9 +278,7 @@ class ControlDatasetBuilder:
         write_card(folder, f"{self.name}", self.description, record, {
             "Tasks and returns": markdown_table(header, table),
             "Experts": experts,
-            "Sources (mixed quality)": f"{sources}. `noisy-e`: epsilon-random actions with probability e "
-                                       "(discrete) or gaussian noise of std e x half the action range, "
-                                       "clipped (continuous).",
+            "Sources": f"{sources}. {self.sources_note}",
             "Format": "One row per episode; see `datasets_build/episodes.py`. Load with "
                       "`datasets_build.load_episodes(folder)` and `iter_episodes`.",
         })

@@ -207,6 +207,47 @@ def d4rl_episode_bounds(terminals: np.ndarray, timeouts: np.ndarray | None) -> l
     return bounds
 
 
+def export_d4rl(folder: Path, path: Path) -> Path:
+    """Write a built single-task dataset as a D4RL-style ``.hdf5``/``.npz`` file (the layout above):
+    ``terminals`` where an episode terminated, ``timeouts`` where it was truncated, as D4RL keeps them
+    apart. Observations and actions must each be one numeric leaf (a ``Box``), as D4RL's are."""
+    from datasets_build.episodes import iter_episodes, load_episodes
+
+    dataset, specs = load_episodes(Path(folder))
+    if len(specs) != 1:
+        raise ValueError(f"{folder}: a D4RL file holds one task, this dataset has {sorted(specs)}")
+    (spec,) = specs.values()
+    if len(spec.observation_fields) != 1 or len(spec.action_fields) != 1:
+        raise ValueError(f"{folder}: D4RL files have one observation and one action array; task {spec.name!r} "
+                         f"has observation leaves {[f.name for f in spec.observation_fields]} and action leaves "
+                         f"{[f.name for f in spec.action_fields]}")
+    obs_leaf, act_leaf = spec.observation_fields[0].name, spec.action_fields[0].name
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*D4RL_KEYS, "timeouts")}
+    for episode in iter_episodes(dataset, specs):
+        steps = len(episode["rewards"])
+        parts["observations"].append(np.asarray(episode["observations"][obs_leaf], np.float32).reshape(steps, -1))
+        parts["actions"].append(np.asarray(episode["actions"][act_leaf], np.float32).reshape(steps, -1))
+        parts["rewards"].append(np.asarray(episode["rewards"], np.float32))
+        end = np.zeros(steps, dtype=bool)
+        end[-1] = True
+        parts["terminals"].append(end & bool(episode["terminated"]))
+        parts["timeouts"].append(end & bool(episode["truncated"]) & (not episode["terminated"]))
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".hdf5", ".h5"):
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            for key, value in arrays.items():
+                f.create_dataset(key, data=value, compression="gzip")
+    elif path.suffix == ".npz":
+        np.savez_compressed(path, **arrays)
+    else:
+        raise ValueError(f"{path}: expected a .hdf5, .h5 or .npz file")
+    return path
+
+
 def import_d4rl(path: Path, task: str, root: Path, options: BuildOptions, name: str | None = None) -> Path:
     """Import a D4RL-style array file as task ``task`` into ``root / name`` (default: file stem)."""
     path = Path(path)

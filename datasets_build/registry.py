@@ -24,8 +24,11 @@ from datasets_build.control import (
     metaworld_tasks,
 )
 from datasets_build.episodes import load_episodes
+from datasets_build.locomotion import locomotion_builders
 from datasets_build.text import TextDatasetBuilder
 from generalist.task_spec import TaskSpec
+
+LOCOMOTION: dict[str, Builder] = dict(locomotion_builders())  # D4RL's names; gymnasium -v5 envs
 
 DATASETS: dict[str, Builder] = {
     "control-core": ControlDatasetBuilder(
@@ -54,6 +57,7 @@ DATASETS: dict[str, Builder] = {
                     "4-d continuous action). Needs the `metaworld` extra."),
     "captions": CaptionDatasetBuilder(),
     "text": TextDatasetBuilder(),
+    **LOCOMOTION,
 }
 
 MIXTURES: dict[str, dict[str, float]] = {
@@ -63,6 +67,8 @@ MIXTURES: dict[str, dict[str, float]] = {
     "control": {"control-core": 0.85, "control-pixels": 0.15},
     "control-lowq": {"control-lowq": 1.0},
     "babyai": {"babyai": 1.0},
+    # `python -m datasets_build locomotion` builds the twelve; a model per dataset is D4RL's protocol
+    "locomotion": {name: 1.0 / len(LOCOMOTION) for name in LOCOMOTION},
     "full": {"control-core": 0.25, "control-pixels": 0.1, "babyai": 0.15, "metaworld": 0.15,
              "captions": 0.2, "text": 0.15},
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -12,6 +12,9 @@ from gymnasium import spaces
 from PIL import Image
 
 from generalist.vocab import DEFAULT_IMAGE_SIZE
+
+if TYPE_CHECKING:
+    from datasets_build.collector import EpisodeKey
 
 
 def offscreen_rendering() -> None:
@@ -60,8 +63,8 @@ class ExpertOnKey:
     def __init__(self, expert: Any, key: str = "state"):
         self.expert, self.key = expert, key
 
-    def begin(self, slot: int, env: gym.Env) -> None:
-        self.expert.begin(slot, env)
+    def begin(self, slot: int, env: gym.Env, key: EpisodeKey, seed: int) -> None:
+        self.expert.begin(slot, env, key, seed)
 
     def observe(self, slot: int, action: Any) -> None:
         self.expert.observe(slot, action)

@@ -48,6 +48,7 @@ from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
 from generalist.modes import TTConfig, demonstration_prompt, tt_preset
+from generalist.task_spec import D4RL_REFERENCE_RETURNS, d4rl_family, d4rl_normalized_scores
 from generalist.training.settings import parse
 
 
@@ -311,6 +312,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     if norm is not None:
         record["normalized_score"], record["stderr_normalized"] = mean_stderr(norm)
         record["normalized_scores"] = norm
+    if (d4rl := d4rl_normalized_scores(task, ok)) is not None:  # beside ours: the published tables' scale
+        record["d4rl_score"], record["stderr_d4rl"] = mean_stderr(d4rl)
     if successes := [e["success"] for e in episodes if e["error"] is None and e["success"] is not None]:
         record["success_rate"] = float(np.mean(successes))
     if origin:
@@ -344,6 +347,8 @@ def references(tok: GeneralistTokenizer, tasks: Sequence[str]) -> dict[str, dict
                      "random_return": getattr(spec, "random_return", None),
                      "source": "the dataset's measured expert / random policies (task spec)",
                      "env_reward_threshold": threshold}
+        if family := d4rl_family(task):
+            out[task]["d4rl_random_expert"] = D4RL_REFERENCE_RETURNS[family]
     return out
 
 
@@ -511,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "mean_return": m, "stderr_return": se}
         if norm:
             entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
+        if returns and (d4rl := d4rl_normalized_scores(task, returns)) is not None:
+            entry["d4rl_score"], entry["stderr_d4rl"] = mean_stderr(d4rl)
         if rated := [r for r in recs if "success_rate" in r]:
             entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
                                                      weights=[r["episodes"] for r in rated]))

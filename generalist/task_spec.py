@@ -35,6 +35,30 @@ from gymnasium import spaces
 
 from generalist.vocab import NUM_DISCRETE_VALUES, PATCH_SIZE
 
+# D4RL's reference returns (random, expert) of its Gym-MuJoCo tasks (d4rl/infos.py), by env family:
+# the published DT / TT tables are ``100 * (R - random) / (expert - random)`` with these. Our envs are
+# gymnasium's -v5, D4RL's were -v2 (mujoco-py): the same bodies and rewards, another simulator.
+D4RL_REFERENCE_RETURNS: dict[str, tuple[float, float]] = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+
+
+def d4rl_family(task: str) -> str | None:
+    """``hopper`` for Hopper-v5, hopper-medium, ... ; None for a task outside D4RL's locomotion set."""
+    name = task.lower().replace("_", "").replace("-", "")
+    return next((family for family in D4RL_REFERENCE_RETURNS if name.startswith(family)), None)
+
+
+def d4rl_normalized_scores(task: str, returns) -> np.ndarray | None:
+    """D4RL-normalised scores (0 = random, 100 = D4RL's expert) of a locomotion task's returns, else None."""
+    family = d4rl_family(task)
+    if family is None:
+        return None
+    random, expert = D4RL_REFERENCE_RETURNS[family]
+    return 100.0 * (np.asarray(returns, np.float64) - random) / (expert - random)
+
 FieldKind = Literal["continuous", "discrete", "image", "text"]
 
 

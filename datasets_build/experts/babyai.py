@@ -9,11 +9,14 @@ episode then continues with a fresh bot, which re-explores from the current stat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 from minigrid.utils.baby_ai_bot import BabyAIBot
+
+if TYPE_CHECKING:
+    from datasets_build.collector import EpisodeKey
 
 
 class BabyAIExpert:
@@ -22,7 +25,7 @@ class BabyAIExpert:
         self.envs: list[gym.Env | None] = [None] * num_envs
         self.taken: list[Any] = [None] * num_envs
 
-    def begin(self, slot: int, env: gym.Env) -> None:
+    def begin(self, slot: int, env: gym.Env, key: EpisodeKey, seed: int) -> None:
         self.envs[slot] = env
         self.bots[slot] = BabyAIBot(env)
         self.taken[slot] = None

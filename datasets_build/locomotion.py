@@ -1,0 +1,118 @@
+"""D4RL-style MuJoCo locomotion datasets, rebuilt from the SAC policies committed in ``experts/locomotion/``.
+
+D4RL (Fu et al. 2020) made its Gym-MuJoCo datasets from one SAC run per task; we do the same with
+the policies ``experts/train_locomotion.py`` trained here, and the same four kinds per task:
+
+    expert          episodes of the fully trained policy
+    medium          episodes of the snapshot at about a third of the expert's return
+    medium-replay   the run's replay buffer up to the medium snapshot, regenerated: as many episodes
+                    per ``--eval_every`` segment as the real buffer held, each played by the snapshot
+                    that collected it (uniform random before ``learning_starts``)
+    medium-expert   medium + expert episodes (the same episodes as those two datasets: episode seeds
+                    derive from the build seed, task, source and index only)
+
+Actions are sampled from the stochastic policy, as D4RL's were. Terminals (the hopper fell) and
+timeouts (1000 steps) are kept apart (``terminated`` / ``truncated`` per episode; the D4RL export
+writes them as ``terminals`` / ``timeouts``). Our envs are gymnasium's ``-v5``, not D4RL's ``-v2``
+(mujoco-py): same bodies and rewards, a newer simulator, so D4RL's published scores compare in
+spirit, not to the decimal.
+
+Reference returns in the task spec: ``expert_return`` is the deterministic expert's mean return over
+20 episodes measured when it was trained (``training.json``), ``random_return`` the mean of
+``RANDOM_EPISODES`` uniformly random episodes measured at build time. D4RL's own references (for
+the D4RL-normalised score) are in ``generalist.task_spec.D4RL_REFERENCE_RETURNS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+
+from datasets_build.base import BuildOptions
+from datasets_build.collector import EXPERT, POLICY_PREFIX, RANDOM, ControlTask, random_action
+from datasets_build.control import ControlDatasetBuilder
+from datasets_build.experts.mujoco import MEDIUM, STEP_PREFIX, SACPolicies, training_record
+
+LOCOMOTION_TASKS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+KINDS = ("expert", "medium", "medium-replay", "medium-expert")
+DEFAULT_EPISODES = {"expert": 100, "medium": 200}  # per policy; ~100k steps of a 1,000-step expert
+RANDOM_EPISODES = 20
+RANDOM_SEED = 12_345
+
+
+def _expert(num_envs: int, task: str) -> SACPolicies:
+    return SACPolicies(num_envs, task, gym.make(task).action_space)
+
+
+def locomotion_task(task: str) -> ControlTask:
+    record = training_record(task)
+    notes = (f"{record['algorithm']}, trained {record['args']['steps']:,} steps in {record['wall_s'] / 60:.0f} min "
+             f"(`{record['command']}`); expert = step {record['expert']['step']:,}, deterministic return "
+             f"{record['expert']['mean']:.0f} ± {np.std(record['expert']['returns']):.0f} "
+             f"({len(record['expert']['returns'])} episodes); medium = step {record['medium']['step']:,}, "
+             f"{record['medium']['mean']:.0f} ± {np.std(record['medium']['returns']):.0f}")
+    return ControlTask(task, partial(gym.make, task), partial(_expert, task=task), notes)
+
+
+def replay_counts(task: str) -> dict[str, int]:
+    """Episodes per source of the medium-replay dataset: the real buffer's episodes per segment."""
+    return {segment["source"]: segment["episodes"] for segment in training_record(task)["replay"]["segments"]}
+
+
+def random_return(task: str, episodes: int = RANDOM_EPISODES, seed: int = RANDOM_SEED) -> float:
+    """Mean return of uniformly random play (the random reference of the expert-normalised score)."""
+    env, rng, returns = gym.make(task), np.random.default_rng(seed), []
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        done, total = False, 0.0
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(random_action(env.action_space, rng))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns))
+
+
+@dataclass
+class LocomotionDatasetBuilder(ControlDatasetBuilder):
+    """One D4RL-style dataset: one task, one kind (``expert``, ``medium``, ``medium-replay``, ``medium-expert``)."""
+
+    task: str = "Hopper-v5"
+    dataset_kind: str = "medium"
+    expert_actions: bool = False  # D4RL data has the taken action only
+    sources_note: str = (f"`{EXPERT}`: the trained SAC policy; `{POLICY_PREFIX}{MEDIUM}`: its snapshot at about "
+                         f"a third of the expert's return; `{POLICY_PREFIX}{STEP_PREFIX}<N>`: the snapshot after N "
+                         f"steps, which collected the replay buffer from step N; `{RANDOM}`: uniform random actions "
+                         "(the replay buffer's first steps). Actions are sampled from the stochastic policy.")
+    source_mix: dict[str, float] = field(default_factory=dict)
+
+    def episode_counts(self, options: BuildOptions) -> dict[str, int]:
+        if self.dataset_kind == "medium-replay":
+            return replay_counts(self.task)  # the buffer's own sizes; --episodes does not apply
+        expert = options.episodes or DEFAULT_EPISODES["expert"]
+        medium = options.episodes or DEFAULT_EPISODES["medium"]
+        return {"expert": {EXPERT: expert}, "medium": {f"{POLICY_PREFIX}{MEDIUM}": medium},
+                "medium-expert": {f"{POLICY_PREFIX}{MEDIUM}": medium, EXPERT: expert}}[self.dataset_kind]
+
+    def reference_returns(self, task: ControlTask, sources: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
+        return float(training_record(task.name)["expert"]["mean"]), random_return(task.name)
+
+
+def locomotion_builders() -> dict[str, LocomotionDatasetBuilder]:
+    """The twelve datasets, named as D4RL's (``hopper-medium-replay``; our envs are -v5)."""
+    builders = {}
+    for short, task in LOCOMOTION_TASKS.items():
+        for kind in KINDS:
+            name = f"{short}-{kind}"
+            builders[name] = LocomotionDatasetBuilder(
+                name, partial(_tasks, task), default_episodes=0, task=task, dataset_kind=kind,
+                description=f"D4RL-style {task} `{kind}` data from the SAC policies trained here "
+                            "(`datasets_build/experts/locomotion/`). Needs the `mujoco` extra.")
+    return builders
+
+
+def _tasks(task: str) -> tuple[ControlTask, ...]:
+    return (locomotion_task(task),)

@@ -66,7 +66,7 @@ from generalist.vocab import DEFAULT_LOSS_WEIGHTS
 @dataclass
 class Args:
     # --- run ---
-    preset: Literal["demo", "control", "control-lowq", "babyai", "small", "base"] = "demo"
+    preset: Literal["demo", "control", "control-lowq", "babyai", "locomotion", "small", "base"] = "demo"
     """named defaults: demo (CPU, ~10 min), small (one GPU), base (JAT size, several GPUs); flags override them"""
     run_name: str | None = None
     """folder under output_dir for this run (default: the preset's name)"""
@@ -206,6 +206,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     # little and most sequences are imitation (the expert's labels on every episode, as in control)
     "babyai": dict(mixture="babyai", observation_loss_weight=0.1, return_prob=0.25, total_steps=3000,
                    eval_every=250, save_every=250, eval_episodes=20),
+    # one D4RL-style dataset per model, as the DT / TT papers train (`--mixture walker2d-medium-replay` for
+    # another): no expert labels in the data, every episode imitated; sized for <= 60 minutes on two CPU cores
+    "locomotion": dict(mixture="hopper-medium", imitation_threshold=None, expert_labels=False, total_steps=4000,
+                       eval_every=500, save_every=500, eval_episodes=20),
     "small": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, seq_len=1024,
                   batch_size=16, total_steps=20_000, lr=1e-3, warmup_steps=500, num_workers=4,
                   log_every=50, eval_every=1000, save_every=1000, eval_batches=16),

@@ -119,13 +119,15 @@ class DataFiles:
 
 
 def parse_mixture(mixture: str) -> dict[str, float]:
-    """A registry mixture name, or ``name=weight,name=weight`` -> ``{dataset: weight}``."""
+    """A registry mixture or dataset name, or ``name=weight,name=weight`` -> ``{dataset: weight}``."""
     if "=" not in mixture:
-        from datasets_build.registry import MIXTURES
+        from datasets_build.registry import MIXTURES, resolve
 
-        if mixture not in MIXTURES:
-            raise ValueError(f"--mixture {mixture!r}: not one of {sorted(MIXTURES)} and not `name=weight,...`")
-        return dict(MIXTURES[mixture])
+        try:
+            return dict(resolve(mixture))
+        except KeyError:
+            raise ValueError(f"--mixture {mixture!r}: not a dataset, not one of {sorted(MIXTURES)} and not "
+                             "`name=weight,...`") from None
     weights = {}
     for part in mixture.split(","):
         name, _, weight = part.partition("=")

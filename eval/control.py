@@ -47,7 +47,7 @@ from scipy.stats import spearmanr
 from eval.plots import plot_dt_sweep
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
-from generalist.modes import TTConfig, demonstration_prompt, tt_preset
+from generalist.modes import TT_PRESETS, TTConfig, demonstration_prompt, tt_preset
 from generalist.task_spec import D4RL_REFERENCE_RETURNS, d4rl_family, d4rl_normalized_scores
 from generalist.training.settings import parse
 
@@ -114,12 +114,19 @@ def make_render_env(task: str, spec: TaskSpec | None = None) -> gym.Env | None:
     (pixel tasks wrap a rendering env already; plain gymnasium ids are made with ``render_mode``)."""
     try:
         env = make_env(task, spec)
-        if env.render_mode == "rgb_array":
-            return env
-        env.close()
-        return gym.make(task, render_mode="rgb_array")
+        if env.render_mode != "rgb_array":
+            env.close()
+            env = gym.make(task, render_mode="rgb_array")
     except (gym.error.Error, ImportError, TypeError):
         return None
+    try:  # MuJoCo renders through OpenGL, which a headless machine may lack (MUJOCO_GL=egl / osmesa)
+        env.reset(seed=0)
+        env.render()
+    except Exception as e:  # noqa: BLE001 - mujoco.FatalError and GL errors share no base class
+        print(f"WARNING: no video of {task}: rendering failed ({type(e).__name__}: {e})")
+        env.close()
+        return None
+    return env
 
 
 def play_rendered(agent: Agent, env: gym.Env, spec: TaskSpec, seed: int, max_steps: int, prompt=None,
@@ -291,7 +298,10 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     overrides = {k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon),
                                    ("beam_cache_dtype", args.beam_cache_dtype),
                                    ("distinct_actions", args.distinct_actions)) if v is not None}
-    tt = TTConfig(**{**tt_preset(task).__dict__, **overrides}) if overrides else None  # None: the task's preset
+    if args.tt_preset is not None and args.tt_preset not in TT_PRESETS:
+        raise ValueError(f"--tt_preset {args.tt_preset!r} is not one of {sorted(TT_PRESETS)}")
+    preset = TT_PRESETS[args.tt_preset] if args.tt_preset else tt_preset(task)
+    tt = TTConfig(**{**preset.__dict__, **overrides}) if overrides or args.tt_preset else None  # None: the task's
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
                   expert_returns=args.expert_returns, tt_config=tt, seed=seed)
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
@@ -420,6 +430,9 @@ class Args:
     temperature: float = 0.0
     context_length: int | None = None
     """default: the model's trained context"""
+    tt_preset: str | None = None
+    """TT: plan with this generalist.modes.TT_PRESETS entry (e.g. hopper-medium-v2, the reference's settings for
+    that D4RL dataset) instead of the task's own"""
     beam_width: int | None = None
     """TT (default: the task's preset in generalist.modes.TT_PRESETS, else 128 as the reference planner)"""
     horizon: int | None = None

@@ -26,7 +26,7 @@ the D4RL-normalised score) are in ``generalist.task_spec.D4RL_REFERENCE_RETURNS`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import gymnasium as gym
 import numpy as np
@@ -62,6 +62,7 @@ def replay_counts(task: str) -> dict[str, int]:
     return {segment["source"]: segment["episodes"] for segment in training_record(task)["replay"]["segments"]}
 
 
+@cache
 def random_return(task: str, episodes: int = RANDOM_EPISODES, seed: int = RANDOM_SEED) -> float:
     """Mean return of uniformly random play (the random reference of the expert-normalised score)."""
     env, rng, returns = gym.make(task), np.random.default_rng(seed), []

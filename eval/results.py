@@ -35,15 +35,19 @@ def table(result: dict, name: str) -> str:
     refs = result.get("references", {})
     iqm = result.get("iqm") or {}
     rated = any("success_rate" in entry for entry in result["results"])  # tasks whose env says what success is
+    d4rl = any("d4rl_score" in entry for entry in result["results"])  # locomotion: D4RL's published scale too
     lines = [f"#### `{name}` — {result['mode']} mode", "",
              f"`{result.get('command', '')}`", "",
-             "| task | expert-normalised score | " + ("success rate | " if rated else "") + "return "
+             "| task | expert-normalised score | " + ("success rate | " if rated else "")
+             + ("D4RL score (D4RL's references) | " if d4rl else "") + "return "
              "| episodes × checkpoints | expert / random reference | env threshold |",
-             "|---|---|---|---|---|---|" + ("---|" if rated else "")]
+             "|---|---|---|---|---|---|" + ("---|" if rated else "") + ("---|" if d4rl else "")]
     for entry in result["results"]:
         ref = refs.get(entry["task"], {})
         fmt = lambda x, digits=1: "–" if x is None else f"{x:.{digits}f}"  # noqa: E731
         success = f"{fmt(entry.get('success_rate'), 2)} | " if rated else ""
+        if d4rl:
+            success += f"{fmt(entry.get('d4rl_score'))} ± {fmt(entry.get('stderr_d4rl'))} | "
         lines.append(
             f"| {entry['task']} | {_score(entry)} | {success}{entry['mean_return']:.1f} ± {entry['stderr_return']:.1f} "
             f"| {entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']} "

@@ -16,7 +16,8 @@ Written under `--out/<task>/` (committed, small):
 Full float32 snapshots and the real replay buffer go to `--run_dir` (not committed).
 
     pip install sbx-rl
-    python -m datasets_build.experts.train_locomotion --task Hopper-v5 --steps 400000
+    python -m datasets_build.experts.train_locomotion --task Hopper-v5 --steps 600000
+    python -m datasets_build.experts.train_locomotion --plot docs/figures/locomotion_experts.png
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Args:
     """env steps between updates, each doing as many gradient steps (sbx runs them in one jit)"""
     out: Path = Path(__file__).parent / "locomotion"
     run_dir: Path = Path("runs/experts")
+    plot: Path | None = None
+    """only redraw the evaluation curves of every task under --out into this image (no training)"""
 
 
 def actor_arrays(model, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -84,7 +87,33 @@ def evaluate(model, task: str, episodes: int, seed: int) -> list[float]:
     return returns
 
 
+def plot_training_curves(out: Path, path: Path) -> Path:
+    """Return against training steps of every trained task, expert and medium choices marked."""
+    from matplotlib.figure import Figure
+
+    from eval.plots import save_figure
+
+    records = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/training.json"))}
+    fig = Figure(figsize=(4 * max(1, len(records)), 3.2))
+    for ax, (task, record) in zip(fig.subplots(1, max(1, len(records)), squeeze=False)[0], records.items(),
+                                  strict=False):
+        steps = np.array([p["step"] for p in record["curve"]])
+        mean, std = (np.array([p[k] for p in record["curve"]]) for k in ("mean", "std"))
+        ax.plot(steps, mean, color="C0", label=f"deterministic return ({record['args']['eval_episodes']} ep)")
+        ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2)
+        for kind, color in (("expert", "C2"), ("medium", "C1")):
+            ax.plot(record[kind]["step"], record[kind]["mean"], "o", color=color,
+                    label=f"{kind}: {record[kind]['mean']:.0f} ({len(record[kind]['returns'])} ep)")
+        ax.set(title=f"{task}: SAC, {record['wall_s'] / 60:.0f} min", xlabel="environment steps", ylabel="return")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def main(args: Args) -> None:
+    if args.plot is not None:
+        print(plot_training_curves(args.out, args.plot))
+        return
     from sbx import SAC  # the `experts` extra; only this script trains
 
     run_dir = args.run_dir / f"{args.task}-seed{args.seed}"

@@ -33,7 +33,7 @@ def episodes_by_source(folder) -> dict[str, list[dict]]:
 
 
 def test_every_task_has_committed_policies_and_the_twelve_datasets_are_listed():
-    assert TRAINED == list(LOCOMOTION_TASKS.values()), f"trained: {TRAINED}"
+    assert list(LOCOMOTION_TASKS.values()) == TRAINED, f"trained: {TRAINED}"
     names = {f"{short}-{kind}" for short in LOCOMOTION_TASKS
              for kind in ("expert", "medium", "medium-replay", "medium-expert")}
     assert names <= set(DATASETS) and set(MIXTURES["locomotion"]) == names

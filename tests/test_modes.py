@@ -236,8 +236,10 @@ def test_tt_presets_match_the_reference_config():
     assert (base.beam_width, base.horizon, base.n_expand, base.k_obs, base.k_act, base.cdf_obs, base.cdf_act,
             base.context_steps, base.plan_freq) == (128, 15, 2, 1, None, None, 0.6, 5, 1)
     assert TT_PRESETS["ant-medium-v2"] == TTConfig(horizon=5)  # ant overrides only the horizon
-    assert TT_PRESETS["halfcheetah-medium-expert-v2"] == TTConfig(horizon=5)
-    assert TT_PRESETS["hopper-medium-v2"] == TTConfig(plan_freq=5)
+    assert TT_PRESETS["halfcheetah-medium-v2"] == TTConfig(horizon=5, beam_width=32)
+    assert TT_PRESETS["halfcheetah-medium-expert-v2"] == TTConfig(beam_width=32)
+    assert TT_PRESETS["hopper-medium-v2"] == base
+    assert TT_PRESETS["walker2d-medium-replay-v2"] == TTConfig(horizon=20, beam_width=32, k_act=40, cdf_act=None)
 
 
 def test_the_agent_plans_with_the_tasks_tt_preset_unless_given_one(model, tok):

@@ -105,19 +105,20 @@ class TTConfig:
 
 
 # The reference's per-dataset overrides of base['plan'] (jannerm/trajectory-transformer
-# config/offline.py): every halfcheetah dataset, walker2d-medium-expert and every ant dataset plan
-# with horizon 5; hopper-medium replans every 5 steps; the others keep the base settings.
-_H5 = TTConfig(horizon=5)
+# config/offline.py at its last commit, 558b0af "config", the `plans/defaults/` its README's results use):
+# halfcheetah medium / medium-replay plan with horizon 5 and 32 beams, halfcheetah-medium-expert with 32
+# beams; walker2d-medium-expert with horizon 5; walker2d-medium-replay with horizon 20, 32 beams and top-40
+# actions instead of the cdf filter; ant medium / medium-replay / random with horizon 5; every other
+# dataset keeps the base settings. (The commit before, 106b3b5, had hopper-medium replan every 5 steps.)
 TT_PRESETS: dict[str, TTConfig] = {
     "reference": TTConfig(),
-    **{f"halfcheetah-{d}-v2": _H5 for d in ("medium", "medium-replay", "medium-expert")},
-    **{f"ant-{d}-v2": _H5 for d in ("medium", "medium-replay", "medium-expert", "random")},
-    "hopper-medium-v2": TTConfig(plan_freq=5),
-    "hopper-medium-replay-v2": TTConfig(),
-    "hopper-medium-expert-v2": TTConfig(),
-    "walker2d-medium-v2": TTConfig(),
-    "walker2d-medium-replay-v2": TTConfig(),
-    "walker2d-medium-expert-v2": _H5,
+    **{f"halfcheetah-{d}-v2": TTConfig(horizon=5, beam_width=32) for d in ("medium", "medium-replay")},
+    "halfcheetah-medium-expert-v2": TTConfig(beam_width=32),
+    **{f"ant-{d}-v2": TTConfig(horizon=5) for d in ("medium", "medium-replay", "random")},
+    **{f"{d}-v2": TTConfig() for d in ("hopper-medium", "hopper-medium-replay", "hopper-medium-expert",
+                                         "walker2d-medium", "ant-medium-expert")},
+    "walker2d-medium-expert-v2": TTConfig(horizon=5),
+    "walker2d-medium-replay-v2": TTConfig(horizon=20, beam_width=32, k_act=40, cdf_act=None),
     # Ours, not the reference's: the classic control tasks need no 15-step horizon (a CartPole or
     # Pendulum step is 0.02-0.05 s) and a 2-core CPU cannot afford 128 beams for 2 x 20 episodes of
     # 200-500 steps; these are the settings the README's TT figures were measured with.

@@ -2,7 +2,8 @@
 
     python -m eval runs/NAME [--episodes N] [--samples N] [--data_root DIR]
     generalist-eval runs/NAME                  # the same, as the installed console script
-    generalist-eval control --model user/name  # python -m eval.control (also caption, text, report, results)
+    generalist-eval control --model user/name  # python -m eval.control (also caption, text, report, results,
+                                               # score_curve)
 
 ``train.py`` runs this after training (unless ``--no_run_eval``); run it yourself on any run folder,
 finished or stopped early. It evaluates the run's newest model that verifies (``RUN/model``, or the
@@ -148,11 +149,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return evaluate_run(parse(Args, argv, description=__doc__))
 
 
-SUBCOMMANDS = ("control", "caption", "text", "report", "results")
+SUBCOMMANDS = ("control", "caption", "text", "report", "results", "score_curve")
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """``generalist-eval RUN`` (this module), or ``generalist-eval control|caption|text|report|results ...``
+    """``generalist-eval RUN`` (this module), or ``generalist-eval control|caption|text|report|results|score_curve ...``
     (``python -m eval.<name>``): one console script for every evaluation."""
     import importlib
     import sys
@@ -161,7 +162,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(f"eval.{argv[0]}")
         sys.argv = [f"generalist-eval {argv[0]}", *argv[1:]]
-        result = module.main(argv[1:]) if argv[0] in ("control", "results") else module.main(
+        result = module.main(argv[1:]) if argv[0] in ("control", "results", "score_curve") else module.main(
             parse(module.Args, argv[1:], description=module.__doc__))
         if isinstance(result, int):
             raise SystemExit(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -188,3 +189,28 @@ def test_babyai_success_is_reaching_the_goal():
         _, _, terminated, truncated, _ = env.step(0)
         assert not terminated
     assert env.outcome() == (None, False)
+
+
+def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_scale(tok, tmp_path):
+    from eval.score_curve import main as curve_main
+    from generalist.task_spec import d4rl_normalized_scores
+
+    local = copy.copy(tok)
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3000.0, random_return=20.0))
+    run = tmp_path / "run"
+    for step in (4, 8):  # two checkpoints, as train.py writes them
+        torch.manual_seed(step)
+        folder = run / "checkpoints" / f"step_{step:08d}"
+        GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(),
+                                               text_config=TINY_LLAMA)).save_pretrained(folder)
+        local.save_pretrained(folder)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "tokens_seen": 256 * step}))
+    record = curve_main(["--runs", str(run), "--mode", "gato", "--episodes", "2", "--out", str(tmp_path / "out"),
+                         "--name", "hop", "--tasks", "Hopper-v5"])
+    points = record["runs"][str(run)]
+    assert [p["tokens"] for p in points] == [1024, 2048] and Path(record["plot"]).exists()
+    played = json.loads((tmp_path / "out" / "curves" / "hop_run.json").read_text())["per_checkpoint"]
+    for point, (rec,) in zip(points, played, strict=True):
+        assert point["d4rl_score"] == pytest.approx(d4rl_normalized_scores("Hopper-v5", rec["returns"]).mean())
+        assert point["normalized_score"] == pytest.approx((np.mean(rec["returns"]) - 20.0) / 2980.0)

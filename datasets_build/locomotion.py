@@ -25,16 +25,22 @@ the D4RL-normalised score) are in ``generalist.task_spec.D4RL_REFERENCE_RETURNS`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import shutil
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
-from datasets_build.base import BuildOptions
+from datasets_build.base import BuildOptions, prepare_folder
 from datasets_build.collector import EXPERT, POLICY_PREFIX, RANDOM, ControlTask, random_action
-from datasets_build.control import ControlDatasetBuilder
+from datasets_build.common import is_built
+from datasets_build.control import BUILD_CONFIG, ControlDatasetBuilder
+from datasets_build.episodes import SHARDS_DIR
 from datasets_build.experts.mujoco import MEDIUM, STEP_PREFIX, SACPolicies, training_record
+from generalist.integrity import atomic_folder
 
 LOCOMOTION_TASKS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 KINDS = ("expert", "medium", "medium-replay", "medium-expert")
@@ -97,6 +103,35 @@ class LocomotionDatasetBuilder(ControlDatasetBuilder):
         medium = options.episodes or DEFAULT_EPISODES["medium"]
         return {"expert": {EXPERT: expert}, "medium": {f"{POLICY_PREFIX}{MEDIUM}": medium},
                 "medium-expert": {f"{POLICY_PREFIX}{MEDIUM}": medium, EXPERT: expert}}[self.dataset_kind]
+
+    def build(self, root: Path, options: BuildOptions) -> Path:
+        if self.dataset_kind == "medium-expert":
+            folder, done = prepare_folder(root, self.name, options)
+            if not done:
+                self._reuse_shards(Path(root), folder, options)
+            options = replace(options, overwrite=False)  # prepared above
+        return super().build(root, options)
+
+    def _reuse_shards(self, root: Path, folder: Path, options: BuildOptions) -> None:
+        """medium-expert is medium + expert episode for episode (episode seeds derive from the build seed,
+        task, source and index only): copy the shards of those datasets when they are built beside it with
+        the same settings, and the collector has nothing left to collect."""
+        counts, task_dir = self.episode_counts(options), self.task.replace("/", "_")
+        for sibling in (self.name.replace("-medium-expert", "-medium"), self.name.replace("-medium-expert", "-expert")):
+            other = root / sibling
+            if not is_built(other):
+                continue
+            config = json.loads((other / BUILD_CONFIG).read_text())
+            if (config["seed"], config["episodes_per_shard"]) != (options.seed, options.episodes_per_shard):
+                continue
+            for source, episodes in config["episodes_per_source"].items():
+                if counts.get(source) != episodes:
+                    continue
+                for shard in sorted((other / SHARDS_DIR / task_dir).glob(f"{source}-*")):
+                    target = folder / SHARDS_DIR / task_dir / shard.name
+                    if not target.exists():
+                        with atomic_folder(target, manifest=False) as tmp:
+                            shutil.copytree(shard, tmp, dirs_exist_ok=True)
 
     def reference_returns(self, task: ControlTask, sources: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
         return float(training_record(task.name)["expert"]["mean"]), random_return(task.name)

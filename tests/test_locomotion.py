@@ -60,14 +60,17 @@ def test_the_committed_expert_plays_as_its_training_record_says(task):
 
 @pytest.mark.parametrize("short", list(SHORT))
 def test_medium_expert_holds_the_medium_and_the_expert_episodes(short, tmp_path):
+    """Collected on its own it is the same episodes as those two datasets; built beside them, it copies their
+    shards instead of collecting them again."""
     built = {kind: episodes_by_source(DATASETS[f"{short}-{kind}"].build(tmp_path, TWO))
              for kind in ("medium", "expert", "medium-expert")}
-    both = built["medium-expert"]
-    assert set(both) == {"policy-medium", EXPERT}
+    alone = episodes_by_source(DATASETS[f"{short}-medium-expert"].build(tmp_path / "alone", TWO))
+    assert set(alone) == set(built["medium-expert"]) == {"policy-medium", EXPERT}
     for source, kind in (("policy-medium", "medium"), (EXPERT, "expert")):
-        for a, b in zip(both[source], built[kind][source], strict=True):
-            np.testing.assert_array_equal(a["observations"]["observation"], b["observations"]["observation"])
-            np.testing.assert_array_equal(a["actions"]["action"], b["actions"]["action"])
+        for a, b, c in zip(alone[source], built[kind][source], built["medium-expert"][source], strict=True):
+            for part, leaf in (("observations", "observation"), ("actions", "action")):
+                np.testing.assert_array_equal(a[part][leaf], b[part][leaf])
+                np.testing.assert_array_equal(c[part][leaf], b[part][leaf])
     spec = load_episodes(tmp_path / f"{short}-medium")[1][SHORT[short]]
     assert spec.expert_return == training_record(SHORT[short])["expert"]["mean"]
     assert spec.random_return < 0.1 * spec.expert_return

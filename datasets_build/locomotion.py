@@ -5,20 +5,22 @@ the policies ``experts/train_locomotion.py`` trained here, and the same four kin
 
     expert          episodes of the fully trained policy
     medium          episodes of the snapshot at about a third of the expert's return
-    medium-replay   the run's replay buffer up to the medium snapshot, regenerated: as many episodes
-                    per ``--eval_every`` segment as the real buffer held, each played by the snapshot
-                    that collected it (uniform random before ``learning_starts``)
+    medium-replay   the run's real replay buffer up to the medium snapshot (committed as D4RL arrays,
+                    ``medium_replay.npz``: random play first, then every policy SAC went through)
     medium-expert   medium + expert episodes (the same episodes as those two datasets: episode seeds
                     derive from the build seed, task, source and index only)
 
-Actions are sampled from the stochastic policy, as D4RL's were. Terminals (the hopper fell) and
-timeouts (1000 steps) are kept apart (``terminated`` / ``truncated`` per episode; the D4RL export
-writes them as ``terminals`` / ``timeouts``). Our envs are gymnasium's ``-v5``, not D4RL's ``-v2``
-(mujoco-py): same bodies and rewards, a newer simulator, so D4RL's published scores compare in
-spirit, not to the decimal.
+Actions are sampled from the stochastic policy, as D4RL's were. Terminals (the body fell) and
+timeouts (1,000 steps) are kept apart (``terminated`` / ``truncated`` per episode; the D4RL export
+writes them as ``terminals`` / ``timeouts``). Sizes are chosen for a 2-core CPU: 100 expert and 200
+medium episodes (D4RL: 1 M steps each); a Hopper or Walker2d medium episode ends when the body falls.
+
+Our envs are gymnasium's ``-v5``, not D4RL's ``-v2`` (mujoco-py): the same tasks, but v5 changed
+details (Walker2d's two feet now have the same friction; Hopper and Walker2d pay the healthy reward
+only while healthy; a newer simulator), so D4RL's published scores compare in spirit, not to the decimal.
 
 Reference returns in the task spec: ``expert_return`` is the deterministic expert's mean return over
-20 episodes measured when it was trained (``training.json``), ``random_return`` the mean of
+20 episodes measured when it was chosen (``training.json``), ``random_return`` the mean of
 ``RANDOM_EPISODES`` uniformly random episodes measured at build time. D4RL's own references (for
 the D4RL-normalised score) are in ``generalist.task_spec.D4RL_REFERENCE_RETURNS``.
 """
@@ -35,11 +37,19 @@ import gymnasium as gym
 import numpy as np
 
 from datasets_build.base import BuildOptions, prepare_folder
-from datasets_build.collector import EXPERT, POLICY_PREFIX, RANDOM, ControlTask, random_action
+from datasets_build.collector import EXPERT, POLICY_PREFIX, ControlTask, random_action, task_spec
 from datasets_build.common import is_built
 from datasets_build.control import BUILD_CONFIG, ControlDatasetBuilder
 from datasets_build.episodes import SHARDS_DIR
-from datasets_build.experts.mujoco import MEDIUM, STEP_PREFIX, SACPolicies, training_record
+from datasets_build.experts.mujoco import (
+    MEDIUM,
+    MEDIUM_REPLAY_FILE,
+    WEIGHTS_DIR,
+    SACPolicies,
+    play,
+    training_record,
+)
+from datasets_build.offline import d4rl_rows, read_d4rl_arrays, write_imported
 from generalist.integrity import atomic_folder
 
 LOCOMOTION_TASKS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
@@ -58,29 +68,21 @@ def locomotion_task(task: str) -> ControlTask:
     notes = (f"{record['algorithm']}, trained {record['args']['steps']:,} steps in {record['wall_s'] / 60:.0f} min "
              f"(`{record['command']}`); expert = step {record['expert']['step']:,}, deterministic return "
              f"{record['expert']['mean']:.0f} ± {np.std(record['expert']['returns']):.0f} "
-             f"({len(record['expert']['returns'])} episodes); medium = step {record['medium']['step']:,}, "
-             f"{record['medium']['mean']:.0f} ± {np.std(record['medium']['returns']):.0f}")
+             f"({len(record['expert']['returns'])} episodes; sampled actions {record['expert']['sampled_mean']:.0f}); "
+             f"medium = step {record['medium']['step']:,}, {record['medium']['mean']:.0f} ± "
+             f"{np.std(record['medium']['returns']):.0f} (sampled {record['medium']['sampled_mean']:.0f})")
     return ControlTask(task, partial(gym.make, task), partial(_expert, task=task), notes)
-
-
-def replay_counts(task: str) -> dict[str, int]:
-    """Episodes per source of the medium-replay dataset: the real buffer's episodes per segment."""
-    return {segment["source"]: segment["episodes"] for segment in training_record(task)["replay"]["segments"]}
 
 
 @cache
 def random_return(task: str, episodes: int = RANDOM_EPISODES, seed: int = RANDOM_SEED) -> float:
     """Mean return of uniformly random play (the random reference of the expert-normalised score)."""
-    env, rng, returns = gym.make(task), np.random.default_rng(seed), []
-    for episode in range(episodes):
-        env.reset(seed=seed + episode)
-        done, total = False, 0.0
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(random_action(env.action_space, rng))
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
+    env, rng = gym.make(task), np.random.default_rng(seed)
+    try:
+        return float(np.mean([play(env, lambda _: random_action(env.action_space, rng), seed + i)
+                              for i in range(episodes)]))
+    finally:
+        env.close()
 
 
 @dataclass
@@ -91,20 +93,18 @@ class LocomotionDatasetBuilder(ControlDatasetBuilder):
     dataset_kind: str = "medium"
     expert_actions: bool = False  # D4RL data has the taken action only
     sources_note: str = (f"`{EXPERT}`: the trained SAC policy; `{POLICY_PREFIX}{MEDIUM}`: its snapshot at about "
-                         f"a third of the expert's return; `{POLICY_PREFIX}{STEP_PREFIX}<N>`: the snapshot after N "
-                         f"steps, which collected the replay buffer from step N; `{RANDOM}`: uniform random actions "
-                         "(the replay buffer's first steps). Actions are sampled from the stochastic policy.")
+                         "a third of the expert's return. Actions are sampled from the stochastic policy.")
     source_mix: dict[str, float] = field(default_factory=dict)
 
     def episode_counts(self, options: BuildOptions) -> dict[str, int]:
-        if self.dataset_kind == "medium-replay":
-            return replay_counts(self.task)  # the buffer's own sizes; --episodes does not apply
         expert = options.episodes or DEFAULT_EPISODES["expert"]
         medium = options.episodes or DEFAULT_EPISODES["medium"]
         return {"expert": {EXPERT: expert}, "medium": {f"{POLICY_PREFIX}{MEDIUM}": medium},
                 "medium-expert": {f"{POLICY_PREFIX}{MEDIUM}": medium, EXPERT: expert}}[self.dataset_kind]
 
     def build(self, root: Path, options: BuildOptions) -> Path:
+        if self.dataset_kind == "medium-replay":
+            return self._import_replay(root, options)
         if self.dataset_kind == "medium-expert":
             folder, done = prepare_folder(root, self.name, options)
             if not done:
@@ -133,8 +133,32 @@ class LocomotionDatasetBuilder(ControlDatasetBuilder):
                         with atomic_folder(target, manifest=False) as tmp:
                             shutil.copytree(shard, tmp, dirs_exist_ok=True)
 
+    def _import_replay(self, root: Path, options: BuildOptions) -> Path:
+        """medium-replay is data, not a policy: the committed buffer, imported as D4RL arrays are."""
+        folder, done = prepare_folder(root, self.name, options)
+        if done:
+            return folder
+        task = locomotion_task(self.task)
+        spec = replace(task_spec(task), expert_return=training_record(self.task)["expert"]["mean"],
+                       random_return=random_return(self.task))
+        path = WEIGHTS_DIR / self.task / MEDIUM_REPLAY_FILE
+        arrays = read_d4rl_arrays(path)
+        rows, dropped = d4rl_rows(spec, {k: np.asarray(v, np.float32) if v.dtype == np.float16 else v
+                                         for k, v in arrays.items()}, "replay")
+        return write_imported(folder, spec, rows, title=self.name, options=options,
+                              description=f"{self.description}\n\nThe SAC run's replay buffer up to the medium "
+                                          f"snapshot (random play, then every policy it went through). {task.notes}.",
+                              extra={"source_file": _shown(path),
+                                     "dropped_trailing_steps": dropped})
+
     def reference_returns(self, task: ControlTask, sources: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
         return float(training_record(task.name)["expert"]["mean"]), random_return(task.name)
+
+
+def _shown(path: Path) -> str:
+    """A committed file's path from the repository root (absolute when it lies elsewhere)."""
+    root = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
 
 
 def locomotion_builders() -> dict[str, LocomotionDatasetBuilder]:

@@ -210,7 +210,8 @@ def d4rl_episode_bounds(terminals: np.ndarray, timeouts: np.ndarray | None) -> l
 def export_d4rl(folder: Path, path: Path) -> Path:
     """Write a built single-task dataset as a D4RL-style ``.hdf5``/``.npz`` file (the layout above):
     ``terminals`` where an episode terminated, ``timeouts`` where it was truncated, as D4RL keeps them
-    apart. Observations and actions must each be one numeric leaf (a ``Box``), as D4RL's are."""
+    apart. Observations and actions must each be one numeric leaf (a ``Box``), as D4RL's are. Not written:
+    D4RL v2's ``next_observations`` and ``infos/*`` (qpos, qvel, action log-probs), which no importer here reads."""
     from datasets_build.episodes import iter_episodes, load_episodes
 
     dataset, specs = load_episodes(Path(folder))
@@ -228,6 +229,9 @@ def export_d4rl(folder: Path, path: Path) -> Path:
         parts["observations"].append(np.asarray(episode["observations"][obs_leaf], np.float32).reshape(steps, -1))
         parts["actions"].append(np.asarray(episode["actions"][act_leaf], np.float32).reshape(steps, -1))
         parts["rewards"].append(np.asarray(episode["rewards"], np.float32))
+        if not (episode["terminated"] or episode["truncated"]):
+            raise ValueError(f"{folder}: an episode of {steps} steps neither terminated nor was truncated; in "
+                             "D4RL arrays it would run into the next one")
         end = np.zeros(steps, dtype=bool)
         end[-1] = True
         parts["terminals"].append(end & bool(episode["terminated"]))
@@ -262,12 +266,18 @@ def import_d4rl(path: Path, task: str, root: Path, options: BuildOptions, name: 
         low, high = -np.ones_like(low), np.ones_like(high)
     spec = TaskSpec.from_spaces(task, spaces.Box(-np.inf, np.inf, observations.shape[1:], np.float32),
                                 spaces.Box(low, high, dtype=np.float32))
-    features = episode_features(spec)
-    bounds = d4rl_episode_bounds(arrays["terminals"], arrays.get("timeouts"))
-    rows = (_episode_row(spec, f"d4rl:{path.stem}", i, observations[a:b], actions[a:b],
-                         arrays["rewards"][a:b], term, trunc, features)
-            for i, (a, b, term, trunc) in enumerate(bounds))
-    dropped = len(observations) - (bounds[-1][1] if bounds else 0)
+    rows, dropped = d4rl_rows(spec, {**arrays, "observations": observations, "actions": actions}, f"d4rl:{path.stem}")
     return write_imported(folder, spec, rows, title=f"d4rl {path.name}", options=options,
                           description=f"D4RL-style arrays from `{path.name}` imported as task `{task}`.",
                           extra={"source_file": str(path), "dropped_trailing_steps": dropped})
+
+
+def d4rl_rows(spec: TaskSpec, arrays: dict[str, np.ndarray], source: str) -> tuple[Iterator[dict[str, Any]], int]:
+    """Episode rows of D4RL arrays (observations / actions already shaped (N, dim)), and how many trailing
+    steps belong to no complete episode (dropped)."""
+    features = episode_features(spec)
+    bounds = d4rl_episode_bounds(arrays["terminals"], arrays.get("timeouts"))
+    rows = (_episode_row(spec, source, i, arrays["observations"][a:b], arrays["actions"][a:b],
+                         arrays["rewards"][a:b], term, trunc, features)
+            for i, (a, b, term, trunc) in enumerate(bounds))
+    return rows, len(arrays["rewards"]) - (bounds[-1][1] if bounds else 0)

@@ -25,6 +25,7 @@ checkpoints without gymnasium objects.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import singledispatch
 from typing import Any, Literal
@@ -37,18 +38,22 @@ from generalist.vocab import NUM_DISCRETE_VALUES, PATCH_SIZE
 
 # D4RL's reference returns (random, expert) of its Gym-MuJoCo tasks (d4rl/infos.py), by env family:
 # the published DT / TT tables are ``100 * (R - random) / (expert - random)`` with these. Our envs are
-# gymnasium's -v5, D4RL's were -v2 (mujoco-py): the same bodies and rewards, another simulator.
+# gymnasium's -v5, D4RL's were -v2 (mujoco-py): the same tasks, with v5's changes (e.g. Walker2d's feet
+# share one friction, the healthy reward is paid only while healthy), so the scale is D4RL's, the
+# numbers compare in spirit.
 D4RL_REFERENCE_RETURNS: dict[str, tuple[float, float]] = {
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
 }
+_D4RL_TASK = re.compile(r"(hopper|halfcheetah|walker2d)(-v\d+|(-random|-medium|-medium-replay|-medium-expert|-expert)"
+                        r"(-v\d+)?)")
 
 
 def d4rl_family(task: str) -> str | None:
-    """``hopper`` for Hopper-v5, hopper-medium, ... ; None for a task outside D4RL's locomotion set."""
-    name = task.lower().replace("_", "").replace("-", "")
-    return next((family for family in D4RL_REFERENCE_RETURNS if name.startswith(family)), None)
+    """``hopper`` for Hopper-v5 or hopper-medium-replay(-v2); None for any other task (pixel variants included)."""
+    match = _D4RL_TASK.fullmatch(task.lower())
+    return match.group(1) if match else None
 
 
 def d4rl_normalized_scores(task: str, returns) -> np.ndarray | None:

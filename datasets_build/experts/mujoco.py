@@ -1,20 +1,22 @@
 """MuJoCo locomotion policies trained here with SAC (``train_locomotion.py``), run without the RL library.
 
-The committed weights (``locomotion/<task>/``) are sbx's SquashedGaussianActor: ReLU MLP layers
-``Dense_0 .. Dense_{n-3}``, then ``Dense_{n-2}`` the Gaussian's mean and ``Dense_{n-1}`` its log-std
-(clipped to [-20, 2]); the action is ``tanh`` of a sample, rescaled to the action space. A few lines
-of NumPy, so rebuilding the datasets needs neither JAX nor sbx.
+The committed weights (``locomotion/<task>/{expert,medium}.safetensors``) are sbx's
+SquashedGaussianActor: ReLU MLP layers ``Dense_0 .. Dense_{n-3}``, then ``Dense_{n-2}`` the Gaussian's
+mean and ``Dense_{n-1}`` its log-std (clipped to [-20, 2]); the action is ``tanh`` of a sample,
+rescaled to the action space. A few lines of NumPy, so rebuilding the datasets needs neither JAX
+nor sbx.
 
-Which policy an episode runs is its source: ``expert``, ``policy-medium``, or ``policy-step<N>`` (the
-snapshot after N training steps, which collected the replay buffer's steps N .. N + segment).
-Actions are *sampled* from the policy, as D4RL collected its data with the trained stochastic SAC
-policies, from a generator seeded by the episode seed (reproducible, independent of env slots).
+Which policy an episode runs is its source: ``expert`` or ``policy-medium``. Actions are *sampled*
+from the policy, as D4RL collected its data with the trained stochastic SAC policies, from a
+generator seeded by the episode seed. Each slot's action is computed on its own (a 1-row product):
+a float32 matrix product's last bits depend on the batch size, and MuJoCo amplifies them, so
+batching slots would make an episode depend on which episodes ran beside it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 WEIGHTS_DIR = Path(__file__).parent / "locomotion"
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # sbx SquashedGaussianActor
 MEDIUM = "medium"
-STEP_PREFIX = "step"
+MEDIUM_REPLAY_FILE = "medium_replay.npz"  # the real replay buffer up to the medium snapshot (D4RL arrays)
 
 
 class SACActor:
@@ -58,6 +60,16 @@ class SACActor:
         return np.tanh(mean + np.exp(log_std) * noise)
 
 
+def play(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], seed: int) -> float:
+    """Return of one episode of ``policy`` (observation -> action) from ``env.reset(seed=seed)``."""
+    obs, _ = env.reset(seed=seed)
+    done, total = False, 0.0
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(policy(obs))
+        total, done = total + float(reward), terminated or truncated
+    return total
+
+
 @cache
 def training_record(task: str) -> dict[str, Any]:
     """``training.json`` of a task's committed policies (command, curve, chosen steps, returns)."""
@@ -69,11 +81,8 @@ def training_record(task: str) -> dict[str, Any]:
 
 
 def policy_path(task: str, name: str) -> Path:
-    """The weights of policy ``name`` (``expert``, ``medium``, ``step<N>``) of ``task``."""
-    if name.startswith(STEP_PREFIX):
-        path = WEIGHTS_DIR / task / "replay" / f"step-{int(name.removeprefix(STEP_PREFIX)):07d}.safetensors"
-    else:
-        path = WEIGHTS_DIR / task / f"{name}.safetensors"
+    """The weights of policy ``name`` (``expert``, ``medium``) of ``task``."""
+    path = WEIGHTS_DIR / task / f"{name}.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{task}: no policy {name!r} ({path} is missing)")
     return path
@@ -100,10 +109,12 @@ class SACPolicies:
         return None
 
     def act(self, observations: np.ndarray, envs: Sequence[gym.Env]) -> list[np.ndarray]:
-        actions = np.zeros((len(observations), len(self.low)), dtype=np.float32)
-        for name in {n for n in self.slot_policy if n is not None}:
-            slots = [i for i, n in enumerate(self.slot_policy) if n == name]
-            noise = np.stack([self.slot_rng[i].standard_normal(len(self.low)) for i in slots])
-            actions[slots] = self.actors[name](observations[slots], noise)
-        scaled = self.low + (actions + 1.0) * 0.5 * (self.high - self.low)  # SB3's unscale_action, inverted
-        return list(scaled.astype(np.float32))
+        actions = []
+        for i, name in enumerate(self.slot_policy):
+            if name is None:
+                actions.append(np.zeros(len(self.low), dtype=np.float32))
+                continue
+            noise = self.slot_rng[i].standard_normal((1, len(self.low)))
+            unit = self.actors[name](observations[i: i + 1], noise)[0]  # one row: see the module docstring
+            actions.append((self.low + (unit + 1.0) * 0.5 * (self.high - self.low)).astype(np.float32))
+        return actions

@@ -2,20 +2,28 @@
 D4RL-style datasets need, so that `python -m datasets_build locomotion` rebuilds them without training.
 
 D4RL (Fu et al. 2020, §5 "Gym-MuJoCo"): `expert` is a fully trained SAC policy, `medium` a policy
-trained "to approximately 1/3 the performance of the expert", `medium-replay` the replay buffer of
-the run up to the medium policy, `medium-expert` medium + expert episodes. SAC here is sbx's (the JAX
-sibling of stable-baselines3; about 2x its speed on a CPU), with rl-zoo's MuJoCo settings.
+trained "to approximately 1/3 the performance of the expert" (training stopped early), `medium-replay`
+"all samples in the replay buffer observed during training until the policy reaches the medium
+level", `medium-expert` medium + expert data. SAC here is sbx's (the JAX sibling of
+stable-baselines3, about 2x its speed on this CPU): 256x256 MLPs, rl-zoo's 10,000 random steps
+first, then 4 environment steps and 4 gradient steps in turn (one update per step, as rl-zoo's 1/1,
+with less Python between updates).
 
-Written under `--out/<task>/` (committed, small):
-  `expert.safetensors`      the best-evaluated policy of the last quarter of training
-  `medium.safetensors`      the earliest snapshot within 15 % of a third of the expert's return
-  `replay/step-<N>.safetensors`  float16 snapshots taken every `--eval_every` steps before the medium
-                            one; the builder replays each for the steps it collected (the replay buffer
-                            is 10-100 MB, the snapshots are ~150 KB each)
-  `training.json`           command, seed, steps, wall time, the evaluation curve, the choices made
-Full float32 snapshots and the real replay buffer go to `--run_dir` (not committed).
+Two phases. Training writes to `--run_dir/<task>-seed<seed>/`: a float32 actor snapshot at every
+evaluation (`snapshots/`), the evaluation curve (`training.json`) and the whole replay buffer
+(`replay_buffer.npz`). Finalising (also alone: `--finalize_only`, to choose again from a finished
+run) picks the policies with the NumPy actor the dataset builder runs and writes, committed, to
+`--out/<task>/`:
+  `expert.safetensors`   the best-evaluated snapshot of the last quarter of training
+  `medium.safetensors`   the earliest snapshot whose mean return over `--final_eval_episodes` is within
+                         15 % of the expert's of a third of the expert's (candidates from the curve)
+  `medium_replay.npz`    the real replay buffer up to the medium snapshot, as D4RL arrays
+                         (observations / actions in float16 to keep the repository small: 3 significant
+                         digits, finer than the tokenizer's 1024 bins; terminals and timeouts apart)
+  `training.json`        command, seed, steps, wall time, the curve, the choices and their returns
+                         (deterministic, and sampled as the datasets are)
 
-    pip install sbx-rl
+    pip install -e ".[experts]"
     python -m datasets_build.experts.train_locomotion --task Hopper-v5 --steps 600000
     python -m datasets_build.experts.train_locomotion --plot docs/figures/locomotion_experts.png
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,15 +45,18 @@ import tyro
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from datasets_build.experts.mujoco import MEDIUM_REPLAY_FILE, SACActor, play
+
 MEDIUM_FRACTION = 1 / 3  # D4RL: "approximately 1/3 the performance of the expert"
 MEDIUM_TOLERANCE = 0.15  # of the expert's return: how far from a third a medium snapshot may be
 EXPERT_WINDOW = 0.25  # the expert is the best snapshot of this last fraction of training
+FINAL_EVAL_SEED = 1_000_000  # the chosen policies' episodes; the curve's are 10_000 + step + i
 
 
 @dataclass
 class Args:
     task: str = "Hopper-v5"
-    steps: int = 400_000
+    steps: int = 600_000
     """environment steps of SAC training"""
     seed: int = 0
     eval_every: int = 10_000
@@ -52,39 +64,136 @@ class Args:
     eval_episodes: int = 5
     """deterministic episodes per evaluation point"""
     final_eval_episodes: int = 20
-    """episodes that measure the chosen expert and medium policies"""
+    """episodes that measure the expert and each medium candidate"""
     learning_starts: int = 10_000
     """uniform random steps before learning (rl-zoo's MuJoCo setting)"""
     train_freq: int = 4
     """env steps between updates, each doing as many gradient steps (sbx runs them in one jit)"""
     out: Path = Path(__file__).parent / "locomotion"
     run_dir: Path = Path("runs/experts")
+    finalize_only: bool = False
+    """choose the expert and medium policies again from a finished run in --run_dir (no training)"""
     plot: Path | None = None
     """only redraw the evaluation curves of every task under --out into this image (no training)"""
 
 
-def actor_arrays(model, dtype=np.float32) -> dict[str, np.ndarray]:
+def actor_arrays(model) -> dict[str, np.ndarray]:
     """The SAC actor's weights as flat arrays: `Dense_<i>.kernel` (in, out) / `.bias`; the last two
     Dense layers are the Gaussian's mean and log-std (sbx's SquashedGaussianActor)."""
     params = model.policy.actor_state.params["params"]
-    return {f"{layer}.{name}": np.asarray(value, dtype=dtype) for layer, weights in params.items()
+    return {f"{layer}.{name}": np.asarray(value, dtype=np.float32) for layer, weights in params.items()
             for name, value in weights.items()}
 
 
-def evaluate(model, task: str, episodes: int, seed: int) -> list[float]:
+def returns_of(task: str, policy, episodes: int, seed: int) -> list[float]:
     env = gym.make(task)
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done, total = False, 0.0
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
+    try:
+        return [play(env, policy, seed + i) for i in range(episodes)]
+    finally:
+        env.close()
+
+
+def measure(task: str, actor: SACActor, episodes: int) -> dict:
+    """Deterministic (the mode) and sampled (as the datasets are collected) returns of one policy."""
+    rng = np.random.default_rng(FINAL_EVAL_SEED)
+    deterministic = returns_of(task, lambda obs: actor(obs[None])[0], episodes, FINAL_EVAL_SEED)
+    sampled = returns_of(task, lambda obs: actor(obs[None], rng.standard_normal((1, actor.action_dim)))[0],
+                         episodes, FINAL_EVAL_SEED)
+    return {"returns": deterministic, "mean": float(np.mean(deterministic)), "sampled_returns": sampled,
+            "sampled_mean": float(np.mean(sampled))}
+
+
+def train(args: Args, run_dir: Path) -> None:
+    from sbx import SAC  # the `experts` extra; only this phase needs it
+
+    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+    env = gym.make(args.task)
+    model = SAC("MlpPolicy", env, seed=args.seed, learning_starts=args.learning_starts,
+                train_freq=args.train_freq, gradient_steps=args.train_freq, verbose=0)
+    if args.eval_every % args.train_freq or args.steps > model.replay_buffer.buffer_size:
+        raise ValueError("--eval_every must be a multiple of --train_freq (snapshots at exact steps) and --steps "
+                         f"at most the replay buffer's {model.replay_buffer.buffer_size:,} (it must not wrap)")
+    curve: list[dict] = []
+    start = time.time()
+    bar = tqdm(total=args.steps, desc=f"SAC {args.task}", unit="step")
+    while model.num_timesteps < args.steps:
+        model.learn(args.eval_every, reset_num_timesteps=False, progress_bar=False)
+        step = model.num_timesteps
+        returns = returns_of(args.task, lambda obs: model.predict(obs, deterministic=True)[0],
+                             args.eval_episodes, seed=10_000 + step)
+        save_file(actor_arrays(model), str(run_dir / "snapshots" / f"step-{step:07d}.safetensors"))
+        curve.append({"step": step, "wall_s": round(time.time() - start, 1),
+                      "mean": float(np.mean(returns)), "std": float(np.std(returns))})
+        bar.update(step - bar.n)
+        bar.set_postfix(ret=f"{np.mean(returns):.0f}")
+    bar.close()
+    wall = time.time() - start
+    buffer, n = model.replay_buffer, model.replay_buffer.pos  # sb3: dones = terminated or truncated
+    np.savez_compressed(run_dir / "replay_buffer.npz", observations=buffer.observations[:n, 0],
+                        actions=buffer.actions[:n, 0], rewards=buffer.rewards[:n, 0],
+                        dones=buffer.dones[:n, 0], timeouts=buffer.timeouts[:n, 0])
+    import sbx
+
+    record = {
+        "command": "python -m datasets_build.experts.train_locomotion " + shlex.join(sys.argv[1:]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
+        "algorithm": f"SAC (sbx {sbx.__version__}), MlpPolicy 256x256, learning_starts {args.learning_starts:,}, "
+                     f"{args.train_freq} env steps / {args.train_freq} gradient steps",
+        "machine": f"{platform.processor() or platform.machine()}, 1 thread",
+        "wall_s": round(wall, 1),
+        "steps_per_second": round(args.steps / wall, 1),
+        "curve": curve,
+    }
+    (run_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def replay_arrays(buffer: dict[str, np.ndarray], end: int) -> dict[str, np.ndarray]:
+    """The first ``end`` steps of an sb3 replay buffer as D4RL arrays (a trailing partial episode is
+    left for the importer to drop). sb3 stores ``dones`` = terminated or truncated and ``timeouts`` =
+    truncated by the time limit; D4RL keeps ``terminals`` (terminated) and ``timeouts`` apart."""
+    timeouts = buffer["timeouts"][:end].astype(bool)
+    return {"observations": buffer["observations"][:end].astype(np.float16),
+            "actions": buffer["actions"][:end].astype(np.float16),
+            "rewards": buffer["rewards"][:end].astype(np.float32),
+            "terminals": buffer["dones"][:end].astype(bool) & ~timeouts, "timeouts": timeouts}
+
+
+def finalize(args: Args, run_dir: Path) -> dict:
+    record = json.loads((run_dir / "training.json").read_text())
+    curve = record["curve"]
+
+    def snapshot(step: int) -> Path:
+        return run_dir / "snapshots" / f"step-{step:07d}.safetensors"
+
+    late = [p for p in curve if p["step"] > curve[-1]["step"] * (1 - EXPERT_WINDOW)]
+    expert_step = max(late, key=lambda p: p["mean"])["step"]
+    expert = {"step": expert_step, **measure(args.task, SACActor(snapshot(expert_step)), args.final_eval_episodes)}
+    target, tolerance = MEDIUM_FRACTION * expert["mean"], MEDIUM_TOLERANCE * expert["mean"]
+    # candidates: curve points near a third (5 episodes each, noisy), measured again, earliest first
+    candidates = [p for p in curve if abs(p["mean"] - target) <= 2 * tolerance and p["step"] < expert_step]
+    medium, tried = None, []
+    for point in tqdm(candidates, desc="medium candidates", leave=False):
+        measured = {"step": point["step"], **measure(args.task, SACActor(snapshot(point["step"])),
+                                                     args.final_eval_episodes)}
+        tried.append({"step": point["step"], "mean": measured["mean"]})
+        if abs(measured["mean"] - target) <= tolerance:
+            medium = measured
+            break
+    if medium is None:
+        raise SystemExit(f"{args.task}: no snapshot within {MEDIUM_TOLERANCE:.0%} of the expert's return of a third "
+                         f"of it ({target:.0f}); tried {tried}")
+    out = args.out / args.task
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(snapshot(expert_step), out / "expert.safetensors")
+    shutil.copyfile(snapshot(medium["step"]), out / "medium.safetensors")
+    with np.load(run_dir / "replay_buffer.npz") as buffer:
+        arrays = replay_arrays(dict(buffer), medium["step"])
+    np.savez_compressed(out / MEDIUM_REPLAY_FILE, **arrays)
+    record.update(expert=expert, medium={**medium, "target": target, "candidates": tried},
+                  medium_replay={"steps": int(len(arrays["rewards"])), "episodes_ended":
+                                 int((arrays["terminals"] | arrays["timeouts"]).sum())})
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def plot_training_curves(out: Path, path: Path) -> Path:
@@ -114,102 +223,11 @@ def main(args: Args) -> None:
     if args.plot is not None:
         print(plot_training_curves(args.out, args.plot))
         return
-    from sbx import SAC  # the `experts` extra; only this script trains
-
     run_dir = args.run_dir / f"{args.task}-seed{args.seed}"
-    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    out = args.out / args.task
-    (out / "replay").mkdir(parents=True, exist_ok=True)
-    env = gym.make(args.task)
-    model = SAC("MlpPolicy", env, seed=args.seed, learning_starts=args.learning_starts,
-                train_freq=args.train_freq, gradient_steps=args.train_freq, verbose=0)
-    curve: list[dict] = []
-    snapshots: dict[int, dict[str, np.ndarray]] = {}
-    start = time.time()
-    bar = tqdm(total=args.steps, desc=f"SAC {args.task}", unit="step")
-    while model.num_timesteps < args.steps:
-        model.learn(args.eval_every, reset_num_timesteps=False, progress_bar=False)
-        step = model.num_timesteps
-        returns = evaluate(model, args.task, args.eval_episodes, seed=10_000 + step)
-        snapshots[step] = actor_arrays(model)
-        save_file(snapshots[step], str(run_dir / "snapshots" / f"step-{step:07d}.safetensors"))
-        curve.append({"step": step, "wall_s": round(time.time() - start, 1),
-                      "mean": float(np.mean(returns)), "std": float(np.std(returns))})
-        bar.update(step - bar.n)
-        bar.set_postfix(ret=f"{np.mean(returns):.0f}")
-    bar.close()
-    wall = time.time() - start
-
-    # the replay buffer as collected (sb3 ReplayBuffer, one env): kept for the record and the card
-    buffer = model.replay_buffer
-    n = buffer.buffer_size if buffer.full else buffer.pos
-    np.savez_compressed(run_dir / "replay_buffer.npz", observations=buffer.observations[:n, 0],
-                        actions=buffer.actions[:n, 0], rewards=buffer.rewards[:n, 0],
-                        dones=buffer.dones[:n, 0], timeouts=buffer.timeouts[:n, 0])
-
-    late = [point for point in curve if point["step"] > args.steps * (1 - EXPERT_WINDOW)]
-    expert_step = max(late, key=lambda point: point["mean"])["step"]
-    model.policy.actor_state = model.policy.actor_state.replace(params={"params": _unflatten(snapshots[expert_step])})
-    expert_returns = evaluate(model, args.task, args.final_eval_episodes, seed=20_000)
-    target = MEDIUM_FRACTION * float(np.mean(expert_returns))
-    near = [p for p in curve if abs(p["mean"] - target) <= MEDIUM_TOLERANCE * np.mean(expert_returns)]
-    medium_step = (near[0] if near else min(curve, key=lambda p: abs(p["mean"] - target)))["step"]
-    model.policy.actor_state = model.policy.actor_state.replace(params={"params": _unflatten(snapshots[medium_step])})
-    medium_returns = evaluate(model, args.task, args.final_eval_episodes, seed=20_000)
-
-    save_file(snapshots[expert_step], str(out / "expert.safetensors"))
-    save_file(snapshots[medium_step], str(out / "medium.safetensors"))
-    for old in (out / "replay").glob("*.safetensors"):
-        old.unlink()
-    for step, arrays in snapshots.items():
-        if step < medium_step:  # the policy that collected steps [step, step + eval_every)
-            save_file({k: v.astype(np.float16) for k, v in arrays.items()},
-                      str(out / "replay" / f"step-{step:07d}.safetensors"))
-    import sbx
-
-    record = {
-        "command": "python -m datasets_build.experts.train_locomotion " + shlex.join(sys.argv[1:]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
-        "algorithm": f"SAC (sbx {sbx.__version__}), MlpPolicy 256x256, rl-zoo MuJoCo settings",
-        "machine": f"{platform.processor() or platform.machine()}, 1 thread",
-        "wall_s": round(wall, 1),
-        "steps_per_second": round(args.steps / wall, 1),
-        "expert": {"step": expert_step, "returns": expert_returns, "mean": float(np.mean(expert_returns))},
-        "medium": {"step": medium_step, "returns": medium_returns, "mean": float(np.mean(medium_returns)),
-                   "target": target},
-        "replay": {"learning_starts": args.learning_starts, "segment_steps": args.eval_every,
-                   "segments": replay_segments(buffer.dones[:n, 0], args.learning_starts, args.eval_every,
-                                               medium_step)},
-        "curve": curve,
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("wall_s", "expert", "medium")}, indent=1))
-
-
-def replay_segments(dones: np.ndarray, learning_starts: int, segment: int, end: int) -> list[dict]:
-    """Which policy collected the replay buffer's episodes before step ``end``, as the dataset builder's
-    sources: ``random`` before ``learning_starts``, else ``policy-step<N>``, the snapshot taken at the
-    start of the ``segment``-step stretch the episode began in. Counts whole episodes and their steps."""
-    stops = np.flatnonzero(dones) + 1
-    starts = np.concatenate([[0], stops[:-1]])
-    segments: dict[str, dict] = {}
-    for start, stop in zip(starts, stops, strict=True):
-        if start >= end:
-            break
-        snapshot = max(segment, start // segment * segment)
-        source = "random" if start < learning_starts else f"policy-step{snapshot}"
-        entry = segments.setdefault(source, {"source": source, "episodes": 0, "steps": 0})
-        entry["episodes"] += 1
-        entry["steps"] += int(stop - start)
-    return list(segments.values())
-
-
-def _unflatten(arrays: dict[str, np.ndarray]) -> dict:
-    params: dict = {}
-    for key, value in arrays.items():
-        layer, name = key.split(".")
-        params.setdefault(layer, {})[name] = value
-    return params
+    if not args.finalize_only:
+        train(args, run_dir)
+    record = finalize(args, run_dir)
+    print(json.dumps({k: record[k] for k in ("wall_s", "expert", "medium", "medium_replay")}, indent=1))
 
 
 if __name__ == "__main__":

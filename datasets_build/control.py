@@ -247,8 +247,9 @@ class ControlDatasetBuilder:
             raw = raw_steps_per_second(task)
             s = stats[task.name]
             table.append([task.name, len(returns), len(rewards), expert_return, random_return,
-                          float(returns.min()), float(returns.max()), specs[task.name].return_scale,
-                          specs[task.name].reward_scale, raw, s.steps_per_second if s.steps else "resumed"])
+                          float(returns.min()), float(returns.max()), float(returns.mean()),
+                          specs[task.name].return_scale, specs[task.name].reward_scale, raw,
+                          s.steps_per_second if s.steps else "resumed"])
         write_json_atomic(folder / TASK_SPECS, {name: spec.to_dict() for name, spec in specs.items()})
 
         per_source = {source: int((all_sources == source).sum()) for source in dict.fromkeys(all_sources)}
@@ -265,12 +266,12 @@ class ControlDatasetBuilder:
             "num_envs": options.num_envs,
             "tasks": {row[0]: {"episodes": row[1], "steps": row[2], "expert_return": row[3],
                                "random_return": row[4], "min_return": row[5], "max_return": row[6],
-                               "return_scale": row[7], "reward_scale": row[8],
-                               "raw_env_steps_per_s": row[9], "collector_steps_per_s": row[10]}
+                               "mean_return": row[7], "return_scale": row[8], "reward_scale": row[9],
+                               "raw_env_steps_per_s": row[10], "collector_steps_per_s": row[11]}
                       for row in table},
             "versions": package_versions(),
         }
-        header = ["task", "episodes", "steps", "expert return", "random return", "min", "max",
+        header = ["task", "episodes", "steps", "expert return", "random return", "min", "max", "mean",
                   "return_scale", "reward_scale", "raw env steps/s (1 env)",
                   f"collector steps/s ({options.num_envs} envs)"]
         experts = "\n".join(f"- **{t.name}**: {t.notes}" for t in tasks)

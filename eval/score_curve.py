@@ -3,7 +3,7 @@
 A loss curve says the model fits its data; this says whether it learns to *act*, and when. Each
 checkpoint under ``RUN/checkpoints/step_*`` is rolled out (``--episodes`` per task, the mode and any
 other ``eval.control`` flags as given) and scored expert-normalised, and D4RL-normalised for the
-locomotion tasks. Train with ``--save_every N --keep_last 0`` (or a large ``--keep_last``) to keep
+locomotion tasks. Train with ``--save_every N --keep_last K`` (K at least total_steps / N) to keep
 the checkpoints.
 
     python -m eval.score_curve --runs runs/loco-hm-s0 runs/loco-hm-s1 --mode dt --tasks Hopper-v5 \\
@@ -44,7 +44,7 @@ class Args:
 def checkpoints(run: Path) -> list[Path]:
     found = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
     if not found:
-        raise SystemExit(f"{run}: no checkpoints/step_* (train with --save_every N --keep_last 0)")
+        raise SystemExit(f"{run}: no checkpoints/step_* (train with --save_every N --keep_last K to keep them)")
     return found
 
 

@@ -56,7 +56,7 @@ def test_the_committed_policies_play_as_their_training_record_says(task):
         assert np.mean(deterministic) == pytest.approx(np.mean(record[kind]["returns"][:3]), rel=0.25), kind
         assert np.mean(sampled) == pytest.approx(np.mean(record[kind]["sampled_returns"][:3]), rel=0.25), kind
     expert, medium = record["expert"]["mean"], record["medium"]["mean"]
-    assert abs(medium - expert / 3) <= 0.15 * expert, "the medium policy is about a third of the expert"
+    assert abs(medium - expert / 3) <= 0.1 * expert, "the medium policy is about a third of the expert"
 
 
 @pytest.mark.parametrize("short", list(SHORT))

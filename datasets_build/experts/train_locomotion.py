@@ -15,8 +15,9 @@ evaluation (`snapshots/`), the evaluation curve (`training.json`) and the whole 
 run) picks the policies with the NumPy actor the dataset builder runs and writes, committed, to
 `--out/<task>/`:
   `expert.safetensors`   the best-evaluated snapshot of the last quarter of training
-  `medium.safetensors`   the earliest snapshot whose mean return over `--final_eval_episodes` is within
-                         15 % of the expert's of a third of the expert's (candidates from the curve)
+  `medium.safetensors`   of the snapshots whose curve point lies near a third of the expert's return, the
+                         one whose mean over `--final_eval_episodes` comes closest (within 10 % of the
+                         expert's return)
   `medium_replay.npz`    the real replay buffer up to the medium snapshot, as D4RL arrays
                          (observations / actions in float16 to keep the repository small: 3 significant
                          digits, finer than the tokenizer's 1024 bins; terminals and timeouts apart)
@@ -48,7 +49,7 @@ from tqdm import tqdm
 from datasets_build.experts.mujoco import MEDIUM_REPLAY_FILE, SACActor, play
 
 MEDIUM_FRACTION = 1 / 3  # D4RL: "approximately 1/3 the performance of the expert"
-MEDIUM_TOLERANCE = 0.15  # of the expert's return: how far from a third a medium snapshot may be
+MEDIUM_TOLERANCE = 0.10  # of the expert's return: how far from a third a medium snapshot may be
 EXPERT_WINDOW = 0.25  # the expert is the best snapshot of this last fraction of training
 FINAL_EVAL_SEED = 1_000_000  # the chosen policies' episodes; the curve's are 10_000 + step + i
 
@@ -169,17 +170,13 @@ def finalize(args: Args, run_dir: Path) -> dict:
     expert_step = max(late, key=lambda p: p["mean"])["step"]
     expert = {"step": expert_step, **measure(args.task, SACActor(snapshot(expert_step)), args.final_eval_episodes)}
     target, tolerance = MEDIUM_FRACTION * expert["mean"], MEDIUM_TOLERANCE * expert["mean"]
-    # candidates: curve points near a third (5 episodes each, noisy), measured again, earliest first
+    # candidates: curve points near a third (5 episodes each, noisy), each measured again; the closest wins
     candidates = [p for p in curve if abs(p["mean"] - target) <= 2 * tolerance and p["step"] < expert_step]
-    medium, tried = None, []
-    for point in tqdm(candidates, desc="medium candidates", leave=False):
-        measured = {"step": point["step"], **measure(args.task, SACActor(snapshot(point["step"])),
-                                                     args.final_eval_episodes)}
-        tried.append({"step": point["step"], "mean": measured["mean"]})
-        if abs(measured["mean"] - target) <= tolerance:
-            medium = measured
-            break
-    if medium is None:
+    measured = [{"step": p["step"], **measure(args.task, SACActor(snapshot(p["step"])), args.final_eval_episodes)}
+                for p in tqdm(candidates, desc="medium candidates", leave=False)]
+    tried = [{"step": m["step"], "mean": m["mean"]} for m in measured]
+    medium = min(measured, key=lambda m: (abs(m["mean"] - target), m["step"]), default=None)
+    if medium is None or abs(medium["mean"] - target) > tolerance:
         raise SystemExit(f"{args.task}: no snapshot within {MEDIUM_TOLERANCE:.0%} of the expert's return of a third "
                          f"of it ({target:.0f}); tried {tried}")
     out = args.out / args.task

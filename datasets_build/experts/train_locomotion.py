@@ -211,6 +211,7 @@ def plot_training_curves(out: Path, path: Path) -> Path:
             ax.plot(record[kind]["step"], record[kind]["mean"], "o", color=color,
                     label=f"{kind}: {record[kind]['mean']:.0f} ({len(record[kind]['returns'])} ep)")
         ax.set(title=f"{task}: SAC, {record['wall_s'] / 60:.0f} min", xlabel="environment steps", ylabel="return")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:.0f}k")
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)

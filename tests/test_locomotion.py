@@ -118,7 +118,8 @@ def test_medium_replay_is_the_real_replay_buffer_up_to_the_medium_policy(short, 
     assert len(episodes) == len(bounds) == record["medium_replay"]["episodes_ended"]
     first = episodes[0]  # random play first: the buffer's start, as it was stored
     np.testing.assert_array_equal(first["rewards"], arrays["rewards"][: bounds[0][1]])
-    assert sum(e["terminated"] for e in episodes) > 0, "Hoppers and Walkers fall while SAC learns"
+    assert sum(e["terminated"] for e in episodes) == arrays["terminals"].sum()  # a hopper fell
+    assert sum(e["truncated"] for e in episodes) == arrays["timeouts"].sum()  # 1,000 steps
 
 
 def test_an_sb3_replay_buffer_becomes_d4rl_arrays_with_terminals_and_timeouts_apart():

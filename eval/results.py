@@ -3,7 +3,7 @@
     python -m eval.results                       # docs/results/*.json -> the tables in README.md
     python -m eval.results --check               # exit 1 if README.md is not what the files say
 
-Every ``control_*.json`` that ``eval.control`` wrote into ``docs/results/`` becomes one table:
+Every ``control_*.json`` and ``locomotion_*.json`` that ``eval.control`` wrote into ``docs/results/`` is a table:
 expert-normalised score per task (mean ± standard error over every episode of every checkpoint),
 the rliable IQM with its 95 % stratified-bootstrap CI over (checkpoints × tasks), and how many
 episodes and checkpoints (training seeds) stand behind each number, with the command that made it.
@@ -67,7 +67,7 @@ def table(result: dict, name: str) -> str:
 
 
 def render(results_dir: Path) -> str:
-    files = sorted(results_dir.glob("control_*.json"))
+    files = sorted(results_dir.glob("control_*.json")) + sorted(results_dir.glob("locomotion_*.json"))
     if not files:
         return "_No result files in `docs/results/` yet._"
     sections = [table(json.loads(f.read_text()), f.stem) for f in files]

@@ -367,7 +367,7 @@ def test_disk_full_while_checkpointing_leaves_the_previous_checkpoint_intact(sho
 @pytest.mark.parametrize("flags,message", [
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--resume", "--overwrite"], "--resume continues the run folder and --overwrite deletes it"),
-    (["--mixture", "demoo"], "--mixture 'demoo': not one of " + re.escape(str(sorted(MIXTURES)))),
+    (["--mixture", "demoo"], "--mixture 'demoo': not a dataset, not one of " + re.escape(str(sorted(MIXTURES)))),
     (["--mixture", "text=heavy"], "bad weight in 'text=heavy'"),
     (["--keep_last", "0"], "--keep_last must be >= 1, got 0"),
     (["--mixture", "txt=1", "--data_root", "/nonexistent"], r"no dataset 'txt' under --data_root /nonexistent"),

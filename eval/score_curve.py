@@ -16,7 +16,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,8 +37,8 @@ class Args:
     out: Path = Path("docs/results")
     name: str = "score_curve"
     """writes OUT/curve_NAME.json and .png; each eval.control run goes to OUT/curves/"""
-    control_flags: tuple[str, ...] = field(default_factory=tuple)
-    """more eval.control flags, e.g. --control_flags=--demos --control_flags=data/hopper-medium"""
+    control_flags: str = ""
+    """more eval.control flags as one string, e.g. --control_flags='--threads 1 --target_return 1400'"""
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for run in args.runs:
         found = checkpoints(run)
         flags = ["--model", *map(str, found), "--mode", args.mode, "--episodes", str(args.episodes),
-                 "--out", str(args.out / "curves"), "--name", f"{args.name}_{run.name}", *args.control_flags]
+                 "--out", str(args.out / "curves"), "--name", f"{args.name}_{run.name}",
+                 *shlex.split(args.control_flags)]
         if args.tasks:
             flags += ["--tasks", *args.tasks]
         summary = control_main(flags)

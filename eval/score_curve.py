@@ -91,8 +91,8 @@ def _plot(curves: dict[str, list[dict]], args: Args):
     key, label = ("d4rl_score", "D4RL-normalised score") if d4rl else ("normalized_score", "expert-normalised score")
     for run, points in curves.items():
         ax.plot([p["tokens"] / 1e6 for p in points], [p.get(key) for p in points], "o-", label=Path(run).name)
-    ax.set(xlabel="training tokens (M)", ylabel=label,
-           title=f"{args.name}: {args.mode} mode, {args.episodes} episodes per point")
+    ax.set(xlabel="training tokens (M)", ylabel=label)
+    ax.set_title(f"{args.name}\n{args.mode} mode, {args.episodes} episodes per checkpoint and task", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -42,7 +42,9 @@ class Args:
 
 
 def checkpoints(run: Path) -> list[Path]:
-    found = sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
+    from generalist.training.checkpoints import checkpoint_dirs
+
+    found = checkpoint_dirs(run / "checkpoints")
     if not found:
         raise SystemExit(f"{run}: no checkpoints/step_* (train with --save_every N --keep_last K to keep them)")
     return found

@@ -11,8 +11,8 @@ middling and high returns, so every task gets episodes from several *sources*::
     lag-<k>       the expert acting on the observation of k steps before (a late sensor): a
                   consistent, deterministic, worse policy (stateless experts only)
     random        uniformly random actions
-    policy-<name> one of the expert's own policies, by name (the checkpoints of a trained agent:
-                  ``medium``, the snapshots of a replay buffer; ``experts/locomotion.py``)
+    policy-<name> one of the expert's own policies, by name (a checkpoint of a trained agent, e.g.
+                  ``policy-medium``; ``experts/mujoco.py``)
 
 Why bursts as well as per-step noise: white noise averages out within a few steps, so the noisy
 experts stay close to the expert's own states, while a cloned policy's errors are consistent over

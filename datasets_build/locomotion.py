@@ -60,7 +60,9 @@ RANDOM_SEED = 12_345
 
 
 def _expert(num_envs: int, task: str) -> SACPolicies:
-    return SACPolicies(num_envs, task, gym.make(task).action_space)
+    env = gym.make(task)
+    env.close()
+    return SACPolicies(num_envs, task, env.action_space)
 
 
 def locomotion_task(task: str) -> ControlTask:
@@ -139,19 +141,19 @@ class LocomotionDatasetBuilder(ControlDatasetBuilder):
         if done:
             return folder
         task = locomotion_task(self.task)
-        spec = replace(task_spec(task), expert_return=training_record(self.task)["expert"]["mean"],
-                       random_return=random_return(self.task))
+        expert_return, random_return_ = self.reference_returns(task)
+        spec = replace(task_spec(task), expert_return=expert_return, random_return=random_return_)
         path = WEIGHTS_DIR / self.task / MEDIUM_REPLAY_FILE
-        arrays = read_d4rl_arrays(path)
-        rows, dropped = d4rl_rows(spec, {k: np.asarray(v, np.float32) if v.dtype == np.float16 else v
-                                         for k, v in arrays.items()}, "replay")
+        rows, dropped = d4rl_rows(spec, read_d4rl_arrays(path), "replay")
         return write_imported(folder, spec, rows, title=self.name, options=options,
                               description=f"{self.description}\n\nThe SAC run's replay buffer up to the medium "
                                           f"snapshot (random play, then every policy it went through). {task.notes}.",
                               extra={"source_file": _shown(path),
                                      "dropped_trailing_steps": dropped})
 
-    def reference_returns(self, task: ControlTask, sources: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
+    def reference_returns(self, task: ControlTask, sources: np.ndarray | None = None,
+                          returns: np.ndarray | None = None) -> tuple[float, float]:
+        """The committed expert's measured return and random play's, whatever episodes the dataset holds."""
         return float(training_record(task.name)["expert"]["mean"]), random_return(task.name)
 
 

@@ -178,7 +178,8 @@ def _optional_float(value: Any) -> float | None:
 
 
 def read_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The flat arrays of a D4RL-style ``.hdf5``/``.h5`` or ``.npz`` file."""
+    """The flat arrays of a D4RL-style ``.hdf5``/``.h5`` or ``.npz`` file; observations and actions as float32
+    ``(N, dim)`` (files may store them flatter, or in float16)."""
     path = Path(path)
     if path.suffix in (".hdf5", ".h5"):
         import h5py
@@ -193,6 +194,8 @@ def read_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
     missing = [k for k in D4RL_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing}; a D4RL-style file needs {list(D4RL_KEYS)}")
+    for key in ("observations", "actions"):
+        arrays[key] = arrays[key].astype(np.float32).reshape(len(arrays[key]), -1)
     return arrays
 
 
@@ -259,22 +262,20 @@ def import_d4rl(path: Path, task: str, root: Path, options: BuildOptions, name: 
     if done:
         return folder
     arrays = read_d4rl_arrays(path)
-    observations = arrays["observations"].astype(np.float32).reshape(len(arrays["observations"]), -1)
-    actions = arrays["actions"].astype(np.float32).reshape(len(arrays["actions"]), -1)
-    low, high = actions.min(axis=0), actions.max(axis=0)
+    low, high = arrays["actions"].min(axis=0), arrays["actions"].max(axis=0)
     if low.min() >= -1.0 and high.max() <= 1.0:
         low, high = -np.ones_like(low), np.ones_like(high)
-    spec = TaskSpec.from_spaces(task, spaces.Box(-np.inf, np.inf, observations.shape[1:], np.float32),
+    spec = TaskSpec.from_spaces(task, spaces.Box(-np.inf, np.inf, arrays["observations"].shape[1:], np.float32),
                                 spaces.Box(low, high, dtype=np.float32))
-    rows, dropped = d4rl_rows(spec, {**arrays, "observations": observations, "actions": actions}, f"d4rl:{path.stem}")
+    rows, dropped = d4rl_rows(spec, arrays, f"d4rl:{path.stem}")
     return write_imported(folder, spec, rows, title=f"d4rl {path.name}", options=options,
                           description=f"D4RL-style arrays from `{path.name}` imported as task `{task}`.",
                           extra={"source_file": str(path), "dropped_trailing_steps": dropped})
 
 
 def d4rl_rows(spec: TaskSpec, arrays: dict[str, np.ndarray], source: str) -> tuple[Iterator[dict[str, Any]], int]:
-    """Episode rows of D4RL arrays (observations / actions already shaped (N, dim)), and how many trailing
-    steps belong to no complete episode (dropped)."""
+    """Episode rows of D4RL arrays (as :func:`read_d4rl_arrays` returns them), and how many trailing steps
+    belong to no complete episode (dropped)."""
     features = episode_features(spec)
     bounds = d4rl_episode_bounds(arrays["terminals"], arrays.get("timeouts"))
     rows = (_episode_row(spec, source, i, arrays["observations"][a:b], arrays["actions"][a:b],

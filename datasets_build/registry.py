@@ -28,7 +28,7 @@ from datasets_build.locomotion import locomotion_builders
 from datasets_build.text import TextDatasetBuilder
 from generalist.task_spec import TaskSpec
 
-LOCOMOTION: dict[str, Builder] = dict(locomotion_builders())  # D4RL's names; gymnasium -v5 envs
+LOCOMOTION: dict[str, Builder] = locomotion_builders()  # D4RL's names; gymnasium -v5 envs
 
 DATASETS: dict[str, Builder] = {
     "control-core": ControlDatasetBuilder(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -12,8 +11,8 @@ from datasets_build import iter_episodes, load_episodes
 from datasets_build.__main__ import main as datasets_build_main
 from datasets_build.base import BuildOptions
 from datasets_build.collector import EXPERT
-from datasets_build.experts.mujoco import MEDIUM_REPLAY_FILE, WEIGHTS_DIR, SACActor, play, training_record
-from datasets_build.experts.train_locomotion import replay_arrays
+from datasets_build.experts.mujoco import MEDIUM_REPLAY_FILE, WEIGHTS_DIR, SACActor, training_record
+from datasets_build.experts.train_locomotion import measure, replay_arrays
 from datasets_build.locomotion import LOCOMOTION_TASKS
 from datasets_build.offline import d4rl_episode_bounds, import_d4rl, read_d4rl_arrays
 from datasets_build.registry import DATASETS, MIXTURES
@@ -47,12 +46,10 @@ def test_the_committed_policies_play_as_their_training_record_says(task):
     with sampled actions (as the datasets are collected): what the record measured with the same actor (to
     the bit on the machine that made it; another CPU's float rounding can change where a hopper falls,
     hence the tolerance), and the medium policy about a third of the expert."""
-    record, env = training_record(task), gym.make(task)
+    record = training_record(task)
     for kind in ("expert", "medium"):
-        actor, rng = SACActor(WEIGHTS_DIR / task / f"{kind}.safetensors"), np.random.default_rng(1_000_000)
-        deterministic = [play(env, lambda obs, a=actor: a(obs[None])[0], 1_000_000 + i) for i in range(3)]
-        sampled = [play(env, lambda obs, a=actor, r=rng: a(obs[None], r.standard_normal((1, a.action_dim)))[0],
-                        1_000_000 + i) for i in range(3)]
+        again = measure(task, SACActor(WEIGHTS_DIR / task / f"{kind}.safetensors"), episodes=3)
+        deterministic, sampled = again["returns"], again["sampled_returns"]
         assert np.mean(deterministic) == pytest.approx(np.mean(record[kind]["returns"][:3]), rel=0.25), kind
         assert np.mean(sampled) == pytest.approx(np.mean(record[kind]["sampled_returns"][:3]), rel=0.25), kind
     expert, medium = record["expert"]["mean"], record["medium"]["mean"]

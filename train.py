@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from datasets_build.hub import is_hub_dataset_id
-from datasets_build.sources import DataFiles, EpisodeRows, load_sources, parse_mixture
+from datasets_build.sources import DataFiles, EpisodeRows, load_sources, parse_mixture, parse_weights
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
@@ -119,6 +119,9 @@ class Args:
     hidden_action_prob: float = 0.5
     """share of control sequences whose action inputs are <hidden_action> (labels kept): the policy view Gato
     and DT modes act in, so that they read states instead of repeating their last action (0: off)"""
+    task_weights: str | None = None
+    """`task=weight,...`: a control task's episodes start this many times more sequences than their count alone
+    gives (PackingConfig.task_weights); tasks not named weigh 1"""
 
     # --- model ---
     backbone: str = "llama"
@@ -133,6 +136,9 @@ class Args:
     """MLP width"""
     value_features: int = 6
     """continuous tokens also embed their bin's place on the mu-law axis (GeneralistConfig.value_features; 0: off)"""
+    bin_embeddings: bool = True
+    """continuous inputs also get their bin's own embedding row (Gato); off: the value features alone embed them
+    (GeneralistConfig.bin_embeddings)"""
     observation_loss_weight: float = DEFAULT_LOSS_WEIGHTS["observation"]
     """loss weight of observation tokens (actions, rewards, returns and text weigh 1): the world model TT plans
     with; lower it where observations are long and only the policy matters (BabyAI's 148 tokens per step)"""
@@ -197,7 +203,8 @@ class Args:
 PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     "demo": {},  # the Args defaults: sized for two CPU cores and about ten minutes
     # core control + pixel variants only, sized for <= 30 minutes on two CPU cores (issue "Control that works")
-    "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20),
+    "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20,
+                    task_weights="Pendulum-v1=3,Pendulum-v1-pixels=3"),
     # low-quality data (5 % expert): imitation sees every episode and its executed actions (plain behaviour
     # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add
     "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, expert_labels=False, total_steps=1500,
@@ -324,7 +331,8 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
                      "max_position_embeddings": max(2048, args.seq_len), "tie_word_embeddings": False},
         vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
         prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features,
-        hidden_action_prob=args.hidden_action_prob, loss_weights={"observation": args.observation_loss_weight})
+        bin_embeddings=args.bin_embeddings, hidden_action_prob=args.hidden_action_prob,
+        loss_weights={"observation": args.observation_loss_weight})
 
 
 # --- main: data, model, the loop, the final model -------------------------------------------------
@@ -390,9 +398,16 @@ def main(args: Args) -> dict[str, Any]:
         model = GeneralistForCausalLM(model_config(args, tok.with_all_special_tokens()))
     if model.config.layout != tok.layout:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
+    task_weights = parse_weights(args.task_weights, "--task_weights") if args.task_weights else None
+    if task_weights:  # a misspelt task would silently weigh nothing
+        known = {task for s in train_sources for task in getattr(s, "by_task", {})}
+        if unknown := sorted(set(task_weights) - known):
+            raise ValueError(f"--task_weights: {unknown} is no task of the mixture's (non-streamed) control datasets; "
+                             f"they have {sorted(known)}")
     packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
                             prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold,
-                            hidden_action_prob=args.hidden_action_prob, expert_labels=args.expert_labels)
+                            hidden_action_prob=args.hidden_action_prob, expert_labels=args.expert_labels,
+                            task_weights=task_weights)
     src_weights = [weights[s.name] for s in train_sources]
     train_mix = Mixture(train_sources, src_weights, tok, packing)
     eval_mix = Mixture(eval_sources, src_weights, tok, packing)

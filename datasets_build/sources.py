@@ -128,13 +128,18 @@ def parse_mixture(mixture: str) -> dict[str, float]:
         except KeyError:
             raise ValueError(f"--mixture {mixture!r}: not a dataset, not one of {sorted(MIXTURES)} and not "
                              "`name=weight,...`") from None
+    return parse_weights(mixture, "--mixture")
+
+
+def parse_weights(text: str, flag: str) -> dict[str, float]:
+    """``name=weight,name=weight`` -> ``{name: weight}``; a bad part is an error naming ``flag``."""
     weights = {}
-    for part in mixture.split(","):
+    for part in text.split(","):
         name, _, weight = part.partition("=")
         try:
             weights[name.strip()] = float(weight)
         except ValueError:
-            raise ValueError(f"--mixture: bad weight in {part!r}; expected name=weight") from None
+            raise ValueError(f"{flag}: bad weight in {part!r}; expected name=weight") from None
     return weights
 
 

@@ -64,6 +64,12 @@ class GeneralistConfig(PreTrainedConfig):
             nothing of order, so a policy that turns on the *sign* of a small value (Pendulum's
             velocity at a swing's turn, spread over ~240 rarely seen bins near 0) must learn every bin
             on its own; JAT embeds continuous observations linearly for the same reason.
+        bin_embeddings (`bool`): continuous tokens also get their bin's own row of the input embedding
+            table (Gato's lookup). ``False`` (needs ``value_features``): a continuous input is embedded
+            only by the value features (plus a learned offset), so the embedding is a smooth function of
+            the value. Why: a row per bin is learnt only from the steps that visit that bin, and rare
+            bins (Pendulum near upright at speed) keep near-random rows that the model reads as
+            noise; README "What held learning back". Outputs keep one logit per bin either way.
         hidden_action_prob (`float`): share of the training control sequences whose action inputs were
             ``<hidden_action>`` (:attr:`generalist.packing.PackingConfig.hidden_action_prob`). Above 0,
             Gato and DT modes feed ``<hidden_action>`` for every action they take (the policy view they
@@ -89,6 +95,7 @@ class GeneralistConfig(PreTrainedConfig):
     context_length: int | None = None
     prompt_length: int | None = None
     value_features: int = 0
+    bin_embeddings: bool = True
     hidden_action_prob: float = 0.0
 
     def __post_init__(self, **kwargs):
@@ -118,6 +125,8 @@ class GeneralistConfig(PreTrainedConfig):
                              f"got {self.context_length}")
         if self.prompt_length is None:
             self.prompt_length = self.context_length // 4
+        if not self.bin_embeddings and not self.value_features:
+            raise ValueError("bin_embeddings=False needs value_features > 0: continuous inputs would have no embedding")
         if not 0.0 <= self.hidden_action_prob <= 1.0:
             raise ValueError(f"hidden_action_prob must be in [0, 1], got {self.hidden_action_prob}")
         if self.hidden_action_prob and HIDDEN_ACTION not in layout.special_tokens:

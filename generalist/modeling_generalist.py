@@ -104,18 +104,23 @@ class ValueEmbedding(nn.Module):
     ``c = (bin + 0.5) / (bins / 2) - 1`` in (-1, 1), monotone in the value; features ``[c, sin(2^k π c),
     cos(2^k π c)]`` (k < K, Fourier features as in Tancik et al. 2020) go through one linear layer, so
     neighbouring bins start with neighbouring embeddings and the sign of a value is one direction.
-    Tokens outside the continuous range get zero.
+    Tokens outside the continuous range get zero. Without per-bin rows (``bin_embeddings=False``) the
+    map has a bias: the offset that marks a token as a value.
     """
 
     def __init__(self, config: GeneralistConfig, hidden: int):
         super().__init__()
         span = config.layout.ranges["continuous"]
         self.start, self.bins = span.start, span.stop - span.start
-        self.proj = nn.Linear(1 + 2 * config.value_features, hidden, bias=False)
+        self.proj = nn.Linear(1 + 2 * config.value_features, hidden, bias=not config.bin_embeddings)
+
+    def inside(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: which tokens are continuous values."""
+        return (input_ids >= self.start) & (input_ids < self.start + self.bins)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         index = input_ids - self.start  # (B, T)
-        inside = (index >= 0) & (index < self.bins)
+        inside = self.inside(input_ids)
         c = ((index.clamp(0, self.bins - 1) + 0.5) / (self.bins / 2) - 1.0).to(self.proj.weight.dtype)
         angles = c[..., None] * torch.pi * 2.0 ** torch.arange(
             (self.proj.in_features - 1) // 2, device=c.device, dtype=c.dtype)  # (B, T, K)
@@ -221,6 +226,8 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
             patch_embeds = self.patch_encoder(patches.to(embeds.dtype), patch_positions)  # (P, D)
             embeds = embeds.masked_scatter(image_mask[..., None], patch_embeds.to(embeds.dtype))
         if self.config.value_features:
+            if not self.config.bin_embeddings:  # a value is embedded by where it lies, not by a row of its own
+                embeds = embeds.masked_fill(self.value_embed.inside(input_ids)[..., None], 0.0)
             embeds = embeds + self.value_embed(input_ids).to(embeds.dtype)
         if local_positions is not None:
             local = local_positions.clamp(max=self.config.max_local_positions)

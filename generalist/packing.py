@@ -70,6 +70,11 @@ class PackingConfig:
             actions in every episode (:attr:`ControlSource.expert_labelled`), every episode is such a
             lesson and ``imitation_threshold`` picks only the prompts. Return-conditioned sequences
             keep the executed actions.
+        task_weights: how much more often a control task's episodes start a sequence than its
+            episode count alone would say (``{task: weight}``; a task not named weighs 1). Tasks learn
+            at different speeds in one model: the control preset's Pendulum needs about three times
+            its share of sequences to learn the expert's energy switch (README, "What held learning
+            back"). ``None``: episodes are drawn uniformly within their dataset.
     """
 
     seq_len: int = 512
@@ -79,8 +84,12 @@ class PackingConfig:
     imitation_threshold: float | None = 0.8
     hidden_action_prob: float = 0.0
     expert_labels: bool = False
+    task_weights: Mapping[str, float] | None = None
 
     def __post_init__(self):
+        for task, weight in (self.task_weights or {}).items():
+            if not weight > 0:
+                raise ValueError(f"task_weights[{task!r}] must be > 0, got {weight!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         for name in ("return_prob", "prompt_prob", "prompt_fraction", "hidden_action_prob"):
@@ -299,8 +308,18 @@ class ControlSource:
             parts.append(tok.end_of_episode(bool(episode.get("terminated", False))))
         return slice_sample(concat_samples(parts), 0, room)
 
+    def first_episode(self, rng: np.random.Generator, task_weights: Mapping[str, float] | None) -> int:
+        """The episode a sequence starts from: uniform, or by task with ``task_weights`` (see PackingConfig)."""
+        weights = {t: w for t, w in (task_weights or {}).items() if t in self.by_task and w != 1.0}
+        if not weights:
+            return int(rng.integers(len(self.episodes)))
+        tasks = list(self.by_task)
+        p = np.array([len(self.by_task[t]) * weights.get(t, 1.0) for t in tasks])  # (tasks,)
+        pool = self.by_task[tasks[rng.choice(len(tasks), p=p / p.sum())]]
+        return int(pool[rng.integers(len(pool))])
+
     def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
-        first = int(rng.integers(len(self.episodes)))
+        first = self.first_episode(rng, cfg.task_weights)
         task = str(self.tasks[first])
         condition = bool(rng.random() < cfg.return_prob)
         relabelled = not condition and cfg.expert_labels and self.expert_labelled

@@ -21,12 +21,13 @@ def mixed_batch(tok):
     return tok([ep, "import os\nprint(os.sep)", {"image": Image.new("RGB", (50, 30), "blue"), "caption": "blue"}])
 
 
-@pytest.fixture(params=["llama", "gpt2", "llama-value-features"])
+@pytest.fixture(params=["llama", "gpt2", "llama-value-features", "llama-no-bin-embeddings"])
 def model(request, tiny_config, tiny_gpt2_config):
     torch.manual_seed(0)
     config = tiny_gpt2_config if request.param == "gpt2" else tiny_config
-    if request.param == "llama-value-features":
+    if request.param.startswith("llama-v") or request.param.startswith("llama-no"):
         config.value_features = 3
+        config.bin_embeddings = request.param != "llama-no-bin-embeddings"
     return GeneralistForCausalLM(config).eval()
 
 
@@ -45,6 +46,25 @@ def test_value_features_order_continuous_embeddings(tiny_config, tok):
     plain = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(),
                                                    text_config=tiny_config.text_config.to_dict()))
     assert not hasattr(plain, "value_embed")
+
+
+def test_without_bin_embeddings_a_value_is_embedded_by_where_it_lies(tiny_config, mixed_batch, tok):
+    """``bin_embeddings=False``: the embedding table's rows of continuous bins are never read (a rare
+    bin cannot carry a near-random row), text and discrete tokens still use theirs; the option needs
+    value features."""
+    torch.manual_seed(0)
+    tiny_config.value_features = 3
+    tiny_config.bin_embeddings = False
+    model = GeneralistForCausalLM(tiny_config).eval()
+    span = tok.layout.ranges["continuous"]
+    with torch.no_grad():
+        before = model(**mixed_batch).logits
+        model.get_input_embeddings().weight[span.start: span.stop].normal_()
+        assert torch.equal(model(**mixed_batch).logits, before)
+        model.get_input_embeddings().weight[: span.start].normal_()
+        assert not torch.allclose(model(**mixed_batch).logits, before)
+    with pytest.raises(ValueError, match="needs value_features"):
+        GeneralistConfig(text_config=tiny_config.text_config.to_dict(), value_features=0, bin_embeddings=False)
 
 
 def test_forward_both_backbones(model, mixed_batch, tok):

@@ -68,6 +68,24 @@ def test_sources_are_drawn_with_their_mixture_weights(tok, sources):
         assert abs(counts[source.name] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
 
 
+def test_task_weights_give_a_task_more_of_its_datasets_sequences(tok):
+    eps = synthetic.episodes(24)
+    tasks = [e["task"] for e in eps]
+    control = ControlSource("control", eps, tasks)
+    counts = Counter(tasks)
+    assert len(counts) >= 2
+    heavy = sorted(counts)[0]
+    n = 1200
+    for weights in (None, {heavy: 3.0}):
+        mix = Mixture([control], [1.0], tok, PackingConfig(seq_len=16, imitation_threshold=None, task_weights=weights))
+        drawn = Counter(mix.sequence(seed=1, rank=0, index=i)[1]["task"] for i in range(n))
+        w = {t: (weights or {}).get(t, 1.0) * c for t, c in counts.items()}
+        expected = w[heavy] / sum(w.values())
+        assert abs(drawn[heavy] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (weights, drawn)
+    with pytest.raises(ValueError, match="task_weights"):
+        PackingConfig(task_weights={heavy: 0.0})
+
+
 def test_gato_prompts_come_from_the_same_task_and_source_half_from_the_episode_end(tok):
     eps = synthetic.episodes(24)
     sources = ["expert" if i % 4 < 2 else "random" for i in range(len(eps))]

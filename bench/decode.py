@@ -88,6 +88,9 @@ from generalist.modes.tt import beam_cache_dtype
 from generalist.tokenizer import concat_samples
 from generalist.training.settings import parse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import count_flops, gemm_rate, read_rate  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -149,8 +152,9 @@ class Args:
 QUICK = dict(contexts=(20, 60), num_envs=4, trials=1, timed_steps=2, jat_layers=1, jat_width=64, jat_context=40,
              jat_trials=1, beam_width=4, horizon=2, tt_repeats=1, reference_repeats=1)
 
-# The reference TT GPT's shape (4 layers, 4 heads, 128 wide; Janner et al. 2021, config/offline.py).
-TT_BACKBONE = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+# The reference TT GPT's shape (4 layers, 4 heads, 128 wide; Janner et al. 2021, config/offline.py). Its MLP
+# has 2 matrices of 128 x 512; a Llama MLP has 3, so 341 wide reads (and multiplies by) as many weights.
+TT_BACKBONE = {"hidden_size": 128, "intermediate_size": 341, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
@@ -226,6 +230,8 @@ class Timing:
     env_seconds: list[float] = field(default_factory=list)
     contexts: list[int] = field(default_factory=list)
     refills: int = 0  # window slides during the timed decisions
+    flops: int | None = None  # of one more (untimed) decision after the timed ones, when counted
+    kv_bytes: int | None = None  # KV cache bytes its forwards attended to (read once each)
 
     @property
     def median(self) -> float:
@@ -263,8 +269,10 @@ def timed_step(agent: Agent, envs: gym.vector.VectorEnv, obs: Any) -> tuple[Any,
 
 
 def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials: int, pre_steps: int,
-               timed_steps: int, allow_refills: bool = False) -> Timing:
+               timed_steps: int, allow_refills: bool = False, flops: bool = True) -> Timing:
     """Play ``trials`` fresh episodes of ``pre_steps`` untimed then ``timed_steps`` timed decisions.
+
+    ``flops``: then count the FLOPs of one more decision (untimed: the counter slows it).
 
     Raises if an episode ends (its row's context would restart) or, unless ``allow_refills``, the
     window slides while timing: either would make the figure a different one than it says.
@@ -283,10 +291,39 @@ def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials:
                 out.env_seconds.append(env_s)
                 out.contexts.append(context)
                 out.refills += agent.refills - refills
+    if flops:
+        out.kv_bytes = count_kv_reads(agent.engine, lambda: timed_step(agent, envs, obs))
+        out.flops = count_flops(lambda: timed_step(agent, envs, obs))
     if out.refills and not allow_refills:
         raise RuntimeError(f"the agent's window slid {out.refills} times while timing (context_length "
                            f"{agent.context_length}); the figures would include re-prefills")
     return out
+
+
+def cache_bytes(state) -> int:
+    """Bytes of keys and values a forward on ``state`` attends to: its rows' cache and a shared prefix."""
+    caches = [state.cache] + ([state.prefix.cache] if state.prefix is not None else [])
+    return sum(2 * layer.keys.numel() * layer.keys.element_size() for c in caches if c is not None
+               for layer in c.layers if getattr(layer, "keys", None) is not None)
+
+
+def count_kv_reads(engine: Engine, fn) -> int:
+    """KV bytes read by the forwards of ``fn()``: the cache as each ``engine.feed`` leaves it (its
+    attention read all of it). A timing aid: the engine's ``feed`` is wrapped for the call only."""
+    feed, total = engine.feed, 0
+
+    def counting(state, *args, **kwargs):
+        nonlocal total
+        out = feed(state, *args, **kwargs)
+        total += cache_bytes(state)
+        return out
+
+    engine.feed = counting
+    try:
+        fn()
+    finally:
+        del engine.feed  # the class's method again
+    return total
 
 
 def dt_agent(model, tok, use_cache: bool = True) -> Agent:
@@ -331,6 +368,26 @@ def report_decisions(args: Args, d: dict) -> None:
               f"batched_speedup={many.per_s / one.per_s:.1f}x (target >= 10)")
     env_ms = statistics.median(d[(n, long_, True)].env_seconds) * 1e3
     print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
+    rate, shape = decision_gemm_rate(args, d)
+    bandwidth = read_rate()
+    print(f"floors (bench/roofline.py): FLOPs / this CPU's float32 matmul rate, {rate / 1e9:.0f} GFLOP/s at {shape} "
+          f"(the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, {bandwidth / 1e9:.1f} GB/s")
+    for context in (short, long_):
+        one, many = d[(1, context, True)], d[(n, context, True)]
+        compute, reads = many.flops / rate, many.kv_bytes / bandwidth
+        floor = compute + reads
+        print(f"ctx {many.context}: {n} envs {many.flops / 1e6:.0f} MFLOP + {many.kv_bytes / 1e6:.0f} MB of KV per "
+              f"env-step -> floor {compute * 1e3:.1f} + {reads * 1e3:.1f} = {floor * 1e3:.1f} ms (measured "
+              f"{many.median * 1e3:.1f}); with 1 env as measured ({one.median * 1e3:.1f} ms): "
+              f"batched_speedup_ceiling={n * one.median / floor:.1f}x")
+
+
+def decision_gemm_rate(args: Args, d: dict) -> tuple[float, str]:
+    """The matmul rate of the tiny Llama's MLP over the tokens ``num_envs`` envs feed per decision."""
+    config = GeneralistConfig().text_config
+    rows = args.num_envs * 16
+    return gemm_rate(rows, config.hidden_size, config.intermediate_size), \
+        f"({rows}, {config.hidden_size}) @ ({config.hidden_size}, {config.intermediate_size})"
 
 
 def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[int, Timing]:
@@ -361,7 +418,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps) ==")
-    out, timed = {}, set()
+    out, timed, flop_counts = {}, set(), {}
     for dtype in args.tt_beam_cache_dtypes:  # the default first: the figure the ratios are for
         resolved = beam_cache_dtype(dtype, next(model.parameters()).device)
         if resolved in timed:
@@ -371,7 +428,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
         agent = Agent(model, tok, "tt", tt_config=cfg)
         t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
                        allow_refills=True)
-        out[dtype] = t.median
+        out[dtype], flop_counts[dtype] = t.median, (t.flops, t.kv_bytes)
         label = dtype if dtype != "auto" else f"auto = {str(resolved).removeprefix('torch.')}"
         print(f"beams' own cache {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
               f"context {t.context} tokens, window re-prefilled in {t.refills} (included): {t.median:.2f} s")
@@ -381,10 +438,17 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     print(f"tt_agent_s_per_decision={ours:.2f} (beams' own cache {args.tt_beam_cache_dtypes[0]})")
     if len(out) > 1:
         print("  " + ", ".join(f"{d}: {v / ours:.2f}x its time" for d, v in out.items()))
+    flops, kv_bytes = flop_counts[args.tt_beam_cache_dtypes[0]]
+    rows, width = config.beam_width * config.n_expand, TT_BACKBONE["hidden_size"]
+    rate, bandwidth = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"]), read_rate()
+    floor = flops / rate + kv_bytes / bandwidth
+    print(f"one plan: {flops / 1e9:.1f} GFLOP / this CPU's float32 matmul rate {rate / 1e9:.0f} GFLOP/s at ({rows}, "
+          f"{width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + {kv_bytes / 1e9:.1f} GB of KV / its read rate "
+          f"{bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} (measured {ours:.2f}: {ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
     for name, ms in references.items():
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
-              f"(target >= {targets.get(name, '?')}x)")
+              f"(target >= {targets.get(name, '?')}x; at the floor: {ms / 1e3 / floor:.1f}x)")
     if args.tt_uncached:
         out |= bench_tt_plan_uncached(model, tok, spec, config)
     return out

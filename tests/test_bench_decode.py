@@ -50,7 +50,7 @@ def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     for figure in ("flat_in_context_ratio=", "cache_speedup_at_", "batched_speedup=", "tt_agent_s_per_decision=",
                    "tt_uncached_s_per_decision=", "tt_reference_s_per_decision=70.00",
-                   "faster_tt_reference_s_per_decision=30.00"):
+                   "faster_tt_reference_s_per_decision=30.00", "batched_speedup_ceiling=", "tt_floor_s="):
         assert figure in out, figure
     # JAT's figure comes from this run's harness: the ratio is ours / (1000 / 50 ms)
     per_s = float(re.search(r"jat_size_4env_decisions_per_s=([0-9.]+) vs JAT 20.0/s", out).group(1))
@@ -75,3 +75,27 @@ def test_cli_takes_hyphens_and_underscores(bench):
     args = tyro.cli(bench.Args, args=["--quick", "--jat-ms", "57.3", "--with_references", "/x"],
                     use_underscores=True)
     assert args.quick and args.jat_ms == 57.3 and args.with_references == Path("/x")
+
+
+def test_the_floor_counts_what_a_forward_does(bench):
+    """FLOPs of matrix products and of torch's fused CPU attention (whose formula bench/roofline.py adds),
+    and the KV bytes a feed attends to: the whole cache after it, per layer keys and values."""
+    from roofline import count_flops
+
+    q, k, v = torch.randn(2, 4, 16, 32), torch.randn(2, 4, 100, 32), torch.randn(2, 4, 100, 32)
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 4 * 2 * 4 * 16 * 100 * 32
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    from generalist import GeneralistTokenizer
+
+    tok = GeneralistTokenizer.default()
+    model = bench.seeded_model(tok)
+    engine = bench.Engine(model)
+    state = engine.new_state(3)
+    ids = torch.full((3, 5), tok.bos_id)
+    read = bench.count_kv_reads(engine, lambda: (engine.feed(state, ids), engine.feed(state, ids[:, :2])))
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = text.num_hidden_layers * 2 * 3 * text.num_key_value_heads * head_dim * 4  # layers, K+V, rows, float32
+    assert read == per_token * (5 + 7)
+    assert "feed" not in vars(engine)  # the wrapper is gone after the call

@@ -269,10 +269,10 @@ def timed_step(agent: Agent, envs: gym.vector.VectorEnv, obs: Any) -> tuple[Any,
 
 
 def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials: int, pre_steps: int,
-               timed_steps: int, allow_refills: bool = False, flops: bool = True) -> Timing:
+               timed_steps: int, allow_refills: bool = False, flops: bool = False) -> Timing:
     """Play ``trials`` fresh episodes of ``pre_steps`` untimed then ``timed_steps`` timed decisions.
 
-    ``flops``: then count the FLOPs of one more decision (untimed: the counter slows it).
+    ``flops``: then count the FLOPs and KV bytes of one more decision (untimed: the counters slow it).
 
     Raises if an episode ends (its row's context would restart) or, unless ``allow_refills``, the
     window slides while timing: either would make the figure a different one than it says.
@@ -292,8 +292,10 @@ def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials:
                 out.contexts.append(context)
                 out.refills += agent.refills - refills
     if flops:
-        out.kv_bytes = count_kv_reads(agent.engine, lambda: timed_step(agent, envs, obs))
-        out.flops = count_flops(lambda: timed_step(agent, envs, obs))
+        def counted_decision() -> None:  # one decision under both counters
+            out.kv_bytes = count_kv_reads(agent.engine, lambda: timed_step(agent, envs, obs))
+
+        out.flops = count_flops(counted_decision)
     if out.refills and not allow_refills:
         raise RuntimeError(f"the agent's window slid {out.refills} times while timing (context_length "
                            f"{agent.context_length}); the figures would include re-prefills")
@@ -344,7 +346,7 @@ def bench_decisions(args: Args, tok, spec, model) -> dict[tuple[int, int, bool],
         pre = steps_before(context, args.timed_steps, step)
         for n, cache in settings:
             out[(n, context, cache)] = time_agent(dt_agent(model, tok, cache), envs[n], spec, args.trials, pre,
-                                                  args.timed_steps)
+                                                  args.timed_steps, flops=cache)
     return out
 
 
@@ -368,7 +370,7 @@ def report_decisions(args: Args, d: dict) -> None:
               f"batched_speedup={many.per_s / one.per_s:.1f}x (target >= 10)")
     env_ms = statistics.median(d[(n, long_, True)].env_seconds) * 1e3
     print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
-    rate, shape = decision_gemm_rate(args, d)
+    rate, shape = decision_gemm_rate(args)
     bandwidth = read_rate()
     print(f"floors (bench/roofline.py): FLOPs / this CPU's float32 matmul rate, {rate / 1e9:.0f} GFLOP/s at {shape} "
           f"(the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, {bandwidth / 1e9:.1f} GB/s")
@@ -382,7 +384,7 @@ def report_decisions(args: Args, d: dict) -> None:
               f"batched_speedup_ceiling={n * one.median / floor:.1f}x")
 
 
-def decision_gemm_rate(args: Args, d: dict) -> tuple[float, str]:
+def decision_gemm_rate(args: Args) -> tuple[float, str]:
     """The matmul rate of the tiny Llama's MLP over the tokens ``num_envs`` envs feed per decision."""
     config = GeneralistConfig().text_config
     rows = args.num_envs * 16
@@ -427,7 +429,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
         cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
         agent = Agent(model, tok, "tt", tt_config=cfg)
         t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
-                       allow_refills=True)
+                       allow_refills=True, flops=True)
         out[dtype], flop_counts[dtype] = t.median, (t.flops, t.kv_bytes)
         label = dtype if dtype != "auto" else f"auto = {str(resolved).removeprefix('torch.')}"
         print(f"beams' own cache {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "

@@ -67,9 +67,10 @@ class GeneralistConfig(PreTrainedConfig):
         bin_embeddings (`bool`): continuous tokens also get their bin's own row of the input embedding
             table (Gato's lookup). ``False`` (needs ``value_features``): a continuous input is embedded
             only by the value features (plus a learned offset), so the embedding is a smooth function of
-            the value. Why: a row per bin is learnt only from the steps that visit that bin, and rare
-            bins (Pendulum near upright at speed) keep near-random rows that the model reads as
-            noise; README "What held learning back". Outputs keep one logit per bin either way.
+            the value. Why: a row per bin is learnt only from the steps that visit that bin, so rare bins
+            keep near-random rows; in a small stand-in (``bench/embedding_proxy.py``) that kept a
+            Pendulum clone at random level. Not measured in this model yet (docs/token_layout.md).
+            Outputs keep one logit per bin either way.
         hidden_action_prob (`float`): share of the training control sequences whose action inputs were
             ``<hidden_action>`` (:attr:`generalist.packing.PackingConfig.hidden_action_prob`). Above 0,
             Gato and DT modes feed ``<hidden_action>`` for every action they take (the policy view they

@@ -25,7 +25,7 @@ def mixed_batch(tok):
 def model(request, tiny_config, tiny_gpt2_config):
     torch.manual_seed(0)
     config = tiny_gpt2_config if request.param == "gpt2" else tiny_config
-    if request.param.startswith("llama-v") or request.param.startswith("llama-no"):
+    if request.param in ("llama-value-features", "llama-no-bin-embeddings"):
         config.value_features = 3
         config.bin_embeddings = request.param != "llama-no-bin-embeddings"
     return GeneralistForCausalLM(config).eval()

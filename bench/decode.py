@@ -303,8 +303,9 @@ def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials:
 
 
 def cache_bytes(state) -> int:
-    """Bytes of keys and values a forward on ``state`` attends to: its rows' cache and a shared prefix."""
-    caches = [state.cache] + ([state.prefix.cache] if state.prefix is not None else [])
+    """Bytes of keys and values a forward on ``state`` attends to: its rows' cache and the shared levels
+    (``Engine.share``'s prefix, ``Engine.branch``'s), each read once."""
+    caches = [state.cache] + [level.cache for level in (state.prefix, state.branch) if level is not None]
     return sum(2 * layer.keys.numel() * layer.keys.element_size() for c in caches if c is not None
                for layer in c.layers if getattr(layer, "keys", None) is not None)
 

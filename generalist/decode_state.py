@@ -88,6 +88,9 @@ class DecodeState:
         history: the uncached engine's record of every input (it recomputes from it).
         prefix: the first ``prefix.length`` positions, when they are shared by groups of rows
             (``Engine.share``); ``cache`` then holds only the positions after them.
+        branch: the next ``branch.length`` positions, when each row's are shared by its
+            ``branch.group`` copies (``Engine.branch``, until the next ``Engine.select``); ``cache``
+            then holds only the positions after those.
         snapshots: the live snapshots of this state, oldest first (``Engine.snapshot``).
         origin: (B,) for each row, the row of the newest live snapshot it descends from
             (``None`` without snapshots); kept up to date whenever rows are repeated or selected.
@@ -100,6 +103,7 @@ class DecodeState:
     history: dict | None = field(default=None, repr=False)
     logits_offset: int = 0
     prefix: SharedPrefix | None = field(default=None, repr=False)
+    branch: SharedPrefix | None = field(default=None, repr=False)
     snapshots: list[Snapshot] = field(default_factory=list, repr=False)
     origin: torch.Tensor | None = field(default=None, repr=False)
 

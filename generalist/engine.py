@@ -18,7 +18,8 @@ It knows no decoding mode, environment or :class:`~generalist.TaskSpec`; the mod
   cache's ``batch_repeat_interleave`` / ``reorder_cache``: the shared prefix is never recomputed.
   :meth:`Engine.share` goes further: the context is stored once per group of beams
   (:mod:`generalist.shared_prefix`), so neither attention nor beam reordering touches one copy of
-  it per beam.
+  it per beam; :meth:`Engine.branch` does the same one level down (a beam's imagined tokens read
+  once by its children until the next :meth:`Engine.select`).
 * **Coming back.** :meth:`Engine.snapshot` / :meth:`Engine.restore` return a state to an earlier
   point (the rows it had, its logits, positions and masks; imagined tokens cropped off the cache),
   e.g. after a planner's look-ahead.
@@ -42,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers.cache_utils import Cache
 
 from generalist.decode_state import Chunk, DecodeState, Snapshot
 from generalist.kv_cache import AppendLayer, new_cache
@@ -163,13 +165,14 @@ class Engine:
         if state.cache is None:
             logits = self._forward_uncached(state, chunk, positions, vocab_range)
         else:
-            own_mask = state.attention_mask if state.prefix is None else state.attention_mask[:, state.prefix.length:]
+            levels = [level for level in (state.prefix, state.branch) if level is not None]
+            own_mask = state.attention_mask[:, sum(level.length for level in levels):]
             extra = {}
-            if state.prefix is not None:  # the per-call switch: only this forward reads the shared prefix
+            if levels:  # the per-call switch: only this forward reads the shared levels
                 if self.model.config.get_text_config(decoder=True)._attn_implementation != SHARED_PREFIX_ATTENTION:
                     raise RuntimeError("the model's attention implementation was changed while rows share a prefix; "
                                        "its attention would ignore the prefix")
-                extra["shared_prefix"] = state.prefix
+                extra["shared_prefix"] = levels[0] if len(levels) == 1 else levels
             out = self.model(
                 **self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
                                   patches=chunk.patches, patch_positions=chunk.patch_positions,
@@ -223,6 +226,7 @@ class Engine:
         """Each row becomes ``n`` consecutive copies (row i -> rows i*n .. i*n+n-1)."""
         if n == 1:
             return state
+        self._merge_branch(state)
         if state.cache is not None:
             state.cache.batch_repeat_interleave(n)
         if state.prefix is not None:
@@ -250,6 +254,34 @@ class Engine:
         state.cache = new_cache(self.model.config.text_config, dtype)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
+    def branch(self, state: DecodeState, n: int) -> DecodeState:
+        """Like :meth:`repeat`, for rows that share a prefix (:meth:`share`): what each row holds
+        after the prefix is not copied but stored once and read by its ``n`` copies, until the next
+        :meth:`select` gathers each survivor's row in one copy. A beam search's expand-then-prune
+        step: the children of a beam share everything the beam imagined so far, so neither
+        expanding nor their attention touches one copy of it per child.
+
+        Falls back to :meth:`repeat` without a shared prefix, with nothing after it, with a cache
+        that is not all :class:`AppendLayer`, or when rows already branched (that branch is
+        gathered first). Only :meth:`feed` (and what samples through it) keeps a branch; every
+        other method gathers it first.
+        """
+        layers = getattr(state.cache, "layers", None)
+        if (n == 1 or state.prefix is None or state.branch is not None or state.length == state.prefix.length
+                or not layers or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)):
+            return self.repeat(state, n)
+        own = state.attention_mask[:, state.prefix.length:]
+        mask = None if bool(own.all()) else own.bool().to(self.device)
+        state.branch = SharedPrefix(cache=state.cache, length=own.shape[1], mask=mask, group=n)
+        state.cache = Cache(layers=[layer.split_off() for layer in layers])
+        state.prefix.group *= n
+        return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
+
+    def _merge_branch(self, state: DecodeState) -> None:
+        """Gather a :meth:`branch` back into one cache row per row (each row's copy of what it shared)."""
+        if state.branch is not None:
+            self.select(state, torch.arange(state.batch_size))
+
     def _can_share(self) -> bool:
         if self._shared_prefix_ready is None:
             self._shared_prefix_ready = self.shared_prefix and enable_shared_prefix_attention(self.model)
@@ -264,7 +296,16 @@ class Engine:
                                                 torch.arange(len(rows)) // (len(rows) // e)):
                 raise ValueError("with a shared prefix, select must keep every row in its prefix's group")
             state.prefix.group = len(rows) // e
-        if state.cache is not None:
+        if state.branch is not None:  # one gather: each survivor's shared part, then its own tokens
+            parents, shared = rows // state.branch.group, state.branch.cache
+            if all(layer.is_initialized for layer in state.cache.layers):
+                for layer, parent in zip(state.cache.layers, shared.layers, strict=True):
+                    layer.gather_after(parent, parents, rows)
+            else:  # nothing fed since the branch
+                shared.reorder_cache(parents)
+                state.cache = shared
+            state.branch = None
+        elif state.cache is not None:
             state.cache.reorder_cache(rows)
         return self._index_rows(state, rows)
 
@@ -312,6 +353,7 @@ class Engine:
         extra = state.length - length
         if extra <= 0:
             return state
+        self._merge_branch(state)
         for i, snap in enumerate(state.snapshots):
             if snap.length > length:  # it, and every later one (their rows are traced through it)
                 self._drop_snapshots(state, i)
@@ -347,6 +389,7 @@ class Engine:
         (:meth:`truncate` below its length, which invalidates it) or replacing it (a new
         :meth:`prefill` is a new state). Snapshots nest: restoring one invalidates the later ones.
         """
+        self._merge_branch(state)
         snap = Snapshot(
             state=state, length=state.length, attention_mask=state.attention_mask.clone(),
             next_position=state.next_position.clone(),

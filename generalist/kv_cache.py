@@ -75,14 +75,15 @@ class AppendLayer(CacheLayerMixin):
     def values(self, value: torch.Tensor | None) -> None:
         self._v = value
 
-    def _buffer(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous tensor of ``shape``, from a recycled buffer when one is large enough."""
+    def _buffer(self, like: torch.Tensor, shape: tuple[int, ...], room: float = 0.0) -> torch.Tensor:
+        """A contiguous tensor of ``shape``, from a recycled buffer when one is large enough; a new
+        one is allocated ``room`` x larger than asked, so that a slightly larger request later fits."""
         n = int(np.prod(shape))
         fits = [i for i, flat in enumerate(self._spares) if flat.numel() >= n and flat.dtype == like.dtype]
         if fits:
             flat = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel()))
             return flat[:n].view(shape)
-        return like.new_empty(shape)
+        return like.new_empty(int(n * (1 + room)))[:n].view(shape)
 
     def _recycle(self, t: torch.Tensor) -> None:
         flat = t.new_empty(0).set_(t.untyped_storage())  # the whole storage, flat
@@ -157,6 +158,34 @@ class AppendLayer(CacheLayerMixin):
             torch.index_select(old[:, :, : self._length], 0, rows, out=new[:, :, : self._length])
             setattr(self, name, new)
             self._recycle(old)
+
+    def gather_after(self, parent: AppendLayer, parent_rows: torch.Tensor, rows: torch.Tensor) -> None:
+        """Row i becomes ``parent``'s row ``parent_rows[i]`` followed by this layer's row ``rows[i]``.
+
+        ``Engine.branch``'s merge: what a beam's children shared (``parent``, one row per beam) and
+        what each child added, gathered into one row per survivor in one copy.
+        """
+        lp, ls = parent.get_seq_length(), self._length
+        capacity = lp + ls + self.headroom
+        parent_rows = torch.as_tensor(parent_rows, dtype=torch.long, device=self.device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        for name in ("_k", "_v"):
+            old, top = getattr(self, name), getattr(parent, name)
+            # a beam search's next merge asks for a few positions more: room for several of them
+            new = self._buffer(old, (len(rows), old.shape[1], capacity, old.shape[-1]), room=1.0)
+            torch.index_select(top[:, :, :lp], 0, parent_rows, out=new[:, :, :lp])
+            torch.index_select(old[:, :, :ls], 0, rows, out=new[:, :, lp: lp + ls])
+            setattr(self, name, new)
+            self._recycle(old)
+            self._recycle(top)
+        self._length = lp + ls
+
+    def split_off(self) -> AppendLayer:
+        """An empty layer storing the same dtype that takes over this one's recycled buffers
+        (the children's own layer of ``Engine.branch``, while this one is what they share)."""
+        layer = AppendLayer(self.storage_dtype)
+        layer._spares, self._spares = self._spares, []
+        return layer
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)

@@ -17,6 +17,7 @@ keywords to the attention function) gets the shared context. That keyword is the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,43 +59,65 @@ def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                            shared_prefix: SharedPrefix | None = None, **kwargs):
-    """Attention over a :class:`SharedPrefix` and each row's own keys; sdpa when there is no prefix.
+                            shared_prefix: SharedPrefix | Sequence[SharedPrefix] | None = None, **kwargs):
+    """Attention over shared levels and each row's own keys; sdpa when there is no prefix.
 
     ``query`` (B, H, Q, D); ``key``/``value`` (B, H_kv, Ls, D) the rows' own tokens (new ones
     included); ``attention_mask`` the backbone's mask over those (bool, True = attend) or ``None``.
-    One softmax over [prefix keys, own keys], as if the prefix were in every row.
+    ``shared_prefix``: one :class:`SharedPrefix` or a chain of them, outermost first (the context
+    shared by every beam of an environment, then what a beam holds that its ``n_expand`` children
+    share: ``Engine.branch``); level ``l`` has ``E_l`` rows, each read by ``B / E_l`` consecutive rows.
+    One softmax over [every level's keys, own keys], as if the levels were copied into every row.
     Returns (B, Q, H, D) and no attention weights, like transformers' attention functions.
     """
     if shared_prefix is None:
         return AttentionInterface()[BASE_ATTENTION](module, query, key, value, attention_mask, dropout=dropout,
                                                      scaling=scaling, **kwargs)
-    pk, pv = shared_prefix.layer(module.layer_idx)  # (E, H_kv, Lp, D)
+    levels = (shared_prefix,) if isinstance(shared_prefix, SharedPrefix) else tuple(shared_prefix)
     n_rep = getattr(module, "num_key_value_groups", 1)
-    key, value, pk, pv = (_repeat_heads(t, n_rep) for t in (key, value, pk, pv))  # (., H, ., D)
+    key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)  # (B, H, Ls, D)
     b, h, q, d = query.shape
-    e, lp, ls = pk.shape[0], pk.shape[2], key.shape[2]
-    g = b // e
     scale = d**-0.5 if scaling is None else scaling
-    # the prefix: all g*Q queries of a group against its prefix row, one matrix product
-    qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)  # (E, H, gQ, D)
-    sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
-    if shared_prefix.mask is not None:
-        sp = sp.masked_fill(~shared_prefix.mask[:, None, None, :], float("-inf"))
-    own = _own_mask(attention_mask, q, ls, query.device)  # (B or 1, 1, Q, Ls) bool or None
+    scores, level_values = [], []  # per level: (B, H, Q, Lp) scores, (E, H, Lp, D) values
+    for level in levels:
+        pk, pv = (_repeat_heads(t, n_rep).to(query.dtype) for t in level.layer(module.layer_idx))  # (E, H, Lp, D)
+        e, lp = pk.shape[0], pk.shape[2]
+        g = b // e
+        # all g*Q queries of a group against its level row: one matrix product
+        qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)  # (E, H, gQ, D)
+        sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
+        if level.mask is not None:
+            sp = sp.masked_fill(~level.mask[:, None, None, :], float("-inf"))
+        scores.append(sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp))  # (B, H, Q, Lp)
+        level_values.append(pv)
+    own = _own_mask(attention_mask, q, key.shape[2], query.device)  # (B or 1, 1, Q, Ls) bool or None
     if key.dtype != query.dtype:  # the rows' own tokens are cached in a narrower dtype (Engine.share)
         if query.device.type == "cpu":
-            return _merged_attention(query, key, value, sp, pv, own, scale)
+            return _merged_attention(query, key, value, scores, level_values, own, scale)
         key, value = key.to(query.dtype), value.to(query.dtype)
-    sp = sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp)  # (B, H, Q, Lp)
     ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
     if own is not None:
         ss = ss.masked_fill(~own, float("-inf"))
-    probs = torch.cat([sp, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, Lp + Ls)
-    pp = probs[..., :lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)  # (E, H, gQ, Lp)
-    out = torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
-    out = out + torch.matmul(probs[..., lp:], value)
+    probs = torch.cat([*scores, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, ΣLp + Ls)
+    lp = sum(s.shape[-1] for s in scores)
+    out = torch.matmul(probs[..., lp:], value) + _levels_output(probs[..., :lp], level_values)
     return out.transpose(1, 2).contiguous(), None  # (B, Q, H, D)
+
+
+def _levels_output(probs: torch.Tensor, level_values: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over levels of (attention weights on the level) @ (its values), each level's rows read once.
+
+    ``probs`` (B, H, Q, ΣLp) weights on the levels' keys in order; ``level_values`` (E_l, H, Lp_l, D).
+    """
+    b, h, q, _ = probs.shape
+    out, start = 0, 0
+    for pv in level_values:
+        e, lp, d = pv.shape[0], pv.shape[2], pv.shape[3]
+        g = b // e
+        pp = probs[..., start: start + lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)
+        out = out + torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
+        start += lp
+    return out
 
 
 def _own_mask(attention_mask: torch.Tensor | None, q: int, ls: int, device: torch.device) -> torch.Tensor | None:
@@ -107,25 +130,23 @@ def _own_mask(attention_mask: torch.Tensor | None, q: int, ls: int, device: torc
     return None
 
 
-def _merged_attention(query, key, value, sp, pv, own, scale):
-    """Attention over [prefix, own keys] as two parts merged by their log-sum-exp (as in cascade /
-    flash-decoding attention): the prefix part in the query's dtype, the own part by torch's fused
+def _merged_attention(query, key, value, scores, level_values, own, scale):
+    """Attention over [levels, own keys] as two parts merged by their log-sum-exp (as in cascade /
+    flash-decoding attention): the levels' part in the query's dtype, the own part by torch's fused
     CPU kernel in the cache's dtype, which reads each key and value once.
 
-    ``sp`` (E, H, gQ, Lp) prefix scores, ``pv`` (E, H, Lp, D) prefix values, ``own`` the own-key mask.
+    ``scores`` the levels' (B, H, Q, Lp) scores, ``level_values`` their (E, H, Lp, D) values, ``own``
+    the own-key mask.
     """
-    b, h, q, d = query.shape
-    e = sp.shape[0]
-    g = b // e
-    lse_p = sp.logsumexp(-1, keepdim=True)  # (E, H, gQ, 1)
-    out_p = torch.matmul((sp - lse_p).exp_(), pv)  # (E, H, gQ, D)
-    out_p = out_p.view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
-    lse_p = lse_p.view(e, h, g, q).transpose(1, 2).reshape(b, h, q)
+    sp = torch.cat(scores, -1)  # (B, H, Q, ΣLp)
+    lse_p = sp.logsumexp(-1, keepdim=True)  # (B, H, Q, 1)
+    out_p = _levels_output((sp - lse_p).exp_(), level_values)  # (B, H, Q, D)
     bias = None
     if own is not None:  # the fused kernel takes an additive mask of the cache's dtype
         bias = torch.zeros(own.shape, dtype=key.dtype, device=key.device).masked_fill_(~own, float("-inf"))
     out_s, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query.to(key.dtype), key, value, 0.0, False, attn_mask=bias, scale=scale)  # (B, H, Q, D), (B, H, Q)
+    lse_p = lse_p[..., 0]
     top = torch.maximum(lse_p, lse_s)
     w_p, w_s = (lse_p - top).exp_()[..., None], (lse_s - top).exp_()[..., None]  # (B, H, Q, 1)
     out = (out_p * w_p + out_s.to(query.dtype) * w_s) / (w_p + w_s)

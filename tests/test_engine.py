@@ -98,12 +98,14 @@ def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))
 
 
+@pytest.mark.parametrize("expand", ["repeat", "branch"])
 @pytest.mark.parametrize("own_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("backbone", ["llama", "gpt2"])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_shared_prefix_equals_copied_rows(model, gpt2_model, tok, ragged, backbone, own_dtype):
+def test_shared_prefix_equals_copied_rows(model, gpt2_model, tok, ragged, backbone, own_dtype, expand):
     """``share`` (context stored once per group) gives the logits of ``repeat`` (context copied),
-    through expansion, selection and truncation, with one or two (left-padded) contexts; with the
+    through expansion (copied, or ``branch``: each beam's tokens shared by its children until the
+    next ``select``), selection and truncation, with one or two (left-padded) contexts; with the
     beams' own tokens cached in bfloat16, the same logits to bfloat16's precision."""
     texts = ["a shared context of some length", "short"] if ragged else ["a shared context of some length"] * 2
     samples = [tok.encode_text_sample(t) for t in texts]
@@ -116,9 +118,10 @@ def test_shared_prefix_equals_copied_rows(model, gpt2_model, tok, ragged, backbo
     assert b.prefix is not None and b.batch_size == 6
     tol = 1e-4 if own_dtype is None else 3e-2
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for step in range(3):
         a_eng.repeat(a, 2)
-        b_eng.repeat(b, 2)
+        getattr(b_eng, expand)(b, 2)
+        assert (b.branch is not None) == (expand == "branch" and step > 0)  # step 0: nothing to share yet
         ids = torch.randint(0, 2000, (12, 2), generator=gen)
         for chunk in (ids[:, :1], ids):  # one token, then two at once (causal among them)
             a_eng.feed(a, chunk)

@@ -9,7 +9,8 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 ``horizon`` steps for ``beam_width`` beams per environment. Each planning step (reference
 ``trajectory/search/core.py::beam_plan``):
 
-1. every beam is expanded ``n_expand`` times and samples its action tokens (the reference's cdf
+1. every beam is expanded ``n_expand`` times (:meth:`Engine.branch`: what the beam imagined so far is
+   stored once for its children, not copied) and samples its action tokens (the reference's cdf
    filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass, then top-k ``k_act``,
    in the reference's order), constrained to the action space. On a *discrete* action the filter
    keeps only the likeliest value whenever it holds over 40 % of the mass (always, on two actions),
@@ -207,7 +208,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     imagined = torch.zeros(n, horizon - 1, len(obs_ranges), dtype=torch.long)  # o_{t+1} after each step but the last
     scores = torch.zeros(n, dtype=torch.float64)
     for t in range(horizon):
-        engine.repeat(state, expand)  # (E*beam*expand), grouped per environment
+        engine.branch(state, expand)  # (E*beam*expand), grouped per environment; a beam's tokens shared by its children
         rewards, alive, values, plans, imagined = (x.repeat_interleave(expand, 0)
                                                    for x in (rewards, alive, values, plans, imagined))
         if enumerate_first:  # a beam's children try different actions, however sure the model is

@@ -116,6 +116,9 @@ class Args:
     """context (tokens) of the JAT-size figure: JAT's eval window"""
     jat_trials: int = 2
     """trials of the JAT-size figure (a 32-env decision there takes about a second)"""
+    jat_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    """weight dtypes of the JAT-size model to time, the first one for the ratio to JAT (whose harness runs in
+    float32); bfloat16 is what a user of a CPU with AVX-512 BF16 or AMX would run"""
     jat_ms: float | None = None
     """JAT's ms per decision measured on this machine by reference_bench/jat_reference.py (its last
     line); used for the ratio instead of running that harness"""
@@ -393,25 +396,29 @@ def decision_gemm_rate(args: Args) -> tuple[float, str]:
         f"({rows}, {config.hidden_size}) @ ({config.hidden_size}, {config.intermediate_size})"
 
 
-def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[int, Timing]:
+def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[str, int], Timing]:
     model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width))
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
-    out = {n: time_agent(dt_agent(model, tok), vector_env(args.env, n), spec, args.jat_trials, pre,
-                         args.timed_steps) for n in (1, args.num_envs)}
+    out = {(dtype, n): time_agent(dt_agent(model.to(getattr(torch, dtype)), tok), vector_env(args.env, n), spec,
+                                  args.jat_trials, pre, args.timed_steps)
+           for dtype in args.jat_dtypes for n in (1, args.num_envs)}
     print("\n== agent throughput at JAT's size (DT through Agent) ==")
     print(f"model {args.jat_layers}x{args.jat_width} Llama, {layer_params / 1e6:.1f}M params in the layers, "
-          f"context {out[1].context} tokens (target {args.jat_context}), 17 tokens fed per decision")
-    for n, t in out.items():
-        print(f"{n:>2} env(s): {t.median * 1e3:.1f} ms per env-step, {t.median / n * 1e3:.1f} ms per decision, "
-              f"{t.per_s:.1f} decisions/s")
-    many = out[args.num_envs].per_s
-    if jat_ms is None:
-        print(f"jat_size_{args.num_envs}env_decisions_per_s={many:.1f}; JAT not measured in this run: pass "
-              "--jat_ms MS (reference_bench/jat_reference.py, this machine) or --with_references DIR")
-    else:
-        print(f"jat_size_{args.num_envs}env_decisions_per_s={many:.1f} vs JAT {1e3 / jat_ms:.1f}/s "
-              f"({jat_ms:.1f} ms per decision) -> vs_jat={many * jat_ms / 1e3:.2f}x (target >= 1.5)")
+          f"context {out[args.jat_dtypes[0], 1].context} tokens (target {args.jat_context}), 17 tokens fed per "
+          "decision")
+    for (dtype, n), t in out.items():
+        print(f"{dtype:>8} {n:>2} env(s): {t.median * 1e3:.1f} ms per env-step, {t.median / n * 1e3:.1f} ms per "
+              f"decision, {t.per_s:.1f} decisions/s")
+    for dtype in args.jat_dtypes:
+        many = out[dtype, args.num_envs].per_s
+        if jat_ms is None:
+            print(f"jat_size_{args.num_envs}env_decisions_per_s[{dtype}]={many:.1f}; JAT not measured in this run: "
+                  "pass --jat_ms MS (reference_bench/jat_reference.py, this machine) or --with_references DIR")
+        else:
+            print(f"jat_size_{args.num_envs}env_decisions_per_s[{dtype}]={many:.1f} vs JAT (float32) "
+                  f"{1e3 / jat_ms:.1f}/s ({jat_ms:.1f} ms per decision) -> vs_jat={many * jat_ms / 1e3:.2f}x "
+                  "(target >= 1.5)")
     return out
 
 

@@ -53,8 +53,11 @@ def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
                    "faster_tt_reference_s_per_decision=30.00", "batched_speedup_ceiling=", "tt_floor_s="):
         assert figure in out, figure
     # JAT's figure comes from this run's harness: the ratio is ours / (1000 / 50 ms)
-    per_s = float(re.search(r"jat_size_4env_decisions_per_s=([0-9.]+) vs JAT 20.0/s", out).group(1))
-    assert float(re.search(r"vs_jat=([0-9.]+)x", out).group(1)) == pytest.approx(per_s / 20, abs=0.01)
+    for dtype in ("float32", "bfloat16"):  # the model timed in both weight dtypes, each against JAT's float32
+        per_s = float(re.search(rf"jat_size_4env_decisions_per_s\[{dtype}\]=([0-9.]+) vs JAT \(float32\) 20.0/s",
+                                out).group(1))
+        ratio = re.search(rf"\[{dtype}\]=.*vs_jat=([0-9.]+)x", out).group(1)
+        assert float(ratio) == pytest.approx(per_s / 20, abs=0.01)
 
 
 def test_no_jat_ratio_without_a_measured_jat_figure(bench, capsys, one_thread):

@@ -209,10 +209,12 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add
     "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, expert_labels=False, total_steps=1500,
                          eval_every=250, save_every=250, eval_episodes=20),
-    # BabyAI in Gato mode (issue "Control that works"): 148 observation tokens per step, so observations weigh
-    # little and most sequences are imitation (the expert's labels on every episode, as in control)
+    # BabyAI in Gato mode (issue "Control that works"): ~50 observation tokens per step (a 70-token step), so
+    # observations weigh little and most sequences are imitation (the expert's labels on every episode, as in
+    # control); 1,024-token sequences (as many tokens per batch) hold ~14 steps, most of an expert's episode,
+    # because PickupLoc's mission names objects by where they were at the start
     "babyai": dict(mixture="babyai", observation_loss_weight=0.1, return_prob=0.25, total_steps=3000,
-                   eval_every=250, save_every=250, eval_episodes=20),
+                   seq_len=1024, batch_size=4, eval_every=250, save_every=250, eval_episodes=20),
     # one D4RL-style dataset per model, as the DT / TT papers train (`--mixture walker2d-medium-replay` for
     # another): no expert labels in the data, every episode imitated; sized for <= 60 minutes on two CPU cores
     "locomotion": dict(mixture="hopper-medium", imitation_threshold=None, expert_labels=False, total_steps=4000,

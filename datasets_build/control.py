@@ -112,10 +112,36 @@ class QuietReset(gym.Wrapper):
             return self.env.reset(**kwargs)
 
 
+class CompactGrid(gym.ObservationWrapper):
+    """MiniGrid's 7x7x3 grid (object, colour, state per cell) as a 7x7 grid of one id per cell.
+
+    Why: each grid value is a token, so the raw grid makes a BabyAI step 168 tokens and a 512-token
+    context holds 3 steps, too few for a level such as PickupLoc whose mission names objects by where
+    they were at the start. One id per cell (``object + 11 * (colour + 6 * state)``, 198 values, the
+    same information) makes a step 70 tokens.
+    """
+
+    def __init__(self, env: gym.Env):
+        from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
+
+        super().__init__(env)
+        self._sizes = (len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
+        grid = env.observation_space["image"]
+        self.observation_space = gym.spaces.Dict({
+            **env.observation_space.spaces,
+            "image": gym.spaces.Box(0, int(np.prod(self._sizes)) - 1, grid.shape[:2], np.uint8)})
+
+    def observation(self, observation: dict) -> dict:
+        grid = observation["image"].astype(np.int64)  # (7, 7, 3)
+        objects, colours, _ = self._sizes
+        cell = grid[..., 0] + objects * (grid[..., 1] + colours * grid[..., 2])  # (7, 7)
+        return {**observation, "image": cell.astype(np.uint8)}
+
+
 def _make_babyai(env_id: str) -> gym.Env:
     import minigrid  # noqa: F401 - registers the BabyAI-* env ids
 
-    return QuietReset(gym.make(env_id))
+    return CompactGrid(QuietReset(gym.make(env_id)))
 
 
 def _babyai_expert(num_envs: int):

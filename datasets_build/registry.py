@@ -49,8 +49,8 @@ DATASETS: dict[str, Builder] = {
                     "(Dict observation), so images and control meet in one sequence."),
     "babyai": ControlDatasetBuilder(
         "babyai", babyai_tasks, default_episodes=1000,
-        description="BabyAI levels (minigrid): text mission + 7x7x3 egocentric grid + direction, "
-                    "discrete actions; expert: minigrid's BabyAIBot. Needs the `babyai` extra."),
+        description="BabyAI levels (minigrid): text mission + 7x7 egocentric grid (one id per cell: object, colour, "
+                    "state) + direction, discrete actions; expert: minigrid's BabyAIBot. Needs the `babyai` extra."),
     "metaworld": ControlDatasetBuilder(
         "metaworld", metaworld_tasks, default_episodes=20,
         description="Meta-World v3 manipulation tasks with metaworld's scripted policies (39-d state, "

@@ -297,6 +297,30 @@ def test_minari_import_trains_and_evaluates_in_the_recovered_environment(tmp_pat
     assert record["normalized_score"] == pytest.approx((record["mean_return"] - 20.0) / 480.0)
 
 
+def test_babyai_grid_is_one_token_per_cell_and_loses_nothing():
+    """The compact grid holds what the raw 7x7x3 grid holds (every cell decodes back to object, colour,
+    state), and a step is short enough that a 1,024-token context holds over ten of them."""
+    pytest.importorskip("minigrid")
+    from datasets_build.control import make_task_env
+    from generalist import GeneralistTokenizer
+    from generalist.task_spec import TaskSpec
+
+    env = make_task_env("BabyAI-OpenDoor-v0")  # doors: the state channel is used
+    obs, _ = env.reset(seed=3)
+    for action in [2, 1, 2, 2, 0, 5, 2]:
+        raw = env.unwrapped.gen_obs()["image"]  # (7, 7, 3) as minigrid gives it
+        cell = obs["image"].astype(int)  # (7, 7)
+        assert cell.shape == (7, 7) and env.observation_space["image"].contains(obs["image"])
+        np.testing.assert_array_equal(np.stack([cell % 11, cell // 11 % 6, cell // 66], -1), raw)
+        obs, *_ = env.step(action)
+    spec = TaskSpec.from_env(env, name="babyai-compact")
+    tok = GeneralistTokenizer.default()
+    tok.add_task_spec(spec)
+    step = tok.encode_steps(spec, {f"observation.{k}": [v] for k, v in obs.items()}, {"action": [0]},
+                            rewards=[0.0])[0]
+    assert len(step["input_ids"]) <= 80
+
+
 @pytest.mark.slow
 def test_babyai_bot_is_an_expert(tmp_path):
     pytest.importorskip("minigrid")

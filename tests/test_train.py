@@ -52,7 +52,7 @@ def test_presets_set_defaults_and_flags_override_them():
     assert train.parse_args([]) == train.Args()
     args = train.parse_args(["--preset", "base", "--lr", "0.01", "--no_build_missing"])
     assert train.parse_args(settings.command_line(args, train.PRESETS).split()[2:]) == args
-    babyai = train.parse_args(["--preset", "babyai"])  # its 148 observation tokens a step weigh little
+    babyai = train.parse_args(["--preset", "babyai"])  # its ~50 observation tokens a step weigh little
     tok = GeneralistTokenizer.default()
     assert train.model_config(babyai, tok).loss_weights["observation"] == 0.1
     assert train.model_config(train.Args(), tok).loss_weights["observation"] == 0.5

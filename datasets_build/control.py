@@ -118,7 +118,7 @@ class CompactGrid(gym.ObservationWrapper):
     Why: each grid value is a token, so the raw grid makes a BabyAI step 168 tokens and a 512-token
     context holds 3 steps, too few for a level such as PickupLoc whose mission names objects by where
     they were at the start. One id per cell (``object + 11 * (colour + 6 * state)``, 198 values, the
-    same information) makes a step 70 tokens.
+    same information) makes a step 63-70 tokens.
     """
 
     def __init__(self, env: gym.Env):

@@ -94,6 +94,8 @@ class DecodeState:
         snapshots: the live snapshots of this state, oldest first (``Engine.snapshot``).
         origin: (B,) for each row, the row of the newest live snapshot it descends from
             (``None`` without snapshots); kept up to date whenever rows are repeated or selected.
+        window_start: the first cache position every row attends to (``Engine.attend_from``: a
+            sliding window, as the Trajectory Transformer crops its planner's inputs); ``None``: all.
     """
 
     cache: Cache | None
@@ -106,6 +108,7 @@ class DecodeState:
     branch: SharedPrefix | None = field(default=None, repr=False)
     snapshots: list[Snapshot] = field(default_factory=list, repr=False)
     origin: torch.Tensor | None = field(default=None, repr=False)
+    window_start: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -127,8 +130,8 @@ class Snapshot:
 
     Attributes:
         state: the state it was taken of.
-        length, attention_mask (B, length), next_position (B,), logits (B, V'), logits_offset:
-            the state's at the time.
+        length, attention_mask (B, length), next_position (B,), logits (B, V'), logits_offset,
+        window_start: the state's at the time.
         outer_origin: the state's ``origin`` at the time, relative to the previous live snapshot.
     """
 
@@ -139,6 +142,7 @@ class Snapshot:
     logits: torch.Tensor | None = field(repr=False)
     logits_offset: int
     outer_origin: torch.Tensor | None = field(repr=False)
+    window_start: int | None = None
 
     @property
     def batch_size(self) -> int:

@@ -173,6 +173,10 @@ class Engine:
                     raise RuntimeError("the model's attention implementation was changed while rows share a prefix; "
                                        "its attention would ignore the prefix")
                 extra["shared_prefix"] = levels[0] if len(levels) == 1 else levels
+                if state.window_start:  # the keys before it are not even read (shared_prefix_attention)
+                    extra["window_start"] = state.window_start
+            elif state.window_start:
+                own_mask = _windowed(own_mask, state.window_start)
             out = self.model(
                 **self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
                                   patches=chunk.patches, patch_positions=chunk.patch_positions,
@@ -212,7 +216,8 @@ class Engine:
             **self._on_device(input_ids=h["input_ids"], local_positions=h["local_positions"],
                               patches=patches[:, :PATCH_DIM] if len(patches) else None,
                               patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
-                              attention_mask=state.attention_mask, position_ids=h["position_ids"]),
+                              attention_mask=_windowed(state.attention_mask, state.window_start),
+                              position_ids=h["position_ids"]),
             use_cache=False, logits_to_keep=1, vocab_range=vocab_range,
         )
         return out.logits[:, -1].float().cpu()
@@ -344,6 +349,22 @@ class Engine:
             state.next_position = state.next_position.masked_fill(hit, 0)
         return state
 
+    def attend_from(self, state: DecodeState, start: int | None) -> DecodeState:
+        """From the next :meth:`feed` on, every row attends only to cache positions ``start`` and later
+        (``None``: to all); :meth:`restore` brings back the snapshot's.
+
+        A sliding window without re-prefilling: the Trajectory Transformer's planner crops every input
+        to its last few transitions (reference ``trajectory/search/sampling.py::forward``). The keys
+        before ``start`` stay cached; they are masked out, and with a shared prefix not even read.
+        The window's own keys keep what they were computed from (the standard cached sliding window;
+        in a model of several layers, what they once read still reaches the new tokens through them).
+        The uncached engine recomputes the window alone, as the reference does.
+        """
+        if start is not None and not 0 <= start <= state.length:
+            raise ValueError(f"attend_from: start must be in [0, {state.length}] (the cache length), got {start}")
+        state.window_start = start or None
+        return state
+
     def truncate(self, state: DecodeState, length: int) -> DecodeState:
         """Drop every cached position after the first ``length`` (``Cache.crop``).
 
@@ -354,6 +375,8 @@ class Engine:
         if extra <= 0:
             return state
         self._merge_branch(state)
+        if state.window_start is not None and state.window_start >= length:
+            state.window_start = None
         for i, snap in enumerate(state.snapshots):
             if snap.length > length:  # it, and every later one (their rows are traced through it)
                 self._drop_snapshots(state, i)
@@ -394,7 +417,7 @@ class Engine:
             state=state, length=state.length, attention_mask=state.attention_mask.clone(),
             next_position=state.next_position.clone(),
             logits=None if state.logits is None else state.logits.clone(), logits_offset=state.logits_offset,
-            outer_origin=state.origin,
+            outer_origin=state.origin, window_start=state.window_start,
         )
         state.snapshots.append(snap)
         state.origin = torch.arange(state.batch_size)
@@ -428,6 +451,7 @@ class Engine:
         state.next_position = snapshot.next_position.clone()
         state.logits = None if snapshot.logits is None else snapshot.logits.clone()
         state.logits_offset = snapshot.logits_offset
+        state.window_start = snapshot.window_start
         state.origin = torch.arange(b0)
         return state
 
@@ -508,6 +532,15 @@ class Engine:
             # finished rows are fed a masked pad token, so they stay aligned and unchanged
             self.feed(state, Chunk.from_ids(torch.where(done, self.pad_id, token), attention_mask=~done))
         return out
+
+
+def _windowed(mask: torch.Tensor, start: int | None) -> torch.Tensor:
+    """``mask`` (B, L) with the positions before ``start`` masked out (:meth:`Engine.attend_from`)."""
+    if not start:
+        return mask
+    mask = mask.clone()
+    mask[:, :start] = 0
+    return mask
 
 
 def _empty_history(batch_size: int) -> dict:

@@ -59,7 +59,8 @@ def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                            shared_prefix: SharedPrefix | Sequence[SharedPrefix] | None = None, **kwargs):
+                            shared_prefix: SharedPrefix | Sequence[SharedPrefix] | None = None,
+                            window_start: int | None = None, **kwargs):
     """Attention over shared levels and each row's own keys; sdpa when there is no prefix.
 
     ``query`` (B, H, Q, D); ``key``/``value`` (B, H_kv, Ls, D) the rows' own tokens (new ones
@@ -68,6 +69,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     shared by every beam of an environment, then what a beam holds that its ``n_expand`` children
     share: ``Engine.branch``); level ``l`` has ``E_l`` rows, each read by ``B / E_l`` consecutive rows.
     One softmax over [every level's keys, own keys], as if the levels were copied into every row.
+    ``window_start``: attend only to the positions from this one on, counted over [levels, own keys]
+    (``Engine.attend_from``); the keys before it are sliced off, never read.
     Returns (B, Q, H, D) and no attention weights, like transformers' attention functions.
     """
     if shared_prefix is None:
@@ -78,21 +81,29 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)  # (B, H, Ls, D)
     b, h, q, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
+    skip = window_start or 0  # positions still to slice off, level by level, then from the own keys
     scores, level_values = [], []  # per level: (B, H, Q, Lp) scores, (E, H, Lp, D) values
     for level in levels:
-        pk, pv = (_repeat_heads(t, n_rep).to(query.dtype) for t in level.layer(module.layer_idx))  # (E, H, Lp, D)
+        cut, skip = min(skip, level.length), skip - min(skip, level.length)
+        if cut == level.length:
+            continue
+        pk, pv = (_repeat_heads(t[:, :, cut:], n_rep).to(query.dtype)
+                  for t in level.layer(module.layer_idx))  # (E, H, Lp, D)
         e, lp = pk.shape[0], pk.shape[2]
         g = b // e
         # all g*Q queries of a group against its level row: one matrix product
         qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)  # (E, H, gQ, D)
         sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
         if level.mask is not None:
-            sp = sp.masked_fill(~level.mask[:, None, None, :], float("-inf"))
+            sp = sp.masked_fill(~level.mask[:, None, None, cut:], float("-inf"))
         scores.append(sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp))  # (B, H, Q, Lp)
         level_values.append(pv)
     own = _own_mask(attention_mask, q, key.shape[2], query.device)  # (B or 1, 1, Q, Ls) bool or None
+    if skip:  # the window starts inside the rows' own keys
+        key, value = key[:, :, skip:], value[:, :, skip:]
+        own = None if own is None else own[..., skip:]
     if key.dtype != query.dtype:  # the rows' own tokens are cached in a narrower dtype (Engine.share)
-        if query.device.type == "cpu":
+        if query.device.type == "cpu" and scores:
             return _merged_attention(query, key, value, scores, level_values, own, scale)
         key, value = key.to(query.dtype), value.to(query.dtype)
     ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)

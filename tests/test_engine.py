@@ -213,6 +213,43 @@ def test_shared_prefix_decoding_matches_a_plain_forward(model, gpt2_model, tok, 
     _assert_rows_match_plain_forward(m, state, samples, rows)
 
 
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_attend_from_is_one_sliding_window_in_every_path(model, gpt2_model, tok, backbone):
+    """``attend_from`` (the TT planner's crop) gives the same logits whether the window is a mask
+    (copied rows) or slices the shared levels and own keys off unread (share, branch), as it slides
+    from the shared context into the beams' own tokens. The uncached engine recomputes the window
+    alone (the reference planner's crop): there the tokens before it have no say at all, and those
+    inside it do."""
+    m = model if backbone == "llama" else gpt2_model
+    samples = [tok.encode_text_sample("a shared context of some length"), tok.encode_text_sample("short")]
+    engines = {"copied": Engine(m, seed=0, shared_prefix=False), "shared": Engine(m, seed=0)}
+    states = {name: eng.prefill(samples) for name, eng in engines.items()}
+    base = states["shared"].length
+    gen = torch.Generator().manual_seed(0)
+    for step, start in enumerate((3, base - 2, base + 3, base + 7)):  # in the context, then in the beams' tokens
+        for name, eng in engines.items():
+            eng.share(states[name], 2) if step == 0 else eng.branch(states[name], 2)
+            eng.attend_from(states[name], start)
+        ids = torch.randint(0, 2000, (8 if step else 4, 3), generator=gen)
+        for name, eng in engines.items():
+            eng.feed(states[name], ids)
+        assert states["shared"].prefix is not None and states["copied"].prefix is None
+        torch.testing.assert_close(states["copied"].logits, states["shared"].logits, atol=1e-4, rtol=1e-4)
+        keep = torch.tensor([1, 2, 4, 7]) if step else torch.arange(4)  # 2 survivors per context, in-group
+        for name, eng in engines.items():
+            eng.select(states[name], keep)
+    # recomputed over a window of the last 2 positions: what came before has no say; over 4, it has
+    eng = Engine(m, seed=0, use_cache=False)
+    for window, same in ((2, True), (4, False)):
+        b = eng.new_state(2)
+        eng.feed(b, torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 9, 10]]))  # the last two tokens alike
+        eng.attend_from(b, b.length - window)
+        eng.feed(b, torch.tensor([[7, 8], [7, 8]]))
+        assert torch.allclose(b.logits[0], b.logits[1], atol=1e-5) == same, window
+    with pytest.raises(ValueError, match="attend_from"):
+        eng.attend_from(b, b.length + 1)
+
+
 OPT_IN_SCRIPT = """
 import torch
 from transformers import AttentionInterface

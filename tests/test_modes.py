@@ -229,6 +229,39 @@ def test_the_planner_imagines_observations_as_the_tokenizer_lays_them_out(model,
     np.testing.assert_allclose(plan.values[0], [first[1], second[1]], rtol=1e-4, atol=1e-5)
 
 
+def test_every_forward_of_the_planner_reads_only_the_last_context_steps(model, tok):
+    """The reference crops every input of its planner, imagined steps included, to the last
+    ``max_context_transitions`` transitions (79 tokens of hopper's 16: the current transition and 4
+    before). Ours: every forward of ``tt_plan`` attends to the current step and ``context_steps - 1``
+    whole steps before it, however long the context and however far the plan has run."""
+    from generalist.tokenizer import concat_samples
+
+    spec = TaskSpec.from_spaces("tt-window", spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (2,), np.float32))
+    tok.add_task_spec(spec)
+    layout, rng = tok.step_layout(spec), np.random.default_rng(0)
+    past = tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (8, 3))}, {"action": rng.uniform(-1, 1, (8, 2))},
+                              rng.uniform(0, 1, 8), condition_on_return=False, end=False)
+    context = concat_samples([past, step_prompts(tok, spec, {"observation": rng.uniform(-1, 1, (1, 3))})[0]])
+    reads = []
+
+    class Spy(Engine):
+        def feed(self, state, chunk, next_allowed=None):
+            super().feed(state, chunk, next_allowed)
+            reads.append(state.length - (state.window_start or 0))  # positions the forward could attend to
+            return state
+
+    engine = Spy(model, seed=0)
+    for steps in (2, 3):
+        state = engine.prefill(context)
+        reads.clear()
+        tt_plan(engine, state, tok, spec, TTConfig(beam_width=3, horizon=4, context_steps=steps))
+        assert state.window_start is None  # restored
+        assert max(reads) == steps * layout.tokens and min(reads) > (steps - 1) * layout.tokens, (steps, reads)
+        # every forward of the plan was seen: per step its action tokens and reward, then (but the last
+        # step) <no_return>, the observation's first tokens one by one and its last with <sep>
+        assert len(reads) == 4 * (layout.action_tokens + 1) + 3 * (layout.observation_tokens + 1)
+
+
 def test_tt_presets_match_the_reference_config():
     from generalist.modes import TT_PRESETS
 

@@ -35,6 +35,10 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
    unbiased, our mu-law bins do not), then ``<sep>``.
 
 The first action of the best beam is returned. All beams of all environments are one batch.
+
+Every forward (the decision's own feed and every planning step) attends only to the current step
+and the ``context_steps - 1`` before it (:func:`attend_to_last_steps`): the reference crops each
+input to ``max_context_transitions`` transitions, so its world model never reads its whole plan.
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ class TTConfig:
         k_reward: top-k of the reward token fed back (reference ``k_rew`` 1 = greedy).
         discount: γ of the score (reference: 0.99); ``None``: the task spec's ``discount``, the γ of
             the value targets the model was trained on.
-        context_steps: past steps the planner sees (reference ``max_context_transitions`` = 5).
+        context_steps: steps every forward of the planner reads, the current one included
+            (reference ``max_context_transitions`` = 5): the window slides along the imagined steps
+            as the reference crops them (:func:`attend_to_last_steps`).
         plan_freq: plan every this many steps and follow the plan's actions in between
             (reference: 1).
         beam_cache_dtype: dtype the beams' own imagined tokens are cached in ("bfloat16": half the
@@ -169,6 +175,20 @@ class Plan:
     observation_ids: np.ndarray
 
 
+def attend_to_last_steps(engine: Engine, state: DecodeState, step_start: int, layout: StepLayout, steps: int) -> None:
+    """Let every row attend only to the step starting at cache position ``step_start`` and the
+    ``steps - 1`` whole steps before it (:meth:`Engine.attend_from`).
+
+    The reference planner crops every input, imagined ones included, to its last
+    ``max_context_transitions`` transitions (``max_block = max_context_transitions * transition_dim - 1``
+    tokens, cut at transition boundaries: ``trajectory/search/sampling.py::forward``), so the model
+    never reads more than ~5 transitions however far the plan runs. Steps have ``layout.tokens`` tokens
+    (exact for numeric observations, which every task TT plans on has).
+    """
+    start = step_start - (steps - 1) * layout.tokens
+    engine.attend_from(state, start if start > 0 else None)
+
+
 def _expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Mean of the predicted distribution over bins (N, 1024) with bin ``values`` (1024,) -> (N,)."""
     return logits.double().softmax(-1) @ values
@@ -196,7 +216,10 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     obs_local = range(1, len(obs_ranges) + 1)
     enumerate_first = config.distinct_actions and expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
 
+    layout = tok.step_layout(spec)
+    now = state.length - layout.prompt_tokens  # cache position where the current step starts (its R)
     snapshot = engine.snapshot(state)
+    attend_to_last_steps(engine, state, now, layout, config.context_steps)
     # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
     engine.share(state, beam, beam_cache_dtype(config.beam_cache_dtype, engine.device))
     n = e * beam
@@ -240,6 +263,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         rewards, alive, values, plans, imagined = (x[rows] for x in (rewards, alive, values, plans, imagined))
         scores = scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
+            attend_to_last_steps(engine, state, now + (t + 1) * layout.tokens, layout, config.context_steps)
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
             # each imagined token at its place in the observation (1..n), as the tokenizer lays observations out
             obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
@@ -292,6 +316,10 @@ class TTMode:
         return self.config.horizon * layout.tokens
 
     def decide(self, step: ControlStep) -> np.ndarray:
+        fed = max(len(chunk["input_ids"]) for chunk in step.chunks)  # left-padded to the longest
+        layout = step.tok.step_layout(step.spec)
+        attend_to_last_steps(step.engine, step.state, step.state.length + fed - layout.prompt_tokens, layout,
+                             self.config.context_steps)
         step.engine.feed(step.state, step.chunks)
         if self.plan is None or self.age >= self.config.plan_freq:
             self.plan, self.age = tt_plan(step.engine, step.state, step.tok, step.spec, self.config).plan_ids, 0
@@ -305,4 +333,5 @@ class TTMode:
         pass
 
 
-__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "beam_cache_dtype", "tt_plan", "tt_preset"]
+__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "tt_plan",
+           "tt_preset"]

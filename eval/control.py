@@ -59,9 +59,9 @@ def _is_minigrid(env: gym.Env) -> bool:
 class ErrorAsTermination(gym.Wrapper):
     """Turns an exception in ``step`` into the end of the episode, remembering the error; also remembers
     whether the episode succeeded, where the env says what success is (``success`` is None otherwise):
-    Meta-World's ``info["success"]``, and MiniGrid/BabyAI's reward, which is paid only on success.
-    A vector env resets an env in the step that ends its episode, so both are read (and cleared) by
-    :meth:`outcome`, not by ``reset``."""
+    Meta-World's ``info["success"]``, and MiniGrid/BabyAI's reward, which is paid only on success;
+    and a BabyAI episode's mission (to tell which instructions fail). A vector env may reset an env in
+    the step that ends its episode, so all are read (and cleared) by :meth:`outcome`, not by ``reset``."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -69,6 +69,8 @@ class ErrorAsTermination(gym.Wrapper):
         self.error: str | None = None
         self.success: bool | None = False if self._minigrid else None
         self._last_obs = None
+        self._mission: str | None = None  # of the episode running
+        self.mission: str | None = None  # of the episode that ended
 
     def outcome(self) -> tuple[str | None, bool | None]:
         """(error, success) of the episode that just ended; the next one starts clean."""
@@ -79,6 +81,7 @@ class ErrorAsTermination(gym.Wrapper):
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self._last_obs = obs
+        self._mission = obs.get("mission") if isinstance(obs, dict) else None
         return obs, info
 
     def step(self, action):
@@ -92,6 +95,8 @@ class ErrorAsTermination(gym.Wrapper):
             self.success = bool(self.success) or bool(info["success"])
         elif self._minigrid:
             self.success = self.success or (bool(terminated) and reward > 0)
+        if terminated or truncated:
+            self.mission = self._mission
         return obs, reward, terminated, truncated, info
 
 
@@ -208,7 +213,8 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
                 traces[i]["rew"].append(float(rewards[i]))
         for i in np.flatnonzero(terminated | truncated):
             error, success = envs.envs[i].outcome()
-            episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success}
+            episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
+                       "mission": envs.envs[i].mission}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
@@ -326,6 +332,9 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
         record["d4rl_score"], record["stderr_d4rl"] = mean_stderr(d4rl)
     if successes := [e["success"] for e in episodes if e["error"] is None and e["success"] is not None]:
         record["success_rate"] = float(np.mean(successes))
+    if any(e["mission"] for e in episodes):  # BabyAI: which instructions were met, episode by episode
+        record["missions"] = [{"mission": e["mission"], "success": e["success"]} for e in episodes
+                              if e["error"] is None]
     if origin:
         record["prompt"] = origin
     sweep = []

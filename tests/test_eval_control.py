@@ -171,18 +171,19 @@ def test_success_is_what_the_env_reports_and_is_kept_across_the_vector_envs_auto
     assert rollout(Agent(model, tok, "gato"), flaky, TaskSpec.from_env(flaky, name="flaky"), 1, 0)[0]["success"] is None
 
 
-def test_babyai_success_is_reaching_the_goal():
+def test_babyai_success_is_reaching_the_goal_and_the_mission_is_kept():
     from minigrid.utils.baby_ai_bot import BabyAIBot
 
     from datasets_build.control import make_task_env
 
     env = ErrorAsTermination(make_task_env("BabyAI-GoToRedBallGrey-v0"))
-    env.reset(seed=1)
+    obs, _ = env.reset(seed=1)
     bot, terminated, truncated, total = BabyAIBot(env.unwrapped), False, False, 0.0
     while not (terminated or truncated):
         _, reward, terminated, truncated, _ = env.step(bot.replan())
         total += reward
     assert total > 0 and env.outcome() == (None, True)
+    assert env.mission == obs["mission"] == "go to the red ball"  # the ended episode's, for per-mission tallies
     env.reset(seed=1)
     truncated = False
     while not truncated:  # turning in place never reaches the ball

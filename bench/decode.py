@@ -60,6 +60,7 @@ plus a beam search over ``horizon`` imagined steps.
 
     python bench/decode.py                          # everything (minutes on 2 cores)
     python bench/decode.py --skip_tt --trials 3     # the decision and JAT-size figures only
+    python bench/decode.py --skip_decisions --skip_jat_size   # the TT figures only
     python bench/decode.py --quick                  # a seconds-long smoke run (tiny sizes; not the figures)
     python bench/decode.py --jat_ms 57.3            # JAT measured separately, same machine
     python bench/decode.py --with_references ../shared/reference_bench --reference_python $VENV/bin/python
@@ -106,6 +107,8 @@ class Args:
     """consecutive decisions timed per trial (the median is over trials x timed_steps)"""
     uncached: bool = True
     """also time the decisions on an Engine(use_cache=False)"""
+    skip_decisions: bool = False
+    """skip the decision-time and batching figures (DT mode, the default tiny model)"""
     skip_jat_size: bool = False
     """skip the agent-throughput figure at JAT's size"""
     jat_layers: int = 12
@@ -548,7 +551,8 @@ def main(args: Args) -> None:
           f"torch={torch.__version__} model=default tiny Llama ({params / 1e6:.2f}M params), env {args.env} "
           f"({spec.observation_fields[0].size} obs / {spec.action_size} action dims), "
           f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting", flush=True)
-    report_decisions(args, bench_decisions(args, tok, spec, model))
+    if not args.skip_decisions:
+        report_decisions(args, bench_decisions(args, tok, spec, model))
     if not args.skip_jat_size:
         bench_jat_size(args, tok, spec, jat_ms)
     if not args.skip_tt:

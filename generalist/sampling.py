@@ -114,11 +114,13 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
         raise ValueError(f"cdf threshold must be in [0, 1), got {threshold}")
     logits = logits.float()
     probs = logits.softmax(-1)  # (B, V)
-    ascending = probs.sort(-1).values  # (B, V)
-    below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
-    not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
-    last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens)  # (B, 1) index of the cut
-    cut = ascending.gather(-1, last.clamp_max(logits.shape[-1] - 1))  # (B, 1)
+    cut = _cdf_cut_from_the_top(probs, threshold)
+    if cut is None:
+        ascending = probs.sort(-1).values  # (B, V)
+        below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
+        not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
+        last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens)  # (B, 1) index of the cut
+        cut = ascending.gather(-1, last.clamp_max(logits.shape[-1] - 1))  # (B, 1)
     removed = probs <= cut  # (B, V)
     out = logits.masked_fill(removed, float("-inf"))
     emptied = removed.all(-1)  # (B,) every token tied with the cut: uniform over the row's tokens
@@ -126,6 +128,24 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
         uniform = torch.zeros_like(logits).masked_fill(torch.isneginf(logits), float("-inf"))
         out = torch.where(emptied[:, None], uniform, out)
     return out
+
+
+def _cdf_cut_from_the_top(probs: torch.Tensor, threshold: float, k: int = 64) -> torch.Tensor | None:
+    """:func:`filter_cdf`'s cut (B, 1) read off the ``k`` likeliest tokens, or ``None`` where they do not
+    hold it (then the whole row is sorted).
+
+    A token's ascending cumulative sum is ``1 - (mass ranked above it)``, so the cut is the likeliest
+    token with more than ``1 - threshold`` of the mass above it: found in the top ``k`` whenever they
+    hold that much, without sorting the row (a TT action token's 1,024 bins x 256 beams: the sort
+    was 5 % of a plan). The sums run in the other order than the sort's, so a cut exactly at a tie
+    may differ by float rounding."""
+    if probs.shape[-1] <= 2 * k:
+        return None
+    top = probs.topk(k, -1).values  # (B, k) descending
+    above = (top.cumsum(-1) - top) > 1.0 - threshold  # (B, k): more than 1 - threshold of the mass above
+    if not bool(above.any(-1).all()):
+        return None
+    return top.gather(-1, above.int().argmax(-1, keepdim=True))  # the first such token's probability
 
 
 def median_index(logits: torch.Tensor) -> torch.Tensor:
@@ -169,8 +189,21 @@ def sample_next_token(
         logits = filter_top_k(logits, top_k)
     if top_p is not None:
         logits = filter_top_p(logits, top_p)
-    probs = logits.softmax(-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return _draw(logits.softmax(-1), generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row drawn from probabilities (B, V) -> (B,), by inverting the cumulative sum.
+
+    One uniform per row, where ``torch.multinomial`` draws V exponentials per row for one sample
+    (3.5 ms per TT action token at 256 beams x 1,024 bins). A draw never lands on a zero-probability
+    id: the search returns the first id whose cumulative sum exceeds the draw, and is capped at the
+    row's last possible id against rounding at the top.
+    """
+    cum = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cum[:, -1:]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # (B,) last id with probability
+    return torch.minimum(torch.searchsorted(cum, u, right=True).squeeze(-1), last)
 
 
 def sample_distinct(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -56,8 +56,8 @@ def test_cdf_drops_the_lowest_mass_unlike_nucleus():
 
 def test_cdf_matches_the_reference_semantics_on_random_logits():
     g = torch.Generator().manual_seed(0)
-    for v in (2, 7, 50):
-        logits = torch.randn(64, v, generator=g) * 2
+    for v in (2, 7, 50, 1024):  # 1024: the cut is read off the top 64 where they hold it, without a sort
+        logits = torch.randn(64, v, generator=g) * (2 if v < 1024 else 6)
         logits[:16] = logits[:16].round()  # ties at the cut
         for threshold in (0.0, 0.05, 0.3, 0.6, 0.9, 0.99):
             expected = reference_cdf_removed(logits, threshold)
@@ -103,6 +103,14 @@ def test_sample_next_token_greedy_topk_topp():
         sample_next_token(logits, g, temperature=-1)
     with pytest.raises(ValueError, match="top_k"):
         sample_next_token(logits, g, temperature=1.0, top_k=0)
+
+
+def test_samples_follow_the_probabilities_and_never_a_disallowed_id():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(40_000, 4)  # one draw per row, 40,000 rows
+    ids = sample_next_token(logits, torch.Generator().manual_seed(0), 1.0)
+    freq = torch.bincount(ids, minlength=4) / len(ids)
+    assert freq[3] == 0 and torch.allclose(freq, probs, atol=0.01), freq
 
 
 def test_sampling_is_seeded():

@@ -71,6 +71,7 @@ class ErrorAsTermination(gym.Wrapper):
         self._last_obs = None
         self._mission: str | None = None  # of the episode running
         self.mission: str | None = None  # of the episode that ended
+        self.carrying: str | None = None  # what a MiniGrid agent held when it ended ("red key"), else None
 
     def outcome(self) -> tuple[str | None, bool | None]:
         """(error, success) of the episode that just ended; the next one starts clean."""
@@ -97,6 +98,8 @@ class ErrorAsTermination(gym.Wrapper):
             self.success = self.success or (bool(terminated) and reward > 0)
         if terminated or truncated:
             self.mission = self._mission
+            held = getattr(self.env.unwrapped, "carrying", None) if self._minigrid else None
+            self.carrying = None if held is None else f"{held.color} {held.type}"
         return obs, reward, terminated, truncated, info
 
 
@@ -214,7 +217,7 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
         for i in np.flatnonzero(terminated | truncated):
             error, success = envs.envs[i].outcome()
             episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
-                       "mission": envs.envs[i].mission}
+                       "mission": envs.envs[i].mission, "carrying": envs.envs[i].carrying}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
@@ -333,8 +336,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     if successes := [e["success"] for e in episodes if e["error"] is None and e["success"] is not None]:
         record["success_rate"] = float(np.mean(successes))
     if any(e["mission"] for e in episodes):  # BabyAI: which instructions were met, episode by episode
-        record["missions"] = [{"mission": e["mission"], "success": e["success"]} for e in episodes
-                              if e["error"] is None]
+        record["missions"] = [{"mission": e["mission"], "success": e["success"], "carrying": e["carrying"]}
+                              for e in episodes if e["error"] is None]
     if origin:
         record["prompt"] = origin
     sweep = []

@@ -184,6 +184,13 @@ def test_babyai_success_is_reaching_the_goal_and_the_mission_is_kept():
         total += reward
     assert total > 0 and env.outcome() == (None, True)
     assert env.mission == obs["mission"] == "go to the red ball"  # the ended episode's, for per-mission tallies
+    assert env.carrying is None
+    pickup = ErrorAsTermination(make_task_env("BabyAI-PickupLoc-v0"))  # what the agent ends up holding
+    obs, _ = pickup.reset(seed=3)
+    bot, terminated, truncated = BabyAIBot(pickup.unwrapped), False, False
+    while not (terminated or truncated):
+        _, _, terminated, truncated, _ = pickup.step(bot.replan())
+    assert pickup.outcome() == (None, True) and pickup.carrying.split()[1] in obs["mission"], (pickup.carrying, obs)
     env.reset(seed=1)
     truncated = False
     while not truncated:  # turning in place never reaches the ball

@@ -309,11 +309,18 @@ def time_agent(agent: Agent, envs: gym.vector.VectorEnv, spec: TaskSpec, trials:
 
 
 def cache_bytes(state) -> int:
-    """Bytes of keys and values a forward on ``state`` attends to: its rows' cache and the shared levels
-    (``Engine.share``'s prefix, ``Engine.branch``'s), each read once."""
-    caches = [state.cache] + [level.cache for level in (state.prefix, state.branch) if level is not None]
-    return sum(2 * layer.keys.numel() * layer.keys.element_size() for c in caches if c is not None
-               for layer in c.layers if getattr(layer, "keys", None) is not None)
+    """Bytes of keys and values a forward on ``state`` attends to: the shared levels (``Engine.share``'s
+    prefix, ``Engine.branch``'s), each read once, then its rows' cache, from ``state.window_start`` on
+    (``Engine.attend_from``: the keys before the window are not read)."""
+    skip, total = state.window_start or 0, 0
+    for cache in [level.cache for level in (state.prefix, state.branch) if level is not None] + [state.cache]:
+        layers = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None]
+        if not layers:
+            continue
+        cut = min(skip, layers[0].keys.shape[2])
+        skip -= cut
+        total += sum(2 * layer.keys[:, :, cut:].numel() * layer.keys.element_size() for layer in layers)
+    return total
 
 
 def count_kv_reads(engine: Engine, fn) -> int:

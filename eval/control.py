@@ -59,9 +59,11 @@ def _is_minigrid(env: gym.Env) -> bool:
 class ErrorAsTermination(gym.Wrapper):
     """Turns an exception in ``step`` into the end of the episode, remembering the error; also remembers
     whether the episode succeeded, where the env says what success is (``success`` is None otherwise):
-    Meta-World's ``info["success"]``, and MiniGrid/BabyAI's reward, which is paid only on success;
-    and a BabyAI episode's mission (to tell which instructions fail). A vector env may reset an env in
-    the step that ends its episode, so all are read (and cleared) by :meth:`outcome`, not by ``reset``."""
+    Meta-World's ``info["success"]``, and MiniGrid/BabyAI's reward, which is paid only on success.
+    A vector env may reset an env in the step that ends its episode, so both are read (and cleared) by
+    :meth:`outcome`, not by ``reset``. For the same reason a MiniGrid episode's mission and what the agent
+    held are frozen into ``mission`` / ``carrying`` in the step that ends it (to tell which instructions
+    fail), and stay until the next episode ends."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)

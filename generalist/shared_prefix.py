@@ -84,7 +84,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     skip = window_start or 0  # positions still to slice off, level by level, then from the own keys
     scores, level_values = [], []  # per level: (B, H, Q, Lp) scores, (E, H, Lp, D) values
     for level in levels:
-        cut, skip = min(skip, level.length), skip - min(skip, level.length)
+        cut = min(skip, level.length)
+        skip -= cut
         if cut == level.length:
             continue
         pk, pv = (_repeat_heads(t[:, :, cut:], n_rep).to(query.dtype)

@@ -313,12 +313,16 @@ def cache_bytes(state) -> int:
     prefix, ``Engine.branch``'s), each read once, then its rows' cache, from ``state.window_start`` on
     (``Engine.attend_from``: the keys before the window are not read)."""
     skip, total = state.window_start or 0, 0
-    for cache in [level.cache for level in (state.prefix, state.branch) if level is not None] + [state.cache]:
-        layers = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None]
-        if not layers:
-            continue
-        cut = min(skip, layers[0].keys.shape[2])
+    levels = [level for level in (state.prefix, state.branch) if level is not None]
+    for level in levels:
+        cut = min(skip, level.length)
         skip -= cut
+        if cut < level.length:
+            total += sum(2 * k.numel() * k.element_size()
+                         for k in (level.layer(i, cut)[0] for i in range(len(level.cache.layers))))
+    layers = [layer for layer in getattr(state.cache, "layers", []) if getattr(layer, "keys", None) is not None]
+    if layers:
+        cut = min(skip, layers[0].keys.shape[2])
         total += sum(2 * layer.keys[:, :, cut:].numel() * layer.keys.element_size() for layer in layers)
     return total
 

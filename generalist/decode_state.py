@@ -96,6 +96,8 @@ class DecodeState:
             (``None`` without snapshots); kept up to date whenever rows are repeated or selected.
         window_start: the first cache position every row attends to (``Engine.attend_from``: a
             sliding window, as the Trajectory Transformer crops its planner's inputs); ``None``: all.
+        discarded: ``(lo, hi)``: cache positions ``lo .. hi - 1`` hold no keys, left out by
+            ``Engine.select`` once the window had passed them; no window may start before ``hi`` again.
     """
 
     cache: Cache | None
@@ -109,6 +111,7 @@ class DecodeState:
     snapshots: list[Snapshot] = field(default_factory=list, repr=False)
     origin: torch.Tensor | None = field(default=None, repr=False)
     window_start: int | None = None
+    discarded: tuple[int, int] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -261,31 +261,70 @@ class Engine:
 
     def branch(self, state: DecodeState, n: int) -> DecodeState:
         """Like :meth:`repeat`, for rows that share a prefix (:meth:`share`): what each row holds
-        after the prefix is not copied but stored once and read by its ``n`` copies, until the next
-        :meth:`select` gathers each survivor's row in one copy. A beam search's expand-then-prune
-        step: the children of a beam share everything the beam imagined so far, so neither
-        expanding nor their attention touches one copy of it per child.
+        after the prefix is not copied but stored once and read by its ``n`` copies. A beam search's
+        expand-then-prune step: the children of a beam share everything the beam imagined so far, so
+        neither expanding nor their attention touches one copy of it per child. :meth:`select` then
+        gathers each survivor's shared part and own tokens in one copy, into a level of its own again
+        (each row's keys one contiguous block, from the sliding window's start on), which the next
+        ``branch`` extends with what was fed since.
 
         Falls back to :meth:`repeat` without a shared prefix, with nothing after it, with a cache
-        that is not all :class:`AppendLayer`, or when rows already branched (that branch is
-        gathered first). Only :meth:`feed` (and what samples through it) keeps a branch; every
-        other method gathers it first.
+        that is not all :class:`AppendLayer`, or when rows already branched and were not selected
+        since (that branch is gathered first). Only :meth:`feed` (and what samples through it) and
+        :meth:`select` keep a branch; every other method gathers it into the rows' cache first.
         """
         layers = getattr(state.cache, "layers", None)
-        if (n == 1 or state.prefix is None or state.branch is not None or state.length == state.prefix.length
-                or not layers or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers)):
+        rows = torch.arange(state.batch_size)
+        if (n == 1 or state.prefix is None or (state.branch is not None and state.branch.group > 1)
+                or state.length == state.prefix.length
+                or not layers or not all(isinstance(layer, AppendLayer) for layer in layers)):
             return self.repeat(state, n)
-        own = state.attention_mask[:, state.prefix.length:]
-        mask = None if bool(own.all()) else own.bool().to(self.device)
-        state.branch = SharedPrefix(cache=state.cache, length=own.shape[1], mask=mask, group=n)
-        state.cache = Cache(layers=[layer.split_off() for layer in layers])
+        if state.branch is None:
+            if not all(layer.is_initialized for layer in layers):
+                return self.repeat(state, n)
+            own = state.attention_mask[:, state.prefix.length:]
+            mask = None if bool(own.all()) else own.bool().to(self.device)
+            state.branch = SharedPrefix(cache=state.cache, length=own.shape[1], mask=mask, group=1)
+            state.cache = Cache(layers=[layer.split_off() for layer in layers])
+        elif all(layer.is_initialized for layer in layers):  # what was fed since the last select joins the level
+            self._gather_branch(state, rows, rows, as_level=True)
+        state.branch.group = n
         state.prefix.group *= n
-        return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
+        return self._index_rows(state, rows.repeat_interleave(n))
+
+    def _gather_branch(self, state: DecodeState, parents: torch.Tensor, rows: torch.Tensor, as_level: bool) -> None:
+        """Row i becomes the branch's row ``parents[i]`` followed by old row ``rows[i]``'s own tokens, in one
+        copy (the per-row fields are the caller's to index). ``as_level``: into a new branch level of
+        group 1 (:meth:`select`), each row's keys one contiguous block that leaves out the positions
+        before the window (``SharedPrefix.start``); else back into the rows' own cache, the positions
+        left out earlier kept as unset keys that no window may reach again (``state.discarded``).
+        """
+        level, own, p = state.branch, state.cache.layers, state.prefix.length
+        fed = own[0].get_seq_length() if all(layer.is_initialized for layer in own) else 0
+        total = level.length + fed  # positions after the prefix
+        start = level.start
+        if as_level:
+            start = min(max(start, (state.window_start or 0) - p), total)
+        shared_from, own_from = min(start, level.length) - level.start, max(start - level.length, 0)
+        new = [AppendLayer.gathered([(shared, shared_from, parents)] + ([(mine, own_from, rows)] if fed else []),
+                                    spares_from=mine, pad=0 if as_level else start,
+                                    headroom=0 if as_level else AppendLayer.headroom)
+               for shared, mine in zip(level.cache.layers, own, strict=True)]
+        if as_level:
+            region = state.attention_mask[rows, p:]  # (B', total)
+            mask = None if bool(region.all()) else region.bool().to(self.device)
+            state.branch = SharedPrefix(cache=Cache(layers=new), length=total, mask=mask, group=1, start=start)
+            state.cache = Cache(layers=[layer.split_off() for layer in new])
+        else:
+            state.branch, state.cache = None, Cache(layers=new)
+        if start:  # positions p .. p + start - 1 hold no keys from now on
+            state.discarded = (p, max(p + start, state.discarded[1] if state.discarded else 0))
 
     def _merge_branch(self, state: DecodeState) -> None:
         """Gather a :meth:`branch` back into one cache row per row (each row's copy of what it shared)."""
         if state.branch is not None:
-            self.select(state, torch.arange(state.batch_size))
+            rows = torch.arange(state.batch_size)
+            self._gather_branch(state, rows // state.branch.group, rows, as_level=False)
 
     def _can_share(self) -> bool:
         if self._shared_prefix_ready is None:
@@ -302,14 +341,7 @@ class Engine:
                 raise ValueError("with a shared prefix, select must keep every row in its prefix's group")
             state.prefix.group = len(rows) // e
         if state.branch is not None:  # one gather: each survivor's shared part, then its own tokens
-            parents, shared = rows // state.branch.group, state.branch.cache
-            if all(layer.is_initialized for layer in state.cache.layers):
-                for layer, parent in zip(state.cache.layers, shared.layers, strict=True):
-                    layer.gather_after(parent, parents, rows)
-            else:  # nothing fed since the branch
-                shared.reorder_cache(parents)
-                state.cache = shared
-            state.branch = None
+            self._gather_branch(state, rows // state.branch.group, rows, as_level=True)
         elif state.cache is not None:
             state.cache.reorder_cache(rows)
         return self._index_rows(state, rows)
@@ -362,6 +394,7 @@ class Engine:
         """
         if start is not None and not 0 <= start <= state.length:
             raise ValueError(f"attend_from: start must be in [0, {state.length}] (the cache length), got {start}")
+        _check_window(state, start)
         state.window_start = start or None
         return state
 
@@ -377,6 +410,9 @@ class Engine:
         self._merge_branch(state)
         if state.window_start is not None and state.window_start >= length:
             state.window_start = None
+        if state.discarded is not None:
+            lo, hi = state.discarded
+            state.discarded = None if length <= lo else (lo, min(hi, length))
         for i, snap in enumerate(state.snapshots):
             if snap.length > length:  # it, and every later one (their rows are traced through it)
                 self._drop_snapshots(state, i)
@@ -451,6 +487,7 @@ class Engine:
         state.next_position = snapshot.next_position.clone()
         state.logits = None if snapshot.logits is None else snapshot.logits.clone()
         state.logits_offset = snapshot.logits_offset
+        _check_window(state, snapshot.window_start)
         state.window_start = snapshot.window_start
         state.origin = torch.arange(b0)
         return state
@@ -532,6 +569,14 @@ class Engine:
             # finished rows are fed a masked pad token, so they stay aligned and unchanged
             self.feed(state, Chunk.from_ids(torch.where(done, self.pad_id, token), attention_mask=~done))
         return out
+
+
+def _check_window(state: DecodeState, start: int | None) -> None:
+    """A window may not start before positions whose keys were left out (``state.discarded``)."""
+    if state.discarded is not None and (start or 0) < state.discarded[1]:
+        lo, hi = state.discarded
+        raise ValueError(f"attend_from: positions {lo}..{hi - 1} hold no keys any more (a sliding window had passed "
+                         f"them when rows were selected); a window must start at {hi} or later, got {start}")
 
 
 def _windowed(mask: torch.Tensor, start: int | None) -> torch.Tensor:

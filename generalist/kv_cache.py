@@ -159,30 +159,44 @@ class AppendLayer(CacheLayerMixin):
             setattr(self, name, new)
             self._recycle(old)
 
-    def gather_after(self, parent: AppendLayer, parent_rows: torch.Tensor, rows: torch.Tensor) -> None:
-        """Row i becomes ``parent``'s row ``parent_rows[i]`` followed by this layer's row ``rows[i]``.
+    @classmethod
+    def gathered(cls, parts: list[tuple[AppendLayer, int, torch.Tensor]], spares_from: AppendLayer, *,
+                 pad: int = 0, headroom: int = 0) -> AppendLayer:
+        """A new layer whose row i is ``pad`` unset positions, then each part's row ``rows[i]`` from its
+        stored position ``start`` on, in order (``parts``: ``(layer, start, rows)``): one copy.
 
-        ``Engine.branch``'s merge: what a beam's children shared (``parent``, one row per beam) and
-        what each child added, gathered into one row per survivor in one copy.
+        ``Engine``'s merge of a branch: what a beam's children shared (one row per beam) and what each
+        child added, gathered per survivor. ``headroom = 0`` stores each row's keys as one contiguous
+        block (a level that is read, never appended to: see ``SharedPrefix.start``); otherwise the
+        layer keeps room to append. It takes over ``spares_from``'s recycled buffers, and recycles the
+        parts' storage once copied.
         """
-        lp, ls = parent.get_seq_length(), self._length
-        capacity = lp + ls + self.headroom
-        parent_rows = torch.as_tensor(parent_rows, dtype=torch.long, device=self.device)
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        first = parts[0][0]
+        layer = cls(first.storage_dtype)
+        layer._spares, spares_from._spares = spares_from._spares, []
+        layer.device, layer.is_initialized = first.device, True
+        n = len(parts[0][2])
+        layer._length = pad + sum(part._length - start for part, start, _ in parts)
         for name in ("_k", "_v"):
-            old, top = getattr(self, name), getattr(parent, name)
-            # a beam search's next merge asks for a few positions more: room for several of them
-            new = self._buffer(old, (len(rows), old.shape[1], capacity, old.shape[-1]), room=1.0)
-            torch.index_select(top[:, :, :lp], 0, parent_rows, out=new[:, :, :lp])
-            torch.index_select(old[:, :, :ls], 0, rows, out=new[:, :, lp: lp + ls])
-            setattr(self, name, new)
-            self._recycle(old)
-            self._recycle(top)
-        self._length = lp + ls
+            like = getattr(first, name)
+            new = layer._buffer(like, (n, like.shape[1], layer._length + headroom, like.shape[-1]),
+                                room=1.0 if headroom else 0.0)
+            new[:, :, :pad].zero_()  # never attended (Engine.attend_from refuses a window over them)
+            at = pad
+            for part, start, rows in parts:
+                k = part._length - start
+                rows = torch.as_tensor(rows, dtype=torch.long, device=layer.device)
+                torch.index_select(getattr(part, name)[:, :, start: part._length], 0, rows, out=new[:, :, at: at + k])
+                at += k
+            setattr(layer, name, new)
+        for part in {id(part): part for part, _, _ in parts}.values():
+            layer._recycle(part._k)
+            layer._recycle(part._v)
+        return layer
 
     def split_off(self) -> AppendLayer:
         """An empty layer storing the same dtype that takes over this one's recycled buffers
-        (the children's own layer of ``Engine.branch``, while this one is what they share)."""
+        (the rows' own layer of ``Engine.branch``, while this one is what they share)."""
         layer = AppendLayer(self.storage_dtype)
         layer._spares, self._spares = self._spares, []
         return layer

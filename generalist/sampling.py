@@ -19,6 +19,7 @@ Two filters look alike and are not:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 Allowed = tuple[int, int] | range | torch.Tensor | None
@@ -114,13 +115,11 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
         raise ValueError(f"cdf threshold must be in [0, 1), got {threshold}")
     logits = logits.float()
     probs = logits.softmax(-1)  # (B, V)
-    cut = _cdf_cut_from_the_top(probs, threshold)
-    if cut is None:
-        ascending = probs.sort(-1).values  # (B, V)
-        below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
-        not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
-        last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens)  # (B, 1) index of the cut
-        cut = ascending.gather(-1, last.clamp_max(logits.shape[-1] - 1))  # (B, 1)
+    ascending = _ascending(probs)  # (B, V)
+    below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
+    not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
+    last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens)  # (B, 1) index of the cut
+    cut = ascending.gather(-1, last.clamp_max(logits.shape[-1] - 1))  # (B, 1)
     removed = probs <= cut  # (B, V)
     out = logits.masked_fill(removed, float("-inf"))
     emptied = removed.all(-1)  # (B,) every token tied with the cut: uniform over the row's tokens
@@ -130,22 +129,13 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return out
 
 
-def _cdf_cut_from_the_top(probs: torch.Tensor, threshold: float, k: int = 64) -> torch.Tensor | None:
-    """:func:`filter_cdf`'s cut (B, 1) read off the ``k`` likeliest tokens, or ``None`` where they do not
-    hold it (then the whole row is sorted).
-
-    A token's ascending cumulative sum is ``1 - (mass ranked above it)``, so the cut is the likeliest
-    token with more than ``1 - threshold`` of the mass above it: found in the top ``k`` whenever they
-    hold that much, without sorting the row (a TT action token's 1,024 bins x 256 beams: the sort
-    was 5 % of a plan). The sums run in the other order than the sort's, so a cut exactly at a tie
-    may differ by float rounding."""
-    if probs.shape[-1] <= 2 * k:
-        return None
-    top = probs.topk(k, -1).values  # (B, k) descending
-    above = (top.cumsum(-1) - top) > 1.0 - threshold  # (B, k): more than 1 - threshold of the mass above
-    if not bool(above.any(-1).all()):
-        return None
-    return top.gather(-1, above.int().argmax(-1, keepdim=True))  # the first such token's probability
+def _ascending(probs: torch.Tensor) -> torch.Tensor:
+    """Each row of ``probs`` (B, V) sorted ascending. On the CPU through numpy, whose vectorised sort
+    (x86-simd-sort) took 0.1 ms where ``torch.sort`` took 5 ms for a TT action token's 256 x 466
+    probabilities (2-core AVX-512 machine, 1 thread): the sort was 7 % of a plan."""
+    if probs.device.type == "cpu":
+        return torch.from_numpy(np.sort(probs.numpy(), -1))
+    return probs.sort(-1).values
 
 
 def median_index(logits: torch.Tensor) -> torch.Tensor:

@@ -37,20 +37,30 @@ class SharedPrefix:
         length: positions in it.
         mask: (E, length) bool, False at padding; ``None`` when every position is real.
         group: live rows per prefix row.
+        start: positions before it hold no keys (``cache`` stores positions ``start .. length - 1``):
+            ``Engine.select`` leaves out what a sliding window has passed (``Engine.attend_from``), so
+            that each row's keys lie in one contiguous block, which a batched product reads ~2.5x as
+            fast as the same keys strided through a larger buffer (measured, ``bench/decode.py``).
     """
 
     cache: Cache
     length: int
     mask: torch.Tensor | None
     group: int
+    start: int = 0
 
     @property
     def num_rows(self) -> int:
         return self.mask.shape[0] if self.mask is not None else self.cache.layers[0].keys.shape[0]
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (E, H_kv, length, D) of backbone layer ``i``."""
-        return self.cache.layers[i].keys, self.cache.layers[i].values
+    def layer(self, i: int, position: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (E, H_kv, length - position, D) of backbone layer ``i`` from ``position`` on."""
+        if position < self.start:
+            raise ValueError(f"positions before {self.start} of this level were left out (a sliding window had "
+                             f"passed them); cannot read from {position}")
+        layer = self.cache.layers[i]
+        cut = position - self.start
+        return (layer.keys, layer.values) if cut == 0 else (layer.keys[:, :, cut:], layer.values[:, :, cut:])
 
 
 def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -88,13 +98,12 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
         skip -= cut
         if cut == level.length:
             continue
-        pk, pv = (_repeat_heads(t[:, :, cut:], n_rep).to(query.dtype)
-                  for t in level.layer(module.layer_idx))  # (E, H, Lp, D)
+        pk, pv = (_repeat_heads(t, n_rep).to(query.dtype) for t in level.layer(module.layer_idx, cut))  # (E, H, Lp, D)
         e, lp = pk.shape[0], pk.shape[2]
         g = b // e
         # all g*Q queries of a group against its level row: one matrix product
         qe = query.view(e, g, h, q, d).transpose(1, 2).reshape(e, h, g * q, d)  # (E, H, gQ, D)
-        sp = torch.matmul(qe, pk.transpose(-1, -2)).mul_(scale)  # (E, H, gQ, Lp)
+        sp = _scores(qe, pk).mul_(scale)  # (E, H, gQ, Lp)
         if level.mask is not None:
             sp = sp.masked_fill(~level.mask[:, None, None, cut:], float("-inf"))
         scores.append(sp.view(e, h, g, q, lp).transpose(1, 2).reshape(b, h, q, lp))  # (B, H, Q, Lp)
@@ -107,12 +116,12 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
         if query.device.type == "cpu" and scores:
             return _merged_attention(query, key, value, scores, level_values, own, scale)
         key, value = key.to(query.dtype), value.to(query.dtype)
-    ss = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, Q, Ls)
+    ss = _scores(query, key).mul_(scale)  # (B, H, Q, Ls)
     if own is not None:
         ss = ss.masked_fill(~own, float("-inf"))
     probs = torch.cat([*scores, ss], -1).softmax(-1).to(value.dtype)  # (B, H, Q, ΣLp + Ls)
     lp = sum(s.shape[-1] for s in scores)
-    out = torch.matmul(probs[..., lp:], value) + _levels_output(probs[..., :lp], level_values)
+    out = _weighted(probs[..., lp:], value) + _levels_output(probs[..., :lp], level_values)
     return out.transpose(1, 2).contiguous(), None  # (B, Q, H, D)
 
 
@@ -127,9 +136,29 @@ def _levels_output(probs: torch.Tensor, level_values: list[torch.Tensor]) -> tor
         e, lp, d = pv.shape[0], pv.shape[2], pv.shape[3]
         g = b // e
         pp = probs[..., start: start + lp].reshape(e, g, h, q, lp).transpose(1, 2).reshape(e, h, g * q, lp)
-        out = out + torch.matmul(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
+        out = out + _weighted(pp, pv).view(e, h, g, q, d).transpose(1, 2).reshape(b, h, q, d)  # (B, H, Q, D)
         start += lp
     return out
+
+
+# Up to this many keys, attention's two products are computed as broadcast multiply-and-sum: a batched
+# matrix product pays a fixed cost per (row, head) matrix, which over a beam's few own tokens (1-16
+# keys, 1,024 matrices) took 2-3x the time of the elementwise form (bench/decode.py's TT plan, 1 thread).
+SMALL_KEYS = 16
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (..., Q, D), k (..., L, D) -> q @ k^T (..., Q, L)."""
+    if k.shape[-2] <= SMALL_KEYS:
+        return (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
+    return torch.matmul(q, k.transpose(-1, -2))
+
+
+def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (..., Q, L), v (..., L, D) -> p @ v (..., Q, D)."""
+    if v.shape[-2] <= SMALL_KEYS:
+        return (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    return torch.matmul(p, v)
 
 
 def _own_mask(attention_mask: torch.Tensor | None, q: int, ls: int, device: torch.device) -> torch.Tensor | None:

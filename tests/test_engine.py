@@ -250,6 +250,33 @@ def test_attend_from_is_one_sliding_window_in_every_path(model, gpt2_model, tok,
         eng.attend_from(b, b.length + 1)
 
 
+def test_select_stores_each_survivors_window_as_one_block(model, tok):
+    """After a branch, ``select`` gathers each survivor's keys from the window's start on into one
+    contiguous block (what makes the planner's attention fast); the positions left out can never be
+    attended again (a window before them is refused), and restoring a snapshot from before the
+    branch brings the state back whole."""
+    eng = Engine(model, seed=0)
+    state = eng.prefill(tok.encode_text_sample("a shared context of some length"))
+    base, logits = state.length, state.logits.clone()
+    snap = eng.snapshot(state)
+    eng.share(state, 2)
+    eng.feed(state, torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    for _ in range(2):
+        eng.branch(state, 2)
+        eng.feed(state, torch.randint(0, 2000, (4, 2)))
+        eng.attend_from(state, state.length - 4)
+        eng.select(state, torch.tensor([0, 3]))
+    level = state.branch
+    assert level.start == state.length - 4 - base and level.length == state.length - base
+    assert all(layer.keys.is_contiguous() and layer.keys.shape[2] == 4 for layer in level.cache.layers)
+    with pytest.raises(ValueError, match="hold no keys"):
+        eng.attend_from(state, state.length - 6)
+    eng.restore(snap)
+    assert state.length == base and state.prefix is None and state.discarded is None
+    torch.testing.assert_close(state.logits, logits)
+    eng.attend_from(state, 2)  # the context is whole
+
+
 OPT_IN_SCRIPT = """
 import torch
 from transformers import AttentionInterface

@@ -259,11 +259,12 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         total = ret + discounts[t + 1] * alive[:, t + 1] * values[:, t]  # (E*beam*expand,)
         scores, best = total.view(e, beam * expand).topk(beam, dim=1)  # (E, beam)
         rows = (best + torch.arange(e)[:, None] * beam * expand).flatten()  # (E*beam,)
+        if t < horizon - 1:  # the window slides first, so that select leaves out what it has passed
+            attend_to_last_steps(engine, state, now + (t + 1) * layout.tokens, layout, config.context_steps)
         engine.select(state, rows)
         rewards, alive, values, plans, imagined = (x[rows] for x in (rewards, alive, values, plans, imagined))
         scores = scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
-            attend_to_last_steps(engine, state, now + (t + 1) * layout.tokens, layout, config.context_steps)
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
             # each imagined token at its place in the observation (1..n), as the tokenizer lays observations out
             obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,

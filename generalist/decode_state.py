@@ -97,7 +97,8 @@ class DecodeState:
         window_start: the first cache position every row attends to (``Engine.attend_from``: a
             sliding window, as the Trajectory Transformer crops its planner's inputs); ``None``: all.
         discarded: ``(lo, hi)``: cache positions ``lo .. hi - 1`` hold no keys, left out by
-            ``Engine.select`` once the window had passed them; no window may start before ``hi`` again.
+            ``Engine.select`` once the window had passed them (never those a live snapshot reads);
+            no window may start before ``hi`` again (``attend_from`` and ``truncate`` refuse it).
     """
 
     cache: Cache | None

@@ -305,6 +305,9 @@ class Engine:
         start = level.start
         if as_level:
             start = min(max(start, (state.window_start or 0) - p), total)
+            for snap in state.snapshots:  # never leave out what a live snapshot still reads
+                if snap.length > p:
+                    start = min(start, max(level.start, (snap.window_start or 0) - p))
         shared_from, own_from = min(start, level.length) - level.start, max(start - level.length, 0)
         new = [AppendLayer.gathered([(shared, shared_from, parents)] + ([(mine, own_from, rows)] if fed else []),
                                     spares_from=mine, pad=0 if as_level else start,
@@ -407,6 +410,11 @@ class Engine:
         extra = state.length - length
         if extra <= 0:
             return state
+        if state.discarded is not None and length > state.discarded[0] and (state.window_start or length) >= length:
+            lo, hi = state.discarded
+            raise ValueError(f"truncate: positions {lo}..{hi - 1} hold no keys (a sliding window had passed them when "
+                             f"rows were selected), and cutting to {length} would end the window that keeps them "
+                             f"unread; cut to {lo} or less, or to more than the window's start")
         self._merge_branch(state)
         if state.window_start is not None and state.window_start >= length:
             state.window_start = None
@@ -423,7 +431,7 @@ class Engine:
             state.next_position = state.next_position - state.attention_mask[:, keep:].sum(1)
             state.attention_mask = state.attention_mask[:, :keep]
             extra = keep - length
-            if extra or state.prefix.group == 1:
+            if extra or (state.prefix.group == 1 and keep == state.prefix.length):
                 self._unshare(state)
             if not extra:
                 return state
@@ -487,8 +495,7 @@ class Engine:
         state.next_position = snapshot.next_position.clone()
         state.logits = None if snapshot.logits is None else snapshot.logits.clone()
         state.logits_offset = snapshot.logits_offset
-        _check_window(state, snapshot.window_start)
-        state.window_start = snapshot.window_start
+        state.window_start = snapshot.window_start  # select kept every key it reads (_gather_branch)
         state.origin = torch.arange(b0)
         return state
 

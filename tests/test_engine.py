@@ -277,6 +277,44 @@ def test_select_stores_each_survivors_window_as_one_block(model, tok):
     eng.attend_from(state, 2)  # the context is whole
 
 
+def test_keys_left_out_by_select_are_never_read(model, tok):
+    """What ``select`` leaves out behind the window is never read: the logits equal those of the same
+    calls with the window moved after ``select`` (nothing left out) after a truncation that keeps the
+    window, and after restoring a snapshot taken before (whose keys ``select`` keeps); a truncation
+    that would end the window over them is refused; a shared prefix of one row truncates within its
+    rows' tokens."""
+    def run(slide_first: bool, finish, snapshot: bool) -> torch.Tensor:
+        eng = Engine(model, seed=0)
+        state = eng.prefill(tok.encode_text_sample("a shared context of some length"))
+        eng.share(state, 2)
+        eng.feed(state, torch.tensor([[5, 6, 7], [8, 9, 10]]))
+        snap = eng.snapshot(state) if snapshot else None
+        eng.branch(state, 2)
+        eng.feed(state, torch.tensor([[11, 12], [13, 14], [15, 16], [17, 18]]))
+        if slide_first:
+            eng.attend_from(state, state.length - 2)
+        eng.select(state, torch.tensor([0, 3]))
+        if not slide_first:
+            eng.attend_from(state, state.length - 2)
+        assert (state.discarded is not None) == (slide_first and not snapshot)
+        finish(eng, state, snap)
+        eng.feed(state, torch.tensor([[20], [21]]))
+        return state.logits
+
+    for finish, snapshot in ((lambda eng, state, snap: eng.truncate(state, state.length - 1), False),
+                             (lambda eng, state, snap: eng.restore(snap), True)):
+        torch.testing.assert_close(run(True, finish, snapshot), run(False, finish, snapshot))
+    with pytest.raises(ValueError, match="hold no keys"):  # the window would end over keys that are gone
+        run(True, lambda eng, state, snap: eng.truncate(state, state.length - 2), False)
+    eng = Engine(model, seed=0)
+    state = eng.prefill(tok.encode_text_sample("a shared context of some length"))
+    eng.share(state, 2)
+    eng.feed(state, torch.tensor([[5, 6], [8, 9]]))
+    eng.select(state, torch.tensor([0]))
+    eng.truncate(state, state.length - 1)
+    assert state.prefix is not None and state.batch_size == 1
+
+
 OPT_IN_SCRIPT = """
 import torch
 from transformers import AttentionInterface

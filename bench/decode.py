@@ -86,6 +86,7 @@ from gymnasium import spaces
 from generalist import Agent, Engine, GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.modes import TTConfig, step_prompts, tt_plan
 from generalist.modes.tt import beam_cache_dtype
+from generalist.shared_prefix import window_cuts
 from generalist.tokenizer import concat_samples
 from generalist.training.settings import parse
 
@@ -312,14 +313,10 @@ def cache_bytes(state) -> int:
     """Bytes of keys and values a forward on ``state`` attends to: the shared levels (``Engine.share``'s
     prefix, ``Engine.branch``'s), each read once, then its rows' cache, from ``state.window_start`` on
     (``Engine.attend_from``: the keys before the window are not read)."""
-    skip, total = state.window_start or 0, 0
-    levels = [level for level in (state.prefix, state.branch) if level is not None]
-    for level in levels:
-        cut = min(skip, level.length)
-        skip -= cut
-        if cut < level.length:
-            total += sum(2 * k.numel() * k.element_size()
-                         for k in (level.layer(i, cut)[0] for i in range(len(level.cache.layers))))
+    read, skip = window_cuts([level for level in (state.prefix, state.branch) if level is not None],
+                             state.window_start)  # the attention's own rule
+    total = sum(2 * k.numel() * k.element_size()
+                for level, cut in read for k in (level.layer(i, cut)[0] for i in range(len(level.cache.layers))))
     layers = [layer for layer in getattr(state.cache, "layers", []) if getattr(layer, "keys", None) is not None]
     if layers:
         cut = min(skip, layers[0].keys.shape[2])

@@ -175,6 +175,8 @@ class AppendLayer(CacheLayerMixin):
         layer = cls(first.storage_dtype)
         layer._spares, spares_from._spares = spares_from._spares, []
         layer.device, layer.is_initialized = first.device, True
+        parts = [(part, start, torch.as_tensor(rows, dtype=torch.long, device=layer.device))
+                 for part, start, rows in parts]
         n = len(parts[0][2])
         layer._length = pad + sum(part._length - start for part, start, _ in parts)
         for name in ("_k", "_v"):
@@ -185,7 +187,6 @@ class AppendLayer(CacheLayerMixin):
             at = pad
             for part, start, rows in parts:
                 k = part._length - start
-                rows = torch.as_tensor(rows, dtype=torch.long, device=layer.device)
                 torch.index_select(getattr(part, name)[:, :, start: part._length], 0, rows, out=new[:, :, at: at + k])
                 at += k
             setattr(layer, name, new)

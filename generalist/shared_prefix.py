@@ -58,9 +58,20 @@ class SharedPrefix:
         if position < self.start:
             raise ValueError(f"positions before {self.start} of this level were left out (a sliding window had "
                              f"passed them); cannot read from {position}")
-        layer = self.cache.layers[i]
-        cut = position - self.start
-        return (layer.keys, layer.values) if cut == 0 else (layer.keys[:, :, cut:], layer.values[:, :, cut:])
+        layer, cut = self.cache.layers[i], position - self.start
+        return layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+
+def window_cuts(levels: Sequence[SharedPrefix], window_start: int | None) -> tuple[list[tuple[SharedPrefix, int]], int]:
+    """What a window starting at ``window_start`` (counted over [levels, own keys]) reads: each level it
+    reaches with the first of its positions read, and how many of the rows' own keys it skips."""
+    skip, read = window_start or 0, []
+    for level in levels:
+        cut = min(skip, level.length)
+        skip -= cut
+        if cut < level.length:
+            read.append((level, cut))
+    return read, skip
 
 
 def _repeat_heads(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,13 +102,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
     key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)  # (B, H, Ls, D)
     b, h, q, d = query.shape
     scale = d**-0.5 if scaling is None else scaling
-    skip = window_start or 0  # positions still to slice off, level by level, then from the own keys
+    read, skip = window_cuts(levels, window_start)  # the levels' keys before the window are sliced off unread
     scores, level_values = [], []  # per level: (B, H, Q, Lp) scores, (E, H, Lp, D) values
-    for level in levels:
-        cut = min(skip, level.length)
-        skip -= cut
-        if cut == level.length:
-            continue
+    for level, cut in read:
         pk, pv = (_repeat_heads(t, n_rep).to(query.dtype) for t in level.layer(module.layer_idx, cut))  # (E, H, Lp, D)
         e, lp = pk.shape[0], pk.shape[2]
         g = b // e

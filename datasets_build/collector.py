@@ -10,6 +10,9 @@ middling and high returns, so every task gets episodes from several *sources*::
                   probability p and holds one random action for ``BURST_STEPS`` steps
     lag-<k>       the expert acting on the observation of k steps before (a late sensor): a
                   consistent, deterministic, worse policy (stateless experts only)
+    detour-<p>    the expert, interrupted by detours: at each step outside one, one starts with
+                  probability p and the expert's own ``detour`` policy acts for up to ``BURST_STEPS``
+                  steps (experts that have one only: BabyAI's goes to face a distractor object)
     random        uniformly random actions
     policy-<name> one of the expert's own policies, by name (a checkpoint of a trained agent, e.g.
                   ``policy-medium``; ``experts/mujoco.py``)
@@ -22,6 +25,9 @@ random action reaches such states, and the expert's action recorded there (DART 
 expert averages out in behaviour cloning too (the most frequent action in a state stays the
 expert's), so data of noisy experts does not show what return conditioning adds; a late expert is
 wrong the same way every time, as the early policies of a replay buffer are (D4RL's medium-replay).
+And why detours: a random action rarely leads anywhere a cloned policy will be; a detour is a
+*plausible* mistake (walking up to the wrong object), and the expert's labels there say what to do
+instead (turn away, drop it), which a policy that only saw the expert's own states never learns.
 
 Sharding and resumption. The episodes of one (task, source) are split into shards of
 ``episodes_per_shard``; a shard is written atomically (tmp folder + ``os.replace``) as soon as its
@@ -42,7 +48,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import singledispatch
+from functools import partial, singledispatch
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +71,7 @@ NOISY_PREFIX = "noisy-"
 BURST_PREFIX = "burst-"
 BURST_STEPS = 10  # steps a burst holds its random action (0.5 s of Pendulum, 0.2 s of CartPole)
 LAG_PREFIX = "lag-"
+DETOUR_PREFIX = "detour-"
 POLICY_PREFIX = "policy-"
 # default share of each source in a task's episodes: mostly expert data, a spread of noise levels
 # (epsilon for discrete actions / std as a fraction of the half range for continuous ones) and
@@ -94,6 +101,15 @@ class Expert(Protocol):
     def act(self, observations: Any, envs: Sequence[gym.Env]) -> list[Any]: ...
 
     def observe(self, slot: int, action: Any) -> None: ...
+
+
+class DetourExpert(Expert, Protocol):
+    """An expert that can also act plausibly but wrongly, for ``detour-<p>`` sources."""
+
+    def detour(self, slot: int, rng: np.random.Generator, start: bool) -> Any | None:
+        """The detour's next action in ``slot`` (``start``: a new detour begins), or None when the
+        detour is over or impossible (the expert acts then)."""
+        ...
 
 
 class StatelessExpert:
@@ -139,21 +155,22 @@ class EpisodeKey:
 
 def source_noise(source: str) -> float | None:
     """Noise level of a source name: 0 for the expert (and its named policies), None for random, eps / p
-    for ``noisy-eps`` / ``burst-p``."""
+    for ``noisy-eps`` / ``burst-p`` / ``detour-p``."""
     if source == EXPERT or (source.startswith(POLICY_PREFIX) and len(source) > len(POLICY_PREFIX)):
         return 0.0
     if source == RANDOM:
         return None
     if source_lag(source):
         return 0.0
-    for prefix in (NOISY_PREFIX, BURST_PREFIX):
+    for prefix in (NOISY_PREFIX, BURST_PREFIX, DETOUR_PREFIX):
         if source.startswith(prefix):
             level = float(source.removeprefix(prefix))
             if not 0.0 < level <= 1.0:
                 raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
             return level
     raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>', "
-                     f"'{BURST_PREFIX}<probability>', '{LAG_PREFIX}<steps>' or '{POLICY_PREFIX}<name>'")
+                     f"'{BURST_PREFIX}<probability>', '{DETOUR_PREFIX}<probability>', '{LAG_PREFIX}<steps>' or "
+                     f"'{POLICY_PREFIX}<name>'")
 
 
 def source_lag(source: str) -> int:
@@ -228,13 +245,25 @@ def _(space: spaces.Dict, action, level: float, rng: np.random.Generator) -> dic
     return {k: noisy_action(s, action[k], level, rng) for k, s in space.spaces.items()}
 
 
-def source_action(space: spaces.Space, expert_action: Any, episode: _Episode) -> Any:
-    """The action an episode's source takes, given the expert's (bursts keep their state in the episode)."""
+def source_action(space: spaces.Space, expert_action: Any, episode: _Episode,
+                  detour: Callable[[np.random.Generator, bool], Any | None] | None = None) -> Any:
+    """The action an episode's source takes, given the expert's (bursts and detours keep their state in
+    the episode; ``detour`` is the expert's detour policy for this slot)."""
     source, rng = episode.key.source, episode.rng
     level = source_noise(source)
     if level is None:
         return random_action(space, rng)
     if level == 0.0:
+        return expert_action
+    if source.startswith(DETOUR_PREFIX):
+        if detour is None:
+            raise ValueError(f"{episode.key.task}: source {source!r} needs an expert with a `detour` policy")
+        start = episode.burst_left == 0 and rng.random() < level
+        if start or episode.burst_left > 0:
+            action = detour(rng, start)
+            episode.burst_left = 0 if action is None else (BURST_STEPS if start else episode.burst_left) - 1
+            if action is not None:
+                return action
         return expert_action
     if source.startswith(BURST_PREFIX):
         if episode.burst_left == 0 and rng.random() < level:
@@ -256,7 +285,7 @@ class _Episode:
     rng: np.random.Generator
     leaves: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     rewards: list[float] = field(default_factory=list)
-    burst_left: int = 0  # steps the current burst still holds burst_action (burst-<p> sources)
+    burst_left: int = 0  # steps the current burst / detour may still last (burst-<p>, detour-<p> sources)
     burst_action: Any = None
     seen: deque = field(default_factory=deque)  # the last k + 1 observations (lag-<k> sources)
 
@@ -390,7 +419,8 @@ def collect_task(
                 if episode is None:  # idle slot: any valid action, its data is discarded
                     actions.append(random_action(action_space, np.random.default_rng(0)))
                     continue
-                action = source_action(action_space, late_actions[i], episode)
+                action = source_action(action_space, late_actions[i], episode,
+                                       partial(expert.detour, i) if hasattr(expert, "detour") else None)
                 actions.append(action)
                 for name, value in spec.flatten_observation(per_slot_obs[i]).items():
                     episode.leaves[name].append(value)

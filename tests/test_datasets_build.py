@@ -336,6 +336,41 @@ def test_babyai_bot_is_an_expert(tmp_path):
     assert np.mean(returns[task][EXPERT]) > 0.5 > np.mean(returns[task][RANDOM])
 
 
+def test_babyai_detours_face_wrong_objects_under_the_bots_labels(tmp_path):
+    """A detour walks up to an object the mission does not name; the bot's label there is never
+    "pick up" (it turns away, or drops what the detour picked up), which is the lesson expert-only
+    data lacks. Experts without a detour policy refuse the source."""
+    pytest.importorskip("minigrid")
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX
+
+    objects = {i: name for name, i in OBJECT_TO_IDX.items()}
+    colours = {i: name for name, i in COLOR_TO_IDX.items()}
+    pickup = 3  # minigrid's Actions.pickup
+    builder = ControlDatasetBuilder("detours", lambda: [t for t in babyai_tasks() if t.name == "BabyAI-PickupLoc-v0"],
+                                    "", default_episodes=8, source_mix={EXPERT: 0.1, RANDOM: 0.1, "detour-0.3": 0.8})
+    dataset, specs = load_episodes(builder.build(tmp_path, replace(TINY, episodes=8)))
+    facing_wrong = wrong_pickups = detour_steps = 0
+    for e in iter_episodes(dataset, specs):
+        if e["source"] != "detour-0.3":
+            continue
+        executed, label = e["actions"]["action"].ravel(), e["expert_actions"]["action"].ravel()
+        detour_steps += int((executed != label).sum())  # the detours act, the bot labels
+        for t, (grid, mission) in enumerate(zip(e["observations"]["observation.image"],
+                                                e["observations"]["observation.mission"], strict=True)):
+            front = int(grid[3, 5])  # the cell in front of the agent in minigrid's egocentric view
+            kind, colour = objects[front % 11], colours[front // 11 % 6]
+            named = kind in mission and (colour in mission or not any(c in mission for c in colours.values()))
+            if kind in ("key", "ball", "box") and not named:  # (a location in the mission is not checked)
+                facing_wrong += 1
+                assert label[t] != pickup, (mission, colour, kind)
+                wrong_pickups += int(executed[t] == pickup)
+    assert detour_steps >= 10 and facing_wrong >= 5 and wrong_pickups >= 1
+
+    cartpole = ControlDatasetBuilder("nodetour", lambda: CORE_TASKS[:1], "", 2, source_mix={"detour-0.1": 1.0})
+    with pytest.raises(ValueError, match="needs an expert with a `detour` policy"):
+        cartpole.build(tmp_path / "c", TINY)
+
+
 @pytest.mark.slow
 def test_metaworld_scripted_policy_is_an_expert(tmp_path):
     pytest.importorskip("metaworld")

@@ -72,7 +72,8 @@ class ErrorAsTermination(gym.Wrapper):
         self.success: bool | None = False if self._minigrid else None
         self._last_obs = None
         self._mission: str | None = None  # of the episode running
-        self.mission: str | None = None  # of the episode that ended
+        self.mission: str | None = None  # of the episode that ended (the env's own, which rewards)
+        self.shown_mission: str | None = None  # ... and the one the agent saw, where they differ (SwappedMission)
         self.carrying: str | None = None  # what a MiniGrid agent held when it ended ("red key"), else None
 
     def outcome(self) -> tuple[str | None, bool | None]:
@@ -99,10 +100,53 @@ class ErrorAsTermination(gym.Wrapper):
         elif self._minigrid:
             self.success = self.success or (bool(terminated) and reward > 0)
         if terminated or truncated:
-            self.mission = self._mission
+            self.mission = getattr(self.env.unwrapped, "mission", None) if self._minigrid else self._mission
+            self.shown_mission = self._mission if self._mission != self.mission else None
             held = getattr(self.env.unwrapped, "carrying", None) if self._minigrid else None
             self.carrying = None if held is None else f"{held.color} {held.type}"
         return obs, reward, terminated, truncated, info
+
+
+class SwappedMission(gym.ObservationWrapper):
+    """BabyAI with the mission rewritten to name *another* object in the room (``--swap_mission``).
+
+    The env still rewards its own target, so a policy that reads its mission goes to the wrong object and
+    fails, and success that survives the swap is success without reading the mission (wandering from object
+    to object until the episode ends on the right one). One mission per episode, "<verb> the <colour>
+    <type>" of an object of the target's kind (a door for a door) that matches no target's colour and type;
+    an episode without such an object keeps its mission (``swapped`` is False then).
+    """
+
+    VERBS = {"GoToInstr": "go to", "PickupInstr": "pick up", "OpenInstr": "open"}
+
+    def __init__(self, env: gym.Env, seed: int = 0):
+        super().__init__(env)
+        if not _is_minigrid(env):
+            raise ValueError(f"--swap_mission needs a BabyAI level; {env.spec.id if env.spec else env} is not one")
+        self._rng = np.random.default_rng(seed)
+        self.shown: str | None = None
+        self.swapped = False
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        u = self.env.unwrapped
+        if (instrs := type(getattr(u, "instrs", None)).__name__) not in self.VERBS:
+            raise ValueError(f"--swap_mission needs a BabyAI level whose instruction names one object "
+                             f"({sorted(self.VERBS)}); {u.spec.id if u.spec else u} has {instrs}")
+        desc = u.instrs.desc
+        targets = {(o.color, o.type) for o in desc.obj_set}
+        kinds = ("door",) if desc.type == "door" else ("key", "ball", "box")
+        others = [o for o in u.grid.grid if o is not None and o.type in kinds and (o.color, o.type) not in targets]
+        self.swapped = bool(others)
+        if others:
+            other = others[self._rng.integers(len(others))]
+            self.shown = f"{self.VERBS[instrs]} the {other.color} {other.type}"
+        else:
+            self.shown = obs["mission"]
+        return self.observation(obs), info
+
+    def observation(self, observation: dict) -> dict:
+        return {**observation, "mission": self.shown}
 
 
 def make_env(task: str, spec: TaskSpec | None = None) -> gym.Env:
@@ -184,8 +228,13 @@ def video_to_tensorboard(logdir: Path, tag: str, gif: Path, frame: np.ndarray) -
         writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), 0)
 
 
-def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None) -> gym.vector.SyncVectorEnv:
-    return gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(make_env(task, spec))] * num_envs,
+def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None,
+              swap_mission: bool = False) -> gym.vector.SyncVectorEnv:
+    def make(i: int) -> gym.Env:
+        env = make_env(task, spec)
+        return ErrorAsTermination(SwappedMission(env, seed=i) if swap_mission else env)
+
+    return gym.vector.SyncVectorEnv([functools.partial(make, i) for i in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -219,7 +268,8 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
         for i in np.flatnonzero(terminated | truncated):
             error, success = envs.envs[i].outcome()
             episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
-                       "mission": envs.envs[i].mission, "carrying": envs.envs[i].carrying}
+                       "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
+                       "carrying": envs.envs[i].carrying}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
@@ -300,7 +350,7 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     """Roll out ``args.episodes`` episodes of ``task`` (and the DT sweep); with ``video_dir`` also one more
     episode in a rendering env, saved as a video there."""
     spec = tok.task_specs.get(task)
-    envs = make_envs(task, args.num_envs or args.episodes, spec)
+    envs = make_envs(task, args.num_envs or args.episodes, spec, swap_mission=args.swap_mission)
     if spec is None:
         print(f"WARNING: {task} is not one of the model's tasks {sorted(tok.task_specs)}; its spec is built from "
               "the environment, and the model never saw it in training")
@@ -338,8 +388,11 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     if successes := [e["success"] for e in episodes if e["error"] is None and e["success"] is not None]:
         record["success_rate"] = float(np.mean(successes))
     if any(e["mission"] for e in episodes):  # BabyAI: which instructions were met, episode by episode
-        record["missions"] = [{"mission": e["mission"], "success": e["success"], "carrying": e["carrying"]}
+        record["missions"] = [{"mission": e["mission"], "success": e["success"], "carrying": e["carrying"],
+                               **({"shown_mission": e["shown_mission"]} if e["shown_mission"] else {})}
                               for e in episodes if e["error"] is None]
+    if args.swap_mission:
+        record["swapped_missions"] = sum(bool(e["shown_mission"]) for e in episodes if e["error"] is None)
     if origin:
         record["prompt"] = origin
     sweep = []
@@ -456,6 +509,9 @@ class Args:
     distinct_actions: bool | None = None
     """TT: a beam's children take different discrete first actions (TTConfig.distinct_actions; default off, as
     the reference)"""
+    swap_mission: bool = False
+    """BabyAI: show each episode a mission naming *another* object in the room (the env still rewards its own
+    target): success that survives is success without reading the mission (SwappedMission)"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0

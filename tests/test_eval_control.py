@@ -199,6 +199,47 @@ def test_babyai_success_is_reaching_the_goal_and_the_mission_is_kept():
     assert env.outcome() == (None, False)
 
 
+def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_not():
+    """``--swap_mission``: the agent is shown a mission naming another object while the env rewards its
+    own target. BabyAIBot told to go where the *shown* mission says succeeds on the true mission and fails
+    on the swapped one; a mission-blind policy scores the same on both."""
+    from minigrid.core.constants import COLOR_NAMES
+    from minigrid.envs.babyai.core.verifier import ObjDesc
+    from minigrid.utils.baby_ai_bot import BabyAIBot, GoNextToSubgoal
+
+    from eval.control import SwappedMission, make_envs
+
+    def reader(env: gym.Env, mission: str) -> BabyAIBot:  # goes next to what the mission it was shown names
+        colour, kind = mission.split()[-2:]
+        assert mission.startswith("go to ") and colour in COLOR_NAMES, mission
+        desc = ObjDesc(kind, colour)
+        desc.find_matching_objs(env.unwrapped)
+        bot = BabyAIBot(env)
+        bot.stack = [GoNextToSubgoal(bot, desc)]
+        return bot
+
+    def success(swap: bool, policy: str, episodes: int = 16) -> float:
+        envs = make_envs("BabyAI-GoToLocal-v0", 8, swap_mission=swap)
+        obs, _ = envs.reset(seed=0)
+        bots = [reader(e, m) for e, m in zip(envs.envs, obs["mission"], strict=True)]
+        rng, outcomes = np.random.default_rng(0), []
+        while len(outcomes) < episodes:
+            actions = ([int(b.replan()) for b in bots] if policy == "reader"
+                       else rng.integers(0, 3, size=8))  # blind: left, right, forward at random
+            obs, _, terminated, truncated, _ = envs.step(np.asarray(actions))
+            for i in np.flatnonzero(terminated | truncated):
+                outcomes.append(envs.envs[i].outcome()[1])
+                assert (envs.envs[i].shown_mission is not None) == swap  # recorded when it differs
+                bots[i] = reader(envs.envs[i], obs["mission"][i])
+        return float(np.mean(outcomes[:episodes]))
+
+    assert success(swap=False, policy="reader") >= 0.9
+    assert success(swap=True, policy="reader") <= 0.2
+    assert abs(success(swap=False, policy="blind") - success(swap=True, policy="blind")) <= 0.3
+    with pytest.raises(ValueError, match="--swap_mission needs a BabyAI level"):
+        SwappedMission(gym.make("CartPole-v1"))
+
+
 def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_scale(tok, tmp_path):
     from eval.score_curve import main as curve_main
     from generalist.task_spec import d4rl_normalized_scores

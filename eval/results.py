@@ -36,7 +36,13 @@ def table(result: dict, name: str) -> str:
     iqm = result.get("iqm") or {}
     rated = any("success_rate" in entry for entry in result["results"])  # tasks whose env says what success is
     d4rl = any("d4rl_score" in entry for entry in result["results"])  # locomotion: D4RL's published scale too
-    lines = [f"#### `{name}` — {result['mode']} mode", "",
+    runs = [r for per in result.get("per_checkpoint", []) for r in (per if isinstance(per, list) else [per])]
+    swapped = [r for r in runs if "swapped_missions" in r]
+    heading = f"#### `{name}` — {result['mode']} mode"
+    if swapped:  # eval.control --swap_mission: success here is success without reading the mission
+        heading += (f", **missions swapped** ({sum(r['swapped_missions'] for r in swapped)} of "
+                    f"{sum(r['episodes'] for r in swapped)} episodes shown a mission naming another object)")
+    lines = [heading, "",
              f"`{result.get('command', '')}`", "",
              "| task | expert-normalised score | " + ("success rate | " if rated else "")
              + ("D4RL score (D4RL's references) | " if d4rl else "") + "return "

@@ -138,10 +138,10 @@ class CompactGrid(gym.ObservationWrapper):
         return {**observation, "image": cell.astype(np.uint8)}
 
 
-def _make_babyai(env_id: str) -> gym.Env:
+def _make_babyai(env_id: str, render_mode: str | None = None) -> gym.Env:
     import minigrid  # noqa: F401 - registers the BabyAI-* env ids
 
-    return CompactGrid(QuietReset(gym.make(env_id)))
+    return CompactGrid(QuietReset(gym.make(env_id, render_mode=render_mode)))
 
 
 def _babyai_expert(num_envs: int):
@@ -174,9 +174,14 @@ def metaworld_tasks() -> tuple[ControlTask, ...]:
                  for name in METAWORLD_TASKS)
 
 
-def make_task_env(name: str) -> gym.Env:
+def make_task_env(name: str, render_mode: str | None = None) -> gym.Env:
     """A fresh env of a task by its dataset name: the catalogue's factory (pixel variants, BabyAI,
-    Meta-World), else ``gym.make(name)`` for any registered gymnasium id."""
+    Meta-World), else ``gym.make(name)`` for any registered gymnasium id. ``render_mode`` (e.g.
+    ``"rgb_array"``, for videos) reaches BabyAI and plain gymnasium ids; the others keep their own."""
+    if render_mode is not None and name in BABYAI_LEVELS:
+        return _make_babyai(name, render_mode)  # the data's observation wrappers, rendering
+    if render_mode is not None and not any(t.name == name for t in PIXEL_TASKS) and not name.startswith("metaworld/"):
+        return gym.make(name, render_mode=render_mode)
     for task in CORE_TASKS + PIXEL_TASKS:
         if task.name == name:
             return task.make_env()

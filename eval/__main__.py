@@ -14,7 +14,8 @@ the datasets of the run's mixture (read from ``RUN/args.json``):
 caption     :mod:`eval.caption` on the held-out split (BLEU-4, CIDEr-D, exact match)
 text        :mod:`eval.text` on the validation split (perplexity)
 control     :mod:`eval.control` rollouts of every task: Decision Transformer, and Gato prompted
-            with an expert episode of the task from the run's control datasets
+            with an expert episode of the task from the run's control datasets; for BabyAI levels also
+            Gato shown another object's mission (``--swap_mission``: does the agent read its mission?)
 ==========  ====================================================================================
 
 Results go to ``RUN/eval/``, the report to ``RUN/report.md`` (:mod:`eval.report`), and a line per
@@ -80,6 +81,12 @@ def jobs(args: Args, model: Path, out: Path) -> dict[str, Callable[[], Any]]:
         rollouts = ["--model", str(model), "--out", str(out), "--episodes", str(episodes)]
         calls["control/dt"] = lambda: _control(rollouts)
         calls["control/gato"] = lambda: _control([*rollouts, "--mode", "gato", "--demos", *map(str, control)])
+        specs = model / "task_specs.json"
+        if babyai := [t for t in (json.loads(specs.read_text()) if specs.is_file() else {}) if t.startswith("BabyAI-")]:
+            # does the agent read its mission? success shown another object's mission (eval.control --swap_mission)
+            calls["control/gato_swapped_mission"] = lambda: _control([*rollouts, "--mode", "gato", "--tasks", *babyai,
+                                                                      "--swap_mission", "--name",
+                                                                      "control_gato_swapped_mission"])
     return calls
 
 

@@ -149,7 +149,7 @@ class SwappedMission(gym.ObservationWrapper):
         return {**observation, "mission": self.shown}
 
 
-def make_env(task: str, spec: TaskSpec | None = None) -> gym.Env:
+def make_env(task: str, spec: TaskSpec | None = None, render_mode: str | None = None) -> gym.Env:
     """The env of a task: an imported Minari dataset's is recovered through minari (its task is named by
     the dataset id, which gymnasium does not know); datasets_build's catalogue knows the pixel, BabyAI
     and Meta-World variants the data was collected in; without it, any registered gymnasium id."""
@@ -157,10 +157,10 @@ def make_env(task: str, spec: TaskSpec | None = None) -> gym.Env:
         from datasets_build.control import make_task_env
         from datasets_build.offline import MINARI_DATASET_ID, recover_minari_env
     except ImportError:
-        return gym.make(task)
+        return gym.make(task, render_mode=render_mode)
     if spec is not None and MINARI_DATASET_ID in spec.extra:
         return recover_minari_env(spec.extra[MINARI_DATASET_ID])
-    return make_task_env(task)
+    return make_task_env(task, render_mode)
 
 
 def make_render_env(task: str, spec: TaskSpec | None = None) -> gym.Env | None:
@@ -168,9 +168,9 @@ def make_render_env(task: str, spec: TaskSpec | None = None) -> gym.Env | None:
     (pixel tasks wrap a rendering env already; plain gymnasium ids are made with ``render_mode``)."""
     try:
         env = make_env(task, spec)
-        if env.render_mode != "rgb_array":
+        if env.render_mode != "rgb_array":  # made again rendering, with the same wrappers (BabyAI's grid)
             env.close()
-            env = gym.make(task, render_mode="rgb_array")
+            env = make_env(task, spec, render_mode="rgb_array")
     except (gym.error.Error, ImportError, TypeError):
         return None
     try:  # MuJoCo renders through OpenGL, which a headless machine may lack (MUJOCO_GL=egl / osmesa)
@@ -604,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if rated := [r for r in recs if "success_rate" in r]:
             entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
                                                      weights=[r["episodes"] for r in rated]))
+        if args.swap_mission:
+            entry["swapped_missions"] = sum(r.get("swapped_missions", 0) for r in recs)
         pooled.append(entry)
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command,

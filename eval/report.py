@@ -232,10 +232,13 @@ def control_section(run_dir: Path, figures: Path, rollout: bool = True) -> str:
         out.append(f"{NOT_RUN}: no control results in `{eval_dir.name}/` "
                    f"(`python -m eval {run_dir}` runs every evaluation; `train.py` runs it after training).")
     else:
-        modes = sorted({str(r["mode"]) for r in records})
+        def column(r: dict) -> str:  # a run with swapped missions (eval.control --swap_mission) is its own column
+            return str(r["mode"]) + (" (mission swapped)" if "swapped_missions" in r else "")
+
+        modes = sorted({column(r) for r in records})
         by_task: dict[str, dict[str, dict]] = {}
         for r in records:
-            by_task.setdefault(str(r["task"]), {})[str(r["mode"])] = r
+            by_task.setdefault(str(r["task"]), {})[column(r)] = r
         normalised = any(_score(r, NORMALISED_KEYS) is not None for r in records)
         out.append("Mean episode return per task and decoding mode"
                    + (" (expert-normalised score in brackets: 0 = random, 1 = expert)." if normalised else "."))

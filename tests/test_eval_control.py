@@ -199,6 +199,16 @@ def test_babyai_success_is_reaching_the_goal_and_the_mission_is_kept():
     assert env.outcome() == (None, False)
 
 
+def test_a_babyai_video_env_renders_with_the_datas_observation_wrappers():
+    """The report's rollout of a BabyAI model plays in an env made again with render_mode: it must keep the
+    compact grid the model was trained on (it once got minigrid's raw (7, 7, 3) grid and the report failed)."""
+    from eval.control import make_render_env
+
+    env = make_render_env("BabyAI-GoToLocal-v0")
+    obs, _ = env.reset(seed=0)
+    assert obs["image"].shape == (7, 7) and env.render().ndim == 3
+
+
 def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_not():
     """``--swap_mission``: the agent is shown a mission naming another object while the env rewards its
     own target. BabyAIBot told to go where the *shown* mission says succeeds on the true mission and fails

@@ -234,6 +234,11 @@ def test_report_control_section_reads_results_sweep_and_frames(tmp_path):
     assert "| Pendulum-v1 | -640.2 | – |" in md or "| Pendulum-v1 | -640.3 | – |" in md
     assert "![DT return sweep](report/dt_sweep.png)" in md and (run / "report" / "dt_sweep.png").is_file()
     assert "A rollout saved by eval.control" in md and (run / "report" / "rollout.png").is_file()
+    # a BabyAI run shown other objects' missions (eval.control --swap_mission) is a column of its own, not gato's
+    (run / "eval" / "control_gato_swapped_mission.json").write_text(json.dumps({"results": [
+        {"task": "CartPole-v1", "mode": "gato", "mean_return": 9.0, "swapped_missions": 20}]}))
+    md = report.control_section(run, run / "report")
+    assert "| task | dt | gato | gato (mission swapped) |" in md and "| 187.5 (0.34) | 9.0 |" in md
     # the nested {task: {mode: scores}} layout gives the same records
     nested = report.control_records({"CartPole-v1": {"dt": {"mean_return": 412.0}}})
     assert nested == [{"task": "CartPole-v1", "mode": "dt", "mean_return": 412.0}]

@@ -93,7 +93,9 @@ class Expert(Protocol):
     ``act`` returns one action per slot for the batched observation. Stateful experts (planners such
     as the BabyAI bot, stochastic policies) learn about a new episode through ``begin`` (its key, so
     its source, and its seed) and about the action that was really taken (the expert's or a noisy
-    replacement) through ``observe``.
+    replacement) through ``observe``. An expert that can also act plausibly but wrongly, for
+    ``detour-<p>`` sources, has ``detour(slot, rng, start) -> action | None``: the detour's next action
+    (``start``: a new one begins), or None when it is over or impossible (the expert acts then).
     """
 
     def begin(self, slot: int, env: gym.Env, key: EpisodeKey, seed: int) -> None: ...
@@ -101,15 +103,6 @@ class Expert(Protocol):
     def act(self, observations: Any, envs: Sequence[gym.Env]) -> list[Any]: ...
 
     def observe(self, slot: int, action: Any) -> None: ...
-
-
-class DetourExpert(Expert, Protocol):
-    """An expert that can also act plausibly but wrongly, for ``detour-<p>`` sources."""
-
-    def detour(self, slot: int, rng: np.random.Generator, start: bool) -> Any | None:
-        """The detour's next action in ``slot`` (``start``: a new detour begins), or None when the
-        detour is over or impossible (the expert acts then)."""
-        ...
 
 
 class StatelessExpert:

@@ -114,7 +114,7 @@ class SwappedMission(gym.ObservationWrapper):
     fails, and success that survives the swap is success without reading the mission (wandering from object
     to object until the episode ends on the right one). One mission per episode, "<verb> the <colour>
     <type>" of an object of the target's kind (a door for a door) that matches no target's colour and type;
-    an episode without such an object keeps its mission (``swapped`` is False then).
+    an episode without such an object keeps its mission (``ErrorAsTermination.shown_mission`` tells).
     """
 
     VERBS = {"GoToInstr": "go to", "PickupInstr": "pick up", "OpenInstr": "open"}
@@ -125,7 +125,6 @@ class SwappedMission(gym.ObservationWrapper):
             raise ValueError(f"--swap_mission needs a BabyAI level; {env.spec.id if env.spec else env} is not one")
         self._rng = np.random.default_rng(seed)
         self.shown: str | None = None
-        self.swapped = False
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -137,7 +136,6 @@ class SwappedMission(gym.ObservationWrapper):
         targets = {(o.color, o.type) for o in desc.obj_set}
         kinds = ("door",) if desc.type == "door" else ("key", "ball", "box")
         others = [o for o in u.grid.grid if o is not None and o.type in kinds and (o.color, o.type) not in targets]
-        self.swapped = bool(others)
         if others:
             other = others[self._rng.integers(len(others))]
             self.shown = f"{self.VERBS[instrs]} the {other.color} {other.type}"

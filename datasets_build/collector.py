@@ -368,6 +368,7 @@ def collect_task(
         raise ValueError(f"{task.name}: lag-<k> sources ask the expert about past observations, which only a "
                          f"stateless expert can answer; {type(expert).__name__} keeps state")
     action_space = envs.single_action_space
+    detour = getattr(expert, "detour", None)  # the expert's plausible mistakes (detour-<p> sources), if any
     slots: list[_Episode | None] = [None] * num_envs
 
     def start(mask: np.ndarray) -> Any:
@@ -412,8 +413,7 @@ def collect_task(
                 if episode is None:  # idle slot: any valid action, its data is discarded
                     actions.append(random_action(action_space, np.random.default_rng(0)))
                     continue
-                action = source_action(action_space, late_actions[i], episode,
-                                       partial(expert.detour, i) if hasattr(expert, "detour") else None)
+                action = source_action(action_space, late_actions[i], episode, detour and partial(detour, i))
                 actions.append(action)
                 for name, value in spec.flatten_observation(per_slot_obs[i]).items():
                     episode.leaves[name].append(value)

@@ -178,18 +178,14 @@ def make_task_env(name: str, render_mode: str | None = None) -> gym.Env:
     """A fresh env of a task by its dataset name: the catalogue's factory (pixel variants, BabyAI,
     Meta-World), else ``gym.make(name)`` for any registered gymnasium id. ``render_mode`` (e.g.
     ``"rgb_array"``, for videos) reaches BabyAI and plain gymnasium ids; the others keep their own."""
-    if render_mode is not None and name in BABYAI_LEVELS:
-        return _make_babyai(name, render_mode)  # the data's observation wrappers, rendering
-    if render_mode is not None and not any(t.name == name for t in PIXEL_TASKS) and not name.startswith("metaworld/"):
-        return gym.make(name, render_mode=render_mode)
-    for task in CORE_TASKS + PIXEL_TASKS:
+    for task in PIXEL_TASKS:  # these render already: the frame is part of their observation
         if task.name == name:
             return task.make_env()
     if name in BABYAI_LEVELS:
-        return _make_babyai(name)
+        return _make_babyai(name, render_mode)  # the data's observation wrappers, rendering or not
     if name.startswith("metaworld/"):
         return _make_metaworld(name.removeprefix("metaworld/"))
-    return gym.make(name)
+    return gym.make(name, render_mode=render_mode)  # the core tasks are plain gymnasium ids too
 
 
 # --- the builder ---

@@ -36,6 +36,7 @@ from typing import Any
 
 import tyro
 
+from generalist.tokenizer import TASK_SPECS_FILE
 from generalist.training.run_folder import RunFolder
 from generalist.training.settings import parse
 
@@ -81,7 +82,7 @@ def jobs(args: Args, model: Path, out: Path) -> dict[str, Callable[[], Any]]:
         rollouts = ["--model", str(model), "--out", str(out), "--episodes", str(episodes)]
         calls["control/dt"] = lambda: _control(rollouts)
         calls["control/gato"] = lambda: _control([*rollouts, "--mode", "gato", "--demos", *map(str, control)])
-        specs = model / "task_specs.json"
+        specs = model / TASK_SPECS_FILE
         if babyai := [t for t in (json.loads(specs.read_text()) if specs.is_file() else {}) if t.startswith("BabyAI-")]:
             # does the agent read its mission? success shown another object's mission (eval.control --swap_mission)
             calls["control/gato_swapped_mission"] = lambda: _control([*rollouts, "--mode", "gato", "--tasks", *babyai,

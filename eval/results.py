@@ -36,8 +36,7 @@ def table(result: dict, name: str) -> str:
     iqm = result.get("iqm") or {}
     rated = any("success_rate" in entry for entry in result["results"])  # tasks whose env says what success is
     d4rl = any("d4rl_score" in entry for entry in result["results"])  # locomotion: D4RL's published scale too
-    runs = [r for per in result.get("per_checkpoint", []) for r in (per if isinstance(per, list) else [per])]
-    swapped = [r for r in runs if "swapped_missions" in r]
+    swapped = [entry for entry in result["results"] if "swapped_missions" in entry]
     heading = f"#### `{name}` — {result['mode']} mode"
     if swapped:  # eval.control --swap_mission: success here is success without reading the mission
         heading += (f", **missions swapped** ({sum(r['swapped_missions'] for r in swapped)} of "

@@ -13,6 +13,9 @@ middling and high returns, so every task gets episodes from several *sources*::
     detour-<p>    the expert, interrupted by detours: at each step outside one, one starts with
                   probability p and the expert's own ``detour`` policy acts for up to ``BURST_STEPS``
                   steps (experts that have one only: BabyAI's goes to face a distractor object)
+    twin          the expert in the layout of the expert episode with the same shard and index (its
+                  reset seed), the goal rewritten at reset to another one (envs that can: BabyAI's
+                  ``RetargetMission`` names another object of the room)
     random        uniformly random actions
     policy-<name> one of the expert's own policies, by name (a checkpoint of a trained agent, e.g.
                   ``policy-medium``; ``experts/mujoco.py``)
@@ -28,6 +31,9 @@ wrong the same way every time, as the early policies of a replay buffer are (D4R
 And why detours: a random action rarely leads anywhere a cloned policy will be; a detour is a
 *plausible* mistake (walking up to the wrong object), and the expert's labels there say what to do
 instead (turn away, drop it), which a policy that only saw the expert's own states never learns.
+And why twins: in a BabyAI level the nearest objects are often the right ones, and a policy that
+visits objects until the episode ends on the target succeeds without reading its mission (``eval.control
+--swap_mission`` showed it). Pairs of episodes that differ only in the mission make ignoring it cost loss.
 
 Sharding and resumption. The episodes of one (task, source) are split into shards of
 ``episodes_per_shard``; a shard is written atomically (tmp folder + ``os.replace``) as soon as its
@@ -73,6 +79,8 @@ BURST_STEPS = 10  # steps a burst holds its random action (0.5 s of Pendulum, 0.
 LAG_PREFIX = "lag-"
 DETOUR_PREFIX = "detour-"
 POLICY_PREFIX = "policy-"
+TWIN = "twin"
+RETARGET_OPTION = "retarget"  # reset option of envs that can rewrite their goal (twin sources)
 # default share of each source in a task's episodes: mostly expert data, a spread of noise levels
 # (epsilon for discrete actions / std as a fraction of the half range for continuous ones) and
 # random play, so that returns span the whole range from random to expert.
@@ -143,13 +151,15 @@ class EpisodeKey:
     index: int
 
     def seed(self, build_seed: int) -> int:
-        return derive_seed(build_seed, self.task, self.source, self.shard, self.index)
+        """The reset seed: a twin shares its expert episode's (same layout), every other source has its own."""
+        source = EXPERT if self.source == TWIN else self.source
+        return derive_seed(build_seed, self.task, source, self.shard, self.index)
 
 
 def source_noise(source: str) -> float | None:
     """Noise level of a source name: 0 for the expert (and its named policies), None for random, eps / p
     for ``noisy-eps`` / ``burst-p`` / ``detour-p``."""
-    if source == EXPERT or (source.startswith(POLICY_PREFIX) and len(source) > len(POLICY_PREFIX)):
+    if source in (EXPERT, TWIN) or (source.startswith(POLICY_PREFIX) and len(source) > len(POLICY_PREFIX)):
         return 0.0
     if source == RANDOM:
         return None
@@ -161,7 +171,7 @@ def source_noise(source: str) -> float | None:
             if not 0.0 < level <= 1.0:
                 raise ValueError(f"noise level of source {source!r} must be in (0, 1]")
             return level
-    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, '{NOISY_PREFIX}<level>', "
+    raise ValueError(f"unknown source {source!r}; use {EXPERT!r}, {RANDOM!r}, {TWIN!r}, '{NOISY_PREFIX}<level>', "
                      f"'{BURST_PREFIX}<probability>', '{DETOUR_PREFIX}<probability>', '{LAG_PREFIX}<steps>' or "
                      f"'{POLICY_PREFIX}<name>'")
 
@@ -372,8 +382,10 @@ def collect_task(
     slots: list[_Episode | None] = [None] * num_envs
 
     def start(mask: np.ndarray) -> Any:
-        """Reset the masked slots with their next episode's seed (idle slots get a dummy seed)."""
+        """Reset the masked slots with their next episode's seed (idle slots get a dummy seed); twins are
+        reset apart, with the retarget option."""
         seeds: list[int | None] = [None] * num_envs
+        twins = np.zeros(num_envs, dtype=bool)
         for i in np.flatnonzero(mask):
             if queue:
                 key = queue.popleft()
@@ -381,10 +393,17 @@ def collect_task(
                 slots[i] = _Episode(key, episode_seed, np.random.default_rng(episode_seed),
                                     seen=deque(maxlen=source_lag(key.source) + 1))
                 seeds[i] = episode_seed
+                twins[i] = key.source == TWIN
             else:
                 slots[i] = None
                 seeds[i] = 0
-        obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
+        obs = None
+        for group, options in ((mask & ~twins, {}), (twins, {RETARGET_OPTION: True})):
+            if group.any():
+                obs, info = envs.reset(seed=seeds, options={"reset_mask": group, **options})
+                if options and "retargeted" not in info:
+                    raise ValueError(f"{task.name}: source {TWIN!r} needs an env that can rewrite its goal "
+                                     f"(reset option {RETARGET_OPTION!r}, e.g. BabyAI's RetargetMission)")
         for i in np.flatnonzero(mask):
             if slots[i] is not None:
                 expert.begin(int(i), envs.envs[i], slots[i].key, slots[i].seed)

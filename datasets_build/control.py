@@ -32,6 +32,7 @@ from datasets_build.collector import (
     DEFAULT_SOURCE_MIX,
     EXPERT,
     RANDOM,
+    RETARGET_OPTION,
     CollectStats,
     ControlTask,
     collect_task,
@@ -138,10 +139,51 @@ class CompactGrid(gym.ObservationWrapper):
         return {**observation, "image": cell.astype(np.uint8)}
 
 
+MISSION_VERBS = {"GoToInstr": "go to", "PickupInstr": "pick up", "OpenInstr": "open"}  # one-object instructions
+
+
+def other_object(level: gym.Env, rng: np.random.Generator) -> Any | None:
+    """A random object of a BabyAI level's target kind (a door for a door) whose colour and type no
+    target has, or None when the room holds none. Raises for instructions that name several objects."""
+    if (instrs := type(getattr(level, "instrs", None)).__name__) not in MISSION_VERBS:
+        raise ValueError(f"needs a BabyAI level whose instruction names one object ({sorted(MISSION_VERBS)}); "
+                         f"{level.spec.id if level.spec else level} has {instrs}")
+    desc = level.instrs.desc
+    targets = {(o.color, o.type) for o in desc.obj_set}
+    kinds = ("door",) if desc.type == "door" else ("key", "ball", "box")
+    others = [o for o in level.grid.grid if o is not None and o.type in kinds and (o.color, o.type) not in targets]
+    return others[rng.integers(len(others))] if others else None
+
+
+class RetargetMission(gym.Wrapper):
+    """BabyAI whose reset, given ``options={RETARGET_OPTION: True}``, rewrites the level's *goal* to another
+    object of the target's kind (``other_object``): the instruction, its verifier (so the reward follows) and
+    the mission the agent reads. The layout is the one the seed made, so a ``twin`` episode
+    (``collector.py``) and the expert episode of the same seed differ only in their mission and what the
+    bot does about it. ``info["retargeted"]`` says whether it happened (a room without another object
+    keeps its goal); its presence tells the collector that the env can retarget at all.
+    """
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        options = dict(options or {})
+        retarget = options.pop(RETARGET_OPTION, False)
+        obs, info = self.env.reset(seed=seed, options=options)
+        level = self.env.unwrapped
+        other = other_object(level, level.np_random) if retarget else None
+        if other is not None:
+            from minigrid.envs.babyai.core.verifier import ObjDesc
+
+            level.instrs = type(level.instrs)(ObjDesc(other.type, other.color))
+            level.instrs.reset_verifier(level)
+            level.mission = level.instrs.surface(level)
+            obs = level.gen_obs()
+        return obs, {**info, "retargeted": other is not None}
+
+
 def _make_babyai(env_id: str, render_mode: str | None = None) -> gym.Env:
     import minigrid  # noqa: F401 - registers the BabyAI-* env ids
 
-    return CompactGrid(QuietReset(gym.make(env_id, render_mode=render_mode)))
+    return CompactGrid(RetargetMission(QuietReset(gym.make(env_id, render_mode=render_mode))))
 
 
 def _babyai_expert(num_envs: int):

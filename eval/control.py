@@ -117,8 +117,6 @@ class SwappedMission(gym.ObservationWrapper):
     an episode without such an object keeps its mission (``ErrorAsTermination.shown_mission`` tells).
     """
 
-    VERBS = {"GoToInstr": "go to", "PickupInstr": "pick up", "OpenInstr": "open"}
-
     def __init__(self, env: gym.Env, seed: int = 0):
         super().__init__(env)
         if not _is_minigrid(env):
@@ -127,20 +125,16 @@ class SwappedMission(gym.ObservationWrapper):
         self.shown: str | None = None
 
     def reset(self, **kwargs):
+        from datasets_build.control import MISSION_VERBS, other_object
+
         obs, info = self.env.reset(**kwargs)
-        u = self.env.unwrapped
-        if (instrs := type(getattr(u, "instrs", None)).__name__) not in self.VERBS:
-            raise ValueError(f"--swap_mission needs a BabyAI level whose instruction names one object "
-                             f"({sorted(self.VERBS)}); {u.spec.id if u.spec else u} has {instrs}")
-        desc = u.instrs.desc
-        targets = {(o.color, o.type) for o in desc.obj_set}
-        kinds = ("door",) if desc.type == "door" else ("key", "ball", "box")
-        others = [o for o in u.grid.grid if o is not None and o.type in kinds and (o.color, o.type) not in targets]
-        if others:
-            other = others[self._rng.integers(len(others))]
-            self.shown = f"{self.VERBS[instrs]} the {other.color} {other.type}"
-        else:
-            self.shown = obs["mission"]
+        level = self.env.unwrapped
+        try:
+            other = other_object(level, self._rng)
+        except ValueError as e:
+            raise ValueError(f"--swap_mission {e}") from None
+        verb = MISSION_VERBS[type(level.instrs).__name__]
+        self.shown = obs["mission"] if other is None else f"{verb} the {other.color} {other.type}"
         return self.observation(obs), info
 
     def observation(self, observation: dict) -> dict:

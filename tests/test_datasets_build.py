@@ -14,7 +14,7 @@ import pytest
 from datasets_build import iter_episodes, load_episodes
 from datasets_build.base import BuildOptions
 from datasets_build.captions import HELD_OUT_PAIRS, CaptionDatasetBuilder, caption_compositions
-from datasets_build.collector import BURST_PREFIX, BURST_STEPS, EXPERT, RANDOM, split_episodes
+from datasets_build.collector import BURST_PREFIX, BURST_STEPS, EXPERT, RANDOM, TWIN, split_episodes
 from datasets_build.common import is_built
 from datasets_build.control import CORE_TASKS, PIXEL_TASKS, ControlDatasetBuilder, babyai_tasks
 from datasets_build.episodes import SHARDS_DIR, shard_dirs
@@ -368,6 +368,35 @@ def test_babyai_detours_face_wrong_objects_under_the_bots_labels(tmp_path):
 
     cartpole = ControlDatasetBuilder("nodetour", lambda: CORE_TASKS[:1], "", 2, source_mix={"detour-0.1": 1.0})
     with pytest.raises(ValueError, match="needs an expert with a `detour` policy"):
+        cartpole.build(tmp_path / "c", TINY)
+
+
+def test_babyai_twins_replay_the_experts_layout_with_another_mission(tmp_path):
+    """A twin episode starts from its expert episode's layout (same seed, same first view) with a mission
+    naming another object, and the bot reaches *that* object (the env rewards it): pairs that differ only
+    in the mission. Envs that cannot rewrite their goal refuse the source."""
+    pytest.importorskip("minigrid")
+    builder = ControlDatasetBuilder("twins", lambda: [t for t in babyai_tasks() if t.name == "BabyAI-GoToLocal-v0"],
+                                    "", default_episodes=8, source_mix={EXPERT: 0.5, TWIN: 0.5})
+    dataset, specs = load_episodes(builder.build(tmp_path, replace(TINY, episodes=8)))
+    episodes = list(zip(dataset["seed"], iter_episodes(dataset, specs), strict=True))
+    experts = {seed: e for seed, e in episodes if e["source"] == EXPERT}
+    twins = [(seed, e) for seed, e in episodes if e["source"] == TWIN]
+    assert len(twins) == len(experts) == 4
+    first_actions_differ = 0
+    for seed, twin in twins:
+        expert = experts[seed]  # the same layout ...
+        view = {k: v[0] for k, v in twin["observations"].items() if k != "observation.mission"}
+        assert all(np.array_equal(v, expert["observations"][k][0]) for k, v in view.items())
+        mission, expert_mission = twin["observations"]["observation.mission"][0], \
+            expert["observations"]["observation.mission"][0]
+        assert mission != expert_mission  # ... another goal, which the bot reached
+        assert twin["terminated"] and twin["rewards"].sum() > 0, mission
+        first_actions_differ += int(twin["actions"]["action"][0] != expert["actions"]["action"][0])
+    assert first_actions_differ >= 1
+
+    cartpole = ControlDatasetBuilder("notwin", lambda: CORE_TASKS[:1], "", 2, source_mix={TWIN: 1.0})
+    with pytest.raises(ValueError, match="needs an env that can rewrite its goal"):
         cartpole.build(tmp_path / "c", TINY)
 
 

@@ -73,7 +73,8 @@ class ErrorAsTermination(gym.Wrapper):
         self._last_obs = None
         self._mission: str | None = None  # of the episode running
         self.mission: str | None = None  # of the episode that ended (the env's own, which rewards)
-        self.shown_mission: str | None = None  # ... and the one the agent saw, where they differ (SwappedMission)
+        self.shown_mission: str | None = None  # ... and the one the agent saw, where they differ (MissionDecoy)
+        self.decoy_first: bool | None = None  # the agent faced MissionDecoy's decoy before a target (BabyAI)
         self.carrying: str | None = None  # what a MiniGrid agent held when it ended ("red key"), else None
 
     def outcome(self) -> tuple[str | None, bool | None]:
@@ -104,25 +105,33 @@ class ErrorAsTermination(gym.Wrapper):
             self.shown_mission = self._mission if self._mission != self.mission else None
             held = getattr(self.env.unwrapped, "carrying", None) if self._minigrid else None
             self.carrying = None if held is None else f"{held.color} {held.type}"
+            self.decoy_first = getattr(self.env, "decoy_first", None)
         return obs, reward, terminated, truncated, info
 
 
-class SwappedMission(gym.ObservationWrapper):
-    """BabyAI with the mission rewritten to name *another* object in the room (``--swap_mission``).
+class MissionDecoy(gym.Wrapper):
+    """BabyAI with a *decoy* per episode: another object of the target's kind (a door for a door) whose
+    colour and type no target has (``datasets_build.control.other_object``).
 
-    The env still rewards its own target, so a policy that reads its mission goes to the wrong object and
-    fails, and success that survives the swap is success without reading the mission (wandering from object
-    to object until the episode ends on the right one). One mission per episode, "<verb> the <colour>
-    <type>" of an object of the target's kind (a door for a door) that matches no target's colour and type;
-    an episode without such an object keeps its mission (``ErrorAsTermination.shown_mission`` tells).
+    With ``show`` (``--swap_mission``) the agent is shown "<verb> the <colour> <type>" of the decoy while
+    the env still rewards its own target: a policy that reads its mission goes to the wrong object, and
+    success that survives is success without reading it (wandering from object to object until the episode
+    ends on the right one). Either way ``decoy_first`` records whether the agent faced a decoy-like object
+    before any target (None: it faced neither, or the room has no decoy). Unshown, that is how often a
+    policy meets the decoy first by chance; shown, a policy that reads its mission meets it first nearly
+    always. The difference measures grounding where success rates cannot (a GoTo level ends on the target
+    however the agent got there). An episode without a decoy keeps its mission
+    (``ErrorAsTermination.shown_mission`` tells).
     """
 
-    def __init__(self, env: gym.Env, seed: int = 0):
+    def __init__(self, env: gym.Env, seed: int = 0, show: bool = True):
         super().__init__(env)
         if not _is_minigrid(env):
             raise ValueError(f"--swap_mission needs a BabyAI level; {env.spec.id if env.spec else env} is not one")
         self._rng = np.random.default_rng(seed)
-        self.shown: str | None = None
+        self.show = show
+        self.decoy: tuple[str, str] | None = None  # (colour, type)
+        self.decoy_first: bool | None = None
 
     def reset(self, **kwargs):
         from datasets_build.control import MISSION_VERBS, other_object
@@ -132,13 +141,34 @@ class SwappedMission(gym.ObservationWrapper):
         try:
             other = other_object(level, self._rng)
         except ValueError as e:
-            raise ValueError(f"--swap_mission {e}") from None
-        verb = MISSION_VERBS[type(level.instrs).__name__]
-        self.shown = obs["mission"] if other is None else f"{verb} the {other.color} {other.type}"
-        return self.observation(obs), info
+            if self.show:
+                raise ValueError(f"--swap_mission {e}") from None
+            other = None  # an instruction naming several objects: no decoy
+        self.decoy = None if other is None else (other.color, other.type)
+        self.decoy_first = None
+        if other is not None and self.show:
+            obs = {**obs, "mission": f"{MISSION_VERBS[type(level.instrs).__name__]} the {other.color} {other.type}"}
+        self._shown = obs["mission"]
+        self._meet()
+        return obs, info
 
-    def observation(self, observation: dict) -> dict:
-        return {**observation, "mission": self.shown}
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._meet()
+        return {**obs, "mission": self._shown}, reward, terminated, truncated, info
+
+    def _meet(self) -> None:
+        """Note which the agent faces first: the decoy or a target."""
+        if self.decoy is None or self.decoy_first is not None:
+            return
+        level = self.env.unwrapped
+        front = level.grid.get(*level.front_pos)
+        if front is None:
+            return
+        if (front.color, front.type) == self.decoy:
+            self.decoy_first = True
+        elif any(front is target for target in level.instrs.desc.obj_set):
+            self.decoy_first = False
 
 
 def make_env(task: str, spec: TaskSpec | None = None, render_mode: str | None = None) -> gym.Env:
@@ -224,7 +254,9 @@ def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None,
               swap_mission: bool = False) -> gym.vector.SyncVectorEnv:
     def make(i: int) -> gym.Env:
         env = make_env(task, spec)
-        return ErrorAsTermination(SwappedMission(env, seed=i) if swap_mission else env)
+        if swap_mission or _is_minigrid(env):  # BabyAI always has a decoy: how often it is met first unshown
+            env = MissionDecoy(env, seed=i, show=swap_mission)
+        return ErrorAsTermination(env)
 
     return gym.vector.SyncVectorEnv([functools.partial(make, i) for i in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
@@ -261,7 +293,7 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             error, success = envs.envs[i].outcome()
             episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
                        "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
-                       "carrying": envs.envs[i].carrying}
+                       "carrying": envs.envs[i].carrying, "decoy_first": envs.envs[i].decoy_first}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
@@ -381,8 +413,11 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
         record["success_rate"] = float(np.mean(successes))
     if any(e["mission"] for e in episodes):  # BabyAI: which instructions were met, episode by episode
         record["missions"] = [{"mission": e["mission"], "success": e["success"], "carrying": e["carrying"],
+                               "decoy_first": e["decoy_first"],
                                **({"shown_mission": e["shown_mission"]} if e["shown_mission"] else {})}
                               for e in episodes if e["error"] is None]
+        if met := [e["decoy_first"] for e in episodes if e["error"] is None and e["decoy_first"] is not None]:
+            record["decoy_first_rate"], record["decoy_met"] = float(np.mean(met)), len(met)
     if args.swap_mission:
         record["swapped_missions"] = sum(bool(e["shown_mission"]) for e in episodes if e["error"] is None)
     if origin:
@@ -503,7 +538,7 @@ class Args:
     the reference)"""
     swap_mission: bool = False
     """BabyAI: show each episode a mission naming *another* object in the room (the env still rewards its own
-    target): success that survives is success without reading the mission (SwappedMission)"""
+    target): success that survives is success without reading the mission (MissionDecoy)"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0
@@ -577,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             score = f" normalised {record['normalized_score']:.3f}" if "normalized_score" in record else ""
             if "success_rate" in record:
                 score += f", success {record['success_rate']:.2f}"
+            if "decoy_first_rate" in record:
+                score += f", decoy met first {record['decoy_first_rate']:.2f} of {record['decoy_met']}"
             print(f"[{k}] {task} [{args.mode}]: return {record.get('mean_return', math.nan):.2f} ± "
                   f"{record.get('stderr_return', math.nan):.2f} over {record['episodes']} episodes{score}"
                   + (f", {len(record['errors'])} errors" if record["errors"] else ""), flush=True)
@@ -598,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                      weights=[r["episodes"] for r in rated]))
         if args.swap_mission:
             entry["swapped_missions"] = sum(r.get("swapped_missions", 0) for r in recs)
+        if met := [r for r in recs if "decoy_first_rate" in r]:
+            entry["decoy_met"] = sum(r["decoy_met"] for r in met)
+            entry["decoy_first_rate"] = float(np.average([r["decoy_first_rate"] for r in met],
+                                                         weights=[r["decoy_met"] for r in met]))
         pooled.append(entry)
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command,

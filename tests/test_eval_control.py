@@ -210,14 +210,15 @@ def test_a_babyai_video_env_renders_with_the_datas_observation_wrappers():
 
 
 def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_not():
-    """``--swap_mission``: the agent is shown a mission naming another object while the env rewards its
-    own target. BabyAIBot told to go where the *shown* mission says succeeds on the true mission and fails
-    on the swapped one; a mission-blind policy scores the same on both."""
+    """``--swap_mission``: the agent is shown a mission naming a decoy while the env rewards its own target.
+    BabyAIBot told to go where the *shown* mission says succeeds on the true mission, fails on the swapped
+    one and meets the decoy first only when it is shown; a mission-blind policy scores the same on both and
+    meets the decoy first about as often shown or not."""
     from minigrid.core.constants import COLOR_NAMES
     from minigrid.envs.babyai.core.verifier import ObjDesc
     from minigrid.utils.baby_ai_bot import BabyAIBot, GoNextToSubgoal
 
-    from eval.control import SwappedMission, make_envs
+    from eval.control import MissionDecoy, make_envs
 
     def reader(env: gym.Env, mission: str) -> BabyAIBot:  # goes next to what the mission it was shown names
         colour, kind = mission.split()[-2:]
@@ -228,11 +229,12 @@ def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_no
         bot.stack = [GoNextToSubgoal(bot, desc)]
         return bot
 
-    def success(swap: bool, policy: str, episodes: int = 16) -> float:
+    def play(swap: bool, policy: str, episodes: int = 16) -> tuple[float, float]:
+        """(success rate, share of the episodes meeting decoy or target that met the decoy first)"""
         envs = make_envs("BabyAI-GoToLocal-v0", 8, swap_mission=swap)
         obs, _ = envs.reset(seed=0)
         bots = [reader(e, m) for e, m in zip(envs.envs, obs["mission"], strict=True)]
-        rng, outcomes = np.random.default_rng(0), []
+        rng, outcomes, decoy_first = np.random.default_rng(0), [], []
         while len(outcomes) < episodes:
             actions = ([int(b.replan()) for b in bots] if policy == "reader"
                        else rng.integers(0, 3, size=8))  # blind: left, right, forward at random
@@ -240,14 +242,18 @@ def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_no
             for i in np.flatnonzero(terminated | truncated):
                 outcomes.append(envs.envs[i].outcome()[1])
                 assert (envs.envs[i].shown_mission is not None) == swap  # recorded when it differs
+                if envs.envs[i].decoy_first is not None:
+                    decoy_first.append(envs.envs[i].decoy_first)
                 bots[i] = reader(envs.envs[i], obs["mission"][i])
-        return float(np.mean(outcomes[:episodes]))
+        return float(np.mean(outcomes[:episodes])), float(np.mean(decoy_first))
 
-    assert success(swap=False, policy="reader") >= 0.9
-    assert success(swap=True, policy="reader") <= 0.2
-    assert abs(success(swap=False, policy="blind") - success(swap=True, policy="blind")) <= 0.3
+    (true_success, true_decoy), (swapped_success, swapped_decoy) = play(False, "reader"), play(True, "reader")
+    assert true_success >= 0.9 and swapped_success <= 0.2
+    assert true_decoy <= 0.3 and swapped_decoy >= 0.7  # (on its way it may face the target: success)
+    (true_success, true_decoy), (swapped_success, swapped_decoy) = play(False, "blind"), play(True, "blind")
+    assert abs(true_success - swapped_success) <= 0.3 and abs(true_decoy - swapped_decoy) <= 0.3
     with pytest.raises(ValueError, match="--swap_mission needs a BabyAI level"):
-        SwappedMission(gym.make("CartPole-v1"))
+        MissionDecoy(gym.make("CartPole-v1"))
 
 
 def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_scale(tok, tmp_path):

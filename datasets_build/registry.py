@@ -14,7 +14,7 @@ import datasets
 
 from datasets_build.base import Builder, BuildOptions
 from datasets_build.captions import CaptionDatasetBuilder
-from datasets_build.collector import BURST_PREFIX, DETOUR_PREFIX, EXPERT, LAG_PREFIX, NOISY_PREFIX, RANDOM, TWIN
+from datasets_build.collector import BURST_PREFIX, DETOUR_PREFIX, EXPERT, LAG_PREFIX, NOISY_PREFIX, RANDOM
 from datasets_build.common import is_built
 from datasets_build.control import (
     CORE_TASKS,
@@ -49,14 +49,12 @@ DATASETS: dict[str, Builder] = {
                     "(Dict observation), so images and control meet in one sequence."),
     "babyai": ControlDatasetBuilder(
         "babyai", babyai_tasks, default_episodes=1000,
-        source_mix={EXPERT: 0.25, TWIN: 0.25, f"{NOISY_PREFIX}0.1": 0.1, f"{NOISY_PREFIX}0.3": 0.05,
-                    f"{NOISY_PREFIX}0.6": 0.05, f"{BURST_PREFIX}0.05": 0.05, f"{DETOUR_PREFIX}0.1": 0.15, RANDOM: 0.1},
+        source_mix={EXPERT: 0.3, f"{NOISY_PREFIX}0.1": 0.1, f"{NOISY_PREFIX}0.3": 0.1, f"{NOISY_PREFIX}0.6": 0.05,
+                    f"{BURST_PREFIX}0.05": 0.1, f"{DETOUR_PREFIX}0.1": 0.25, RANDOM: 0.1},
         sources_note=("`noisy-e`: epsilon-random actions with probability e; `burst-p`: a random action held for "
                       "10 steps, started with probability p per step; `detour-p`: with probability p per step, "
                       "a second bot walks up to an object the mission does not name (and picks it up half the "
-                      "time) while BabyAIBot labels every step (datasets_build/experts/babyai.py); `twin`: the "
-                      "layout of the expert episode with the same index, its mission rewritten to name another "
-                      "object (and the reward with it), played by the bot: pairs that differ only in the mission."),
+                      "time) while BabyAIBot labels every step (datasets_build/experts/babyai.py)."),
         description="BabyAI levels (minigrid): text mission + 7x7 egocentric grid (one id per cell: object, colour, "
                     "state) + direction, discrete actions; expert: minigrid's BabyAIBot. Needs the `babyai` extra."),
     "metaworld": ControlDatasetBuilder(

@@ -114,13 +114,13 @@ class MissionDecoy(gym.Wrapper):
     colour and type no target has (``datasets_build.control.other_object``).
 
     With ``show`` (``--swap_mission``) the agent is shown "<verb> the <colour> <type>" of the decoy while
-    the env still rewards its own target: a policy that reads its mission goes to the wrong object, and
-    success that survives is success without reading it (wandering from object to object until the episode
-    ends on the right one). Either way ``decoy_first`` records whether the agent faced a decoy-like object
-    before any target (None: it faced neither, or the room has no decoy). Unshown, that is how often a
-    policy meets the decoy first by chance; shown, a policy that reads its mission meets it first nearly
-    always. The difference measures grounding where success rates cannot (a GoTo level ends on the target
-    however the agent got there). An episode without a decoy keeps its mission
+    the env still rewards its own target: a policy that follows its mission heads for the wrong object.
+    Success alone cannot tell: a GoTo level ends whenever the agent faces its target, and a search through
+    a dense room finds it by the time limit (README, BabyAI). So either way ``decoy_first`` records whether
+    the agent faced a decoy-like object before any target (None: it faced neither, or the room has no
+    decoy). Unshown, that is how often a policy meets the decoy first by chance; shown, a policy that
+    follows its mission meets it first (a bot sent to it: 0.0 -> 0.8 in the test). The difference, and the
+    episodes' lengths, measure grounding where success rates cannot. An episode without a decoy keeps its mission
     (``ErrorAsTermination.shown_mission`` tells).
     """
 
@@ -537,8 +537,8 @@ class Args:
     """TT: a beam's children take different discrete first actions (TTConfig.distinct_actions; default off, as
     the reference)"""
     swap_mission: bool = False
-    """BabyAI: show each episode a mission naming *another* object in the room (the env still rewards its own
-    target): success that survives is success without reading the mission (MissionDecoy)"""
+    """BabyAI: show each episode a mission naming *another* object in the room, a decoy (the env still rewards
+    its own target); compare decoy_first_rate and lengths with an unswapped run (MissionDecoy)"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0

@@ -124,12 +124,12 @@ class MissionDecoy(gym.Wrapper):
     (``ErrorAsTermination.shown_mission`` tells).
     """
 
-    def __init__(self, env: gym.Env, seed: int = 0, show: bool = True):
+    def __init__(self, env: gym.Env, seed: int = 0, show: bool = True, blank: bool = False):
         super().__init__(env)
         if not _is_minigrid(env):
             raise ValueError(f"--swap_mission needs a BabyAI level; {env.spec.id if env.spec else env} is not one")
         self._rng = np.random.default_rng(seed)
-        self.show = show
+        self.show, self.blank = show, blank
         self.decoy: tuple[str, str] | None = None  # (colour, type)
         self.decoy_first: bool | None = None
 
@@ -141,13 +141,16 @@ class MissionDecoy(gym.Wrapper):
         try:
             other = other_object(level, self._rng)
         except ValueError as e:
-            if self.show:
-                raise ValueError(f"--swap_mission {e}") from None
+            if self.show or self.blank:
+                raise ValueError(f"--swap_mission / --blank_mission {e}") from None
             other = None  # an instruction naming several objects: no decoy
         self.decoy = None if other is None else (other.color, other.type)
         self.decoy_first = None
-        if other is not None and self.show:
-            obs = {**obs, "mission": f"{MISSION_VERBS[type(level.instrs).__name__]} the {other.color} {other.type}"}
+        verb = MISSION_VERBS.get(type(level.instrs).__name__)
+        if self.blank:  # the mission without the object it names
+            obs = {**obs, "mission": f"{verb} the object"}
+        elif other is not None and self.show:
+            obs = {**obs, "mission": f"{verb} the {other.color} {other.type}"}
         self._shown = obs["mission"]
         self._meet()
         return obs, info
@@ -251,11 +254,11 @@ def video_to_tensorboard(logdir: Path, tag: str, gif: Path, frame: np.ndarray) -
 
 
 def make_envs(task: str, num_envs: int, spec: TaskSpec | None = None,
-              swap_mission: bool = False) -> gym.vector.SyncVectorEnv:
+              swap_mission: bool = False, blank_mission: bool = False) -> gym.vector.SyncVectorEnv:
     def make(i: int) -> gym.Env:
         env = make_env(task, spec)
-        if swap_mission or _is_minigrid(env):  # BabyAI always has a decoy: how often it is met first unshown
-            env = MissionDecoy(env, seed=i, show=swap_mission)
+        if swap_mission or blank_mission or _is_minigrid(env):  # BabyAI always has a decoy (met first unshown?)
+            env = MissionDecoy(env, seed=i, show=swap_mission, blank=blank_mission)
         return ErrorAsTermination(env)
 
     return gym.vector.SyncVectorEnv([functools.partial(make, i) for i in range(num_envs)],
@@ -374,7 +377,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     """Roll out ``args.episodes`` episodes of ``task`` (and the DT sweep); with ``video_dir`` also one more
     episode in a rendering env, saved as a video there."""
     spec = tok.task_specs.get(task)
-    envs = make_envs(task, args.num_envs or args.episodes, spec, swap_mission=args.swap_mission)
+    envs = make_envs(task, args.num_envs or args.episodes, spec, swap_mission=args.swap_mission,
+                     blank_mission=args.blank_mission)
     if spec is None:
         print(f"WARNING: {task} is not one of the model's tasks {sorted(tok.task_specs)}; its spec is built from "
               "the environment, and the model never saw it in training")
@@ -418,8 +422,9 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
                               for e in episodes if e["error"] is None]
         if met := [e["decoy_first"] for e in episodes if e["error"] is None and e["decoy_first"] is not None]:
             record["decoy_first_rate"], record["decoy_met"] = float(np.mean(met)), len(met)
-    if args.swap_mission:
-        record["swapped_missions"] = sum(bool(e["shown_mission"]) for e in episodes if e["error"] is None)
+    if args.swap_mission or args.blank_mission:
+        changed = sum(bool(e["shown_mission"]) for e in episodes if e["error"] is None)
+        record["blanked_missions" if args.blank_mission else "swapped_missions"] = changed
     if origin:
         record["prompt"] = origin
     sweep = []
@@ -539,6 +544,9 @@ class Args:
     swap_mission: bool = False
     """BabyAI: show each episode a mission naming *another* object in the room, a decoy (the env still rewards
     its own target); compare decoy_first_rate and lengths with an unswapped run (MissionDecoy)"""
+    blank_mission: bool = False
+    """BabyAI: show each episode its mission without the object it names ("go to the object"): the episodes'
+    lengths against an unchanged run show how much the agent uses what the mission names"""
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0
@@ -582,6 +590,8 @@ def update_card(model_arg: str, folder: Path, results: list[dict], token: str | 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(Args, argv, description=__doc__)
+    if args.swap_mission and args.blank_mission:
+        raise SystemExit("--swap_mission and --blank_mission change the same mission: pick one")
     if args.threads:
         torch.set_num_threads(args.threads)
     from eval.checkpoint import default_out, load_checkpoint
@@ -633,8 +643,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if rated := [r for r in recs if "success_rate" in r]:
             entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
                                                      weights=[r["episodes"] for r in rated]))
-        if args.swap_mission:
-            entry["swapped_missions"] = sum(r.get("swapped_missions", 0) for r in recs)
+        for changed in ("swapped_missions", "blanked_missions"):
+            if any(changed in r for r in recs):
+                entry[changed] = sum(r.get(changed, 0) for r in recs)
         if met := [r for r in recs if "decoy_first_rate" in r]:
             entry["decoy_met"] = sum(r["decoy_met"] for r in met)
             entry["decoy_first_rate"] = float(np.average([r["decoy_first_rate"] for r in met],

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -36,23 +38,33 @@ def table(result: dict, name: str) -> str:
     iqm = result.get("iqm") or {}
     rated = any("success_rate" in entry for entry in result["results"])  # tasks whose env says what success is
     d4rl = any("d4rl_score" in entry for entry in result["results"])  # locomotion: D4RL's published scale too
-    swapped = [entry for entry in result["results"] if "swapped_missions" in entry]
+    decoys = any("decoy_first_rate" in entry for entry in result["results"])  # BabyAI: eval.control's MissionDecoy
     heading = f"#### `{name}` — {result['mode']} mode"
-    if swapped:  # eval.control --swap_mission: success here is success without reading the mission
-        heading += (f", **missions swapped** ({sum(r['swapped_missions'] for r in swapped)} of "
-                    f"{sum(r['episodes'] for r in swapped)} episodes shown a mission naming another object)")
+    for field, what in (("swapped_missions", "**missions swapped** ({} of {} episodes shown a mission naming "
+                                             "another object)"),
+                        ("blanked_missions", "**missions blanked** ({} of {} episodes shown the mission without "
+                                             "the object it names)")):
+        if changed := [entry for entry in result["results"] if field in entry]:
+            heading += ", " + what.format(sum(r[field] for r in changed), sum(r["episodes"] for r in changed))
     lines = [heading, "",
              f"`{result.get('command', '')}`", "",
              "| task | expert-normalised score | " + ("success rate | " if rated else "")
-             + ("D4RL score (D4RL's references) | " if d4rl else "") + "return "
+             + ("D4RL score (D4RL's references) | " if d4rl else "")
+             + ("decoy met first (episodes) | mean length | " if decoys else "") + "return "
              "| episodes × checkpoints | expert / random reference | env threshold |",
-             "|---|---|---|---|---|---|" + ("---|" if rated else "") + ("---|" if d4rl else "")]
+             "|---|---|---|---|---|---|" + ("---|" if rated else "") + ("---|" if d4rl else "")
+             + ("---|---|" if decoys else "")]
     for entry in result["results"]:
         ref = refs.get(entry["task"], {})
         fmt = lambda x, digits=1: "–" if x is None else f"{x:.{digits}f}"  # noqa: E731
         success = f"{fmt(entry.get('success_rate'), 2)} | " if rated else ""
         if d4rl:
             success += f"{fmt(entry.get('d4rl_score'))} ± {fmt(entry.get('stderr_d4rl'))} | "
+        if decoys:
+            lengths = [n for r in result.get("per_checkpoint", ()) for rec in r if rec.get("task") == entry["task"]
+                       for n in rec.get("lengths", ())]
+            success += (f"{fmt(entry.get('decoy_first_rate'), 2)} ({entry.get('decoy_met', 0)}) | "
+                        f"{fmt(float(np.mean(lengths)) if lengths else None)} | ")
         lines.append(
             f"| {entry['task']} | {_score(entry)} | {success}{entry['mean_return']:.1f} ± {entry['stderr_return']:.1f} "
             f"| {entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']} "

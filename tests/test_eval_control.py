@@ -254,6 +254,9 @@ def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_no
     assert abs(true_success - swapped_success) <= 0.3 and abs(true_decoy - swapped_decoy) <= 0.3
     with pytest.raises(ValueError, match="--swap_mission needs a BabyAI level"):
         MissionDecoy(gym.make("CartPole-v1"))
+    blank = make_envs("BabyAI-GoToLocal-v0", 2, blank_mission=True)  # --blank_mission: the verb, no object
+    obs, _ = blank.reset(seed=0)
+    assert list(obs["mission"]) == ["go to the object"] * 2
 
 
 def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_scale(tok, tmp_path):

@@ -45,6 +45,7 @@ import torch
 from scipy.stats import spearmanr
 
 from eval.plots import plot_dt_sweep
+from eval.results import MISSION_CHANGES
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
 from generalist.agent import Agent
 from generalist.modes import TT_PRESETS, TTConfig, demonstration_prompt, tt_preset
@@ -643,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if rated := [r for r in recs if "success_rate" in r]:
             entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
                                                      weights=[r["episodes"] for r in rated]))
-        for changed in ("swapped_missions", "blanked_missions"):
+        for changed in MISSION_CHANGES:
             if any(changed in r for r in recs):
                 entry[changed] = sum(r.get(changed, 0) for r in recs)
         if met := [r for r in recs if "decoy_first_rate" in r]:

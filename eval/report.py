@@ -43,6 +43,7 @@ from eval import caption as caption_eval
 from eval.checkpoint import load_checkpoint, resolve_checkpoint
 from eval.control import make_render_env, play_rendered
 from eval.plots import frame_strip, plot_dt_sweep, plot_learning_curves
+from eval.results import MISSION_CHANGES
 from generalist.training.run_folder import RunFolder
 from generalist.training.settings import parse
 from generalist.vocab import LOSS_MODALITIES
@@ -232,8 +233,8 @@ def control_section(run_dir: Path, figures: Path, rollout: bool = True) -> str:
         out.append(f"{NOT_RUN}: no control results in `{eval_dir.name}/` "
                    f"(`python -m eval {run_dir}` runs every evaluation; `train.py` runs it after training).")
     else:
-        def column(r: dict) -> str:  # a run with swapped missions (eval.control --swap_mission) is its own column
-            return str(r["mode"]) + (" (mission swapped)" if "swapped_missions" in r else "")
+        def column(r: dict) -> str:  # a run shown changed missions (--swap_mission, --blank_mission): its own column
+            return str(r["mode"]) + "".join(f" ({label})" for key, (label, _) in MISSION_CHANGES.items() if key in r)
 
         modes = sorted({column(r) for r in records})
         by_task: dict[str, dict[str, dict]] = {}

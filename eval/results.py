@@ -23,6 +23,10 @@ import numpy as np
 from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# result fields of BabyAI runs shown a changed mission (eval.control --swap_mission / --blank_mission): the count of
+# episodes changed, the run's label, and what those episodes were shown
+MISSION_CHANGES = {"swapped_missions": ("mission swapped", "shown a mission naming another object"),
+                   "blanked_missions": ("mission blanked", "shown the mission without the object it names")}
 
 
 def _score(entry: dict) -> str:
@@ -40,12 +44,10 @@ def table(result: dict, name: str) -> str:
     d4rl = any("d4rl_score" in entry for entry in result["results"])  # locomotion: D4RL's published scale too
     decoys = any("decoy_first_rate" in entry for entry in result["results"])  # BabyAI: eval.control's MissionDecoy
     heading = f"#### `{name}` — {result['mode']} mode"
-    for field, what in (("swapped_missions", "**missions swapped** ({} of {} episodes shown a mission naming "
-                                             "another object)"),
-                        ("blanked_missions", "**missions blanked** ({} of {} episodes shown the mission without "
-                                             "the object it names)")):
+    for field, (label, shown) in MISSION_CHANGES.items():
         if changed := [entry for entry in result["results"] if field in entry]:
-            heading += ", " + what.format(sum(r[field] for r in changed), sum(r["episodes"] for r in changed))
+            heading += (f", **{label.replace('mission', 'missions')}** ({sum(r[field] for r in changed)} of "
+                        f"{sum(r['episodes'] for r in changed)} episodes {shown})")
     lines = [heading, "",
              f"`{result.get('command', '')}`", "",
              "| task | expert-normalised score | " + ("success rate | " if rated else "")

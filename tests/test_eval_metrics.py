@@ -239,6 +239,10 @@ def test_report_control_section_reads_results_sweep_and_frames(tmp_path):
         {"task": "CartPole-v1", "mode": "gato", "mean_return": 9.0, "swapped_missions": 20}]}))
     md = report.control_section(run, run / "report")
     assert "| task | dt | gato | gato (mission swapped) |" in md and "| 187.5 (0.34) | 9.0 |" in md
+    (run / "eval" / "control_gato_blanked_mission.json").write_text(json.dumps({"results": [  # --blank_mission
+        {"task": "CartPole-v1", "mode": "gato", "mean_return": 7.0, "blanked_missions": 20}]}))
+    md = report.control_section(run, run / "report")
+    assert "| task | dt | gato | gato (mission blanked) | gato (mission swapped) |" in md
     # the nested {task: {mode: scores}} layout gives the same records
     nested = report.control_records({"CartPole-v1": {"dt": {"mean_return": 412.0}}})
     assert nested == [{"task": "CartPole-v1", "mode": "dt", "mean_return": 412.0}]

@@ -4,6 +4,7 @@ transformers. Sampling functions are tested in ``test_sampling.py``."""
 
 from __future__ import annotations
 
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, DynamicCache
 
+from generalist import kv_cache
 from generalist.engine import Chunk, Engine
 from generalist.kv_cache import AppendLayer, layer_contract_problems
 from generalist.tokenizer import DEFAULT_TOKENIZER_DIR
@@ -51,7 +53,10 @@ def _drive(engine: Engine, tok) -> list[list[int]]:
     return out
 
 
-def test_cached_and_uncached_decoding_give_identical_tokens(model, tok):
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_cached_and_uncached_decoding_give_identical_tokens(model, tok, huge_pages, monkeypatch):
+    if huge_pages:  # every cache buffer from the huge-page mapping (kv_cache._empty), however small
+        monkeypatch.setattr(kv_cache, "HUGE_PAGES_FROM", 0)
     cached = _drive(Engine(model, seed=0, use_cache=True), tok)
     uncached = _drive(Engine(model, seed=0, use_cache=False), tok)
     assert cached == uncached
@@ -435,9 +440,13 @@ def test_append_layer_still_fits_the_transformers_cache_layer_interface():
         f"against 5.24); transformers {transformers.__version__} changed it:\n" + "\n".join(problems))
 
 
-def test_append_layer_behaves_like_dynamic_layer():
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_append_layer_behaves_like_dynamic_layer(huge_pages, monkeypatch):
     """The same public ``Cache`` calls on an AppendLayer cache and on transformers' DynamicCache
-    give the same keys and values: growth past the headroom, repeat, reorder, crop, select, reset."""
+    give the same keys and values: growth past the headroom, repeat, reorder, crop, select, reset;
+    also with every buffer in huge-page-advised mappings (CPU storage of 4 MiB or more)."""
+    if huge_pages:
+        monkeypatch.setattr(kv_cache, "HUGE_PAGES_FROM", 0)
     g = torch.Generator().manual_seed(0)
     ours, theirs = Cache(layers=[AppendLayer(), AppendLayer()]), DynamicCache()
     version = transformers.__version__
@@ -457,6 +466,8 @@ def test_append_layer_behaves_like_dynamic_layer():
 
     update(2, 5)
     same("update")
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):  # the mapping's path ran: storage aligned to a huge page
+        assert all(layer._k.data_ptr() % kv_cache.HUGE_PAGE == 0 for layer in ours.layers)
     update(2, 70)
     same("an update past the headroom")
     for cache in (ours, theirs):

@@ -155,6 +155,14 @@ def other_object(level: gym.Env, rng: np.random.Generator) -> Any | None:
     return others[rng.integers(len(others))] if others else None
 
 
+def instruction_for(level: gym.Env, obj: Any) -> Any:
+    """The level's kind of instruction (go to / pick up / open) naming ``obj`` by colour and type; its
+    ``surface(level)`` is the mission as BabyAI writes it ("the" for a unique match, "a" otherwise)."""
+    from minigrid.envs.babyai.core.verifier import ObjDesc
+
+    return type(level.instrs)(ObjDesc(obj.type, obj.color))
+
+
 class RetargetMission(gym.Wrapper):
     """BabyAI whose reset, given ``options={RETARGET_OPTION: True}``, rewrites the level's *goal* to another
     object of the target's kind (``other_object``): the instruction, its verifier (so the reward follows) and
@@ -171,9 +179,7 @@ class RetargetMission(gym.Wrapper):
         level = self.env.unwrapped
         other = other_object(level, level.np_random) if retarget else None
         if other is not None:
-            from minigrid.envs.babyai.core.verifier import ObjDesc
-
-            level.instrs = type(level.instrs)(ObjDesc(other.type, other.color))
+            level.instrs = instruction_for(level, other)
             level.instrs.reset_verifier(level)
             level.mission = level.instrs.surface(level)
             obs = level.gen_obs()

@@ -15,7 +15,8 @@ caption     :mod:`eval.caption` on the held-out split (BLEU-4, CIDEr-D, exact ma
 text        :mod:`eval.text` on the validation split (perplexity)
 control     :mod:`eval.control` rollouts of every task: Decision Transformer, and Gato prompted
             with an expert episode of the task from the run's control datasets; for BabyAI levels also
-            Gato shown another object's mission (``--swap_mission``: does the agent read its mission?)
+            Gato shown another object's mission (``--swap_mission``: does the agent read its mission?) and
+            its mission without the object (``--blank_mission``: does it use the object named?)
 ==========  ====================================================================================
 
 Results go to ``RUN/eval/``, the report to ``RUN/report.md`` (:mod:`eval.report`), and a line per
@@ -85,9 +86,10 @@ def jobs(args: Args, model: Path, out: Path) -> dict[str, Callable[[], Any]]:
         specs = model / TASK_SPECS_FILE
         if babyai := [t for t in (json.loads(specs.read_text()) if specs.is_file() else {}) if t.startswith("BabyAI-")]:
             # does the agent read its mission? success shown another object's mission (eval.control --swap_mission)
-            calls["control/gato_swapped_mission"] = lambda: _control([*rollouts, "--mode", "gato", "--tasks", *babyai,
-                                                                      "--swap_mission", "--name",
-                                                                      "control_gato_swapped_mission"])
+            # and does it use the object its mission names? success with the object left out (--blank_mission)
+            for flag, name in (("--swap_mission", "swapped_mission"), ("--blank_mission", "blanked_mission")):
+                calls[f"control/gato_{name}"] = lambda flag=flag, name=name: _control(
+                    [*rollouts, "--mode", "gato", "--tasks", *babyai, flag, "--name", f"control_gato_{name}"])
     return calls
 
 

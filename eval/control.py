@@ -114,7 +114,7 @@ class MissionDecoy(gym.Wrapper):
     """BabyAI with a *decoy* per episode: another object of the target's kind (a door for a door) whose
     colour and type no target has (``datasets_build.control.other_object``).
 
-    With ``show`` (``--swap_mission``) the agent is shown "<verb> the <colour> <type>" of the decoy while
+    With ``show`` (``--swap_mission``) the agent is shown "<verb> the/a <colour> <type>" of the decoy while
     the env still rewards its own target: a policy that follows its mission heads for the wrong object.
     Success alone cannot tell: a GoTo level ends whenever the agent faces its target, and a search through
     a dense room finds it by the time limit (README, BabyAI). So either way ``decoy_first`` records whether
@@ -135,7 +135,7 @@ class MissionDecoy(gym.Wrapper):
         self.decoy_first: bool | None = None
 
     def reset(self, **kwargs):
-        from datasets_build.control import MISSION_VERBS, other_object
+        from datasets_build.control import MISSION_VERBS, instruction_for, other_object
 
         obs, info = self.env.reset(**kwargs)
         level = self.env.unwrapped
@@ -150,8 +150,8 @@ class MissionDecoy(gym.Wrapper):
         verb = MISSION_VERBS.get(type(level.instrs).__name__)
         if self.blank:  # the mission without the object it names
             obs = {**obs, "mission": f"{verb} the object"}
-        elif other is not None and self.show:
-            obs = {**obs, "mission": f"{verb} the {other.color} {other.type}"}
+        elif other is not None and self.show:  # worded as BabyAI words a mission: "a" when several match
+            obs = {**obs, "mission": instruction_for(level, other).surface(level)}
         self._shown = obs["mission"]
         self._meet()
         return obs, info

@@ -254,6 +254,13 @@ def test_a_swapped_mission_fails_a_policy_that_reads_it_and_not_one_that_does_no
     assert abs(true_success - swapped_success) <= 0.3 and abs(true_decoy - swapped_decoy) <= 0.3
     with pytest.raises(ValueError, match="--swap_mission needs a BabyAI level"):
         MissionDecoy(gym.make("CartPole-v1"))
+    envs = make_envs("BabyAI-GoToLocal-v0", 8, swap_mission=True)  # worded as BabyAI would: "a" if several match
+    for seed in range(3):
+        obs, _ = envs.reset(seed=seed)
+        for env, mission in zip(envs.envs, obs["mission"], strict=True):
+            decoy = env.get_wrapper_attr("decoy")  # (colour, type)
+            matches = sum(o is not None and (o.color, o.type) == decoy for o in env.unwrapped.grid.grid)
+            assert mission == f"go to {'a' if matches > 1 else 'the'} {' '.join(decoy)}"
     blank = make_envs("BabyAI-GoToLocal-v0", 2, blank_mission=True)  # --blank_mission: the verb, no object
     obs, _ = blank.reset(seed=0)
     assert list(obs["mission"]) == ["go to the object"] * 2

@@ -94,13 +94,14 @@ def main(bench: Args) -> None:
     sys.path.insert(0, str(ROOT))  # train.py is a script next to the packages, not one of them
     import train  # the training script's presets and model
 
+    train.keep_freed_memory_in_heap()  # as train.py does: the step's buffers stay mapped between steps
     torch.manual_seed(0)
     args = train.parse_args(["--preset", bench.preset])
     if bench.batch_size:
         args = dataclasses.replace(args, batch_size=bench.batch_size)
     workers = args.num_workers if bench.num_workers is None else bench.num_workers
     srcs, weights, specs = sources(args, bench.data_root)
-    tok = GeneralistTokenizer.from_pretrained(ROOT / args.tokenizer)
+    tok = GeneralistTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else GeneralistTokenizer.default()
     for spec in specs.values():
         tok.add_task_spec(spec)
     mix = Mixture(srcs, weights, tok, PackingConfig(seq_len=args.seq_len))

@@ -309,7 +309,7 @@ def keep_freed_memory_in_heap() -> None:
     profile of a step had 40 % of it in ``fill_`` / ``log_softmax`` of fresh (4096, 4103) buffers, and
     the process spent 25 s of a 60-step run in the kernel). With blocks up to 1 GiB served from the heap
     and no automatic trim, the buffers stay mapped: the ``control`` preset's steps ran 1.19x faster on
-    this project's 2-core CPU and the preset trained in 29.9 min (README, "Measured (speed)"). The
+    this project's 2-core CPU and the preset trained in 29.0-29.9 min (README, "Measured (speed)"). The
     memory a run holds is then bounded by :func:`release_freed_memory` at every logged step. The
     setting is the process's: ``train.py`` runs in its own.
     """

@@ -136,7 +136,9 @@ class Engine:
                 self.repeat(state, num_rows)
             return state
         state = self.new_state(len(samples))
-        self.feed(state, Chunk.from_samples(samples, self.pad_id))
+        chunk = Chunk.from_samples(samples, self.pad_id)
+        if chunk.input_ids.shape[1]:  # every row empty (a window that keeps no whole step, no prompt): nothing to run
+            self.feed(state, chunk)
         return state
 
     @torch.inference_mode()

@@ -13,8 +13,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, TaskSpec, TokenizationError
@@ -51,7 +52,15 @@ def _with_nan(observations, rng):
     return out
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 1,000 cases every run, so that CI cannot fail on a case no earlier run drew; add a
+# case that one did find as an @example (the one below: a window that keeps no whole 61-token step, no prompt)
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@example(obs_space=spaces.Tuple((spaces.Box(-np.inf, np.inf, (4, 4), np.float32),
+                                 spaces.Box(-np.inf, np.inf, (4, 4), np.float32),
+                                 spaces.Tuple((spaces.Box(-np.inf, np.inf, (3, 4), np.float32),
+                                               spaces.Box(0.0, 1.0, (4, 4), np.float64))))),
+         act_space=spaces.MultiBinary(1), num_envs=1, mode="gato", steps=2, seed=0, break_one=False)
 @given(obs_space=obs_spaces, act_space=leaf_spaces, num_envs=st.integers(1, 3), mode=st.sampled_from(["gato", "dt"]),
        steps=st.integers(1, 8), seed=st.integers(0, 2**16), break_one=st.booleans())
 def test_random_spaces_through_the_agent(tok, context_model, obs_space, act_space, num_envs, mode, steps, seed,

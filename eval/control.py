@@ -43,6 +43,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
 from eval.plots import plot_dt_sweep
 from eval.results import MISSION_CHANGES
@@ -279,7 +280,11 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
     returns, lengths = np.zeros(n), np.zeros(n, int)
     traces: list[dict[str, list]] = [{"obs": [], "act": [], "rew": []} for _ in range(n)]
     done_eps: list[dict[str, Any]] = []
-    for _ in range(max_steps):
+    # a TT episode can take minutes: the bar counts finished episodes and shows the env step reached
+    bar = tqdm(total=episodes, desc=f"{spec.name} [{agent.mode.name}]", unit="episode", leave=False)
+    for step in range(max_steps):
+        bar.set_postfix_str(f"step {step}", refresh=False)
+        bar.update(0)  # redraws at most every 0.1 s
         actions = agent.act(obs)
         if record:
             flat_obs, flat_act = spec.flatten_observation(obs), spec.flatten_action(actions)
@@ -301,10 +306,12 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)
+            bar.update(1)
             returns[i], lengths[i] = 0.0, 0
             traces[i] = {"obs": [], "act": [], "rew": []}
         if len(done_eps) >= episodes:
             break
+    bar.close()
     return done_eps[:episodes]
 
 

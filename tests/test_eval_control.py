@@ -70,7 +70,7 @@ def test_iqm_over_checkpoints_and_tasks_has_a_bootstrap_ci():
     assert agg["checkpoints"] == 2 and np.asarray(agg["matrix"]).shape == (2, 4)
 
 
-def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path):
+def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path, capsys):
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
     spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
@@ -83,6 +83,7 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     out = tmp_path / "results"
     main(["--model", str(tmp_path / "s0"), str(tmp_path / "s1"), "--mode", "dt", "--tasks", "CartPole-v1",
           "--episodes", "3", "--out", str(out), "--name", "control_tiny_dt"])
+    assert "CartPole-v1 [dt]" in capsys.readouterr().err  # the rollouts' progress bar (a TT episode takes minutes)
     data = json.loads((out / "control_tiny_dt.json").read_text())
     assert [len(run) for run in data["per_checkpoint"]] == [1, 1]
     assert all(len(run[0]["returns"]) == 3 for run in data["per_checkpoint"])

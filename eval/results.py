@@ -85,8 +85,13 @@ def table(result: dict, name: str) -> str:
     return "\n".join(lines)
 
 
+def result_files(results_dir: Path) -> list[Path]:
+    """The eval.control result files the README's tables are made from."""
+    return sorted(results_dir.glob("control_*.json")) + sorted(results_dir.glob("locomotion_*.json"))
+
+
 def render(results_dir: Path) -> str:
-    files = sorted(results_dir.glob("control_*.json")) + sorted(results_dir.glob("locomotion_*.json"))
+    files = result_files(results_dir)
     if not files:
         return "_No result files in `docs/results/` yet._"
     sections = [table(json.loads(f.read_text()), f.stem) for f in files]
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     args.readme.write_text(new)
-    print(f"updated {args.readme} from {len(list(args.results.glob('control_*.json')))} result files")
+    print(f"updated {args.readme} from {len(result_files(args.results))} result files")
     return 0
 
 

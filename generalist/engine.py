@@ -136,9 +136,7 @@ class Engine:
                 self.repeat(state, num_rows)
             return state
         state = self.new_state(len(samples))
-        chunk = Chunk.from_samples(samples, self.pad_id)
-        if chunk.input_ids.shape[1]:  # every row empty (a window that keeps no whole step, no prompt): nothing to run
-            self.feed(state, chunk)
+        self.feed(state, Chunk.from_samples(samples, self.pad_id))
         return state
 
     @torch.inference_mode()
@@ -156,6 +154,8 @@ class Engine:
             chunk = Chunk.from_samples(chunk, self.pad_id)
         if chunk.input_ids.shape[0] != state.batch_size:
             raise ValueError(f"chunk has {chunk.input_ids.shape[0]} rows, the state {state.batch_size}")
+        if not chunk.input_ids.shape[1]:  # nothing fed (e.g. a re-prefill whose window keeps no whole step, no prompt)
+            return state
         mask = chunk.attention_mask
         counts = mask.sum(1)  # (B,)
         vocab_range = as_range(next_allowed)

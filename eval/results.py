@@ -7,13 +7,16 @@ Every ``control_*.json`` and ``locomotion_*.json`` that ``eval.control`` wrote i
 expert-normalised score per task (mean ± standard error over every episode of every checkpoint),
 the rliable IQM with its 95 % stratified-bootstrap CI over (checkpoints × tasks), and how many
 episodes and checkpoints (training seeds) stand behind each number, with the command that made it.
-The tables replace what stands between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+The tables replace what stands between ``<!-- results:start -->`` and ``<!-- results:end -->``; the
+``locomotion_*`` files are also summed up in one table beside the published D4RL scores, between
+``<!-- locomotion:start -->`` and ``<!-- locomotion:end -->``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,22 @@ import numpy as np
 from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+LOCO_START, LOCO_END = "<!-- locomotion:start -->", "<!-- locomotion:end -->"
+# Published D4RL scores (the -v2 datasets, mean over seeds) as (BC, DT, TT): BC and DT from Chen et al. 2021
+# (Decision Transformer, Table 2), TT from Janner et al. 2021 (Trajectory Transformer, Table 1). Means 74.7 (DT)
+# and 78.9 (TT) over the nine, as the papers report.
+PUBLISHED_D4RL: dict[str, tuple[float, float, float]] = {
+    "halfcheetah-medium-expert": (59.9, 86.8, 95.0),
+    "hopper-medium-expert": (79.6, 107.6, 110.0),
+    "walker2d-medium-expert": (36.6, 108.1, 101.9),
+    "halfcheetah-medium": (42.6, 42.6, 46.9),
+    "hopper-medium": (52.9, 67.6, 61.1),
+    "walker2d-medium": (75.3, 74.0, 79.0),
+    "halfcheetah-medium-replay": (36.6, 36.6, 41.9),
+    "hopper-medium-replay": (18.1, 82.7, 91.5),
+    "walker2d-medium-replay": (26.0, 66.6, 82.6),
+}
+_LOCO_FILE = re.compile(r"locomotion_(hopper|halfcheetah|walker2d)_(medium_replay|medium_expert|medium)_\w+")
 # result fields of BabyAI runs shown a changed mission (eval.control --swap_mission / --blank_mission): the count of
 # episodes changed, the run's label, and what those episodes were shown
 MISSION_CHANGES = {"swapped_missions": ("mission swapped", "shown a mission naming another object"),
@@ -99,13 +118,65 @@ def render(results_dir: Path) -> str:
             + "\n\n".join(sections))
 
 
-def update(readme: Path, body: str) -> str:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: no {START} ... {END} block to fill")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{body}\n{END}{tail}"
+def _locomotion_column(result: dict) -> str | None:
+    """Which column of the summary a locomotion result file fills (None: a return sweep, not a score)."""
+    if result.get("dt_sweep"):
+        return None
+    if result["mode"] != "dt":
+        return {"gato": "imitation"}.get(result["mode"], result["mode"].upper())
+    targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run}
+    return "DT, expert target" if targets == {None} else "DT, data's best return"
+
+
+def locomotion_summary(results_dir: Path) -> str:
+    """Every measured locomotion score (D4RL scale) in one table, beside the published ones.
+
+    A file ``locomotion_<env>_<dataset>_<anything>.json`` fills the row of its dataset and the column of its mode
+    (DT split by whether it was given a target); a cell is the D4RL score, mean ± standard error over its
+    episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
+    """
+    cells: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(results_dir.glob("locomotion_*.json")):
+        match = _LOCO_FILE.fullmatch(path.stem)
+        result = json.loads(path.read_text())
+        column = _locomotion_column(result)
+        if match is None or column is None or len(result["results"]) != 1 or "d4rl_score" not in result["results"][0]:
+            continue
+        entry, iqm = result["results"][0], result.get("iqm") or {}
+        targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run} - {None}
+        se = entry["stderr_d4rl"]
+        planner = re.findall(r"--(beam_width|horizon) (\d+)", result.get("command", ""))
+        text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
+                + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
+                + "".join(f", {name.split('_')[0]} {n}" for name, n in planner)
+                + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")
+        if "iqm_ci95" in iqm:
+            text += f"<br>IQM {iqm['iqm']:.3f} [{iqm['iqm_ci95'][0]:.3f}, {iqm['iqm_ci95'][1]:.3f}]"
+        dataset = f"{match.group(1)}-{match.group(2).replace('_', '-')}"
+        cells.setdefault((dataset, column), []).append(text)
+    columns = ["imitation", "DT, expert target", "DT, data's best return", "TT"]
+    lines = ["_Generated by `python -m eval.results` from `docs/results/locomotion_*.json`; do not edit by hand._", "",
+             "| dataset | " + " | ".join(f"ours: {c}" for c in columns) + " | published BC / DT / TT |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for dataset, published in PUBLISHED_D4RL.items():
+        row = ["; ".join(cells.get((dataset, c), ["–"])) for c in columns]
+        lines.append(f"| {dataset} | " + " | ".join(row) + " | " + " / ".join(f"{x:.1f}" for x in published) + " |")
+    measured = sorted({d for d, _ in cells})
+    lines += ["", f"{len(measured)} of {len(PUBLISHED_D4RL)} datasets measured. Cells: D4RL score (0 = random, 100 = "
+              "D4RL's expert), mean ± standard error over every episode (episodes per seed × training seeds), and "
+              "the expert-normalised IQM (rliable, 95 % stratified-bootstrap CI over seeds). Published: BC and DT "
+              "from the Decision Transformer paper (Table 2), TT from the Trajectory Transformer paper (Table 1), "
+              "on D4RL's -v2 datasets (1 M steps; ours: gymnasium -v5, 40k–300k steps, 3.7 M-parameter models)."]
+    return "\n".join(lines)
+
+
+def update(text: str, body: str, start: str = START, end: str = END) -> str:
+    """``text`` with what stands between ``start`` and ``end`` replaced by ``body``."""
+    if start not in text or end not in text:
+        raise SystemExit(f"the README has no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 @dataclass
@@ -119,7 +190,9 @@ class Args:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(Args, argv, description=__doc__)
-    new = update(args.readme, render(args.results))
+    new = update(args.readme.read_text(), render(args.results))
+    if LOCO_START in new:  # the locomotion summary, where the README has a place for it
+        new = update(new, locomotion_summary(args.results), LOCO_START, LOCO_END)
     if args.check:
         if new != args.readme.read_text():
             print(f"{args.readme} is out of date with {args.results}: run `python -m eval.results`")

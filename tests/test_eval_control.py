@@ -70,16 +70,22 @@ def test_iqm_over_checkpoints_and_tasks_has_a_bootstrap_ci():
     assert agg["checkpoints"] == 2 and np.asarray(agg["matrix"]).shape == (2, 4)
 
 
-def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path, capsys):
+def two_checkpoints(tok, tmp_path: Path, spec: TaskSpec) -> list[str]:
+    """Two saved "seeds" of a tiny random model whose tokenizer knows ``spec``."""
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
-    spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
     local = copy.copy(tok)  # the session tokenizer stays untouched
     local.task_specs = {**tok.task_specs}
     local.add_task_spec(spec)
-    for k in range(2):  # two "seeds"
+    for k in range(2):
         model.save_pretrained(tmp_path / f"s{k}")
         local.save_pretrained(tmp_path / f"s{k}")
+    return [str(tmp_path / f"s{k}") for k in range(2)]
+
+
+def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path, capsys):
+    spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
+    two_checkpoints(tok, tmp_path, spec)
     out = tmp_path / "results"
     main(["--model", str(tmp_path / "s0"), str(tmp_path / "s1"), "--mode", "dt", "--tasks", "CartPole-v1",
           "--episodes", "3", "--out", str(out), "--name", "control_tiny_dt"])
@@ -98,6 +104,27 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     text = readme.read_text()
     assert "stale" not in text and "| CartPole-v1 |" in text and "3 × 2" in text and text.endswith("outro\n")
     assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 0
+
+
+def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):
+    pytest.importorskip("mujoco")
+    spec = TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3241.0, random_return=-18.0)
+    models = two_checkpoints(tok, tmp_path, spec)
+    out = tmp_path / "results"
+    for mode, name in ((["gato"], "gato"), (["dt", "--target_return", "500"], "dt_target500")):
+        main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
+              "--name", f"locomotion_hopper_medium_replay_{name}"])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.START}\n{results.END}\n{results.LOCO_START}\nstale\n{results.LOCO_END}\n")
+    results.main(["--results", str(out), "--readme", str(readme)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in readme.read_text().splitlines()
+            if line.startswith("| ") and "-medium" in line}
+    assert len(rows) == 9 and "stale" not in readme.read_text() and "1 of 9 datasets measured" in readme.read_text()
+    gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
+    imitation, dt_expert, dt_target, tt, published = rows["hopper-medium-replay"]
+    assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
+    assert dt_expert == "–" and "target 500" in dt_target and tt == "–"
+    assert published.rstrip(" |") == "18.1 / 82.7 / 91.5" and rows["hopper-medium"][0] == "–"
 
 
 def test_dt_sweep_rank_correlation_averages_the_checkpoints_per_target():

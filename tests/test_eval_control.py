@@ -111,7 +111,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     spec = TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3241.0, random_return=-18.0)
     models = two_checkpoints(tok, tmp_path, spec)
     out = tmp_path / "results"
-    for mode, name in ((["gato"], "gato"), (["dt", "--target_return", "500"], "dt_target500")):
+    for mode, name in ((["gato"], "gato"), (["dt", "--target_return", "500"], "dt_target500"),
+                       (["dt", "--expert_returns"], "dt_mgdt")):
         main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     readme = tmp_path / "README.md"
@@ -121,9 +122,9 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
             if line.startswith("| ") and "-medium" in line}
     assert len(rows) == 9 and "stale" not in readme.read_text() and "1 of 9 datasets measured" in readme.read_text()
     gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
-    imitation, dt_expert, dt_target, tt, published = rows["hopper-medium-replay"]
+    imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
-    assert dt_expert == "–" and "target 500" in dt_target and tt == "–"
+    assert dt_expert == tt == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
     assert published.rstrip(" |") == "18.1 / 82.7 / 91.5" and rows["hopper-medium"][0] == "–"
 
 

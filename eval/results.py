@@ -147,7 +147,7 @@ def locomotion_summary(results_dir: Path) -> str:
         entry, iqm = result["results"][0], result.get("iqm") or {}
         targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run} - {None}
         se = entry["stderr_d4rl"]
-        planner = re.findall(r"--(beam_width|horizon) (\d+)", result.get("command", ""))
+        planner = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", result.get("command", ""))
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in planner)

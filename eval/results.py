@@ -134,7 +134,7 @@ def locomotion_summary(results_dir: Path) -> str:
     """Every measured locomotion score (D4RL scale) in one table, beside the published ones.
 
     A file ``locomotion_<env>_<dataset>_<anything>.json`` fills the row of its dataset and the column of its mode
-    (DT split by whether it was given a target); a cell is the D4RL score, mean ± standard error over its
+    (DT split by how its returns were set: the expert's, a given target, or MGDT's sampling); a cell is the D4RL score, mean ± standard error over its
     episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
     """
     cells: dict[tuple[str, str], list[str]] = {}
@@ -147,10 +147,10 @@ def locomotion_summary(results_dir: Path) -> str:
         entry, iqm = result["results"][0], result.get("iqm") or {}
         targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run} - {None}
         se = entry["stderr_d4rl"]
-        planner = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", result.get("command", ""))
+        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", result.get("command", ""))
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
-                + "".join(f", {name.split('_')[0]} {n}" for name, n in planner)
+                + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
                 + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")
         if "iqm_ci95" in iqm:
             text += f"<br>IQM {iqm['iqm']:.3f} [{iqm['iqm_ci95'][0]:.3f}, {iqm['iqm_ci95'][1]:.3f}]"

@@ -134,8 +134,8 @@ def locomotion_summary(results_dir: Path) -> str:
     """Every measured locomotion score (D4RL scale) in one table, beside the published ones.
 
     A file ``locomotion_<env>_<dataset>_<anything>.json`` fills the row of its dataset and the column of its mode
-    (DT split by how its returns were set: the expert's, a given target, or MGDT's sampling); a cell is the D4RL score, mean ± standard error over its
-    episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
+    (DT split by how its returns were set: the expert's, a given target, or MGDT's sampling); a cell is the D4RL
+    score, mean ± standard error over its episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
     """
     cells: dict[tuple[str, str], list[str]] = {}
     for path in sorted(results_dir.glob("locomotion_*.json")):

@@ -118,6 +118,12 @@ def render(results_dir: Path) -> str:
             + "\n\n".join(sections))
 
 
+def _given_targets(result: dict) -> set[float]:
+    """The DT target returns a result file's checkpoints were given (empty: the expert's, or not DT)."""
+    return {rec["target_return"] for run in result["per_checkpoint"] for rec in run
+            if rec.get("target_return") is not None}
+
+
 def _locomotion_column(result: dict) -> str | None:
     """Which column of the summary a locomotion result file fills (None: a return sweep, not a score)."""
     if result.get("dt_sweep"):
@@ -126,8 +132,7 @@ def _locomotion_column(result: dict) -> str | None:
         return {"gato": "imitation"}.get(result["mode"], result["mode"].upper())
     if "--expert_returns" in result.get("command", "").split():
         return "DT, MGDT expert returns"
-    targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run}
-    return "DT, expert target" if targets == {None} else "DT, target given"
+    return "DT, target given" if _given_targets(result) else "DT, expert target"
 
 
 def locomotion_summary(results_dir: Path) -> str:
@@ -139,13 +144,13 @@ def locomotion_summary(results_dir: Path) -> str:
     """
     cells: dict[tuple[str, str], list[str]] = {}
     for path in sorted(results_dir.glob("locomotion_*.json")):
-        match = _LOCO_FILE.fullmatch(path.stem)
+        if (match := _LOCO_FILE.fullmatch(path.stem)) is None:
+            continue
         result = json.loads(path.read_text())
         column = _locomotion_column(result)
-        if match is None or column is None or len(result["results"]) != 1 or "d4rl_score" not in result["results"][0]:
+        if column is None or len(result["results"]) != 1 or "d4rl_score" not in result["results"][0]:
             continue
-        entry, iqm = result["results"][0], result.get("iqm") or {}
-        targets = {rec.get("target_return") for run in result["per_checkpoint"] for rec in run} - {None}
+        entry, iqm, targets = result["results"][0], result.get("iqm") or {}, _given_targets(result)
         se = entry["stderr_d4rl"]
         flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", result.get("command", ""))
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
@@ -192,11 +197,12 @@ class Args:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(Args, argv, description=__doc__)
-    new = update(args.readme.read_text(), render(args.results))
+    old = args.readme.read_text()
+    new = update(old, render(args.results))
     if LOCO_START in new:  # the locomotion summary, where the README has a place for it
         new = update(new, locomotion_summary(args.results), LOCO_START, LOCO_END)
     if args.check:
-        if new != args.readme.read_text():
+        if new != old:
             print(f"{args.readme} is out of date with {args.results}: run `python -m eval.results`")
             return 1
         return 0

@@ -85,9 +85,9 @@ def two_checkpoints(tok, tmp_path: Path, spec: TaskSpec) -> list[str]:
 
 def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path, capsys):
     spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
-    two_checkpoints(tok, tmp_path, spec)
+    models = two_checkpoints(tok, tmp_path, spec)
     out = tmp_path / "results"
-    main(["--model", str(tmp_path / "s0"), str(tmp_path / "s1"), "--mode", "dt", "--tasks", "CartPole-v1",
+    main(["--model", *models, "--mode", "dt", "--tasks", "CartPole-v1",
           "--episodes", "3", "--out", str(out), "--name", "control_tiny_dt"])
     assert "CartPole-v1 [dt]" in capsys.readouterr().err  # the rollouts' progress bar (a TT episode takes minutes)
     data = json.loads((out / "control_tiny_dt.json").read_text())

@@ -151,6 +151,9 @@ class Args:
     """the env ("Hopper-v5", or "hopper-like": the stand-in with its spaces, used without MuJoCo)"""
     threads: int = 2
     """torch.set_num_threads"""
+    device: str = "cpu"
+    """where the models run (cpu, cuda, cuda:1); envs, sampling and the Agent's bookkeeping stay on the CPU. The
+    floors are measured on this device; the reference harnesses always run on the CPU"""
     quick: bool = False
     """smoke run: replace every size by a tiny one (seconds; the figures mean nothing)"""
 
@@ -221,10 +224,10 @@ def hopper_spec(name: str) -> TaskSpec:
     return spec
 
 
-def seeded_model(tok: GeneralistTokenizer, text_config: dict | None = None) -> GeneralistForCausalLM:
+def seeded_model(tok: GeneralistTokenizer, device: str, text_config: dict | None = None) -> GeneralistForCausalLM:
     torch.manual_seed(0)
     kwargs = {} if text_config is None else {"text_config": dict(text_config)}
-    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), **kwargs)).eval()
+    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), **kwargs)).eval().to(device)
 
 
 # --- timing through the Agent ---
@@ -386,9 +389,10 @@ def report_decisions(args: Args, d: dict) -> None:
     env_ms = statistics.median(d[(n, long_, True)].env_seconds) * 1e3
     print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
     rate, shape = decision_gemm_rate(args)
-    bandwidth = read_rate()
-    print(f"floors (bench/roofline.py): FLOPs / this CPU's float32 matmul rate, {rate / 1e9:.0f} GFLOP/s at {shape} "
-          f"(the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = read_rate(device=args.device)
+    print(f"floors (bench/roofline.py): FLOPs / this {args.device}'s float32 matmul rate, {rate / 1e9:.0f} GFLOP/s "
+          f"at {shape} (the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, "
+          f"{bandwidth / 1e9:.1f} GB/s")
     for context in (short, long_):
         one, many = d[(1, context, True)], d[(n, context, True)]
         compute, reads = many.flops / rate, many.kv_bytes / bandwidth
@@ -403,12 +407,12 @@ def decision_gemm_rate(args: Args) -> tuple[float, str]:
     """The matmul rate of the tiny Llama's MLP over the tokens ``num_envs`` envs feed per decision."""
     config = GeneralistConfig().text_config
     rows = args.num_envs * 16
-    return gemm_rate(rows, config.hidden_size, config.intermediate_size), \
+    return gemm_rate(rows, config.hidden_size, config.intermediate_size, device=args.device), \
         f"({rows}, {config.hidden_size}) @ ({config.hidden_size}, {config.intermediate_size})"
 
 
 def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[str, int], Timing]:
-    model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width))
+    model = seeded_model(tok, args.device, jat_backbone(args.jat_layers, args.jat_width))
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
     out = {(dtype, n): time_agent(dt_agent(model.to(getattr(torch, dtype)), tok), vector_env(args.env, n), spec,
@@ -434,7 +438,7 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
 
 
 def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict[str, float]:
-    model = seeded_model(tok, TT_BACKBONE)
+    model = seeded_model(tok, args.device, TT_BACKBONE)
     params = sum(p.numel() for p in model.parameters())
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
@@ -461,11 +465,13 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
         print("  " + ", ".join(f"{d}: {v / ours:.2f}x its time" for d, v in out.items()))
     flops, kv_bytes = flop_counts[args.tt_beam_cache_dtypes[0]]
     rows, width = config.beam_width * config.n_expand, TT_BACKBONE["hidden_size"]
-    rate, bandwidth = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"]), read_rate()
+    rate = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"], device=args.device)
+    bandwidth = read_rate(device=args.device)
     floor = flops / rate + kv_bytes / bandwidth
-    print(f"one plan: {flops / 1e9:.1f} GFLOP / this CPU's float32 matmul rate {rate / 1e9:.0f} GFLOP/s at ({rows}, "
-          f"{width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + {kv_bytes / 1e9:.1f} GB of KV / its read rate "
-          f"{bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} (measured {ours:.2f}: {ours / floor:.1f}x the floor)")
+    print(f"one plan: {flops / 1e9:.1f} GFLOP / this {args.device}'s float32 matmul rate {rate / 1e9:.0f} GFLOP/s "
+          f"at ({rows}, {width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + {kv_bytes / 1e9:.1f} GB of KV / its "
+          f"read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} (measured {ours:.2f}: "
+          f"{ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
     for name, ms in references.items():
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
@@ -542,6 +548,11 @@ def run_references(args: Args, config: TTConfig) -> tuple[float | None, dict[str
     return jat_ms, tt
 
 
+def device_name(device: str) -> str:
+    """The card's name on CUDA (figures are quoted with it), else the device string."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+
+
 def main(args: Args) -> None:
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
@@ -553,10 +564,11 @@ def main(args: Args) -> None:
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
     jat_ms, tt_references = run_references(args, config)
 
-    model = seeded_model(tok)  # the default tiny Llama
+    model = seeded_model(tok, args.device)  # the default tiny Llama
     params = sum(p.numel() for p in model.parameters())
     print(f"{'QUICK SMOKE RUN (tiny sizes, figures mean nothing): ' if args.quick else ''}threads={args.threads} "
-          f"torch={torch.__version__} model=default tiny Llama ({params / 1e6:.2f}M params), env {args.env} "
+          f"torch={torch.__version__} device={device_name(args.device)} "
+          f"model=default tiny Llama ({params / 1e6:.2f}M params), env {args.env} "
           f"({spec.observation_fields[0].size} obs / {spec.action_size} action dims), "
           f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting", flush=True)
     if not args.skip_decisions:

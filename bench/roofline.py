@@ -38,27 +38,37 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def gemm_rate(m: int, k: int, n: int, seconds: float = 0.5) -> float:
-    """FLOP/s of an ``(m, k) @ (k, n)`` float32 product on this machine (best of repeated runs)."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
+def _sync(device: str) -> None:
+    """Wait for ``device``'s queued work (CUDA kernels run asynchronously; a CPU op is done when it returns)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(m: int, k: int, n: int, seconds: float = 0.5, device: str = "cpu") -> float:
+    """FLOP/s of an ``(m, k) @ (k, n)`` float32 product on ``device`` (best of repeated runs)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
     torch.mm(a, b, out=out)  # warm-up
+    _sync(device)
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         for _ in range(10):
             torch.mm(a, b, out=out)
+        _sync(device)
         best = min(best, (time.perf_counter() - t0) / 10)
     return 2 * m * k * n / best
 
 
-def read_rate(megabytes: int = 256, seconds: float = 0.5) -> float:
-    """Bytes/s at which this machine's torch threads read a float32 tensor far larger than the caches."""
-    x = torch.ones(megabytes * 2**20 // 4)
+def read_rate(megabytes: int = 256, seconds: float = 0.5, device: str = "cpu") -> float:
+    """Bytes/s at which torch reads a float32 tensor far larger than the caches on ``device``."""
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
     x.sum()  # warm-up (first touch)
+    _sync(device)
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         x.sum()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best

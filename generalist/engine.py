@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 
 from generalist.decode_state import Chunk, DecodeState, Snapshot
@@ -66,6 +67,12 @@ from generalist.shared_prefix import (
     shared_prefix_attention,
 )
 from generalist.tokenizer import PATCH_DIM, Sample
+
+# The attention kernels a decoding forward may use: not cuDNN's. Decoding changes the key length at every call, and
+# PyTorch's cuDNN attention builds a graph per shape (milliseconds of CPU each): on an H200 it was 86 % of a bfloat16
+# decision at JAT's size (287 ms per step against 45 ms in float32, which never picks cuDNN; bench/decode.py). Flash
+# and memory-efficient attention take any length at no set-up cost. Training (one fixed shape) keeps the default.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = [
     "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",
@@ -140,6 +147,7 @@ class Engine:
         return state
 
     @torch.inference_mode()
+    @sdpa_kernel(DECODE_ATTENTION)
     def feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor,
              next_allowed: Allowed = None) -> DecodeState:
         """Append new tokens to every row; ``state.logits`` then predicts each row's next token.

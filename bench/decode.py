@@ -224,7 +224,8 @@ def hopper_spec(name: str) -> TaskSpec:
     return spec
 
 
-def seeded_model(tok: GeneralistTokenizer, device: str, text_config: dict | None = None) -> GeneralistForCausalLM:
+def seeded_model(tok: GeneralistTokenizer, text_config: dict | None = None,
+                 device: str = "cpu") -> GeneralistForCausalLM:
     torch.manual_seed(0)
     kwargs = {} if text_config is None else {"text_config": dict(text_config)}
     return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), **kwargs)).eval().to(device)
@@ -412,7 +413,7 @@ def decision_gemm_rate(args: Args) -> tuple[float, str]:
 
 
 def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[str, int], Timing]:
-    model = seeded_model(tok, args.device, jat_backbone(args.jat_layers, args.jat_width))
+    model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width), args.device)
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
     out = {(dtype, n): time_agent(dt_agent(model.to(getattr(torch, dtype)), tok), vector_env(args.env, n), spec,
@@ -438,7 +439,7 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
 
 
 def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict[str, float]:
-    model = seeded_model(tok, args.device, TT_BACKBONE)
+    model = seeded_model(tok, TT_BACKBONE, args.device)
     params = sum(p.numel() for p in model.parameters())
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
@@ -564,7 +565,7 @@ def main(args: Args) -> None:
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
     jat_ms, tt_references = run_references(args, config)
 
-    model = seeded_model(tok, args.device)  # the default tiny Llama
+    model = seeded_model(tok, device=args.device)  # the default tiny Llama
     params = sum(p.numel() for p in model.parameters())
     print(f"{'QUICK SMOKE RUN (tiny sizes, figures mean nothing): ' if args.quick else ''}threads={args.threads} "
           f"torch={torch.__version__} device={device_name(args.device)} "

@@ -11,12 +11,12 @@
 #
 #   bash bench/device_checks.sh OUT                  # on a GPU machine
 #   QUICK=1 bash bench/device_checks.sh OUT          # seconds-long smoke run of the same steps on the CPU
-#   DATASET=hopper-medium STEPS=3000 bash bench/device_checks.sh OUT
+#   DATASET=hopper-medium STEPS=3000 bash bench/device_checks.sh OUT   # stage limits: DECODE_/TRAIN_/EVAL_TIMEOUT (s)
 set -u
 out=${1:?usage: bench/device_checks.sh OUT}
 mkdir -p "$out"
 dataset=${DATASET:-hopper-medium-replay}
-steps=${STEPS:-2000}
+steps=${STEPS:-1000}  # 16 M tokens: near the lowest held-out action loss on hopper-medium-replay (README)
 if [ "${QUICK:-0}" = 1 ]; then
   device=cpu; steps=4; episodes=2; quick=(--quick); small=(--hidden_size 32 --num_layers 1 --num_heads 2
     --intermediate_size 64 --seq_len 128 --batch_size 2 --num_workers 0)

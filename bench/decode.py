@@ -391,8 +391,8 @@ def report_decisions(args: Args, d: dict) -> None:
     print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
     rate, shape = decision_gemm_rate(args)
     bandwidth = read_rate(device=args.device)
-    print(f"floors (bench/roofline.py): FLOPs / this {args.device}'s float32 matmul rate, {rate / 1e9:.0f} GFLOP/s "
-          f"at {shape} (the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, "
+    print(f"floors (bench/roofline.py): FLOPs / this {device_name(args.device)}'s float32 matmul rate, "
+          f"{rate / 1e9:.0f} GFLOP/s at {shape} (the MLP over {n} envs' fed tokens), + KV bytes read / its read rate, "
           f"{bandwidth / 1e9:.1f} GB/s")
     for context in (short, long_):
         one, many = d[(1, context, True)], d[(n, context, True)]
@@ -469,10 +469,10 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     rate = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"], device=args.device)
     bandwidth = read_rate(device=args.device)
     floor = flops / rate + kv_bytes / bandwidth
-    print(f"one plan: {flops / 1e9:.1f} GFLOP / this {args.device}'s float32 matmul rate {rate / 1e9:.0f} GFLOP/s "
-          f"at ({rows}, {width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + {kv_bytes / 1e9:.1f} GB of KV / its "
-          f"read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} (measured {ours:.2f}: "
-          f"{ours / floor:.1f}x the floor)")
+    print(f"one plan: {flops / 1e9:.1f} GFLOP / this {device_name(args.device)}'s float32 matmul rate "
+          f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + "
+          f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
+          f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
     for name, ms in references.items():
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "

@@ -68,11 +68,13 @@ from generalist.shared_prefix import (
 )
 from generalist.tokenizer import PATCH_DIM, Sample
 
-# The attention kernels a decoding forward may use: not cuDNN's. Decoding changes the key length at every call, and
-# PyTorch's cuDNN attention builds a graph per shape (milliseconds of CPU each): on an H200 it was 86 % of a bfloat16
-# decision at JAT's size (287 ms per step against 45 ms in float32, which never picks cuDNN; bench/decode.py). Flash
-# and memory-efficient attention take any length at no set-up cost. Training (one fixed shape) keeps the default.
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The attention kernels a decoding forward may use: every one but cuDNN's. Decoding changes the key length at every
+# call, and PyTorch's cuDNN attention builds a graph per shape (milliseconds of CPU each): on an H200, where it is
+# chosen for bfloat16, it took 86 % of a decision at JAT's size (bench/profile_decision.py, its log in docs/bench/).
+# The other kernels take any length at no set-up cost. Training (one fixed shape) keeps the default. The flags are
+# process-wide while a feed runs: a training step in another thread at that moment would not use cuDNN either.
+DECODE_ATTENTION = [b for b in SDPBackend.__members__.values()
+                    if b not in (SDPBackend.CUDNN_ATTENTION, SDPBackend.ERROR)]
 
 __all__ = [
     "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",

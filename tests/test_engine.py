@@ -494,11 +494,11 @@ def test_decoding_forwards_never_use_cudnn_attention(model, tok, use_cache):
     """cuDNN attention builds a graph per key length, which decoding changes at every call: on an H200 it was 86 % of
     a bfloat16 decision. Every forward the engine runs must exclude it (the flag is global, so it is read inside the
     model's forward, where SDPA would choose), and the setting must not leak out to training afterwards."""
-    seen = []
+    seen, before = [], torch.backends.cuda.cudnn_sdp_enabled()
     hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     try:
         _drive(Engine(model, seed=0, use_cache=use_cache), tok)
     finally:
         hook.remove()
     assert seen and not any(seen)
-    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each feed
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # restored after each feed

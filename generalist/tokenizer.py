@@ -26,7 +26,7 @@ and :meth:`GeneralistTokenizer.collate` pads a list of samples into a batch of t
 
 One control timestep is laid out as (docs/token_layout.md)::
 
-    [R_t] [o_t: text | image patches | discrete & continuous values] <sep> [a_t] [r_t]
+    [R_t] [o_t: its fields in TaskSpec.observation_fields order (text, image patches or values)] <sep> [a_t] [r_t]
 
 ``R_t`` is either an *input* (the return-to-go a Decision Transformer is conditioned on) or, in
 unconditioned sequences, the token ``<no_return>`` whose *label* is the discounted return-to-go

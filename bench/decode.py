@@ -138,7 +138,11 @@ class Args:
     """timed TT decisions (after the 5 context steps, played with the same planner)"""
     tt_beam_cache_dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32")
     """TTConfig.beam_cache_dtype values to time, the first one for the ratios to the references (a dtype
-    that an earlier entry's ``auto`` already timed is skipped)"""
+    that an earlier entry's ``auto`` already timed is skipped, and so is one wider than the model's)"""
+    tt_model_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    """weight dtypes of the TT model to time, the first one for the ratios to the references (which plan in
+    float32); every one also gets its own ratios. bfloat16 is what a user of a CPU with AVX-512 BF16 or AMX
+    would run"""
     tt_uncached: bool = False
     """also time tt_plan on an Engine(use_cache=False) (minutes at the reference settings)"""
     with_references: Path | None = None
@@ -438,33 +442,39 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
     return out
 
 
-def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict[str, float]:
+def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict:
     model = seeded_model(tok, TT_BACKBONE, args.device)
     params = sum(p.numel() for p in model.parameters())
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps) ==")
-    out, timed, flop_counts = {}, set(), {}
-    for dtype in args.tt_beam_cache_dtypes:  # the default first: the figure the ratios are for
-        resolved = beam_cache_dtype(dtype, next(model.parameters()).device)
-        if resolved in timed:
-            continue
-        timed.add(resolved)
-        cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
-        agent = Agent(model, tok, "tt", tt_config=cfg)
-        t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
-                       allow_refills=True, flops=True)
-        out[dtype], flop_counts[dtype] = t.median, (t.flops, t.kv_bytes)
-        label = dtype if dtype != "auto" else f"auto = {str(resolved).removeprefix('torch.')}"
-        print(f"beams' own cache {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
-              f"context {t.context} tokens, window re-prefilled in {t.refills} (included): {t.median:.2f} s")
+    out, flop_counts = {}, {}
+    for model_dtype in (getattr(torch, name) for name in args.tt_model_dtypes):
+        model = model.to(model_dtype)
+        timed = set()
+        for dtype in args.tt_beam_cache_dtypes:  # the default first: the figure the ratios are for
+            resolved = beam_cache_dtype(dtype, next(model.parameters()).device, model_dtype)
+            if resolved in timed or resolved.itemsize > model_dtype.itemsize:
+                continue
+            timed.add(resolved)
+            cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
+            agent = Agent(model, tok, "tt", tt_config=cfg)
+            t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
+                           allow_refills=True, flops=True)
+            key = (_name(model_dtype), dtype)
+            out[key], flop_counts[key] = t.median, (t.flops, t.kv_bytes)
+            label = dtype if dtype != "auto" else f"auto = {_name(resolved)}"
+            print(f"{_name(model_dtype)} model, beams' own cache {label}: {len(t.seconds)} timed decision(s) after "
+                  f"{cfg.context_steps} played, context {t.context} tokens, window re-prefilled in {t.refills} "
+                  f"(included): {t.median:.2f} s", flush=True)
     print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is the "
           f"{tok.vocab_size}-token embedding and head)")
-    ours = out[args.tt_beam_cache_dtypes[0]]
-    print(f"tt_agent_s_per_decision={ours:.2f} (beams' own cache {args.tt_beam_cache_dtypes[0]})")
+    first = (args.tt_model_dtypes[0], args.tt_beam_cache_dtypes[0])
+    ours = out[first]
+    print(f"tt_agent_s_per_decision={ours:.2f} ({first[0]} model, beams' own cache {first[1]})")
     if len(out) > 1:
-        print("  " + ", ".join(f"{d}: {v / ours:.2f}x its time" for d, v in out.items()))
-    flops, kv_bytes = flop_counts[args.tt_beam_cache_dtypes[0]]
+        print("  " + ", ".join(f"{m} model / {d} cache: {v / ours:.2f}x its time" for (m, d), v in out.items()))
+    flops, kv_bytes = flop_counts[first]
     rows, width = config.beam_width * config.n_expand, TT_BACKBONE["hidden_size"]
     rate = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"], device=args.device)
     bandwidth = read_rate(device=args.device)
@@ -474,12 +484,19 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
           f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
           f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
+    fastest = {m: min(v for (mm, _), v in out.items() if mm == m) for m, _ in out}  # per model dtype
     for name, ms in references.items():
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
               f"(target >= {targets.get(name, '?')}x; at the floor: {ms / 1e3 / floor:.1f}x)")
+        for m, v in fastest.items():
+            print(f"  {name} speedup[{m} model, its fastest beam cache {v:.2f} s]={ms / 1e3 / v:.1f}x")
     if args.tt_uncached:
-        out |= bench_tt_plan_uncached(model, tok, spec, config)
+        out |= bench_tt_plan_uncached(model.to(getattr(torch, args.tt_model_dtypes[0])), tok, spec, config)
     return out
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def bench_tt_plan_uncached(model, tok, spec, config: TTConfig) -> dict[str, float]:

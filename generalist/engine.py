@@ -109,7 +109,8 @@ class Engine:
         self.model = model.eval()
         # Bookkeeping (masks, positions, sampling) stays on the CPU; tensors cross to the model's
         # device only at the forward call, and logits (B, V') come back: one small copy per feed.
-        self.device = next(model.parameters(), torch.empty(0)).device  # a stand-in model may have no weights
+        weight = next(model.parameters(), torch.empty(0))  # a stand-in model may have no weights
+        self.device, self.dtype = weight.device, weight.dtype
         self.use_cache = use_cache
         self.shared_prefix = shared_prefix and use_cache
         self._shared_prefix_ready: bool | None = None  # enable_shared_prefix_attention's answer, asked once

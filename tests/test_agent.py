@@ -44,6 +44,24 @@ def test_agent_acts_in_a_vector_env(model, tok, task, mode, rollout):
     rollout(agent, envs, 6)
 
 
+@pytest.mark.parametrize("beam_cache", ["auto", "float32", "bfloat16"])
+def test_a_bfloat16_model_plans_in_tt_mode(model, tok, beam_cache, rollout):
+    """A model loaded in bfloat16 (what a CPU with AVX-512 BF16 or a GPU runs) plans with every beam cache dtype.
+
+    It did not: on a CPU without AMX ``auto`` stored the beams' own keys in float32, the shared-prefix attention
+    returned float32 for a bfloat16 query, and the next linear layer raised a dtype mismatch.
+    """
+    import copy
+
+    envs = _envs("Pendulum-v1", 2)
+    spec = TaskSpec.from_env(envs, name="Pendulum-v1", expert_return=-150.0, random_return=-1200.0)
+    tok.add_task_spec(spec)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    agent = Agent(half, tok, "tt", tt_config=TTConfig(beam_width=3, horizon=2, beam_cache_dtype=beam_cache))
+    agent.reset(spec, num_envs=2)
+    rollout(agent, envs, 3)
+
+
 def test_sliding_window_and_resets_past_the_context_length(model, tok, rollout):
     envs = _envs("CartPole-v1", 4)  # random play ends CartPole episodes within ~10-40 steps
     spec = TaskSpec.from_env(envs, expert_return=500.0, random_return=20.0)

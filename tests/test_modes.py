@@ -378,3 +378,4 @@ def test_the_beam_cache_dtype_follows_the_hardware_unless_named(monkeypatch):
     assert beam_cache_dtype("auto", cpu) == torch.bfloat16  # AMX: bfloat16 attention is fast
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert beam_cache_dtype("auto", cpu) == torch.float32
+    assert beam_cache_dtype("auto", cpu, torch.bfloat16) == torch.bfloat16  # never wider than the model

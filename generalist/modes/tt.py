@@ -78,10 +78,11 @@ class TTConfig:
         plan_freq: plan every this many steps and follow the plan's actions in between
             (reference: 1).
         beam_cache_dtype: dtype the beams' own imagined tokens are cached in ("bfloat16": half the
-            bytes to read, which is what a planning step's time goes to; "float32": the model's own
-            precision; "auto": bfloat16 on a CUDA device or a CPU with AMX tiles, whose bfloat16
-            attention is fast, else float32 — on an AVX-512 CPU without AMX the bfloat16 attention
-            kernel took 2-4x the time of float32 matrix products, see :func:`beam_cache_dtype`).
+            bytes to read, which is what a planning step's time goes to; "float32": a float32 model's own
+            precision; "auto": the model's dtype when it is narrower than float32, else bfloat16 on a CUDA
+            device or a CPU with AMX tiles, whose bfloat16 attention is fast, else float32 — on an
+            AVX-512 CPU without AMX the bfloat16 attention kernel took 2-4x the time of float32 matrix
+            products, see :func:`beam_cache_dtype`).
             The shared context always keeps the model's dtype.
     """
 
@@ -134,8 +135,9 @@ TT_PRESETS: dict[str, TTConfig] = {
 }
 
 
-def beam_cache_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``TTConfig.beam_cache_dtype`` for a model on ``device``; ``"auto"`` picks by hardware.
+def beam_cache_dtype(name: str, device: torch.device, model_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """``TTConfig.beam_cache_dtype`` for a model of ``model_dtype`` on ``device``; ``"auto"`` picks by hardware,
+    and never a dtype wider than the model computes in (a bfloat16 model caches its beams in bfloat16).
 
     Measured on one TT plan at the reference's hopper settings (beam 128, horizon 15, 1 thread): a
     CPU with AMX (Sapphire Rapids) planned in 6.4 s with a bfloat16 beam cache and 7.3 s in float32;
@@ -143,6 +145,8 @@ def beam_cache_dtype(name: str, device: torch.device) -> torch.dtype:
     """
     if name != "auto":
         return getattr(torch, name)
+    if model_dtype != torch.float32:
+        return model_dtype
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in torch 2.x: guarded
     fast = device.type == "cuda" or (device.type == "cpu" and amx())
     return torch.bfloat16 if fast else torch.float32
@@ -221,7 +225,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     snapshot = engine.snapshot(state)
     attend_to_last_steps(engine, state, now, layout, config.context_steps)
     # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
-    engine.share(state, beam, beam_cache_dtype(config.beam_cache_dtype, engine.device))
+    engine.share(state, beam, beam_cache_dtype(config.beam_cache_dtype, engine.device, engine.dtype))
     n = e * beam
     rewards = torch.zeros(n, horizon, dtype=torch.float64)  # expected r_t of each planned step
     alive = torch.ones(n, horizon + 1, dtype=torch.float64)  # P(episode still running) before step t

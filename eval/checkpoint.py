@@ -83,12 +83,13 @@ def _published_at(folder: Path) -> float:
     return (marker if marker.is_file() else folder / MODEL_CONFIG_FILE).stat().st_mtime
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32"
                     ) -> tuple[GeneralistForCausalLM, GeneralistTokenizer, Path]:
-    """Model (in eval mode) and tokenizer from a checkpoint or run folder, and the folder used."""
+    """Model (in eval mode, its weights in ``dtype``) and tokenizer from a checkpoint or run folder, and the
+    folder used."""
     folder = resolve_checkpoint(path)
     tokenizer = GeneralistTokenizer.from_pretrained(folder)
-    model = GeneralistForCausalLM.from_pretrained(folder).to(device).eval()
+    model = GeneralistForCausalLM.from_pretrained(folder).to(device, getattr(torch, dtype)).eval()
     if model.config.layout != tokenizer.layout:
         raise ValueError(f"{folder}: the model's vocabulary layout {model.config.layout} does not match its "
                          f"tokenizer's {tokenizer.layout}")

@@ -156,6 +156,7 @@ def locomotion_summary(results_dir: Path) -> str:
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
+                + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
                 + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")
         if "iqm_ci95" in iqm:
             text += f"<br>IQM {iqm['iqm']:.3f} [{iqm['iqm_ci95'][0]:.3f}, {iqm['iqm_ci95'][1]:.3f}]"

@@ -112,7 +112,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     models = two_checkpoints(tok, tmp_path, spec)
     out = tmp_path / "results"
     for mode, name in ((["gato"], "gato"), (["dt", "--target_return", "500"], "dt_target500"),
-                       (["dt", "--expert_returns"], "dt_mgdt")):
+                       (["dt", "--expert_returns"], "dt_mgdt"),
+                       (["tt", "--beam_width", "2", "--horizon", "2", "--dtype", "bfloat16"], "tt_bf16")):
         main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     readme = tmp_path / "README.md"
@@ -124,7 +125,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
     imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
-    assert dt_expert == tt == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
+    assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
+    assert "beam 2, horizon 2, bfloat16 (2 × 2)" in tt  # a planner and weights other than the defaults are named
     assert published.rstrip(" |") == "18.1 / 82.7 / 91.5" and rows["hopper-medium"][0] == "–"
 
 

@@ -76,7 +76,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -136,6 +136,12 @@ class Args:
     """TT candidates per beam (reference: 2)"""
     tt_repeats: int = 2
     """timed TT decisions (after the 5 context steps, played with the same planner)"""
+    tt_envs: int = 1
+    """environments planned for together (eval.control plans for its 20 episodes' envs at once); the references
+    plan for one, so their ratios are printed only with 1"""
+    tt_backbone: Literal["reference", "default"] = "reference"
+    """the TT model: the reference GPT's 4 x 128 layers, or the default tiny Llama (4 x 192, the shape the
+    control and locomotion presets train)"""
     tt_beam_cache_dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32")
     """TTConfig.beam_cache_dtype values to time, the first one for the ratios to the references (a dtype
     that an earlier entry's ``auto`` already timed is skipped, and so is one wider than the model's)"""
@@ -443,11 +449,15 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
 
 
 def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict:
-    model = seeded_model(tok, TT_BACKBONE, args.device)
+    backbone = TT_BACKBONE if args.tt_backbone == "reference" else None
+    model = seeded_model(tok, backbone, args.device)
     params = sum(p.numel() for p in model.parameters())
-    layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
+    layers = model.backbone.model.layers
+    layer_params = sum(p.numel() for p in layers.parameters())
+    width, mlp = model.config.text_config.hidden_size, model.config.text_config.intermediate_size
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
-          f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps) ==")
+          f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps, {args.tt_envs} env(s) "
+          f"planned for together, seconds per env-step) ==")
     out, flop_counts = {}, {}
     for model_dtype in (getattr(torch, name) for name in args.tt_model_dtypes):
         model = model.to(model_dtype)
@@ -459,7 +469,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
             timed.add(resolved)
             cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
             agent = Agent(model, tok, "tt", tt_config=cfg)
-            t = time_agent(agent, vector_env(args.env, 1), spec, 1, cfg.context_steps, args.tt_repeats,
+            t = time_agent(agent, vector_env(args.env, args.tt_envs), spec, 1, cfg.context_steps, args.tt_repeats,
                            allow_refills=True, flops=True)
             key = (_name(model_dtype), dtype)
             out[key], flop_counts[key] = t.median, (t.flops, t.kv_bytes)
@@ -467,25 +477,25 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
             print(f"{_name(model_dtype)} model, beams' own cache {label}: {len(t.seconds)} timed decision(s) after "
                   f"{cfg.context_steps} played, context {t.context} tokens, window re-prefilled in {t.refills} "
                   f"(included): {t.median:.2f} s", flush=True)
-    print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the 4x128 layers; the rest is the "
-          f"{tok.vocab_size}-token embedding and head)")
+    print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the {len(layers)}x{width} layers; the "
+          f"rest is the {tok.vocab_size}-token embedding and head)")
     first = (args.tt_model_dtypes[0], args.tt_beam_cache_dtypes[0])
     ours = out[first]
     print(f"tt_agent_s_per_decision={ours:.2f} ({first[0]} model, beams' own cache {first[1]})")
     if len(out) > 1:
         print("  " + ", ".join(f"{m} model / {d} cache: {v / ours:.2f}x its time" for (m, d), v in out.items()))
     flops, kv_bytes = flop_counts[first]
-    rows, width = config.beam_width * config.n_expand, TT_BACKBONE["hidden_size"]
-    rate = gemm_rate(rows, width, TT_BACKBONE["intermediate_size"], device=args.device)
+    rows = config.beam_width * config.n_expand * args.tt_envs
+    rate = gemm_rate(rows, width, mlp, device=args.device)
     bandwidth = read_rate(device=args.device)
     floor = flops / rate + kv_bytes / bandwidth
     print(f"one plan: {flops / 1e9:.1f} GFLOP / this {device_name(args.device)}'s float32 matmul rate "
-          f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {TT_BACKBONE['intermediate_size']}) + "
+          f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {mlp}) + "
           f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
           f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
     fastest = {m: min(v for (mm, _), v in out.items() if mm == m) for m, _ in out}  # per model dtype
-    for name, ms in references.items():
+    for name, ms in references.items() if args.tt_envs == 1 else ():
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
               f"(target >= {targets.get(name, '?')}x; at the floor: {ms / 1e3 / floor:.1f}x)")
         for m, v in fastest.items():

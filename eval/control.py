@@ -563,9 +563,9 @@ class Args:
     device: str = "cpu"
     """where the model runs (cpu, cuda, cuda:1, mps); environments and sampling stay on the CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """weights and activations of the model: bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX is faster (TT
-    planning with a locomotion model, 20 Hopper envs: 1.6x on this project's AVX-512 CPU), at bfloat16's
-    precision (README, Locomotion: TT scores in both)"""
+    """weights and activations of the model: bfloat16 can be faster on a GPU or a CPU with AVX-512 BF16 / AMX (TT
+    planning with a locomotion-sized model for 20 Hopper envs: 1.3x on an AVX-512 BF16 CPU, README "Measured
+    (speed)"), at bfloat16's precision (TT on hopper-medium-replay scored the same in both, README "Locomotion")"""
     threads: int | None = None
     out: str | None = None
     """results folder (default: RUN/eval of the first --model)"""

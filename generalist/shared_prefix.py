@@ -197,7 +197,7 @@ def _merged_attention(query, key, value, scores, level_values, own, scale):
     lse_p = lse_p[..., 0]
     top = torch.maximum(lse_p, lse_s)
     w_p, w_s = (lse_p - top).exp_()[..., None], (lse_s - top).exp_()[..., None]  # (B, H, Q, 1)
-    out = (out_p * w_p + out_s.to(query.dtype) * w_s) / (w_p + w_s)  # the log-sum-exps may be wider than the query
+    out = (out_p * w_p + out_s * w_s) / (w_p + w_s)  # in the widest of the two dtypes, then the query's
     return out.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, Q, H, D)
 
 

@@ -302,7 +302,8 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             error, success = envs.envs[i].outcome()
             episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
                        "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
-                       "carrying": envs.envs[i].carrying, "decoy_first": envs.envs[i].decoy_first}
+                       "carrying": envs.envs[i].carrying, "decoy_first": envs.envs[i].decoy_first,
+                       "terminated": bool(terminated[i])}
             if record:
                 episode["trace"] = traces[i]
             done_eps.append(episode)

@@ -198,6 +198,20 @@ def _expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return logits.double().softmax(-1) @ values
 
 
+def read_value(logits: torch.Tensor, eos_col: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the planner reads at an ``R`` position: ``E[V | not ended]`` (N,) and ``P(<eos>)`` (N,).
+
+    ``logits`` (N, eos_col + 1) are over the ids from the first continuous bin to ``<eos>`` (column
+    ``eos_col``); ``values`` (1024,) are the value of each bin in task units. The distribution is
+    renormalised over the value bins and ``<eos>`` (the reference's ``percentile='mean'``, plus the
+    probability that the episode has ended, which discounts what follows). ``eval.values`` reads the same.
+    """
+    n_bins = len(values)
+    p = torch.cat([logits[:, :n_bins], logits[:, eos_col: eos_col + 1]], 1).double().softmax(-1)  # (N, 1025)
+    p_end = p[:, -1]
+    return (p[:, :-1] @ values) / (1.0 - p_end).clamp_min(1e-12), p_end
+
+
 @torch.inference_mode()
 def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
             config: TTConfig = TTConfig()) -> Plan:
@@ -215,7 +229,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     cont, centres = continuous_values(tok)
     reward_values, value_values = centres / spec.reward_scale, centres / spec.return_scale
     after_reward = (cont[0], tok.eos_id + 1)  # the next R position: value bins ... <eos>
-    n_bins, eos_col = cont[1] - cont[0], tok.eos_id - cont[0]
+    eos_col = tok.eos_id - cont[0]
     no_return = torch.full((1,), tok.no_return_id)
     obs_local = range(1, len(obs_ranges) + 1)
     enumerate_first = config.distinct_actions and expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
@@ -254,10 +268,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         r_ids = engine.sample(state, cont, 0.0 if greedy else 1.0, None if greedy else config.k_reward)
         engine.feed(state, r_ids[:, None], after_reward)
         v_logits, _ = constrain(state.logits, after_reward, state.logits_offset)  # (N, eos - lo + 1)
-        v_logits = torch.cat([v_logits[:, :n_bins], v_logits[:, eos_col: eos_col + 1]], 1).double()
-        p = v_logits.softmax(-1)  # (N, 1025): value bins, then <eos>
-        p_end = p[:, -1]
-        values[:, t] = (p[:, :-1] @ value_values) / (1.0 - p_end).clamp_min(1e-12)  # E[V | not ended]
+        values[:, t], p_end = read_value(v_logits, eos_col, value_values)  # E[V | not ended], P(<eos>)
         alive[:, t + 1] = alive[:, t] * (1.0 - p_end)
         ret = (rewards[:, : t + 1] * alive[:, : t + 1] * discounts[: t + 1]).sum(-1)
         total = ret + discounts[t + 1] * alive[:, t + 1] * values[:, t]  # (E*beam*expand,)
@@ -338,5 +349,5 @@ class TTMode:
         pass
 
 
-__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "tt_plan",
-           "tt_preset"]
+__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "read_value",
+           "tt_plan", "tt_preset"]

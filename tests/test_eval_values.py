@@ -1,0 +1,96 @@
+"""eval.values: the planner's value readout, teacher-forced on held-out episodes, against the truth."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from datasets_build.common import TASK_SPECS
+from datasets_build.episodes import SHARDS_DIR, episode_features
+from eval import values
+from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
+from tests.conftest import TINY_LLAMA
+
+SPEC = TaskSpec.from_spaces("Countdown-v0", spaces.Box(0.0, 1.0, (1,), np.float32), spaces.Discrete(2),
+                            return_scale=0.1, discount=0.9)
+
+
+def countdown(n: int, seed: int = 0) -> list[dict]:
+    """Episodes of 2-12 steps whose observation is the fraction of the episode left: reward 1 a step, then the
+    episode terminates, so the discounted value of every step is a function of its observation."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        t = int(rng.integers(2, 13))
+        left = (np.arange(t, 0, -1) / 12.0).astype(np.float32)[:, None]
+        out.append({"task": SPEC.name, "source": "expert" if rng.random() < 0.5 else "random",
+                    "observations": {"observation": left}, "actions": {"action": rng.integers(0, 2, t)},
+                    "rewards": np.ones(t, np.float32), "terminated": True, "truncated": False})
+    return out
+
+
+def write(eps: list[dict], folder) -> None:
+    rows = {"task": [e["task"] for e in eps], "source": [e["source"] for e in eps], "seed": list(range(len(eps))),
+            "rewards": [e["rewards"] for e in eps], "terminated": [True] * len(eps), "truncated": [False] * len(eps),
+            "episode_return": [float(e["rewards"].sum()) for e in eps],
+            "observation": [e["observations"]["observation"] for e in eps],
+            "action": [e["actions"]["action"] for e in eps]}
+    datasets.Dataset.from_dict(rows, features=episode_features(SPEC)).save_to_disk(str(folder / SHARDS_DIR / "00000"))
+    (folder / TASK_SPECS).write_text(json.dumps({SPEC.name: SPEC.to_dict()}))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tok, tmp_path_factory):
+    """A tiny model trained (seconds) on unconditioned countdown episodes, and the same model untrained."""
+    folder = tmp_path_factory.mktemp("values")
+    write(countdown(40), folder / "countdown")
+    local = copy.copy(tok)  # the session tokenizer stays untouched
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(SPEC)
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
+    model.save_pretrained(folder / "untrained")
+    local.save_pretrained(folder / "untrained")
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = countdown(200, seed=1)
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(120):
+            batch = local.collate([local.encode_episode(SPEC, e["observations"], e["actions"], e["rewards"],
+                                                        condition_on_return=False, terminated=True)
+                                   for e in rng.choice(train, 16)])
+            loss = model(**batch).loss
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval().save_pretrained(folder / "trained")
+    local.save_pretrained(folder / "trained")
+    return folder
+
+
+
+def test_values_of_a_trained_model_follow_the_truth_and_an_untrained_ones_do_not(checkpoints):
+    out = checkpoints / "results"
+    record = values.main(["--model", str(checkpoints / "trained"), str(checkpoints / "untrained"),
+                          "--dataset", "countdown", "--data_root", str(checkpoints), "--context_steps", "2",
+                          "--within", "3", "--out", str(out), "--name", "countdown"])
+    trained, untrained = (record["models"][str(checkpoints / name)]["Countdown-v0"]
+                          for name in ("trained", "untrained"))
+    assert trained["episodes"] == 4 and trained["terminated_episodes"] == 4  # every 10th of 40 is held out
+    assert trained["value"]["pearson"] > 0.9 and trained["value"]["nmae"] < 0.5
+    assert trained["eos_auroc"] > 0.9 and trained["fall_auroc"] > 0.9
+    assert untrained["value"]["nmae"] > 1.0 and (untrained["value"]["pearson"] or 0.0) < 0.9
+    saved = json.loads((out / "values_countdown.json").read_text())
+    assert saved["models"][str(checkpoints / "trained")]["Countdown-v0"]["steps"] == trained["steps"]
+    assert (out / "values_countdown.png").stat().st_size > 0

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -395,7 +395,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
         tok.add_task_spec(spec)
     overrides = {k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon),
                                    ("beam_cache_dtype", args.beam_cache_dtype),
-                                   ("distinct_actions", args.distinct_actions)) if v is not None}
+                                   ("distinct_actions", args.distinct_actions),
+                                   ("cdf_density", args.cdf_density)) if v is not None}
     if args.tt_preset is not None and args.tt_preset not in TT_PRESETS:
         raise ValueError(f"--tt_preset {args.tt_preset!r} is not one of {sorted(TT_PRESETS)}")
     preset = TT_PRESETS[args.tt_preset] if args.tt_preset else tt_preset(task)
@@ -436,6 +437,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
         record["blanked_missions" if args.blank_mission else "swapped_missions"] = changed
     if origin:
         record["prompt"] = origin
+    if args.mode == "tt":  # the planner the task's preset and the flags resolved to
+        record["tt_config"] = asdict(agent.mode.config)
     sweep = []
     if args.mode == "dt" and args.sweep and spec.expert_return is not None and spec.random_return is not None:
         for target in np.linspace(spec.random_return, spec.expert_return, args.sweep):
@@ -551,6 +554,9 @@ class Args:
     distinct_actions: bool | None = None
     """TT: a beam's children take different discrete first actions (TTConfig.distinct_actions; default off, as
     the reference)"""
+    cdf_density: bool | None = None
+    """TT: the cdf filter ranks continuous bins by density (default, TTConfig.cdf_density) or, with False, by
+    per-bin probability as before 2026-12-05"""
     swap_mission: bool = False
     """BabyAI: show each episode a mission naming *another* object in the room, a decoy (the env still rewards
     its own target); compare decoy_first_rate and lengths with an unswapped run (MissionDecoy)"""
@@ -657,6 +663,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if rated := [r for r in recs if "success_rate" in r]:
             entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
                                                      weights=[r["episodes"] for r in rated]))
+        if planners := [r["tt_config"] for r in recs if "tt_config" in r]:
+            entry["tt_config"] = planners[0]
         for changed in MISSION_CHANGES:
             if any(changed in r for r in recs):
                 entry[changed] = sum(r.get(changed, 0) for r in recs)

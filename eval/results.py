@@ -135,6 +135,16 @@ def _locomotion_column(result: dict) -> str | None:
     return "DT, target given" if _given_targets(result) else "DT, expert target"
 
 
+def _cdf_by_bin_probability(result: dict) -> bool:
+    """A TT run whose cdf filter ranked continuous bins by per-bin probability: every run before
+    ``TTConfig.cdf_density`` (files without a ``tt_config``, unless their command asked for density) and those
+    run with ``--cdf_density False``."""
+    if result["mode"] != "tt":
+        return False
+    planner = result["results"][0].get("tt_config")
+    return not (planner["cdf_density"] if planner else "--cdf_density True" in result.get("command", ""))
+
+
 def locomotion_summary(results_dir: Path) -> str:
     """Every measured locomotion score (D4RL scale) in one table, beside the published ones.
 
@@ -157,6 +167,7 @@ def locomotion_summary(results_dir: Path) -> str:
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
                 + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
+                + (", cdf by bin probability" if _cdf_by_bin_probability(result) else "")
                 + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")
         if "iqm_ci95" in iqm:
             text += f"<br>IQM {iqm['iqm']:.3f} [{iqm['iqm_ci95'][0]:.3f}, {iqm['iqm_ci95'][1]:.3f}]"

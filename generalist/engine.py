@@ -529,23 +529,28 @@ class Engine:
     # --- sampling ---
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
-               median: bool = False) -> torch.Tensor:
+               cdf_log_width: torch.Tensor | None = None, median: bool = False) -> torch.Tensor:
         """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
 
         Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
         Transformer's, drops the least likely ``cdf`` of the mass), then ``top_k``, then ``top_p``.
         ``median``: when greedy, the ids are bins of one value in order and the token is the predicted
         median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
+        ``cdf_log_width`` (vocabulary,): each id's log bin width; the cdf filter then ranks by density
+        (:func:`~generalist.sampling.filter_cdf`).
         """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
         if median and (temperature == 0 or top_k == 1):
             return median_index(logits) + offset
-        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf) + offset
+        if cdf_log_width is not None:
+            cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
+        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
+                                 cdf_log_width=cdf_log_width) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
-                 then: Allowed = None, *, cdf: float | None = None,
+                 then: Allowed = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
                  median: Sequence[bool] | None = None, feed_as: int | None = None,
                  local_positions: Sequence[int] | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
@@ -560,7 +565,7 @@ class Engine:
         """
         out = []
         for j, allow in enumerate(allowed):
-            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf,
+            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
                                 median=bool(median and median[j]))  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:

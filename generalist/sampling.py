@@ -88,7 +88,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+def filter_cdf(logits: torch.Tensor, threshold: float, log_width: torch.Tensor | None = None) -> torch.Tensor:
     """The Trajectory Transformer's cdf filter: drop the least likely ``threshold`` of the mass.
 
     Same semantics as the reference planner's ``filter_cdf`` (jannerm/trajectory-transformer,
@@ -110,17 +110,27 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     * removed tokens get ``-inf``, not the reference's finite ``-1000``. When every token of a row
       is removed (all tied with the cut), the reference's row becomes all ``-1000``, i.e. uniform
       over its tokens; here it becomes uniform over the row's finite logits.
+
+    ``log_width`` (V,): the log width of each token's bin on its value's axis. Tokens are then ranked by
+    probability *density* (probability / width) instead of probability, and the mass dropped is still
+    ``threshold`` of the probability. On bins of equal width (the reference's uniform discretiser)
+    this is the same filter; on mu-law bins, ~100x wider at ±1 than at 0 over an action's [-1, 1],
+    ranking by per-bin probability keeps the wide outer bins and drops the narrow central ones that
+    hold the same mass, so the filtered actions are pushed to the extremes (held-out Hopper states,
+    loco-hme-s0: mean |a| 0.61 filtered by probability, 0.49 by density, 0.50 in the data).
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"cdf threshold must be in [0, 1), got {threshold}")
     logits = logits.float()
     probs = logits.softmax(-1)  # (B, V)
-    ascending = _ascending(probs)  # (B, V)
+    rank = probs if log_width is None else logits - log_width.to(logits.device, logits.dtype)  # (B, V)
+    order = None if log_width is None else _argsort(rank)  # (B, V) ascending density
+    ascending = _ascending(probs) if order is None else probs.gather(-1, order)  # (B, V) masses in rank order
     below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
     not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
-    last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens)  # (B, 1) index of the cut
-    cut = ascending.gather(-1, last.clamp_max(logits.shape[-1] - 1))  # (B, 1)
-    removed = probs <= cut  # (B, V)
+    last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens).clamp_max(logits.shape[-1] - 1)  # (B, 1) the cut
+    cut = (ascending if order is None else rank.gather(-1, order)).gather(-1, last)  # (B, 1)
+    removed = (rank <= cut) | torch.isneginf(logits)  # (B, V)
     out = logits.masked_fill(removed, float("-inf"))
     emptied = removed.all(-1)  # (B,) every token tied with the cut: uniform over the row's tokens
     if bool(emptied.any()):
@@ -136,6 +146,13 @@ def _ascending(probs: torch.Tensor) -> torch.Tensor:
     if probs.device.type == "cpu":
         return torch.from_numpy(np.sort(probs.numpy(), -1))
     return probs.sort(-1).values
+
+
+def _argsort(x: torch.Tensor) -> torch.Tensor:
+    """Indices that sort each row of ``x`` (B, V) ascending (through numpy on the CPU, as :func:`_ascending`)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.argsort(x.numpy(), -1, kind="stable"))
+    return x.argsort(-1, stable=True)
 
 
 def median_index(logits: torch.Tensor) -> torch.Tensor:
@@ -160,12 +177,14 @@ def sample_next_token(
     top_p: float | None = None,
     *,
     cdf: float | None = None,
+    cdf_log_width: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from logits (B, V) -> (B,) int64.
 
     ``temperature == 0`` is greedy (argmax). Otherwise the filters run in the reference planner's
     order: ``cdf`` (:func:`filter_cdf`, drops the least likely ``cdf`` of the mass), then ``top_k``
     (:func:`filter_top_k`), then ``top_p`` (:func:`filter_top_p`, nucleus); ``None`` skips one.
+    ``cdf_log_width`` (V,): rank by density in the cdf filter (:func:`filter_cdf`'s ``log_width``).
     Draws come from ``generator`` (seeded by the caller), so a run is reproducible.
     """
     if temperature < 0:
@@ -174,7 +193,7 @@ def sample_next_token(
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (B, V)
     if cdf is not None:
-        logits = filter_cdf(logits, cdf)
+        logits = filter_cdf(logits, cdf, cdf_log_width)
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:

@@ -113,7 +113,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     out = tmp_path / "results"
     for mode, name in ((["gato"], "gato"), (["dt", "--target_return", "500"], "dt_target500"),
                        (["dt", "--expert_returns"], "dt_mgdt"),
-                       (["tt", "--beam_width", "2", "--horizon", "2", "--dtype", "bfloat16"], "tt_bf16")):
+                       (["tt", "--beam_width", "2", "--horizon", "2", "--dtype", "bfloat16", "--cdf_density", "False"],
+                        "tt_bf16")):
         main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     readme = tmp_path / "README.md"
@@ -126,7 +127,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
     assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
-    assert "beam 2, horizon 2, bfloat16 (2 × 2)" in tt  # a planner and weights other than the defaults are named
+    # a planner and weights other than the defaults are named
+    assert "beam 2, horizon 2, bfloat16, cdf by bin probability (2 × 2)" in tt
     assert published.rstrip(" |") == "18.1 / 82.7 / 91.5" and rows["hopper-medium"][0] == "–"
 
 

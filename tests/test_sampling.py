@@ -82,6 +82,29 @@ def test_cdf_edge_cases():
         filter_cdf(uniform, 1.0)
 
 
+def test_cdf_by_density_is_the_reference_filter_on_equal_bins_and_keeps_the_centre_of_mu_law_bins(tok):
+    """Equal widths: the same filter. Mu-law bins (an action's [-1, 1]): a prediction centred on 0 (a normal of
+    sd 0.3 in value) keeps the central bins by density; ranked by per-bin probability the wide outer bins win and
+    the centre goes, which pushes a planner's actions to the extremes."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 300, generator=g) * 3
+    for threshold in (0.0, 0.3, 0.6, 0.9):
+        assert torch.equal(filter_cdf(logits, threshold, torch.full((300,), 0.7)), filter_cdf(logits, threshold))
+    from generalist.modes.control import bin_log_widths, continuous_values
+
+    (lo, hi), centres = continuous_values(tok)
+    log_width = bin_log_widths(tok)[lo:hi]
+    inside = centres.abs() <= 1.0  # the bins of a [-1, 1] action
+    x, w = centres[inside], log_width[inside].exp().double()
+    logits = (torch.log(w) - 0.5 * (x / 0.3) ** 2)[None].float()  # (1, bins): probability = density x width
+    by_density, by_bin = (filter_cdf(logits, 0.6, lw) for lw in (log_width[inside], None))
+    kept = lambda filtered: x[~torch.isneginf(filtered[0])].abs()  # noqa: E731
+    assert kept(by_density).max() < 0.35 and kept(by_density).min() == x.abs().min()  # one central interval
+    assert kept(by_bin).min() > 0.1  # per-bin probability: the centre is dropped
+    p = logits.softmax(-1)[0]
+    assert p[~torch.isneginf(by_density[0])].sum() > 0.39  # about 1 - cdf of the mass (± pairs tie at the cut)
+
+
 def test_cdf_runs_before_top_k_as_in_the_reference():
     """probs [0.4, 0.3, 0.2, 0.1], cdf 0.35, top_k 2. Reference order (cdf on the full
     distribution, then top-k): the cut is 0.2, so 0.4 and 0.3 stay. The other order would

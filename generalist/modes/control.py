@@ -170,6 +170,18 @@ def continuous_values(tok: GeneralistTokenizer) -> tuple[tuple[int, int], torch.
     return (r.start, r.stop), centres
 
 
+def bin_log_widths(tok: GeneralistTokenizer) -> torch.Tensor:
+    """Log of each id's bin width on its value's axis (vocabulary,): the continuous bins' mu-law widths
+    (the 1,024 uniform bins of the companded axis mapped back), 0 for every other id (equal widths)."""
+    from generalist.tokenizer import mu_law_decode
+
+    r = tok.layout.ranges["continuous"]
+    edges = mu_law_decode(np.linspace(-1.0, 1.0, r.stop - r.start + 1))  # (1025,)
+    out = torch.zeros(tok.vocab_size, dtype=torch.float32)
+    out[r.start: r.stop] = torch.from_numpy(np.log(np.diff(edges))).float()
+    return out
+
+
 def observation_token_ranges(tok: GeneralistTokenizer, spec: TaskSpec) -> list[tuple[int, int]]:
     """Allowed id range of each observation token (continuous and discrete fields only)."""
     out = []

@@ -51,14 +51,21 @@ import torch
 
 from generalist.decode_state import Chunk
 from generalist.engine import DecodeState, Engine, constrain, sample_distinct
-from generalist.modes.control import ControlStep, continuous_flags, continuous_values, observation_token_ranges
+from generalist.modes.control import (
+    ControlStep,
+    bin_log_widths,
+    continuous_flags,
+    continuous_values,
+    observation_token_ranges,
+)
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
 
 @dataclass(frozen=True)
 class TTConfig:
-    """Planner settings; defaults are the reference's ``config/offline.py`` ``base['plan']``.
+    """Planner settings; defaults are the reference's ``config/offline.py`` ``base['plan']`` (``cdf_density``
+    and ``distinct_actions`` are ours).
 
     Attributes:
         beam_width: beams kept per environment after each step (reference: 128).
@@ -69,6 +76,12 @@ class TTConfig:
         k_obs, k_act: top-k truncation of observation / action tokens (1 = greedy; None = off).
         cdf_obs, cdf_act: the reference's ``filter_cdf``: drop the least likely ``cdf`` of the
             probability mass (reference: None, 0.6).
+        cdf_density: rank continuous bins by probability *density* in that filter, not per-bin
+            probability (the same filter on bins of equal width, as the reference's uniform discretiser;
+            not the reference's literal code, whose quantile bins each hold about equal data mass): our mu-law
+            bins are ~100x wider at ±1 than at 0 over an action's range, so ranking by per-bin probability
+            keeps the wide outer bins and pushes the planner's actions to the extremes
+            (:func:`~generalist.sampling.filter_cdf`; README "Locomotion": hopper-medium-expert).
         k_reward: top-k of the reward token fed back (reference ``k_rew`` 1 = greedy).
         discount: γ of the score (reference: 0.99); ``None``: the task spec's ``discount``, the γ of
             the value targets the model was trained on.
@@ -99,6 +112,7 @@ class TTConfig:
     plan_freq: int = 1
     beam_cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     distinct_actions: bool = False
+    cdf_density: bool = True
 
     def __post_init__(self):
         for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
@@ -232,6 +246,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     eos_col = tok.eos_id - cont[0]
     no_return = torch.full((1,), tok.no_return_id)
     obs_local = range(1, len(obs_ranges) + 1)
+    log_width = bin_log_widths(tok) if config.cdf_density else None  # (vocabulary,)
     enumerate_first = config.distinct_actions and expand > 1 and not continuous_flags(tok, act_ranges[:1])[0]
 
     layout = tok.step_layout(spec)
@@ -257,11 +272,11 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
             first = (sample_distinct(parents, expand, engine.generator) + lo).flatten()  # (E*beam*expand,)
             engine.feed(state, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
             rest = engine.generate(state, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
-                                   cdf=config.cdf_act)
+                                   cdf=config.cdf_act, cdf_log_width=log_width)
             plans[:, t] = torch.cat([first[:, None], rest], 1)
         else:
             plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
-                                          cdf=config.cdf_act)
+                                          cdf=config.cdf_act, cdf_log_width=log_width)
         r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
         rewards[:, t] = _expected(r_logits, reward_values)
         greedy = config.k_reward == 1
@@ -283,7 +298,8 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
             engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
             # each imagined token at its place in the observation (1..n), as the tokenizer lays observations out
             obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
-                                  median=obs_median, local_positions=obs_local)  # k_obs = 1: predicted medians
+                                  cdf_log_width=log_width, median=obs_median,
+                                  local_positions=obs_local)  # k_obs = 1: predicted medians
             last = torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1)
             engine.feed(state, Chunk.from_ids(last, local_positions=(len(obs_ranges), 0)), act_ranges[0])
             imagined[:, t] = obs

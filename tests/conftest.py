@@ -100,23 +100,32 @@ def dt_model(tok):
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
     rng = np.random.default_rng(0)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def batch():
+        return tok.collate([tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (1, 2))},
+                                               {"action": np.array([a])}, np.array([float(a)]))
+                            for a in rng.integers(0, 2, 16)])
+
+    train_briefly(model, batch, 150)
+    return model, spec
+
+
+def train_briefly(model: GeneralistForCausalLM, batch, steps: int, lr: float = 3e-3) -> GeneralistForCausalLM:
+    """``steps`` AdamW steps on ``batch()`` (a fresh collated batch each call), then eval mode: a tiny model
+    trained for seconds, on one thread (a 64-wide model trains faster on one thread, and on a busy machine)."""
+    optim = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model trains faster on one thread (and on a busy machine)
+    torch.set_num_threads(1)
     try:
-        for _ in range(150):
-            actions = rng.integers(0, 2, 16)
-            batch = tok.collate([tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (1, 2))},
-                                                    {"action": np.array([a])}, np.array([float(a)]))
-                                 for a in actions])
-            loss = model(**batch).loss
+        for _ in range(steps):
+            loss = model(**batch()).loss
             optim.zero_grad()
             loss.backward()
             optim.step()
     finally:
         torch.set_num_threads(threads)
-    return model.eval(), spec
+    return model.eval()
 
 
 # --- training runs: synthetic datasets, tiny-model flags, in-process runs (test_train, test_reliability,

@@ -15,7 +15,7 @@ from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import SHARDS_DIR, episode_features
 from eval import values
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, train_briefly
 
 SPEC = TaskSpec.from_spaces("Countdown-v0", spaces.Box(0.0, 1.0, (1,), np.float32), spaces.Discrete(2),
                             return_scale=0.1, discount=0.9)
@@ -57,24 +57,12 @@ def checkpoints(tok, tmp_path_factory):
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
     model.save_pretrained(folder / "untrained")
     local.save_pretrained(folder / "untrained")
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = countdown(200, seed=1)
-    rng = np.random.default_rng(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model.train()
-        for _ in range(120):
-            batch = local.collate([local.encode_episode(SPEC, e["observations"], e["actions"], e["rewards"],
-                                                        condition_on_return=False, terminated=True)
-                                   for e in rng.choice(train, 16)])
-            loss = model(**batch).loss
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval().save_pretrained(folder / "trained")
+    train, rng = countdown(200, seed=1), np.random.default_rng(0)
+    train_briefly(model, lambda: local.collate([local.encode_episode(SPEC, e["observations"], e["actions"],
+                                                                     e["rewards"], condition_on_return=False,
+                                                                     terminated=True)
+                                                for e in rng.choice(train, 16)]), 120)
+    model.save_pretrained(folder / "trained")
     local.save_pretrained(folder / "trained")
     return folder
 

@@ -11,8 +11,9 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
 
 1. every beam is expanded ``n_expand`` times (:meth:`Engine.branch`: what the beam imagined so far is
    stored once for its children, not copied) and samples its action tokens (the reference's cdf
-   filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass, then top-k ``k_act``,
-   in the reference's order), constrained to the action space. On a *discrete* action the filter
+   filter ``cdf_act``, which drops the least likely ``cdf_act`` of the mass — on our mu-law bins ranked
+   by density, ``TTConfig.cdf_density`` — then top-k ``k_act``, in the reference's order), constrained
+   to the action space. On a *discrete* action the filter
    keeps only the likeliest value whenever it holds over 40 % of the mass (always, on two actions),
    so every beam takes the policy's greedy action and the "plan" is the greedy policy's.
    ``TTConfig.distinct_actions`` (not the reference's, which has no discrete actions) makes a

@@ -106,7 +106,7 @@ def predict_episode(model, tok, spec, episode: dict, context_steps: int, batch_s
     the truths ``true_value`` (V_{t+1}; 0 after the last step) and ``true_reward``.
     """
     from generalist.modes.control import continuous_values
-    from generalist.modes.tt import read_value
+    from generalist.modes.tt import expected, read_value
     from generalist.tokenizer import returns_to_go, slice_sample
 
     sample = tok.encode_episode(spec, episode["observations"], episode["actions"], episode["rewards"],
@@ -133,7 +133,7 @@ def predict_episode(model, tok, spec, episode: dict, context_steps: int, batch_s
         v, p = read_value(logits[at, last], eos_col, centres / spec.return_scale)
         value.append(v)
         p_end.append(p)
-        reward.append(logits[at, last - 1, : len(centres)].double().softmax(-1) @ (centres / spec.reward_scale))
+        reward.append(expected(logits[at, last - 1, : len(centres)], centres / spec.reward_scale))
     rewards = np.asarray(episode["rewards"], np.float64)
     true_value = np.append(returns_to_go(rewards, spec.discount)[1:], 0.0)  # V_{t+1}
     return {"value": torch.cat(value).numpy(), "p_end": torch.cat(p_end).numpy(), "reward": torch.cat(reward).numpy(),

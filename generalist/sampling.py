@@ -123,13 +123,17 @@ def filter_cdf(logits: torch.Tensor, threshold: float, log_width: torch.Tensor |
         raise ValueError(f"cdf threshold must be in [0, 1), got {threshold}")
     logits = logits.float()
     probs = logits.softmax(-1)  # (B, V)
-    rank = probs if log_width is None else logits - log_width.to(logits.device, logits.dtype)  # (B, V)
-    order = None if log_width is None else _argsort(rank)  # (B, V) ascending density
-    ascending = _ascending(probs) if order is None else probs.gather(-1, order)  # (B, V) masses in rank order
+    if log_width is None:  # rank by probability: the masses in rank order are the ranks themselves
+        rank = probs  # (B, V)
+        ascending = ranked = _ascending(probs)  # (B, V)
+    else:  # rank by density
+        rank = logits - log_width.to(logits.device, logits.dtype)  # (B, V)
+        order = _argsort(rank)  # (B, V)
+        ascending, ranked = probs.gather(-1, order), rank.gather(-1, order)  # masses and ranks, in rank order
     below = ascending.cumsum(-1) < threshold  # (B, V): True on a prefix (the sum never decreases)
     not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
     last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens).clamp_max(logits.shape[-1] - 1)  # (B, 1) the cut
-    cut = (ascending if order is None else rank.gather(-1, order)).gather(-1, last)  # (B, 1)
+    cut = ranked.gather(-1, last)  # (B, 1)
     removed = (rank <= cut) | torch.isneginf(logits)  # (B, V)
     out = logits.masked_fill(removed, float("-inf"))
     emptied = removed.all(-1)  # (B,) every token tied with the cut: uniform over the row's tokens
@@ -149,10 +153,13 @@ def _ascending(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _argsort(x: torch.Tensor) -> torch.Tensor:
-    """Indices that sort each row of ``x`` (B, V) ascending (through numpy on the CPU, as :func:`_ascending`)."""
+    """Indices that sort each row of ``x`` (B, V) ascending (through numpy on the CPU, as :func:`_ascending`).
+
+    Not stable: the cdf filter removes every token tied with the cut, so the order among ties changes nothing,
+    and numpy's vectorised argsort took 1.6 ms where the stable one took 4.8 ms for 256 x 466 (AVX-512)."""
     if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.numpy(), -1, kind="stable"))
-    return x.argsort(-1, stable=True)
+        return torch.from_numpy(np.argsort(x.numpy(), -1))
+    return x.argsort(-1)
 
 
 def median_index(logits: torch.Tensor) -> torch.Tensor:

@@ -208,8 +208,9 @@ def attend_to_last_steps(engine: Engine, state: DecodeState, step_start: int, la
     engine.attend_from(state, start if start > 0 else None)
 
 
-def _expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Mean of the predicted distribution over bins (N, 1024) with bin ``values`` (1024,) -> (N,)."""
+def expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean of the predicted distribution over bins (N, 1024) with bin ``values`` (1024,) -> (N,): what the
+    planner reads as a step's reward (``eval.values`` reads the same)."""
     return logits.double().softmax(-1) @ values
 
 
@@ -279,7 +280,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
             plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
                                           cdf=config.cdf_act, cdf_log_width=log_width)
         r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
-        rewards[:, t] = _expected(r_logits, reward_values)
+        rewards[:, t] = expected(r_logits, reward_values)
         greedy = config.k_reward == 1
         r_ids = engine.sample(state, cont, 0.0 if greedy else 1.0, None if greedy else config.k_reward)
         engine.feed(state, r_ids[:, None], after_reward)
@@ -366,5 +367,5 @@ class TTMode:
         pass
 
 
-__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "read_value",
-           "tt_plan", "tt_preset"]
+__all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "expected",
+           "read_value", "tt_plan", "tt_preset"]

@@ -1,7 +1,9 @@
-"""Where a DT decision's time goes, per weight dtype: ``torch.profiler`` over decisions through the Agent.
+"""Where a decision's time goes, per weight dtype: ``torch.profiler`` over decisions through the Agent.
 
-    python bench/profile_decision.py --device cuda           # JAT's size (12 x 768), 1 Hopper env
+    python bench/profile_decision.py --device cuda           # DT at JAT's size (12 x 768), 1 Hopper env
     python bench/profile_decision.py --layers 1 --width 64   # a seconds-long run on the CPU
+    python bench/profile_decision.py --mode tt --dtypes float32 --steps_before 5 --timed 3 --profiled 1
+                                                             # a TT plan at the reference's hopper settings
 
 ``bench/decode.py`` says how long a decision takes; this says which operators take it. It was written when the
 JAT-size agent ran 4.8x slower in bfloat16 than in float32 on an H200 (``docs/bench/decode_h200_2026-12-04.log``):
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +32,9 @@ from generalist.training.settings import parse  # noqa: E402
 
 @dataclass
 class Args:
+    mode: Literal["dt", "tt"] = "dt"
+    """dt: the Decision Transformer at --layers x --width; tt: the Trajectory Transformer planner at the reference's
+    hopper settings (beam 128, horizon 15, the reference's 4 x 128 GPT shape, bench/decode.py's TT figure)"""
     device: str = "cpu"
     """where the model runs (cpu, cuda); the env and the Agent's bookkeeping stay on the CPU"""
     layers: int = 12
@@ -51,12 +57,17 @@ def main(args: Args) -> None:
     tok = decode.GeneralistTokenizer.default()
     spec = decode.hopper_spec("Hopper-v5")
     tok.add_task_spec(spec)
-    model = decode.seeded_model(tok, decode.jat_backbone(args.layers, args.width), args.device)
+    tt = args.mode == "tt"
+    backbone = decode.TT_BACKBONE if tt else decode.jat_backbone(args.layers, args.width)
+    model = decode.seeded_model(tok, backbone, args.device)
     cuda = torch.device(args.device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    print(f"device {decode.device_name(args.device)}, torch {torch.__version__}, {args.layers} x {args.width}")
+    text = model.config.text_config
+    print(f"device {decode.device_name(args.device)}, torch {torch.__version__}, {args.mode} mode, "
+          f"{text.num_hidden_layers} x {text.hidden_size}")
     for dtype in args.dtypes:
-        agent = decode.dt_agent(model.to(getattr(torch, dtype)), tok)
+        model = model.to(getattr(torch, dtype))
+        agent = decode.Agent(model, tok, "tt", tt_config=decode.TTConfig()) if tt else decode.dt_agent(model, tok)
         envs = decode.vector_env("Hopper-v5", 1)
         agent.reset(spec, num_envs=1)
         obs, _ = envs.reset(seed=0)

@@ -149,9 +149,6 @@ class Args:
     """weight dtypes of the TT model to time, the first one for the ratios to the references (which plan in
     float32); every one also gets its own ratios. bfloat16 is what a user of a CPU with AVX-512 BF16 or AMX
     would run"""
-    tt_lean_step: bool = True
-    """TT's engine runs its cached forwards through generalist.decode_step.DecodeStep (the default); False: the
-    model's own forward, to measure what the lean step saves"""
     tt_uncached: bool = False
     """also time tt_plan on an Engine(use_cache=False) (minutes at the reference settings)"""
     with_references: Path | None = None
@@ -460,8 +457,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     width, mlp = model.config.text_config.hidden_size, model.config.text_config.intermediate_size
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps, {args.tt_envs} env(s) "
-          f"planned for together, seconds per env-step; forwards through "
-          f"{'the lean DecodeStep' if args.tt_lean_step else 'the model'}) ==")
+          f"planned for together, seconds per env-step) ==")
     out, flop_counts = {}, {}
     for model_dtype in (getattr(torch, name) for name in args.tt_model_dtypes):
         model = model.to(model_dtype)
@@ -473,8 +469,6 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
             timed.add(resolved)
             cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
             agent = Agent(model, tok, "tt", tt_config=cfg)
-            if not args.tt_lean_step:  # the Agent takes no engine argument (see dt_agent)
-                agent.engine = Engine(model, seed=0, lean_step=False)
             t = time_agent(agent, vector_env(args.env, args.tt_envs), spec, 1, cfg.context_steps, args.tt_repeats,
                            allow_refills=True, flops=True)
             key = (_name(model_dtype), dtype)

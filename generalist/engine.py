@@ -31,7 +31,6 @@ reference for tests ("cached and uncached decoding give the same tokens") and be
 
 Where things live: sampling in :mod:`generalist.sampling`, the KV cache in
 :mod:`generalist.kv_cache`, the shared-prefix attention in :mod:`generalist.shared_prefix`, the
-lean forward cached feeds run through on a Llama backbone in :mod:`generalist.decode_step`, the
 state dataclasses in :mod:`generalist.decode_state`; the names other modules import from here
 (``Allowed``, ``constrain``, ``sample_next_token``, ``Chunk``, ``DecodeState``...) are re-exported.
 What is left (~450 lines) is the one :class:`Engine` class: its methods all keep the same per-row
@@ -48,8 +47,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 
 from generalist.decode_state import Chunk, DecodeState, Snapshot
-from generalist.decode_step import DecodeStep
-from generalist.decode_step import supports as supports_lean_step
 from generalist.kv_cache import AppendLayer, new_cache
 from generalist.modeling_generalist import GeneralistForCausalLM
 from generalist.sampling import (
@@ -99,9 +96,6 @@ class Engine:
             only for a model on sdpa, which that function equals without a prefix). ``False``:
             :meth:`share` copies the context to every row (:meth:`repeat`) and the model is never
             touched.
-        lean_step: run cached forwards through :class:`~generalist.decode_step.DecodeStep` (the same
-            arithmetic, fewer operators) where it applies to the model; ``False``: always the model's own
-            forward.
 
     Example::
 
@@ -111,7 +105,7 @@ class Engine:
     """
 
     def __init__(self, model: GeneralistForCausalLM, seed: int = 0, use_cache: bool = True,
-                 shared_prefix: bool = True, lean_step: bool = True):
+                 shared_prefix: bool = True):
         self.model = model.eval()
         # Bookkeeping (masks, positions, sampling) stays on the CPU; tensors cross to the model's
         # device only at the forward call, and logits (B, V') come back: one small copy per feed.
@@ -124,7 +118,6 @@ class Engine:
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.vocab_size = int(model.config.vocab_size)
         self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 2048))
-        self.lean_step = DecodeStep(model) if lean_step and use_cache and supports_lean_step(model) else None
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -197,16 +190,14 @@ class Engine:
                     extra["window_start"] = state.window_start
             elif state.window_start:
                 own_mask = _windowed(own_mask, state.window_start)
-            inputs = self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
-                                     patches=chunk.patches, patch_positions=chunk.patch_positions,
-                                     attention_mask=None if bool(own_mask.all()) else own_mask, position_ids=positions)
-            if self.lean_step is not None and self.lean_step.applies():
-                logits = self.lean_step(**inputs, cache=state.cache, vocab_range=vocab_range, **extra).float().cpu()
-            else:
-                out = self.model(**inputs, cache=state.cache, use_cache=True, logits_to_keep=1,
-                                 vocab_range=vocab_range, **extra)
-                state.cache = out.cache
-                logits = out.logits[:, -1].float().cpu()
+            out = self.model(
+                **self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
+                                  patches=chunk.patches, patch_positions=chunk.patch_positions,
+                                  attention_mask=None if bool(own_mask.all()) else own_mask, position_ids=positions),
+                cache=state.cache, use_cache=True, logits_to_keep=1, vocab_range=vocab_range, **extra,
+            )
+            state.cache = out.cache
+            logits = out.logits[:, -1].float().cpu()
         # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
         offset = 0 if vocab_range is None or logits.shape[-1] != vocab_range[1] - vocab_range[0] else vocab_range[0]
         self._set_logits(state, logits, offset, counts == 0)

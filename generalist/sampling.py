@@ -134,7 +134,7 @@ def filter_cdf(logits: torch.Tensor, threshold: float, log_width: torch.Tensor |
     not_tokens = torch.isneginf(logits).sum(-1, keepdim=True)  # (B, 1) ids sorted first, with probability 0
     last = (below.sum(-1, keepdim=True) - 1).clamp_min(not_tokens).clamp_max(logits.shape[-1] - 1)  # (B, 1) the cut
     cut = ranked.gather(-1, last)  # (B, 1)
-    removed = (rank <= cut) | torch.isneginf(logits)  # (B, V)
+    removed = rank <= cut  # (B, V): the cut is a real token's, so every -inf logit (rank -inf or 0) goes too
     out = logits.masked_fill(removed, float("-inf"))
     emptied = removed.all(-1)  # (B,) every token tied with the cut: uniform over the row's tokens
     if bool(emptied.any()):

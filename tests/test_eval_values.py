@@ -1,4 +1,5 @@
-"""eval.values: the planner's value readout, teacher-forced on held-out episodes, against the truth."""
+"""eval.values: the planner's value readout, teacher-forced on held-out episodes, against the truth; eval.returns:
+whether a Decision Transformer reads its target."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from gymnasium import spaces
 
 from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import SHARDS_DIR, episode_features
-from eval import values
+from eval import returns, values
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from tests.conftest import TINY_LLAMA, train_briefly
 
@@ -35,14 +36,14 @@ def countdown(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write(eps: list[dict], folder) -> None:
+def write(eps: list[dict], folder, spec: TaskSpec = SPEC) -> None:
     rows = {"task": [e["task"] for e in eps], "source": [e["source"] for e in eps], "seed": list(range(len(eps))),
             "rewards": [e["rewards"] for e in eps], "terminated": [True] * len(eps), "truncated": [False] * len(eps),
             "episode_return": [float(e["rewards"].sum()) for e in eps],
             "observation": [e["observations"]["observation"] for e in eps],
             "action": [e["actions"]["action"] for e in eps]}
-    datasets.Dataset.from_dict(rows, features=episode_features(SPEC)).save_to_disk(str(folder / SHARDS_DIR / "00000"))
-    (folder / TASK_SPECS).write_text(json.dumps({SPEC.name: SPEC.to_dict()}))
+    datasets.Dataset.from_dict(rows, features=episode_features(spec)).save_to_disk(str(folder / SHARDS_DIR / "00000"))
+    (folder / TASK_SPECS).write_text(json.dumps({spec.name: spec.to_dict()}))
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,43 @@ def test_values_of_a_trained_model_follow_the_truth_and_an_untrained_ones_do_not
     saved = json.loads((out / "values_countdown.json").read_text())
     assert saved["models"][str(checkpoints / "trained")]["Countdown-v0"]["steps"] == trained["steps"]
     assert (out / "values_countdown.png").stat().st_size > 0
+
+
+COIN = TaskSpec.from_spaces("Coin-v0", spaces.Box(-1.0, 1.0, (2,), np.float32), spaces.Discrete(2), return_scale=1.0)
+
+
+def coin(n: int, seed: int, action_pays: bool) -> list[dict]:
+    """One-step episodes with a random action; the reward is the action (``action_pays``: the return says which
+    action was taken) or an independent coin (the return says nothing about it)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = int(rng.integers(0, 2))
+        r = float(a if action_pays else rng.integers(0, 2))
+        out.append({"task": COIN.name, "source": "mixed", "observations": {"observation": rng.uniform(-1, 1, (1, 2))
+                                                                             .astype(np.float32)},
+                    "actions": {"action": np.array([a])}, "rewards": np.array([r], np.float32)})
+    return out
+
+
+def test_the_return_probe_sees_a_dt_that_reads_its_target_and_one_that_cannot(tok, tmp_path):
+    local = copy.copy(tok)
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(COIN)
+    gains = {}
+    for action_pays in (True, False):
+        folder = tmp_path / f"pays_{action_pays}"
+        write(coin(100, 0, action_pays), folder / "coin", COIN)
+        torch.manual_seed(0)
+        model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
+        train, rng = coin(400, 1, action_pays), np.random.default_rng(0)
+        train_briefly(model, lambda train=train, rng=rng: local.collate(
+            [local.encode_episode(**e) for e in rng.choice(train, 16)]), 150)
+        model.save_pretrained(folder / "model")
+        local.save_pretrained(folder / "model")
+        record = returns.main(["--model", str(folder / "model"), "--dataset", "coin", "--data_root", str(folder),
+                               "--out", str(folder), "--name", "coin"])
+        gains[action_pays] = record["models"][str(folder / "model")]["Coin-v0"]["all"]["gain_nats"]
+        assert json.loads((folder / "returns_coin.json").read_text())["models"]
+    assert gains[True] > 0.3  # log 2 = 0.69 nats if the return decided the action completely
+    assert abs(gains[False]) < 0.1

@@ -1,0 +1,145 @@
+"""Does a Decision Transformer read its target? Teacher-forced on held-out episodes, in seconds.
+
+DT mode acts on ``R_t``, so a model that has not learnt what ``R`` means plays the data's average policy
+whatever target it is given (``eval.control --sweep`` shows it in rollouts, minutes per task). This asks
+the model directly, on real episodes it never trained on (the held-out split of ``train.py``): each
+task's held-out episodes are split at their median return into a *high* and a *low* half (the episodes at the top return
+are the high half when they are more than half of them); every episode
+is read in DT's policy view (returns-to-go as inputs, action inputs ``<hidden_action>``, windows of the
+model's trained context) twice — with its own returns-to-go, and with them shifted by the other half's
+mean initial return (``R'_t = R_t + R̄_0(other) − R̄_0(own)``, so ``R_{t+1} = R_t − r_t`` still holds) —
+and the log-likelihood of the actions it took is compared:
+
+* ``gain_nats``: mean over action tokens of ``NLL(a | other half's R) − NLL(a | own R)``, per half and both
+  together. Positive: the returns tell the model *which* behaviour (a high-return episode's actions are
+  likelier under a high target). Zero: DT ignores its target — imitation with extra tokens. Negative:
+  it reads them the wrong way round.
+* ``nll_own`` / ``nll_no_return``: the actions' NLL with their own returns and in Gato's unconditioned
+  context (``<no_return>``), for scale.
+
+    python -m eval.returns --model runs/loco-hme-s0/model runs/loco-hme-s1/model --dataset hopper-medium-expert
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from generalist.training.settings import parse
+
+
+@dataclass
+class Args:
+    model: tuple[str, ...]
+    """checkpoint folders, run folders or 🤗 Hub repo ids; several = training seeds"""
+    dataset: str
+    """a built control dataset (name under --data_root, or a folder) whose held-out episodes are read"""
+    data_root: Path = Path("data")
+    tasks: tuple[str, ...] | None = None
+    """default: every task of the dataset that the model knows"""
+    episodes: int = 40
+    """held-out episodes per task (spread over the data's sources), or all of them if fewer"""
+    windows: int = 4
+    """windows read per episode, evenly spread from its start (each as long as the model's trained context)"""
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    out: Path | None = None
+    """writes OUT/returns_NAME.json (default: print only)"""
+    name: str | None = None
+
+
+@torch.inference_mode()
+def action_nll(model, tok, spec, episode: dict, start: int, steps: int, shift: float | None) -> torch.Tensor:
+    """(A,) NLL of the executed action tokens of ``steps`` steps from ``start``, read in DT's policy view with
+    the episode's returns-to-go plus ``shift`` (None: ``<no_return>``, Gato's context)."""
+    from generalist.packing import hide_actions
+    from generalist.tokenizer import concat_samples, returns_to_go, token_sample
+    from generalist.vocab import Modality
+
+    rewards = np.asarray(episode["rewards"], np.float64)
+    stop = min(start + steps, len(rewards))
+    part = {k: np.asarray(v)[start:stop] for k, v in episode["observations"].items()}
+    acts = {k: np.asarray(v)[start:stop] for k, v in episode["actions"].items()}
+    rtg = None if shift is None else returns_to_go(rewards)[start:stop] + shift
+    blocks = tok.encode_steps(spec, part, acts, rewards[start:stop], rtg)
+    head = [token_sample([tok.bos_id], Modality.SPECIAL)] if start == 0 else []
+    batch = tok.collate([hide_actions(concat_samples(head + blocks), tok)])
+    logits = model(**{k: v.to(model.device) for k, v in batch.items()
+                      if k not in ("labels", "patches", "patch_positions")}).logits[0, :-1].float()
+    labels, is_action = batch["labels"][0, 1:], batch["modality_ids"][0, 1:] == int(Modality.ACTION)
+    return -logits[is_action].log_softmax(-1).gather(-1, labels[is_action, None].to(logits.device)).squeeze(-1).cpu()
+
+
+def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
+    """The return gain of one task's held-out episodes (see the module docstring)."""
+    steps = max(1, (model.config.context_length - 1) // tok.step_layout(spec).tokens)
+    totals = np.array([float(np.sum(e["rewards"])) for e in episodes])
+    high = totals > np.median(totals)
+    if not high.any():  # more than half share the top return (CartPole's 500): the top return is the high half
+        high = totals >= np.median(totals)
+    if high.all():
+        return {"episodes": len(episodes), "skipped": "every held-out episode has the same return"}
+    r0 = {True: float(totals[high].mean()), False: float(totals[~high].mean())}  # mean initial return-to-go
+    nll: dict[str, dict[bool, list[torch.Tensor]]] = {k: {True: [], False: []} for k in ("own", "other", "none")}
+    for e, h in zip(episodes, high, strict=True):
+        n = len(e["rewards"])
+        for start in np.unique(np.linspace(0, max(n - steps, 0), windows).round().astype(int)):
+            nll["own"][h].append(action_nll(model, tok, spec, e, start, steps, 0.0))
+            nll["other"][h].append(action_nll(model, tok, spec, e, start, steps, r0[not h] - r0[h]))
+            nll["none"][h].append(action_nll(model, tok, spec, e, start, steps, None))
+
+    def mean(kind: str, halves: Sequence[bool]) -> float:
+        return float(torch.cat([x for h in halves for x in nll[kind][h]]).mean())
+
+    out = {"episodes": len(episodes), "context_steps": steps,
+           "mean_initial_return": {"high": r0[True], "low": r0[False]}}
+    for label, halves in (("high", [True]), ("low", [False]), ("all", [True, False])):
+        out[label] = {"gain_nats": mean("other", halves) - mean("own", halves), "nll_own": mean("own", halves),
+                      "nll_no_return": mean("none", halves)}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from eval.checkpoint import load_checkpoint
+    from eval.values import held_out_episodes
+
+    args = parse(Args, argv, description=__doc__)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    episodes = held_out_episodes(args.dataset, args.data_root, args.episodes, args.tasks)
+    records: dict[str, dict[str, dict]] = {}
+    for path in tqdm(args.model, desc="models", unit="model"):
+        model, tok, _ = load_checkpoint(path, args.device, args.dtype)
+        records[str(path)] = {task: probe_task(model, tok, tok.get_task_spec(task), eps, args.windows)
+                              for task, eps in episodes.items() if task in tok.task_specs}
+    print(f"\n{'model':<34}{'task':<26}{'gain high':>10}{'gain low':>10}{'gain all':>10}{'NLL own':>9}"
+          f"{'no R':>8}   (nats per action token; gain > 0: the model reads its return)")
+    for path, tasks in records.items():
+        for task, r in tasks.items():
+            if "skipped" in r:
+                print(f"{path[-33:]:<34}{task[:25]:<26}  skipped: {r['skipped']}")
+                continue
+            print(f"{path[-33:]:<34}{task[:25]:<26}{r['high']['gain_nats']:>10.3f}{r['low']['gain_nats']:>10.3f}"
+                  f"{r['all']['gain_nats']:>10.3f}{r['all']['nll_own']:>9.3f}{r['all']['nll_no_return']:>8.3f}")
+    record = {"command": "python -m eval.returns " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "dataset": args.dataset, "episodes_per_task": args.episodes, "windows": args.windows,
+              "dtype": args.dtype, "models": records}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"returns_{args.name or Path(args.dataset).name.replace('-', '_')}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

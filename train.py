@@ -213,9 +213,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     # observations weigh little and most sequences are imitation (the expert's labels on every episode, as in
     # control); 1,024-token sequences (as many tokens per batch) hold ~14 steps, most of an expert's episode
     # (measured at 1,500 steps, greedy: GoToLocal 0.75 -> 1.00, OpenDoor 0.60 -> 0.78 success; PickupLoc, whose
-    # mission names objects by where they were at the start, did not improve - README, BabyAI). 2,000 steps on the
-    # data with detours solve GoToRedBallGrey, GoToLocal and OpenDoor greedily on 2 seeds, as 3,000 did before
-    # (README, BabyAI: without reading the mission, which --swap_mission shows); ~41 min alone on 2 CPU cores
+    # mission names objects by where they were at the start, did not improve - docs/control.md, BabyAI). 2,000
+    # steps on the data with detours solve GoToRedBallGrey, GoToLocal and OpenDoor greedily on 2 seeds, as 3,000 did
+    # before (docs/control.md, BabyAI: without reading the mission, which --swap_mission shows); ~41 min alone on 2
+    # CPU cores
     "babyai": dict(mixture="babyai", observation_loss_weight=0.1, return_prob=0.25, total_steps=2000,
                    seq_len=1024, batch_size=4, eval_every=250, save_every=250, eval_episodes=20),
     # one D4RL-style dataset per model, as the DT / TT papers train (`--mixture walker2d-medium-replay` for
@@ -309,7 +310,7 @@ def keep_freed_memory_in_heap() -> None:
     profile of a step had 40 % of it in ``fill_`` / ``log_softmax`` of fresh (4096, 4103) buffers, and
     the process spent 25 s of a 60-step run in the kernel). With blocks up to 1 GiB served from the heap
     and no automatic trim, the buffers stay mapped: the ``control`` preset's steps ran 1.19x faster on
-    this project's 2-core CPU and the preset trained in 29.0-29.9 min (README, "Measured (speed)"). The
+    this project's 2-core CPU and the preset trained in 29.0-29.9 min (docs/speed.md). The
     memory a run holds is then bounded by :func:`release_freed_memory` at every logged step. The
     setting is the process's: ``train.py`` runs in its own.
     """
@@ -325,7 +326,7 @@ def release_freed_memory() -> None:
     Batches of varying size (image patches), evaluations and checkpoints allocate and free buffers of
     many sizes; glibc keeps freed memory in its heaps, where later allocations fragment it, and a long
     run's resident memory rose in steps (the 10,000-step soak: +9.1 %, +38 MiB after step 9,500). With
-    a trim at every logged step the same soak stayed in one band (+2.4 %; README, "Measured (speed)").
+    a trim at every logged step the same soak stayed in one band (+2.4 %; docs/speed.md).
     """
     if (libc := _libc()) is not None:
         with contextlib.suppress(AttributeError):  # musl and others have no malloc_trim

@@ -3,7 +3,7 @@
 (Over 400 lines: four benchmarks that must run through the same Agent in one process, so that
 their ratios come from one run, plus the hook that runs the reference harnesses beside them.)
 
-Prints measured ratios from one run (not a pass/fail test): the README's "Measured" figures for
+Prints measured ratios from one run (not a pass/fail test): the "Measured" figures of docs/speed.md for
 decoding. Every decision is timed where users spend it, ``agent.act(obs)`` + ``agent.observe(...)``
 on a ``gym.vector.SyncVectorEnv``, so that a regression anywhere on that path (the Agent's
 bookkeeping, a mode, the engine, the tokenizer) shows in the figures, and a refactor of internal

@@ -7,7 +7,7 @@ token: the most probable bin (``argmax``), the predicted median (``median``, wha
 and a sample (``sample``, temperature 1). Prints the mean return and the share of actions at the
 Box bound. With mu-law bins the argmax is biased toward the extremes (bins are far wider at large
 magnitudes, and clipped data piles mass into the end bins): on Pendulum it saturated 85-100 % of
-actions and played below random, the median none (README, "What held learning back").
+actions and played below random, the median none (docs/control.md, "What held learning back").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python bench/train.py                     # the demo preset's model and context, demo data if built
     python bench/train.py --preset small --batch_size 4
 
-Prints ratios from one run (the README's training figures):
+Prints ratios from one run (the training figures of docs/speed.md):
 
 - ``generalist / backbone tokens/s`` (goal >= 0.9): one optimizer step (forward, backward, AdamW) of
   ``GeneralistForCausalLM`` on a packed mixed batch, against ``AutoModelForCausalLM.from_config(

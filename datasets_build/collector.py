@@ -33,7 +33,7 @@ And why detours: a random action rarely leads anywhere a cloned policy will be; 
 instead (turn away, drop it), which a policy that only saw the expert's own states never learns.
 And why twins: a BabyAI level's success does not need its mission (a policy that visits objects until
 the episode ends on the right one succeeds too), so the mission's weight in the loss is small; pairs of
-episodes that differ only in the mission make ignoring it cost loss. (Measured, README "BabyAI": a quarter
+episodes that differ only in the mission make ignoring it cost loss. (Measured, docs/control.md "BabyAI": a quarter
 of twins in the ``babyai`` mix did not help and cost greedy OpenDoor, so the default mix has none; the
 source stays for experiments.)
 

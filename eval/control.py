@@ -118,7 +118,7 @@ class MissionDecoy(gym.Wrapper):
     With ``show`` (``--swap_mission``) the agent is shown "<verb> the/a <colour> <type>" of the decoy while
     the env still rewards its own target: a policy that follows its mission heads for the wrong object.
     Success alone cannot tell: a GoTo level ends whenever the agent faces its target, and a search through
-    a dense room finds it by the time limit (README, BabyAI). So either way ``decoy_first`` records whether
+    a dense room finds it by the time limit (docs/control.md, BabyAI). So either way ``decoy_first`` records whether
     the agent faced a decoy-like object before any target (None: it faced neither, or the room has no
     decoy). Unshown, that is how often a policy meets the decoy first by chance; shown, a policy that
     follows its mission meets it first (a bot sent to it: 0.0 -> 0.8 in the test). The difference, and the
@@ -571,8 +571,8 @@ class Args:
     """where the model runs (cpu, cuda, cuda:1, mps); environments and sampling stay on the CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """weights and activations of the model: bfloat16 can be faster on a GPU or a CPU with AVX-512 BF16 / AMX (TT
-    planning with a locomotion-sized model for 20 Hopper envs: 1.3x on an AVX-512 BF16 CPU, README "Measured
-    (speed)"), at bfloat16's precision (TT on hopper-medium-replay scored the same in both, README "Locomotion")"""
+    planning with a locomotion-sized model for 20 Hopper envs: 1.3x on an AVX-512 BF16 CPU, docs/speed.md), at
+    bfloat16's precision (TT on hopper-medium-replay scored the same in both, docs/locomotion.md)"""
     threads: int | None = None
     out: str | None = None
     """results folder (default: RUN/eval of the first --model)"""

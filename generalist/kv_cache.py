@@ -223,7 +223,7 @@ def _empty(like: torch.Tensor, n: int) -> torch.Tensor:
     time into every (row, head) block, each of those writes landing on a page never touched
     before; with 4 KiB pages each is a page fault inside the copy kernel. Measured at JAT's size
     (12 x 768, 32 envs, a 15-token append per decision, 2-core VM): the appends were 15-33 % of a
-    decision, 0.7 % on huge pages (``bench/decode.py``'s JAT-size row, see README "Measured
+    decision, 0.7 % on huge pages (``bench/decode.py``'s JAT-size row, see docs/speed.md "Measured
     (speed)"). The mapping is returned to the system when the tensor is freed (the tensor holds
     the ``mmap``). Elsewhere (no ``MADV_HUGEPAGE``, another device, small storage) plain
     ``new_empty``.

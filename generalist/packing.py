@@ -73,7 +73,7 @@ class PackingConfig:
         task_weights: how much more often a control task's episodes start a sequence than its
             episode count alone would say (``{task: weight}``; a task not named weighs 1). Tasks learn
             at different speeds in one model: the control preset's Pendulum needs about three times
-            its share of sequences to learn the expert's energy switch (README, "What held learning
+            its share of sequences to learn the expert's energy switch (docs/control.md, "What held learning
             back"). ``None``: episodes are drawn uniformly within their dataset.
     """
 

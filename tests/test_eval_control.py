@@ -1,5 +1,5 @@
 """eval.control: an env that raises ends only its own episode; scores, rliable IQM over checkpoints, the
-JSON the README tables are generated from."""
+JSON the docs' result tables are generated from."""
 
 from __future__ import annotations
 
@@ -99,11 +99,11 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     assert data["iqm"]["checkpoints"] == 2 and "iqm_ci95" in data["iqm"]
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{results.START}\nstale\n{results.END}\noutro\n")
-    assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 1  # stale
-    results.main(["--results", str(out), "--readme", str(readme)])
+    assert results.main(["--results", str(out), "--pages", str(readme), "--check"]) == 1  # stale
+    results.main(["--results", str(out), "--pages", str(readme)])
     text = readme.read_text()
     assert "stale" not in text and "| CartPole-v1 |" in text and "3 × 2" in text and text.endswith("outro\n")
-    assert results.main(["--results", str(out), "--readme", str(readme), "--check"]) == 0
+    assert results.main(["--results", str(out), "--pages", str(readme), "--check"]) == 0
 
 
 def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):
@@ -119,7 +119,7 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.START}\n{results.END}\n{results.LOCO_START}\nstale\n{results.LOCO_END}\n")
-    results.main(["--results", str(out), "--readme", str(readme)])
+    results.main(["--results", str(out), "--pages", str(readme)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in readme.read_text().splitlines()
             if line.startswith("| ") and "-medium" in line}
     assert len(rows) == 9 and "stale" not in readme.read_text() and "1 of 9 datasets measured" in readme.read_text()

@@ -11,7 +11,7 @@ keeps labelling every step (DART), so the data holds what a policy that only saw
 states never learns: facing the wrong object, the expert turns away; holding it, the expert drops it.
 Why: a model trained on the bot's short PickupLoc episodes (6 steps, almost every ``pickup`` label
 given facing the target) learned "pick up what is in front" and picked up a wrong object in 45 of 48
-failed episodes (README, BabyAI).
+failed episodes (docs/control.md, BabyAI).
 """
 
 from __future__ import annotations

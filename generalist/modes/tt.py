@@ -20,7 +20,7 @@ From a context ending in ``<sep>`` (the current observation), the planner rolls 
    beam's children take ``n_expand`` *different* first action tokens instead, drawn without
    replacement in proportion to the model's probabilities and without the cdf filter, so the
    planner compares the alternatives by their predicted rewards and values — which only helps where
-   those predictions are good (README, "Trajectory Transformer on discrete actions");
+   those predictions are good (docs/control.md, "Trajectory Transformer on discrete actions");
 2. the reward token ``r_t`` is predicted and fed (greedy, reference ``k_rew=1``); then the next
    ``R`` position is read: its distribution over value bins and ``<eos>`` gives the expected value
    ``V_{t+1}`` (the reference's ``percentile='mean'``) and the probability that the episode ended,
@@ -82,7 +82,7 @@ class TTConfig:
             not the reference's literal code, whose quantile bins each hold about equal data mass): our mu-law
             bins are ~100x wider at ±1 than at 0 over an action's range, so ranking by per-bin probability
             keeps the wide outer bins and pushes the planner's actions to the extremes
-            (:func:`~generalist.sampling.filter_cdf`; README "Locomotion": hopper-medium-expert).
+            (:func:`~generalist.sampling.filter_cdf`; docs/locomotion.md: hopper-medium-expert).
         k_reward: top-k of the reward token fed back (reference ``k_rew`` 1 = greedy).
         discount: γ of the score (reference: 0.99); ``None``: the task spec's ``discount``, the γ of
             the value targets the model was trained on.
@@ -144,7 +144,7 @@ TT_PRESETS: dict[str, TTConfig] = {
     "walker2d-medium-replay-v2": TTConfig(horizon=20, beam_width=32, k_act=40, cdf_act=None),
     # Ours, not the reference's: the classic control tasks need no 15-step horizon (a CartPole or
     # Pendulum step is 0.02-0.05 s) and a 2-core CPU cannot afford 128 beams for 2 x 20 episodes of
-    # 200-500 steps; these are the settings the README's TT figures were measured with.
+    # 200-500 steps; these are the settings the TT figures of docs/control.md were measured with.
     "CartPole-v1": TTConfig(beam_width=16, horizon=5),
     "Pendulum-v1": TTConfig(beam_width=32, horizon=5),
 }

@@ -14,6 +14,8 @@ and the log-likelihood of the actions it took is compared:
   together. Positive: the returns tell the model *which* behaviour (a high-return episode's actions are
   likelier under a high target). Zero: DT ignores its target — imitation with extra tokens. Negative:
   it reads them the wrong way round.
+* ``gain_nats_first_step`` / ``gain_nats_later_steps``: the gain over the first step of each window (no steps
+  before it: only ``R`` can say which behaviour) and over the rest (where the steps before can say it too).
 * ``nll_own`` / ``nll_no_return``: the actions' NLL with their own returns and in Gato's unconditioned
   context (``<no_return>``), for scale.
 
@@ -97,14 +99,22 @@ def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
             nll["other"][h].append(action_nll(model, tok, spec, e, start, steps, r0[not h] - r0[h]))
             nll["none"][h].append(action_nll(model, tok, spec, e, start, steps, None))
 
-    def mean(kind: str, halves: Sequence[bool]) -> float:
-        return float(torch.cat([x for h in halves for x in nll[kind][h]]).mean())
+    n_act = len(tok.action_token_ranges(spec))
+
+    def mean(kind: str, halves: Sequence[bool], part: slice = slice(None)) -> float:
+        return float(torch.cat([x[part] for h in halves for x in nll[kind][h]]).mean())
 
     out = {"episodes": len(episodes), "context_steps": steps,
            "mean_initial_return": {"high": r0[True], "low": r0[False]}}
     for label, halves in (("high", [True]), ("low", [False]), ("all", [True, False])):
         out[label] = {"gain_nats": mean("other", halves) - mean("own", halves), "nll_own": mean("own", halves),
                       "nll_no_return": mean("none", halves)}
+    # a window's first step has no history to tell the behaviour from, only R: where a model that identifies the
+    # policy from the steps before reads its return, and nowhere else
+    out["all"]["gain_nats_first_step"] = mean("other", [True, False], slice(n_act)) - mean("own", [True, False],
+                                                                                           slice(n_act))
+    out["all"]["gain_nats_later_steps"] = mean("other", [True, False], slice(n_act, None)) - mean(
+        "own", [True, False], slice(n_act, None))
     return out
 
 
@@ -121,15 +131,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model, tok, _ = load_checkpoint(path, args.device, args.dtype)
         records[str(path)] = {task: probe_task(model, tok, tok.get_task_spec(task), eps, args.windows)
                               for task, eps in episodes.items() if task in tok.task_specs}
-    print(f"\n{'model':<34}{'task':<26}{'gain high':>10}{'gain low':>10}{'gain all':>10}{'NLL own':>9}"
-          f"{'no R':>8}   (nats per action token; gain > 0: the model reads its return)")
+    print(f"\n{'model':<34}{'task':<26}{'gain high':>10}{'gain low':>10}{'gain all':>10}{'1st step':>9}{'later':>8}"
+          f"{'NLL own':>9}{'no R':>8}   (nats per action token; gain > 0: the model reads its return)")
     for path, tasks in records.items():
         for task, r in tasks.items():
             if "skipped" in r:
                 print(f"{path[-33:]:<34}{task[:25]:<26}  skipped: {r['skipped']}")
                 continue
             print(f"{path[-33:]:<34}{task[:25]:<26}{r['high']['gain_nats']:>10.3f}{r['low']['gain_nats']:>10.3f}"
-                  f"{r['all']['gain_nats']:>10.3f}{r['all']['nll_own']:>9.3f}{r['all']['nll_no_return']:>8.3f}")
+                  f"{r['all']['gain_nats']:>10.3f}{r['all']['gain_nats_first_step']:>9.3f}"
+                  f"{r['all']['gain_nats_later_steps']:>8.3f}{r['all']['nll_own']:>9.3f}{r['all']['nll_no_return']:>8.3f}")
     record = {"command": "python -m eval.returns " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "dataset": args.dataset, "episodes_per_task": args.episodes, "windows": args.windows,
               "dtype": args.dtype, "models": records}

@@ -117,6 +117,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
                         "tt_bf16")):
         main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
               "--name", f"locomotion_hopper_medium_replay_{name}"])
+    longer = out / "locomotion_hopper_medium_replay_gato_4000steps.json"  # the same models trained longer, say
+    longer.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.START}\n{results.END}\n{results.LOCO_START}\nstale\n{results.LOCO_END}\n")
     results.main(["--results", str(out), "--pages", str(readme)])
@@ -126,6 +128,7 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
     imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
+    assert imitation.count("(2 × 2)") == 2 and "4,000 training steps (2 × 2)" in imitation  # named by its file
     assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
     # a planner and weights other than the defaults are named
     assert "beam 2, horizon 2, bfloat16, cdf by bin probability (2 × 2)" in tt

@@ -35,20 +35,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eval.values import HeldOutArgs
 from generalist.training.settings import parse
 
 
 @dataclass
-class Args:
-    model: tuple[str, ...]
-    """checkpoint folders, run folders or 🤗 Hub repo ids; several = training seeds"""
-    dataset: str
-    """a built control dataset (name under --data_root, or a folder) whose held-out episodes are read"""
-    data_root: Path = Path("data")
-    tasks: tuple[str, ...] | None = None
-    """default: every task of the dataset that the model knows"""
+class Args(HeldOutArgs):
     episodes: int = 40
-    """held-out episodes per task (spread over the data's sources), or all of them if fewer"""
+    """held-out episodes per task (spread over the data's sources), or all of them if fewer; split at their median"""
     windows: int = 4
     """windows read per episode, evenly spread from its start (each as long as the model's trained context)"""
     device: str = "cpu"

@@ -46,7 +46,9 @@ from generalist.training.settings import parse
 
 
 @dataclass
-class Args:
+class HeldOutArgs:
+    """The models and the held-out episodes a teacher-forced probe reads (this one and ``eval.returns``)."""
+
     model: tuple[str, ...]
     """checkpoint folders, run folders or 🤗 Hub repo ids; several = training seeds"""
     dataset: str
@@ -56,6 +58,10 @@ class Args:
     """default: every task of the dataset that the model knows"""
     episodes: int = 20
     """held-out episodes per task (spread over the data's sources), or all of them if fewer"""
+
+
+@dataclass
+class Args(HeldOutArgs):
     context_steps: int = 5
     """steps each prediction reads, the current one included (TTConfig.context_steps, the reference's 5)"""
     within: int = 20

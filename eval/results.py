@@ -57,7 +57,7 @@ def _score(entry: dict) -> str:
     return f"{entry['normalized_score']:.2f}" + (f" ± {se:.2f}" if se is not None and not math.isnan(se) else "")
 
 
-def table(result: dict, name: str, images: str = "docs/results") -> str:
+def table(result: dict, name: str, images: str) -> str:
     """One result file as a markdown section (``images``: the results folder as the page links it)."""
     refs = result.get("references", {})
     iqm = result.get("iqm") or {}

@@ -69,8 +69,7 @@ def action_nll(model, tok, spec, episode: dict, start: int, steps: int, shift: f
     blocks = tok.encode_steps(spec, part, acts, rewards[start:stop], rtg)
     head = [token_sample([tok.bos_id], Modality.SPECIAL)] if start == 0 else []
     batch = tok.collate([hide_actions(concat_samples(head + blocks), tok)])
-    logits = model(**{k: v.to(model.device) for k, v in batch.items()
-                      if k not in ("labels", "patches", "patch_positions")}).logits[0, :-1].float()
+    logits = model(**{k: v.to(model.device) for k, v in batch.items() if k != "labels"}).logits[0, :-1].float()
     labels, is_action = batch["labels"][0, 1:], batch["modality_ids"][0, 1:] == int(Modality.ACTION)
     return -logits[is_action].log_softmax(-1).gather(-1, labels[is_action, None].to(logits.device)).squeeze(-1).cpu()
 
@@ -83,7 +82,8 @@ def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
     if not high.any():  # more than half share the top return (CartPole's 500): the top return is the high half
         high = totals >= np.median(totals)
     if high.all():
-        return {"episodes": len(episodes), "skipped": "every held-out episode has the same return"}
+        return {"episodes": len(episodes), "skipped": f"its {len(episodes)} held-out episode(s) have one return; "
+                "the probe compares two halves"}
     r0 = {True: float(totals[high].mean()), False: float(totals[~high].mean())}  # mean initial return-to-go
     nll: dict[str, dict[bool, list[torch.Tensor]]] = {k: {True: [], False: []} for k in ("own", "other", "none")}
     for e, h in zip(episodes, high, strict=True):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eval.values import HeldOutArgs
+from eval.values import HeldOutArgs, held_out_episodes
 from generalist.training.settings import parse
 
 
@@ -54,24 +54,33 @@ class Args(HeldOutArgs):
 
 
 @torch.inference_mode()
-def action_nll(model, tok, spec, episode: dict, start: int, steps: int, shift: float | None) -> torch.Tensor:
-    """(A,) NLL of the executed action tokens of ``steps`` steps from ``start``, read in DT's policy view with
-    the episode's returns-to-go plus ``shift`` (None: ``<no_return>``, Gato's context)."""
+def action_nll(model, tok, sample: dict) -> torch.Tensor:
+    """(A,) NLL of ``sample``'s action tokens, read in DT's policy view (action inputs hidden, labels kept)."""
     from generalist.packing import hide_actions
+    from generalist.vocab import Modality
+
+    batch = tok.collate([hide_actions(sample, tok)])
+    logits = model(**{k: v.to(model.device) for k, v in batch.items() if k != "labels"}).logits[0, :-1].float()
+    labels, is_action = batch["labels"][0, 1:], batch["modality_ids"][0, 1:] == int(Modality.ACTION)
+    return -logits[is_action].log_softmax(-1).gather(-1, labels[is_action, None].to(logits.device)).squeeze(-1).cpu()
+
+
+def window_nll(model, tok, spec, episode: dict, start: int, steps: int, shift: float) -> dict[str, torch.Tensor]:
+    """The action NLL of ``steps`` steps from ``start`` with the episode's returns-to-go (``own``), with them plus
+    ``shift`` (``other``) and with ``<no_return>`` (``none``, Gato's context); the steps are encoded once."""
     from generalist.tokenizer import concat_samples, returns_to_go, token_sample
     from generalist.vocab import Modality
 
     rewards = np.asarray(episode["rewards"], np.float64)
     stop = min(start + steps, len(rewards))
-    part = {k: np.asarray(v)[start:stop] for k, v in episode["observations"].items()}
-    acts = {k: np.asarray(v)[start:stop] for k, v in episode["actions"].items()}
-    rtg = None if shift is None else returns_to_go(rewards)[start:stop] + shift
-    blocks = tok.encode_steps(spec, part, acts, rewards[start:stop], rtg)
+    steps_none = tok.encode_steps(spec, {k: np.asarray(v)[start:stop] for k, v in episode["observations"].items()},
+                                  {k: np.asarray(v)[start:stop] for k, v in episode["actions"].items()},
+                                  rewards[start:stop])  # R_t = <no_return>
+    rtg = returns_to_go(rewards)[start:stop]
     head = [token_sample([tok.bos_id], Modality.SPECIAL)] if start == 0 else []
-    batch = tok.collate([hide_actions(concat_samples(head + blocks), tok)])
-    logits = model(**{k: v.to(model.device) for k, v in batch.items() if k != "labels"}).logits[0, :-1].float()
-    labels, is_action = batch["labels"][0, 1:], batch["modality_ids"][0, 1:] == int(Modality.ACTION)
-    return -logits[is_action].log_softmax(-1).gather(-1, labels[is_action, None].to(logits.device)).squeeze(-1).cpu()
+    variants = {"own": tok.set_returns(spec, steps_none, rtg), "other": tok.set_returns(spec, steps_none, rtg + shift),
+                "none": steps_none}
+    return {kind: action_nll(model, tok, concat_samples(head + blocks)) for kind, blocks in variants.items()}
 
 
 def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
@@ -89,32 +98,30 @@ def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
     for e, h in zip(episodes, high, strict=True):
         n = len(e["rewards"])
         for start in np.unique(np.linspace(0, max(n - steps, 0), windows).round().astype(int)):
-            nll["own"][h].append(action_nll(model, tok, spec, e, start, steps, 0.0))
-            nll["other"][h].append(action_nll(model, tok, spec, e, start, steps, r0[not h] - r0[h]))
-            nll["none"][h].append(action_nll(model, tok, spec, e, start, steps, None))
+            for kind, x in window_nll(model, tok, spec, e, start, steps, r0[not h] - r0[h]).items():
+                nll[kind][h].append(x)
 
     n_act = len(tok.action_token_ranges(spec))
 
     def mean(kind: str, halves: Sequence[bool], part: slice = slice(None)) -> float:
         return float(torch.cat([x[part] for h in halves for x in nll[kind][h]]).mean())
 
+    def gain(halves: Sequence[bool], part: slice = slice(None)) -> float:
+        return mean("other", halves, part) - mean("own", halves, part)
+
     out = {"episodes": len(episodes), "context_steps": steps,
            "mean_initial_return": {"high": r0[True], "low": r0[False]}}
     for label, halves in (("high", [True]), ("low", [False]), ("all", [True, False])):
-        out[label] = {"gain_nats": mean("other", halves) - mean("own", halves), "nll_own": mean("own", halves),
-                      "nll_no_return": mean("none", halves)}
+        out[label] = {"gain_nats": gain(halves), "nll_own": mean("own", halves), "nll_no_return": mean("none", halves)}
     # a window's first step has no history to tell the behaviour from, only R: where a model that identifies the
     # policy from the steps before reads its return, and nowhere else
-    out["all"]["gain_nats_first_step"] = mean("other", [True, False], slice(n_act)) - mean("own", [True, False],
-                                                                                           slice(n_act))
-    out["all"]["gain_nats_later_steps"] = mean("other", [True, False], slice(n_act, None)) - mean(
-        "own", [True, False], slice(n_act, None))
+    out["all"]["gain_nats_first_step"] = gain([True, False], slice(n_act))
+    out["all"]["gain_nats_later_steps"] = gain([True, False], slice(n_act, None))
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from eval.checkpoint import load_checkpoint
-    from eval.values import held_out_episodes
 
     args = parse(Args, argv, description=__doc__)
     if args.threads:

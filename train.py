@@ -122,6 +122,9 @@ class Args:
     task_weights: str | None = None
     """`task=weight,...`: a control task's episodes start this many times more sequences than their count alone
     gives (PackingConfig.task_weights); tasks not named weigh 1"""
+    sample_by: Literal["episodes", "steps"] = "episodes"
+    """within a task, draw episodes uniformly or in proportion to their length (every step equally likely, as
+    DT and TT sample D4RL; PackingConfig.sample_by)"""
 
     # --- model ---
     backbone: str = "llama"
@@ -435,7 +438,7 @@ def main(args: Args) -> dict[str, Any]:
     packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
                             prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold,
                             hidden_action_prob=args.hidden_action_prob, expert_labels=args.expert_labels,
-                            task_weights=task_weights)
+                            task_weights=task_weights, sample_by=args.sample_by)
     src_weights = [weights[s.name] for s in train_sources]
     train_mix = Mixture(train_sources, src_weights, tok, packing)
     eval_mix = Mixture(eval_sources, src_weights, tok, packing)

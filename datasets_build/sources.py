@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import EXPERT_PREFIX, iter_episodes, load_episodes
@@ -197,6 +198,7 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1,
             ds, task_specs = load_episodes(folder)
             specs.update(task_specs)
             tasks = np.asarray(ds["task"])
+            lengths = pc.list_value_length(ds.with_format("arrow")["rewards"]).to_numpy()  # (episodes,)
             train_idx, eval_idx = [], []
             for task in np.unique(tasks):
                 idx = np.flatnonzero(tasks == task)
@@ -214,7 +216,7 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1,
                 out.append(ControlSource(name, rows, list(tasks[idx]),
                                          sources=list(np.asarray(ds["source"])[idx]),
                                          returns=np.asarray(ds["episode_return"], np.float64)[idx],
-                                         expert_labelled=rows.has_expert_actions))
+                                         expert_labelled=rows.has_expert_actions, lengths=lengths[idx]))
             continue
         splits = open_splits(folder)
         train_ds = splits["train"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -75,6 +75,12 @@ class PackingConfig:
             at different speeds in one model: the control preset's Pendulum needs about three times
             its share of sequences to learn the expert's energy switch (docs/control.md, "What held learning
             back"). ``None``: episodes are drawn uniformly within their dataset.
+        sample_by: ``"episodes"``: within a task every episode is equally likely to be drawn (a sequence's
+            first and every following episode); ``"steps"``: in proportion to its length, so every step
+            is equally likely, as Decision Transformer (``p_sample`` in its gym experiment) and Trajectory
+            Transformer (one item per step) sample D4RL. On data whose good episodes are the long ones
+            (a replay buffer: early policies fall within tens of steps, late ones run hundreds), drawing
+            by episode shows mostly the short bad ones. Tasks keep their share either way.
     """
 
     seq_len: int = 512
@@ -85,8 +91,11 @@ class PackingConfig:
     hidden_action_prob: float = 0.0
     expert_labels: bool = False
     task_weights: Mapping[str, float] | None = None
+    sample_by: Literal["episodes", "steps"] = "episodes"
 
     def __post_init__(self):
+        if self.sample_by not in ("episodes", "steps"):
+            raise ValueError(f"sample_by must be 'episodes' or 'steps', got {self.sample_by!r}")
         for task, weight in (self.task_weights or {}).items():
             if not weight > 0:
                 raise ValueError(f"task_weights[{task!r}] must be > 0, got {weight!r}")
@@ -245,6 +254,8 @@ class ControlSource:
             so imitation sequences draw from *all* episodes of the task, whatever their return: the
             noisy, burst and random ones are where the recovery states are. The return filter and the
             same-source rule then apply only to the prompt, which is drawn from the successful episodes.
+        lengths: steps of each episode, for :attr:`PackingConfig.sample_by` ``"steps"``; ``None``: read from
+            each episode's rewards (pass them where reading an episode decodes it).
     """
 
     name: str
@@ -253,9 +264,10 @@ class ControlSource:
     sources: Sequence[str] | None = None
     returns: Sequence[float] | None = None
     expert_labelled: bool = False
+    lengths: Sequence[int] | None = None
 
     def __post_init__(self):
-        for what in ("tasks", "sources", "returns"):
+        for what in ("tasks", "sources", "returns", "lengths"):
             values = getattr(self, what)
             if values is not None and len(values) != len(self.episodes):
                 raise ValueError(f"{self.name}: {len(values)} {what} for {len(self.episodes)} episodes")
@@ -265,6 +277,17 @@ class ControlSource:
         self.by_task = {t: np.flatnonzero(tasks == t) for t in np.unique(tasks)}
         self._source = np.asarray([str(s) for s in self.sources]) if self.sources is not None else None
         self._pools: dict[tuple[str, float | None], np.ndarray] = {}
+        self._lengths: np.ndarray | None = None  # read when first needed: sample_by="steps" only
+
+    def draw(self, rng: np.random.Generator, pool: np.ndarray, cfg: PackingConfig) -> int:
+        """One episode of ``pool``: uniformly, or in proportion to its length (``cfg.sample_by``)."""
+        if cfg.sample_by == "episodes":
+            return int(pool[rng.integers(len(pool))])
+        if self._lengths is None:
+            lengths = self.lengths if self.lengths is not None else [len(e["rewards"]) for e in self.episodes]
+            self._lengths = np.asarray(lengths, np.float64)
+        cumulative = np.cumsum(self._lengths[pool])  # (len(pool),)
+        return int(pool[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(pool) - 1)])
 
     def imitation_pool(self, tok: GeneralistTokenizer, task: str, threshold: float | None) -> np.ndarray:
         """Episodes of ``task`` shown without returns: those scoring ``>= threshold`` (expert-normalised).
@@ -308,18 +331,18 @@ class ControlSource:
             parts.append(tok.end_of_episode(bool(episode.get("terminated", False))))
         return slice_sample(concat_samples(parts), 0, room)
 
-    def first_episode(self, rng: np.random.Generator, task_weights: Mapping[str, float] | None) -> int:
-        """The episode a sequence starts from: uniform, or by task with ``task_weights`` (see PackingConfig)."""
-        weights = {t: w for t, w in (task_weights or {}).items() if t in self.by_task and w != 1.0}
-        if not weights:
+    def first_episode(self, rng: np.random.Generator, cfg: PackingConfig) -> int:
+        """The episode a sequence starts from: tasks by episode count (times ``cfg.task_weights``), then
+        :meth:`draw` within the task."""
+        weights = {t: w for t, w in (cfg.task_weights or {}).items() if t in self.by_task and w != 1.0}
+        if not weights and cfg.sample_by == "episodes":
             return int(rng.integers(len(self.episodes)))
         tasks = list(self.by_task)
         p = np.array([len(self.by_task[t]) * weights.get(t, 1.0) for t in tasks])  # (tasks,)
-        pool = self.by_task[tasks[rng.choice(len(tasks), p=p / p.sum())]]
-        return int(pool[rng.integers(len(pool))])
+        return self.draw(rng, self.by_task[tasks[rng.choice(len(tasks), p=p / p.sum())]], cfg)
 
     def pack(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig) -> tuple[Sample, dict]:
-        first = self.first_episode(rng, cfg.task_weights)
+        first = self.first_episode(rng, cfg)
         task = str(self.tasks[first])
         condition = bool(rng.random() < cfg.return_prob)
         relabelled = not condition and cfg.expert_labels and self.expert_labelled
@@ -328,7 +351,7 @@ class ControlSource:
         good = None if condition else self.imitation_pool(tok, task, cfg.imitation_threshold)
         pool = self.by_task[task] if condition or relabelled else good
         if not condition:
-            first = int(pool[rng.integers(len(pool))])
+            first = self.draw(rng, pool, cfg)
         parts, room = [], cfg.seq_len
         meta: dict[str, Any] = {"source": self.name, "kind": "control", "task": task,
                                 "condition_on_return": condition, "prompt_episode": None}
@@ -356,7 +379,7 @@ class ControlSource:
             parts.append(sample)
             room -= _length(sample)
             live.append(index)
-            index = int(pool[rng.integers(len(pool))])
+            index = self.draw(rng, pool, cfg)
         meta["episodes"] = live
         sample = concat_samples(parts)
         # drawn only when used, so that runs without hidden actions keep their exact data order

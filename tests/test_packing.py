@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -84,6 +85,32 @@ def test_task_weights_give_a_task_more_of_its_datasets_sequences(tok):
         assert abs(drawn[heavy] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (weights, drawn)
     with pytest.raises(ValueError, match="task_weights"):
         PackingConfig(task_weights={heavy: 0.0})
+
+
+def _first_steps(episode: dict, n: int) -> dict:
+    cut = {key: {leaf: v[:n] for leaf, v in value.items()} for key, value in episode.items()
+           if key in ("observations", "actions")}
+    return {**episode, **cut, "rewards": episode["rewards"][:n]}
+
+
+def test_sampling_by_steps_draws_episodes_in_proportion_to_their_length(tok):
+    """DT and TT sample D4RL uniformly over steps: a replay buffer's long (good) episodes must not be drawn
+    as rarely as its many short ones."""
+    box = [e for e in synthetic.episodes(24) if e["task"] == "Box-v0"][:4]
+    eps = [_first_steps(e, 4) for e in box[:2]] + box[2:]  # two 4-step episodes, two long ones
+    lengths = [len(e["rewards"]) for e in eps]
+    source = ControlSource("control", eps, [e["task"] for e in eps])
+    n = 1000
+    for sample_by, expected in (("episodes", 0.5), ("steps", 8 / sum(lengths))):
+        cfg = PackingConfig(seq_len=16, imitation_threshold=None, sample_by=sample_by)
+        for return_prob in (0.0, 1.0):  # imitation and return-conditioned sequences alike
+            mix = Mixture([source], [1.0], tok, replace(cfg, return_prob=return_prob))
+            short = np.mean([mix.sequence(seed=2, rank=0, index=i)[1]["episodes"][0] < 2 for i in range(n)])
+            assert abs(short - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (sample_by, short, expected)
+    with pytest.raises(ValueError, match="sample_by"):
+        PackingConfig(sample_by="transitions")
+    with pytest.raises(ValueError, match="lengths"):
+        ControlSource("control", eps, [e["task"] for e in eps], lengths=lengths[:3])
 
 
 def test_gato_prompts_come_from_the_same_task_and_source_half_from_the_episode_end(tok):

@@ -113,6 +113,14 @@ def test_sampling_by_steps_draws_episodes_in_proportion_to_their_length(tok):
         ControlSource("control", eps, [e["task"] for e in eps], lengths=lengths[:3])
 
 
+def test_a_dataset_on_disk_gives_each_episode_its_length_for_sampling_by_steps(data_root):
+    from datasets_build.sources import load_sources
+
+    train, held_out, _ = load_sources({"tiny_box": 1.0}, data_root)
+    for source in (train[0], held_out[0]):
+        assert list(source.lengths) == [len(e["rewards"]) for e in source.episodes]
+
+
 def test_gato_prompts_come_from_the_same_task_and_source_half_from_the_episode_end(tok):
     eps = synthetic.episodes(24)
     sources = ["expert" if i % 4 < 2 else "random" for i in range(len(eps))]

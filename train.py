@@ -209,9 +209,12 @@ PRESETS: dict[str, dict[str, Any]] = {  # the first is the default
     "control": dict(mixture="control", total_steps=2000, eval_every=250, save_every=250, eval_episodes=20,
                     task_weights="Pendulum-v1=3,Pendulum-v1-pixels=3"),
     # low-quality data (5 % expert): imitation sees every episode and its executed actions (plain behaviour
-    # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add
+    # cloning), so the gap to return conditioning (DT) and planning (TT) is what those modes add; episodes are
+    # drawn by length, every step equally likely, as D4RL's BC and DT sample (measured: CartPole's 500-step expert
+    # episodes learnt on both seeds by both modes, where drawn by episode they were 5 % of its sequences;
+    # docs/control.md, "Low-quality data")
     "control-lowq": dict(mixture="control-lowq", imitation_threshold=None, expert_labels=False, total_steps=1500,
-                         eval_every=250, save_every=250, eval_episodes=20),
+                         eval_every=250, save_every=250, eval_episodes=20, sample_by="steps"),
     # BabyAI in Gato mode (issue "Control that works"): ~50 observation tokens per step (a 70-token step), so
     # observations weigh little and most sequences are imitation (the expert's labels on every episode, as in
     # control); 1,024-token sequences (as many tokens per batch) hold ~14 steps, most of an expert's episode

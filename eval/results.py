@@ -154,7 +154,8 @@ def locomotion_summary(results_dir: Path) -> str:
     A file ``locomotion_<env>_<dataset>_<anything>.json`` fills the row of its dataset and the column of its mode
     (DT split by how its returns were set: the expert's, a given target, or MGDT's sampling); a cell is the D4RL
     score, mean ± standard error over its episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
-    A name ending ``_<N>steps`` says its models trained N steps (where the others trained the preset's or fewer).
+    A name ending ``_<N>steps`` says its models trained N steps (where the others trained the preset's or fewer),
+    one holding ``_bysteps_`` that they drew their episodes in proportion to length (``train.py --sample_by steps``).
     """
     cells: dict[tuple[str, str], list[str]] = {}
     for path in sorted(results_dir.glob("locomotion_*.json")):
@@ -172,6 +173,7 @@ def locomotion_summary(results_dir: Path) -> str:
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
                 + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
                 + (", cdf by bin probability" if _cdf_by_bin_probability(result) else "")
+                + (", episodes drawn by steps" if "_bysteps_" in path.stem else "")
                 + (f", {int(steps.group(1)):,} training steps" if (steps := re.search(r"_(\d+)steps$", path.stem))
                    else "")
                 + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")

@@ -54,7 +54,7 @@ from datasets_build.sources import DataFiles, EpisodeRows, load_sources, parse_m
 from eval.plots import plot_learning_curves
 from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.hub import CARD_FILE, HubPusher, update_card_results, write_model_card
-from generalist.packing import Mixture, PackedStream, PackingConfig
+from generalist.packing import Mixture, PackedStream, PackingConfig, SampleBy
 from generalist.training import checkpoints, settings
 from generalist.training.metrics import MetricLog, ModalityLosses, held_out_losses
 from generalist.training.run_folder import RunFolder
@@ -122,7 +122,7 @@ class Args:
     task_weights: str | None = None
     """`task=weight,...`: a control task's episodes start this many times more sequences than their count alone
     gives (PackingConfig.task_weights); tasks not named weigh 1"""
-    sample_by: Literal["episodes", "steps"] = "episodes"
+    sample_by: SampleBy = "episodes"
     """within a task, draw episodes uniformly or in proportion to their length (every step equally likely, as
     DT and TT sample D4RL; PackingConfig.sample_by)"""
 

@@ -197,7 +197,8 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1,
         if (folder / TASK_SPECS).exists():
             ds, task_specs = load_episodes(folder)
             specs.update(task_specs)
-            tasks = np.asarray(ds["task"])
+            tasks, sources = np.asarray(ds["task"]), np.asarray(ds["source"])
+            returns = np.asarray(ds["episode_return"], np.float64)
             lengths = pc.list_value_length(ds.with_format("arrow")["rewards"]).to_numpy()  # (episodes,)
             train_idx, eval_idx = [], []
             for task in np.unique(tasks):
@@ -213,9 +214,7 @@ def load_sources(weights: dict[str, float], root: Path, eval_share: float = 0.1,
             for out, idx in ((train, train_idx), (held_out, eval_idx)):
                 idx = np.asarray(sorted(idx))
                 rows = EpisodeRows(ds, task_specs, idx)
-                out.append(ControlSource(name, rows, list(tasks[idx]),
-                                         sources=list(np.asarray(ds["source"])[idx]),
-                                         returns=np.asarray(ds["episode_return"], np.float64)[idx],
+                out.append(ControlSource(name, rows, list(tasks[idx]), sources=list(sources[idx]), returns=returns[idx],
                                          expert_labelled=rows.has_expert_actions, lengths=lengths[idx]))
             continue
         splits = open_splits(folder)

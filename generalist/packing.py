@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from generalist.tokenizer import (
     token_sample,
 )
 from generalist.vocab import Modality
+
+SampleBy = Literal["episodes", "steps"]  # how a task's episodes are drawn: PackingConfig.sample_by
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,11 @@ class PackingConfig:
     hidden_action_prob: float = 0.0
     expert_labels: bool = False
     task_weights: Mapping[str, float] | None = None
-    sample_by: Literal["episodes", "steps"] = "episodes"
+    sample_by: SampleBy = "episodes"
 
     def __post_init__(self):
-        if self.sample_by not in ("episodes", "steps"):
-            raise ValueError(f"sample_by must be 'episodes' or 'steps', got {self.sample_by!r}")
+        if self.sample_by not in get_args(SampleBy):
+            raise ValueError(f"sample_by must be one of {get_args(SampleBy)}, got {self.sample_by!r}")
         for task, weight in (self.task_weights or {}).items():
             if not weight > 0:
                 raise ValueError(f"task_weights[{task!r}] must be > 0, got {weight!r}")

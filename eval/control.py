@@ -402,7 +402,7 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     preset = TT_PRESETS[args.tt_preset] if args.tt_preset else tt_preset(task)
     tt = TTConfig(**{**preset.__dict__, **overrides}) if overrides or args.tt_preset else None  # None: the task's
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
-                  expert_returns=args.expert_returns, guidance=args.guidance, tt_config=tt, seed=seed)
+                  expert_returns=args.expert_returns, tt_config=tt, seed=seed)
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
     target = args.target_return
     if args.mode == "dt" and target is None and not args.expert_returns and spec.expert_return is None:
@@ -534,9 +534,6 @@ class Args:
     """DT target (default: the expert return)"""
     expert_returns: bool = False
     """DT: Multi-Game DT expert-return sampling"""
-    guidance: float = 1.0
-    """DT: classifier-free guidance weight on the return (1: plain DT; 3: act as if the return mattered three
-    times as much as the model learned it does; each env then also runs its unconditioned twin)"""
     sweep: int = 0
     """DT: also sweep this many targets from random to expert"""
     demos: tuple[str, ...] | None = None
@@ -679,7 +676,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command, "models": [str(f) for _, _, f in loaded], "dtype": args.dtype,
                "mode": args.mode, "episodes_per_checkpoint": args.episodes,
-               **({"guidance": args.guidance} if args.mode == "dt" else {}),
                "results": pooled, "iqm": aggregate(per_checkpoint, tasks), "references": references(tok, tasks),
                "per_checkpoint": per_checkpoint, "dt_sweep": sweep}
     stem = args.name or f"control_{args.mode}"

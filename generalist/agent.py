@@ -90,8 +90,6 @@ class Agent:
             ``model.config.context_length``).
         window_keep: fraction of the context kept when the window slides.
         expert_returns, kappa: DT made from a name: Multi-Game DT expert-return sampling.
-        guidance: DT made from a name: classifier-free guidance weight on the return (1: plain DT; see
-            :class:`~generalist.modes.DTMode`); the engine then holds two rows per environment.
         tt_config: TT made from a name: the planner's settings (default: each task's preset,
             :func:`generalist.modes.tt_preset`).
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
@@ -113,13 +111,13 @@ class Agent:
                  mode: Literal["gato", "dt", "tt"] | ControlMode = "gato", *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  context_length: int | None = None, window_keep: float = 0.75, expert_returns: bool = False,
-                 kappa: float = 10.0, guidance: float = 1.0, tt_config: TTConfig | None = None,
+                 kappa: float = 10.0, tt_config: TTConfig | None = None,
                  autoreset: Literal["same_step", "next_step"] = "same_step", seed: int = 0):
         if mode == "gato":
             mode = GatoMode(temperature, top_k, top_p)
         elif mode == "dt":
             mode = DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature, top_k=top_k,
-                          top_p=top_p, guidance=guidance)
+                          top_p=top_p)
         elif mode == "tt":
             mode = TTMode(tt_config)
         elif isinstance(mode, str):
@@ -141,9 +139,6 @@ class Agent:
         self.engine = Engine(model, seed=seed)
         self.tok = tokenizer
         self.mode: ControlMode = mode
-        self.rows_per_env = getattr(mode, "rows_per_env", 1)  # 2: each env's unconditioned twin too
-        if self.rows_per_env not in (1, 2):
-            raise ValueError(f"{mode.name}: rows_per_env must be 1 or 2, got {self.rows_per_env}")
         # the policy view (GeneralistConfig.hidden_action_prob): past actions are fed as <hidden_action>
         hidden = getattr(model.config, "hidden_action_prob", 0.0) > 0 and getattr(mode, "policy_view", False)
         self.hidden_action_id: int | None = tokenizer.hidden_action_id if hidden else None
@@ -188,7 +183,7 @@ class Agent:
 
     def _begin_episodes(self, rows: np.ndarray) -> None:
         if self.state is not None:
-            self.engine.forget(self.state, [r + k * self.num_envs for k in range(self.rows_per_env) for r in rows])
+            self.engine.forget(self.state, rows.tolist())
         start = concat_samples([self.prompt, token_sample([self.tok.bos_id], Modality.SPECIAL)])
         for i in rows:
             self.rows[i] = _Row(tail=start, new_episode=False)
@@ -211,20 +206,15 @@ class Agent:
         if self.state.length + chunk_tokens <= self.context_length:
             return
         budget = min(int(self.window_keep * self.context_length), self.context_length - chunk_tokens)
-        self.state = self.engine.prefill(self._engine_rows([self._context(row, budget) for row in self.rows]))
+        self.state = self.engine.prefill([self._context(row, budget) for row in self.rows])
         for row in self.rows:
             row.tail = empty_sample()
         self.refills += 1
 
-    def _engine_rows(self, samples: list[Sample]) -> list[Sample]:
-        """What the engine's rows are fed for these per-environment samples: the samples, then (return
-        guidance) the same with every ``R_t`` as ``<no_return>``, each environment's unconditioned twin."""
-        return samples if self.rows_per_env == 1 else samples + self.tok.clear_returns(samples)
-
     def _flush(self) -> None:
         """Feed every row's tail now (before ``R_t``), for modes that read the prediction at ``R_t``."""
         if any(len(row.tail["input_ids"]) for row in self.rows):
-            self.engine.feed(self.state, self._engine_rows([row.tail for row in self.rows]))
+            self.engine.feed(self.state, [row.tail for row in self.rows])
         for row in self.rows:
             row.tail = empty_sample()
 
@@ -247,11 +237,11 @@ class Agent:
                                  "environments")
         if self.state is None:  # first decision: every row starts with the same prompt
             if len(self.prompt["input_ids"]):  # prefill it once (batch 1) and copy its cache to every row
-                self.state = self.engine.prefill(self.prompt, num_rows=self.num_envs * self.rows_per_env)
+                self.state = self.engine.prefill(self.prompt, num_rows=self.num_envs)
                 for row in self.rows:
                     row.tail = token_sample([tok.bos_id], Modality.SPECIAL)
             else:
-                self.state = self.engine.new_state(self.num_envs * self.rows_per_env)
+                self.state = self.engine.new_state(self.num_envs)
         prompts = step_prompts(tok, spec, flat, None)  # [<no_return>] [o_t] <sep>
         step_len = max(len(p["input_ids"]) for p in prompts) + self.layout.closing_tokens
         tail_len = max(len(row.tail["input_ids"]) for row in self.rows)
@@ -260,8 +250,7 @@ class Agent:
         returns = self.mode.returns(step)  # R_t per row, or None: <no_return>
         if returns is not None:  # the same tokens with R_t in place of <no_return>
             prompts = tok.set_returns(spec, prompts, returns)
-        step.chunks = self._engine_rows([concat_samples([row.tail, p]) for row, p in zip(self.rows, prompts,
-                                                                                           strict=True)])
+        step.chunks = [concat_samples([row.tail, p]) for row, p in zip(self.rows, prompts, strict=True)]
         ids = self.mode.decide(step)  # (B, A)
         for row, p, a in zip(self.rows, prompts, ids, strict=True):
             row.tail, row.pending = empty_sample(), concat_samples([p, self._action_sample(a)])

@@ -79,7 +79,7 @@ DECODE_ATTENTION = [b for b in SDPBackend.__members__.values()
 __all__ = [
     "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",
     "Snapshot", "as_range", "constrain", "enable_shared_prefix_attention", "filter_cdf", "filter_top_k",
-    "filter_top_p", "guide", "new_cache", "sample_distinct", "sample_next_token", "shared_prefix_attention",
+    "filter_top_p", "new_cache", "sample_distinct", "sample_next_token", "shared_prefix_attention",
 ]
 
 
@@ -529,8 +529,7 @@ class Engine:
     # --- sampling ---
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
-               cdf_log_width: torch.Tensor | None = None, median: bool = False,
-               guidance: float | None = None) -> torch.Tensor:
+               cdf_log_width: torch.Tensor | None = None, median: bool = False) -> torch.Tensor:
         """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
 
         Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
@@ -539,28 +538,21 @@ class Engine:
         median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
         ``cdf_log_width`` (vocabulary,): each id's log bin width; the cdf filter then ranks by density
         (:func:`~generalist.sampling.filter_cdf`).
-        ``guidance`` w: the rows come in pairs, the first half conditioned and the second half the same
-        contexts unconditioned; both rows of a pair get one token, drawn from the classifier-free guided
-        ``log p_u + w · (log p_c − log p_u)`` (:func:`guide`; w = 1 is the conditioned model alone).
         """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
-        if guidance is not None:
-            logits = guide(logits, guidance)  # (B/2, V')
         if median and (temperature == 0 or top_k == 1):
-            token = median_index(logits) + offset
-        else:
-            if cdf_log_width is not None:
-                cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
-            token = sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
-                                      cdf_log_width=cdf_log_width) + offset
-        return token if guidance is None else torch.cat([token, token])
+            return median_index(logits) + offset
+        if cdf_log_width is not None:
+            cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
+        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
+                                 cdf_log_width=cdf_log_width) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
                  then: Allowed = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
                  median: Sequence[bool] | None = None, feed_as: int | None = None,
-                 local_positions: Sequence[int] | None = None, guidance: float | None = None) -> torch.Tensor:
+                 local_positions: Sequence[int] | None = None) -> torch.Tensor:
         """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
 
         Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
@@ -570,12 +562,11 @@ class Engine:
         ``feed_as``: feed this id in place of every sampled token (``<hidden_action>``: the policy view).
         ``local_positions[j]``: the j-th token's place inside its observation when it is fed (tokens of an
         imagined observation; see :meth:`Chunk.from_ids`); default 0, a token outside an observation.
-        ``guidance``: rows in conditioned / unconditioned pairs, as in :meth:`sample`.
         """
         out = []
         for j, allow in enumerate(allowed):
             token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
-                                median=bool(median and median[j]), guidance=guidance)  # (B,)
+                                median=bool(median and median[j]))  # (B,)
             out.append(token)
             if j < len(allowed) - 1 or feed_last:
                 fed = token if feed_as is None else torch.full_like(token, feed_as)
@@ -603,22 +594,6 @@ class Engine:
             # finished rows are fed a masked pad token, so they stay aligned and unchanged
             self.feed(state, Chunk.from_ids(torch.where(done, self.pad_id, token), attention_mask=~done))
         return out
-
-
-def guide(logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022) over paired rows (2B, V) -> (B, V).
-
-    The first B rows are conditioned (a Decision Transformer's target return), the last B the same
-    contexts unconditioned (``<no_return>``, Gato mode): ``log p_u + w · (log p_c − log p_u)``.
-    w > 1 moves the prediction further in the direction the condition moves it, which a model that
-    reads its condition only weakly needs (docs/control.md, "Return guidance"). Ids either row rules
-    out stay ruled out.
-    """
-    if logits.shape[0] % 2:
-        raise ValueError(f"guidance needs conditioned / unconditioned row pairs, got {logits.shape[0]} rows")
-    cond, uncond = logits.double().log_softmax(-1).chunk(2)  # (B, V) each
-    guided = uncond + weight * (cond - uncond)
-    return guided.where(cond.isfinite() & uncond.isfinite(), float("-inf")).float()
 
 
 def _check_window(state: DecodeState, start: int | None) -> None:

@@ -552,20 +552,6 @@ class GeneralistTokenizer:
             out.append(step)
         return out
 
-    def clear_returns(self, samples: Sequence[Sample]) -> list[Sample]:
-        """These samples with every ``R_t`` token (modality ``RETURN``) turned into ``<no_return>``:
-        the unconditioned twin of a return-conditioned context (DT's classifier-free guidance)."""
-        out = []
-        for sample in samples:
-            where = sample["modality_ids"] == int(Modality.RETURN)
-            if where.any():
-                sample = dict(sample)
-                for key, value in (("input_ids", self.no_return_id), ("modality_ids", int(Modality.SPECIAL)),
-                                   ("labels", self.no_return_id)):
-                    sample[key] = np.where(where, value, sample[key])
-            out.append(sample)
-        return out
-
     @staticmethod
     def _get(values: dict[str, Any], fld: FieldSpec, what: str):
         try:

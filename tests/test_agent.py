@@ -10,9 +10,9 @@ import torch
 
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
-from generalist.modes import DTMode, GatoMode, TTConfig, demonstration_prompt
+from generalist.modes import DTMode, TTConfig, demonstration_prompt
 from generalist.vocab import Modality
-from tests.conftest import TINY_LLAMA, train_briefly
+from tests.conftest import TINY_LLAMA
 
 
 @pytest.fixture(scope="module")
@@ -239,79 +239,6 @@ def test_a_dt_target_lasts_one_reset(dt_model, tok):
     assert _one_step_rollout(agent).tolist() == [0] * 4
     agent.reset(spec, num_envs=4)  # no target: back to the task's expert return (1)
     assert _one_step_rollout(agent).tolist() == [1] * 4
-
-
-@pytest.fixture(scope="module")
-def weakly_conditioned_model(tok):
-    """A model that reads its return only weakly, as one trained on low-quality data does.
-
-    The one-step task, but the reward is the action only 70 % of the time (else the other action's), and the
-    data's policy plays 1 with probability 0.4; half the sequences return-conditioned, half ``<no_return>``.
-    So ``P(a=1 | R=1) = 0.61``, ``P(a=1 | <no_return>) = 0.4``, ``P(a=1 | R=0) = 0.22``.
-    """
-    spec = TaskSpec.from_spaces("one-step-noisy", gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.Discrete(2),
-                                expert_return=1.0, random_return=0.0)
-    torch.manual_seed(0)
-    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
-    rng = np.random.default_rng(0)
-
-    def batch():
-        actions = (rng.random(64) < 0.4).astype(int)
-        rewards = np.where(rng.random(64) < 0.7, actions, 1 - actions).astype(float)
-        return tok.collate([tok.encode_episode(spec, {"observation": np.zeros((1, 2))}, {"action": np.array([a])},
-                                               np.array([r]), condition_on_return=i % 2 == 0)
-                            for i, (a, r) in enumerate(zip(actions, rewards, strict=True))])
-
-    return train_briefly(model, batch, 200), spec
-
-
-def _share_of_ones(model, tok, spec, mode, n: int = 512) -> float:
-    tok.add_task_spec(spec)
-    agent = Agent(model, tok, mode, seed=0)
-    agent.reset(spec, num_envs=n)
-    return float(np.mean(_one_step_rollout(agent, n)))
-
-
-def test_return_guidance_follows_the_target_more_than_the_model_alone(weakly_conditioned_model, tok):
-    """Classifier-free guidance on the return: w = 0 plays the unconditioned (Gato) policy, w = 1 is plain DT
-    (which this model follows only weakly), w = 4 acts as the target asks. Fails if the twin rows are not the
-    unconditioned context, or if the guided mix is not the one drawn from."""
-    model, spec = weakly_conditioned_model
-    shares = {w: _share_of_ones(model, tok, spec, DTMode(target_return=1.0, temperature=1.0, guidance=w))
-              for w in (0.0, 1.0, 4.0)}
-    gato = _share_of_ones(model, tok, spec, GatoMode(temperature=1.0))
-    assert abs(shares[0.0] - gato) < 0.05 and gato < 0.5  # the behaviour policy's (0.4 in the data)
-    assert 0.45 < shares[1.0] < 0.8  # the model's own P(a=1 | R=1) (0.61 in the data)
-    assert shares[4.0] > 0.88  # 0.94 by the formula from the data's two
-
-
-def test_guidance_zero_is_gato_mode_step_for_step(weakly_conditioned_model, tok):
-    """The unconditioned twins are exactly Gato mode's contexts, through episode ends and window slides."""
-    model, spec = weakly_conditioned_model
-    tok.add_task_spec(spec)
-    played = {}
-    for name, mode in (("gato", GatoMode(temperature=1.0)), ("w0", DTMode(temperature=1.0, guidance=0.0)),
-                       ("dt", DTMode(temperature=1.0))):  # sampled: any change of the logits shows
-        envs = gym.vector.SyncVectorEnv([OneStepEnv] * 8, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-        agent = Agent(model, tok, mode, context_length=32, seed=0)
-        agent.reset(spec, num_envs=8)
-        obs, _ = envs.reset(seed=0)
-        played[name] = []
-        for _ in range(30):
-            actions = agent.act(obs)
-            played[name].append(actions.copy())
-            obs, rewards, terminated, truncated, _ = envs.step(actions)
-            agent.observe(rewards, terminated, truncated)
-        assert agent.refills > 2
-    assert np.array_equal(played["w0"], played["gato"])
-    assert not np.array_equal(played["dt"], played["gato"])  # the return matters to this model: the test can fail
-
-
-def test_guidance_is_refused_with_expert_return_sampling():
-    with pytest.raises(ValueError, match="expert_returns"):
-        DTMode(guidance=3.0, expert_returns=True)
-    with pytest.raises(ValueError, match="guidance"):
-        DTMode(guidance=-1.0)
 
 
 class TwoTorqueEnv(gym.Env):

@@ -59,9 +59,6 @@ class ControlMode(Protocol):
     """A control decoding mode (Gato, DT, TT...): a strategy the Agent calls; see the module docstring."""
 
     name: str
-    # 2: the Agent keeps two engine rows per environment, the second its unconditioned twin (every R_t
-    # <no_return>), and ``decide`` sees both halves (DT's return guidance); 1: one row each
-    rows_per_env: int
     # True: a policy from states, fed past actions as <hidden_action> when the model was trained with
     # hidden actions (GeneralistConfig.hidden_action_prob); False: real actions (a planner's world model)
     policy_view: bool
@@ -92,7 +89,6 @@ class Sampler:
     """Gato and DT decide alike: feed the step, sample the action tokens (greedy at ``temperature=0``)."""
 
     policy_view = True
-    rows_per_env = 1
 
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -148,20 +144,17 @@ def continuous_flags(tok: GeneralistTokenizer, ranges: Sequence[tuple[int, int]]
 
 def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: TaskSpec,
                    prompts: Sequence[Sample], temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None, feed_as: int | None = None,
-                   guidance: float | None = None) -> np.ndarray:
+                   top_p: float | None = None, feed_as: int | None = None) -> np.ndarray:
     """Feed the step prompts, then choose every row's action tokens -> ids (B, A).
 
     Greedy (``temperature=0``): argmax for discrete elements, the predicted median for continuous
     ones. The last action token is *not* fed: the caller feeds it with the reward and the next step.
     ``feed_as``: the id fed in place of each sampled token (see :meth:`Engine.generate`).
-    ``guidance``: the rows are conditioned / unconditioned pairs (:func:`~generalist.engine.guide`);
-    both rows of a pair get the same action.
     """
     ranges = tok.action_token_ranges(spec)
     engine.feed(state, prompts, ranges[0] if ranges else None)
     ids = engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False,
-                          median=continuous_flags(tok, ranges), feed_as=feed_as, guidance=guidance)  # (B, A)
+                          median=continuous_flags(tok, ranges), feed_as=feed_as)  # (B, A)
     return ids.numpy()
 
 

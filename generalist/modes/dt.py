@@ -7,12 +7,6 @@ instead sampled from the model's own return distribution tilted toward high retu
 §3.4). The clip is ours: MGDT's return bins span only plausible returns, while our mu-law bins reach
 far past any task's returns, and an unclipped tilt would pick the largest representable return
 however unlikely the model finds it.
-
-With ``guidance`` w ≠ 1, actions are drawn from ``log p(a | R, ·) + (w − 1) · (log p(a | R, ·) −
-log p(a | <no_return>, ·))``: classifier-free guidance (Ho & Salimans 2022) between the DT context and
-its Gato-mode twin, which the one model was trained on both of (the return-conditioned and the
-unconditioned sequences). A model whose actions depend on ``R`` only weakly (docs/control.md,
-"Return guidance") then follows its target more.
 """
 
 from __future__ import annotations
@@ -20,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from generalist.engine import DecodeState, Engine, constrain, sample_next_token
-from generalist.modes.control import ControlStep, Sampler, continuous_values, sample_actions
+from generalist.modes.control import ControlStep, Sampler, continuous_values
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer
 
@@ -65,24 +59,14 @@ class DTMode(Sampler):
         expert_returns: sample each ``R_t`` the Multi-Game DT way instead of decrementing it.
         kappa: the inverse temperature κ of expert-return sampling (Lee et al. use 10).
         temperature, top_k, top_p: action sampling (``temperature=0``: greedy).
-        guidance: classifier-free guidance weight w on the return (1: plain DT; see the module docstring);
-            each decision then runs the environments' unconditioned twins beside them (twice the rows).
     """
 
     name = "dt"
 
     def __init__(self, target_return: float | None = None, *, expert_returns: bool = False, kappa: float = 10.0,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 guidance: float = 1.0):
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
         super().__init__(temperature, top_k, top_p)
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance must be a finite weight >= 0 (1: plain DT), got {guidance}")
-        if guidance != 1.0 and expert_returns:
-            raise ValueError("guidance and expert_returns do not combine: expert-return sampling reads the "
-                             "model's own return prediction, which the unconditioned twin does not make")
         self.target_return, self.expert_returns, self.kappa = target_return, expert_returns, kappa
-        self.guidance = float(guidance)
-        self.rows_per_env = 1 if guidance == 1.0 else 2
         self.episode_target = target_return  # R_0 of the episodes from now on (see set_target)
         self.returns_to_go = np.zeros(0)
 
@@ -103,13 +87,6 @@ class DTMode(Sampler):
             step.flush()  # the model must have read the previous step before predicting R_t
             self.returns_to_go = sample_expert_returns(step.engine, step.state, step.tok, step.spec, self.kappa)
         return self.returns_to_go.copy()
-
-    def decide(self, step: ControlStep) -> np.ndarray:
-        if self.rows_per_env == 1:
-            return super().decide(step)
-        ids = sample_actions(step.engine, step.state, step.tok, step.spec, step.chunks, self.temperature,
-                             self.top_k, self.top_p, feed_as=step.hidden_action_id, guidance=self.guidance)
-        return ids[: len(ids) // 2]  # (B, A): each pair's twin got the same action
 
     def end_step(self, rewards: np.ndarray) -> None:
         if not self.expert_returns:

@@ -323,7 +323,6 @@ class TTMode:
 
     name = "tt"
     policy_view = False  # the planner rolls its world model forward, which needs the real actions
-    rows_per_env = 1
 
     def __init__(self, config: TTConfig | None = None):
         """``config``: the planner; ``None``: each task's preset (:func:`tt_preset`), chosen at ``set_task``."""

@@ -29,27 +29,13 @@ class Args:
     """Images are fitted into an image_size x image_size box (multiple of 16)."""
 
 
-# BabyAI's GoTo / Pickup / Open grammar (minigrid.envs.babyai.core.verifier): every mission of the levels we build
-BABYAI_COLOURS = ("red", "green", "blue", "purple", "yellow", "grey")
-BABYAI_TYPES = ("ball", "box", "key", "door")
-BABYAI_LOCATIONS = ("", " in front of you", " behind you", " on your left", " on your right")
-
-
-def babyai_missions() -> list[str]:
-    """The 840 missions of the grammar ("pick up a grey box behind you", "go to the key"), each word one token once
-    they are in the corpus (the documentation alone cut "red", "grey", "ball", "box" into shared pieces)."""
-    return [f"{verb} {article} {colour}{' ' if colour else ''}{kind}{where}"
-            for verb in ("go to", "pick up", "open") for article in ("the", "a") for colour in (*BABYAI_COLOURS, "")
-            for kind in BABYAI_TYPES for where in BABYAI_LOCATIONS]
-
-
 def train_text_bpe(vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    corpus = [topics[k] for k in sorted(topics)] + ["\n".join(babyai_missions())]
+    corpus = [topics[k] for k in sorted(topics)]
     tok.train_from_iterator(corpus, trainer=trainer)
     return tok
 

@@ -14,7 +14,7 @@ from gymnasium import spaces
 
 from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import SHARDS_DIR, episode_features
-from eval import returns, values
+from eval import missions, returns, values
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from tests.conftest import TINY_LLAMA, train_briefly
 
@@ -40,8 +40,8 @@ def write(eps: list[dict], folder, spec: TaskSpec = SPEC) -> None:
     rows = {"task": [e["task"] for e in eps], "source": [e["source"] for e in eps], "seed": list(range(len(eps))),
             "rewards": [e["rewards"] for e in eps], "terminated": [True] * len(eps), "truncated": [False] * len(eps),
             "episode_return": [float(e["rewards"].sum()) for e in eps],
-            "observation": [e["observations"]["observation"] for e in eps],
-            "action": [e["actions"]["action"] for e in eps]}
+            **{k: [e["observations"][k] for e in eps] for k in eps[0]["observations"]},
+            **{k: [e["actions"][k] for e in eps] for k in eps[0]["actions"]}}
     datasets.Dataset.from_dict(rows, features=episode_features(spec)).save_to_disk(str(folder / SHARDS_DIR / "00000"))
     (folder / TASK_SPECS).write_text(json.dumps({spec.name: spec.to_dict()}))
 
@@ -123,3 +123,45 @@ def test_the_return_probe_sees_a_dt_that_reads_its_target_and_one_that_cannot(to
         assert json.loads((folder / "returns_coin.json").read_text())["models"]
     assert gains[True] > 0.3  # log 2 = 0.69 nats if the return decided the action completely
     assert abs(gains[False]) < 0.1
+
+
+SAY = TaskSpec.from_spaces("Say-v0", spaces.Dict({"mission": spaces.Text(16),
+                                                  "x": spaces.Box(0.0, 1.0, (1,), np.float32)}), spaces.Discrete(2))
+
+
+def say(n: int, seed: int, obeys: bool) -> list[dict]:
+    """3-step episodes told "go left" or "go right": the actor goes where it is told (``obeys``) or anywhere."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        right = bool(rng.random() < 0.5)
+        actions = np.full(3, int(right)) if obeys else rng.integers(0, 2, 3)
+        out.append({"task": SAY.name, "source": "expert", "rewards": np.ones(3, np.float32), "terminated": True,
+                    "observations": {"observation.mission": np.array(["go right" if right else "go left"] * 3),
+                                     "observation.x": rng.random((3, 1)).astype(np.float32)},
+                    "actions": {"action": actions}})
+    return out
+
+
+def test_the_mission_probe_sees_a_policy_that_reads_its_mission_and_one_that_cannot(tok, tmp_path):
+    local = copy.copy(tok)
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(SAY)
+    gains = {}
+    for obeys in (True, False):
+        folder = tmp_path / f"obeys_{obeys}"
+        write(say(60, 0, obeys), folder / "say", SAY)
+        torch.manual_seed(0)
+        model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
+        train, rng = say(400, 1, obeys), np.random.default_rng(0)
+        train_briefly(model, lambda train=train, rng=rng: local.collate(
+            [local.encode_episode(SAY, e["observations"], e["actions"], e["rewards"], condition_on_return=False)
+             for e in rng.choice(train, 16)]), 150)
+        model.save_pretrained(folder / "model")
+        local.save_pretrained(folder / "model")
+        record = missions.main(["--model", str(folder / "model"), "--dataset", "say", "--data_root", str(folder),
+                                "--out", str(folder)])
+        gains[obeys] = record["models"][str(folder / "model")]["Say-v0"]
+        assert json.loads((folder / "missions_say.json").read_text())["models"]
+    assert gains[True]["gain_nats_first_step"] > 0.3  # log 2 = 0.69 nats if the mission decides the action
+    assert abs(gains[False]["gain_nats"]) < 0.1

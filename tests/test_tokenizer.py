@@ -226,3 +226,12 @@ def test_set_returns_equals_encoding_the_steps_with_returns(tok):
         assert set(a) == set(b)
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_default_tokenizer_is_what_its_recipe_builds():
+    """``generalist/default_tokenizer`` is package data: ``tokenizers_cfg/build_default.py`` rebuilds it exactly."""
+    from tokenizers_cfg.build_default import train_text_bpe
+
+    shipped = GeneralistTokenizer.default().text_tokenizer
+    assert train_text_bpe(shipped.get_vocab_size()).get_vocab() == shipped.get_vocab()
+

@@ -20,7 +20,6 @@ actions it took is compared:
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -29,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from eval.returns import action_nll
-from eval.values import HeldOutArgs, held_out_episodes
+from eval.returns import action_nll, probe_models, save_probe
+from eval.values import HeldOutArgs
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, slice_sample
 from generalist.training.settings import parse
@@ -42,12 +40,8 @@ from generalist.training.settings import parse
 class Args(HeldOutArgs):
     episodes: int = 40
     """held-out episodes per task (spread over the data's sources), or all of them if fewer"""
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None
     out: Path | None = None
     """writes OUT/missions_NAME.json (default: print only)"""
-    name: str | None = None
 
 
 def text_field(spec: TaskSpec) -> str | None:
@@ -87,18 +81,8 @@ def probe_task(model, tok: GeneralistTokenizer, spec: TaskSpec, episodes: list[d
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from eval.checkpoint import load_checkpoint
-
     args = parse(Args, argv, description=__doc__)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    episodes = held_out_episodes(args.dataset, args.data_root, args.episodes, args.tasks)
-    records: dict[str, dict[str, dict]] = {}
-    for path in tqdm(args.model, desc="models", unit="model"):
-        model, tok, _ = load_checkpoint(path, args.device, args.dtype)
-        with torch.inference_mode():
-            records[str(path)] = {task: probe_task(model, tok, tok.get_task_spec(task), eps)
-                                  for task, eps in episodes.items() if task in tok.task_specs}
+    records = probe_models(args, probe_task)
     print(f"\n{'model':<34}{'task':<28}{'gain':>8}{'1st step':>10}{'NLL own':>9}"
           "   (nats per action token; gain > 0: the model reads its mission)")
     for path, tasks in records.items():
@@ -110,13 +94,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   f"{r['nll_own']:>9.3f}")
     record = {"command": "python -m eval.missions " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "dataset": args.dataset, "episodes_per_task": args.episodes, "dtype": args.dtype, "models": records}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"missions_{args.name or Path(args.dataset).name.replace('-', '_')}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {path}")
+    save_probe(args, "missions", record)
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +45,8 @@ class Args(HeldOutArgs):
     """held-out episodes per task (spread over the data's sources), or all of them if fewer; split at their median"""
     windows: int = 4
     """windows read per episode, evenly spread from its start (each as long as the model's trained context)"""
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None
     out: Path | None = None
     """writes OUT/returns_NAME.json (default: print only)"""
-    name: str | None = None
 
 
 @torch.inference_mode()
@@ -121,17 +117,8 @@ def probe_task(model, tok, spec, episodes: list[dict], windows: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from eval.checkpoint import load_checkpoint
-
     args = parse(Args, argv, description=__doc__)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    episodes = held_out_episodes(args.dataset, args.data_root, args.episodes, args.tasks)
-    records: dict[str, dict[str, dict]] = {}
-    for path in tqdm(args.model, desc="models", unit="model"):
-        model, tok, _ = load_checkpoint(path, args.device, args.dtype)
-        records[str(path)] = {task: probe_task(model, tok, tok.get_task_spec(task), eps, args.windows)
-                              for task, eps in episodes.items() if task in tok.task_specs}
+    records = probe_models(args, lambda model, tok, spec, eps: probe_task(model, tok, spec, eps, args.windows))
     print(f"\n{'model':<34}{'task':<26}{'gain high':>10}{'gain low':>10}{'gain all':>10}{'1st step':>9}{'later':>8}"
           f"{'NLL own':>9}{'no R':>8}   (nats per action token; gain > 0: the model reads its return)")
     for path, tasks in records.items():
@@ -145,12 +132,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     record = {"command": "python -m eval.returns " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "dataset": args.dataset, "episodes_per_task": args.episodes, "windows": args.windows,
               "dtype": args.dtype, "models": records}
+    save_probe(args, "returns", record)
+    return record
+
+
+def probe_models(args: HeldOutArgs, probe: Callable[..., dict]) -> dict[str, dict[str, dict]]:
+    """``{model: {task: probe(model, tok, spec, episodes)}}`` over the held-out episodes of every task the model
+    knows (``eval.returns``, ``eval.missions``)."""
+    from eval.checkpoint import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    episodes = held_out_episodes(args.dataset, args.data_root, args.episodes, args.tasks)
+    records: dict[str, dict[str, dict]] = {}
+    for path in tqdm(args.model, desc="models", unit="model"):
+        model, tok, _ = load_checkpoint(path, args.device, args.dtype)
+        records[str(path)] = {task: probe(model, tok, tok.get_task_spec(task), eps)
+                              for task, eps in episodes.items() if task in tok.task_specs}
+    return records
+
+
+def save_probe(args: HeldOutArgs, kind: str, record: dict) -> None:
+    """``record`` to ``OUT/<kind>_NAME.json`` when the probe's ``--out`` is given."""
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"returns_{args.name or Path(args.dataset).name.replace('-', '_')}.json"
+        path = args.out / f"{kind}_{args.name or Path(args.dataset).name.replace('-', '_')}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {path}")
-    return record
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from generalist.training.settings import parse
 
 @dataclass
 class HeldOutArgs:
-    """The models and the held-out episodes a teacher-forced probe reads (this one and ``eval.returns``)."""
+    """The models and held-out episodes a teacher-forced probe reads (this one, ``eval.returns``, ``eval.missions``)."""
 
     model: tuple[str, ...]
     """checkpoint folders, run folders or 🤗 Hub repo ids; several = training seeds"""
@@ -58,6 +58,11 @@ class HeldOutArgs:
     """default: every task of the dataset that the model knows"""
     episodes: int = 20
     """held-out episodes per task (spread over the data's sources), or all of them if fewer"""
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = None
+    name: str | None = None
+    """names the output file (default: the dataset's name)"""
 
 
 @dataclass
@@ -75,12 +80,8 @@ class Args(HeldOutArgs):
     """environment and sampling seed of the rollouts (checkpoint k adds 1000 k, as eval.control)"""
     batch_size: int = 64
     """windows per forward"""
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int | None = None
     out: Path = Path("docs/results")
-    name: str | None = None
-    """writes OUT/values_NAME.json and .png (default: the dataset's name)"""
+    """writes OUT/values_NAME.json and .png"""
 
 
 def held_out_episodes(dataset: str, root: Path, per_task: int, tasks: Sequence[str] | None) -> dict[str, list[dict]]:

@@ -102,6 +102,15 @@ def coin(n: int, seed: int, action_pays: bool) -> list[dict]:
     return out
 
 
+def trained_model(tok, folder, batch) -> None:
+    """A tiny model trained 150 steps on ``batch()``, saved with ``tok`` to ``folder``."""
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
+    train_briefly(model, batch, 150)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
 def test_the_return_probe_sees_a_dt_that_reads_its_target_and_one_that_cannot(tok, tmp_path):
     local = copy.copy(tok)
     local.task_specs = {**tok.task_specs}
@@ -110,13 +119,9 @@ def test_the_return_probe_sees_a_dt_that_reads_its_target_and_one_that_cannot(to
     for action_pays in (True, False):
         folder = tmp_path / f"pays_{action_pays}"
         write(coin(100, 0, action_pays), folder / "coin", COIN)
-        torch.manual_seed(0)
-        model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
         train, rng = coin(400, 1, action_pays), np.random.default_rng(0)
-        train_briefly(model, lambda train=train, rng=rng: local.collate(
-            [local.encode_episode(**e) for e in rng.choice(train, 16)]), 150)
-        model.save_pretrained(folder / "model")
-        local.save_pretrained(folder / "model")
+        trained_model(local, folder / "model", lambda train=train, rng=rng: local.collate(
+            [local.encode_episode(**e) for e in rng.choice(train, 16)]))
         record = returns.main(["--model", str(folder / "model"), "--dataset", "coin", "--data_root", str(folder),
                                "--out", str(folder), "--name", "coin"])
         gains[action_pays] = record["models"][str(folder / "model")]["Coin-v0"]["all"]["gain_nats"]
@@ -151,14 +156,10 @@ def test_the_mission_probe_sees_a_policy_that_reads_its_mission_and_one_that_can
     for obeys in (True, False):
         folder = tmp_path / f"obeys_{obeys}"
         write(say(60, 0, obeys), folder / "say", SAY)
-        torch.manual_seed(0)
-        model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
         train, rng = say(400, 1, obeys), np.random.default_rng(0)
-        train_briefly(model, lambda train=train, rng=rng: local.collate(
+        trained_model(local, folder / "model", lambda train=train, rng=rng: local.collate(
             [local.encode_episode(SAY, e["observations"], e["actions"], e["rewards"], condition_on_return=False)
-             for e in rng.choice(train, 16)]), 150)
-        model.save_pretrained(folder / "model")
-        local.save_pretrained(folder / "model")
+             for e in rng.choice(train, 16)]))
         record = missions.main(["--model", str(folder / "model"), "--dataset", "say", "--data_root", str(folder),
                                 "--out", str(folder)])
         gains[obeys] = record["models"][str(folder / "model")]["Say-v0"]

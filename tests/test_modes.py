@@ -284,11 +284,11 @@ def test_the_agent_plans_with_the_tasks_tt_preset_unless_given_one(model, tok):
     from generalist.modes import TT_PRESETS
 
     local = _with_spec(tok, TaskSpec.from_env(gym.make("CartPole-v1")))
-    local = _with_spec(local, TaskSpec.from_env(gym.make("Acrobot-v1")))
+    local = _with_spec(local, TaskSpec.from_env(gym.make("FrozenLake-v1")))
     agent = Agent(model, local, "tt")
     agent.reset("CartPole-v1")
     assert agent.mode.config == TT_PRESETS["CartPole-v1"] == TTConfig(beam_width=16, horizon=5)
-    agent.reset("Acrobot-v1")
+    agent.reset("FrozenLake-v1")  # no preset of its own
     assert agent.mode.config == TT_PRESETS["reference"]
     mine = TTConfig(beam_width=4, horizon=2)
     agent = Agent(model, local, "tt", tt_config=mine)

@@ -144,9 +144,10 @@ TT_PRESETS: dict[str, TTConfig] = {
     "walker2d-medium-replay-v2": TTConfig(horizon=20, beam_width=32, k_act=40, cdf_act=None),
     # Ours, not the reference's: the classic control tasks need no 15-step horizon (a CartPole or
     # Pendulum step is 0.02-0.05 s) and a 2-core CPU cannot afford 128 beams for 2 x 20 episodes of
-    # 200-500 steps; these are the settings the TT figures of docs/control.md were measured with.
-    "CartPole-v1": TTConfig(beam_width=16, horizon=5),
-    "Pendulum-v1": TTConfig(beam_width=32, horizon=5),
+    # 200-1,000 steps; these are the settings the TT figures of docs/control.md were measured with
+    # (16 beams where the action is discrete, 32 where it is continuous).
+    **{task: TTConfig(beam_width=16, horizon=5) for task in ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")},
+    **{task: TTConfig(beam_width=32, horizon=5) for task in ("Pendulum-v1", "MountainCarContinuous-v0")},
 }
 
 

@@ -97,5 +97,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     save_probe(args, "missions", record)
     return record
 
+
 if __name__ == "__main__":
     main()

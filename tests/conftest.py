@@ -3,6 +3,7 @@ encode/decode round trip runs over."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,14 @@ def dt_model(tok):
 
     train_briefly(model, batch, 150)
     return model, spec
+
+
+def with_task_spec(tok: GeneralistTokenizer, spec) -> GeneralistTokenizer:
+    """A copy of ``tok`` that also knows ``spec``; the session tokenizer (and its task specs) stay untouched."""
+    local = copy.copy(tok)
+    local.task_specs = {**tok.task_specs}
+    local.add_task_spec(spec)
+    return local
 
 
 def train_briefly(model: GeneralistForCausalLM, batch, steps: int, lr: float = 3e-3) -> GeneralistForCausalLM:

@@ -8,8 +8,6 @@ window short enough to slide: ``act`` returns actions the vector env's action sp
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, TaskSpec, TokenizationError
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, with_task_spec
 from tests.test_tokenizer_properties import leaf_spaces, obs_spaces
 
 
@@ -66,9 +64,7 @@ def _with_nan(observations, rng):
 def test_random_spaces_through_the_agent(tok, context_model, obs_space, act_space, num_envs, mode, steps, seed,
                                          break_one):
     spec = TaskSpec.from_spaces("random", obs_space, act_space, expert_return=1.0, random_return=0.0)
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(spec)
+    local = with_task_spec(tok, spec)
     obs_batch, act_batch = batch_space(obs_space, num_envs), batch_space(act_space, num_envs)
     obs_batch.seed(seed)
     rng = np.random.default_rng(seed)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import gymnasium as gym
 import torch
 
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, with_task_spec
 
 
 def test_each_reading_rule_plays_whole_episodes(tok):
     from bench import greedy_decoding as bench
 
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(TaskSpec.from_env(gym.make("Pendulum-v1")))
+    local = with_task_spec(tok, TaskSpec.from_env(gym.make("Pendulum-v1")))
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
                                                    context_length=64)).eval()

@@ -3,7 +3,6 @@ JSON the docs' result tables are generated from."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from eval import results
 from eval.control import ErrorAsTermination, aggregate, main, mean_stderr, normalised, rollout
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, with_task_spec
 
 
 class Flaky(gym.Env):
@@ -74,9 +73,7 @@ def two_checkpoints(tok, tmp_path: Path, spec: TaskSpec) -> list[str]:
     """Two saved "seeds" of a tiny random model whose tokenizer knows ``spec``."""
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
-    local = copy.copy(tok)  # the session tokenizer stays untouched
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(spec)
+    local = with_task_spec(tok, spec)
     for k in range(2):
         model.save_pretrained(tmp_path / f"s{k}")
         local.save_pretrained(tmp_path / f"s{k}")
@@ -153,9 +150,8 @@ def test_video_records_one_rendered_episode_per_task_and_the_report_embeds_it(to
 
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0))
+    local = with_task_spec(tok, TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0,
+                                                  random_return=20.0))
     run = tmp_path / "run"
     model.save_pretrained(run / "model")
     local.save_pretrained(run / "model")
@@ -306,9 +302,8 @@ def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_s
     from eval.score_curve import main as curve_main
     from generalist.task_spec import d4rl_normalized_scores
 
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3000.0, random_return=20.0))
+    local = with_task_spec(tok, TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3000.0,
+                                                  random_return=20.0))
     run = tmp_path / "run"
     for step in (4, 8):  # two checkpoints, as train.py writes them
         torch.manual_seed(step)

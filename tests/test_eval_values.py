@@ -3,7 +3,6 @@ whether a Decision Transformer reads its target."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import datasets
@@ -16,7 +15,7 @@ from datasets_build.common import TASK_SPECS
 from datasets_build.episodes import SHARDS_DIR, episode_features
 from eval import missions, returns, values
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
-from tests.conftest import TINY_LLAMA, train_briefly
+from tests.conftest import TINY_LLAMA, train_briefly, with_task_spec
 
 SPEC = TaskSpec.from_spaces("Countdown-v0", spaces.Box(0.0, 1.0, (1,), np.float32), spaces.Discrete(2),
                             return_scale=0.1, discount=0.9)
@@ -51,9 +50,7 @@ def checkpoints(tok, tmp_path_factory):
     """A tiny model trained (seconds) on unconditioned countdown episodes, and the same model untrained."""
     folder = tmp_path_factory.mktemp("values")
     write(countdown(40), folder / "countdown")
-    local = copy.copy(tok)  # the session tokenizer stays untouched
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(SPEC)
+    local = with_task_spec(tok, SPEC)
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=dict(TINY_LLAMA)))
     model.save_pretrained(folder / "untrained")
@@ -112,9 +109,7 @@ def trained_model(tok, folder, batch) -> None:
 
 
 def test_the_return_probe_sees_a_dt_that_reads_its_target_and_one_that_cannot(tok, tmp_path):
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(COIN)
+    local = with_task_spec(tok, COIN)
     gains = {}
     for action_pays in (True, False):
         folder = tmp_path / f"pays_{action_pays}"
@@ -149,9 +144,7 @@ def say(n: int, seed: int, obeys: bool) -> list[dict]:
 
 
 def test_the_mission_probe_sees_a_policy_that_reads_its_mission_and_one_that_cannot(tok, tmp_path):
-    local = copy.copy(tok)
-    local.task_specs = {**tok.task_specs}
-    local.add_task_spec(SAY)
+    local = with_task_spec(tok, SAY)
     gains = {}
     for obeys in (True, False):
         folder = tmp_path / f"obeys_{obeys}"

@@ -21,7 +21,7 @@ from generalist.modes import (
     tt_plan,
 )
 from generalist.modes.control import sample_actions, step_prompts
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, with_task_spec
 
 ACTION_SPACES = {
     "box": spaces.Box(np.array([-2.0, 0.0, -0.01]), np.array([2.0, 1.0, 0.01]), dtype=np.float32),
@@ -283,8 +283,8 @@ def test_the_agent_plans_with_the_tasks_tt_preset_unless_given_one(model, tok):
     from generalist import Agent
     from generalist.modes import TT_PRESETS
 
-    local = _with_spec(tok, TaskSpec.from_env(gym.make("CartPole-v1")))
-    local = _with_spec(local, TaskSpec.from_env(gym.make("FrozenLake-v1")))
+    local = with_task_spec(tok, TaskSpec.from_env(gym.make("CartPole-v1")))
+    local = with_task_spec(local, TaskSpec.from_env(gym.make("FrozenLake-v1")))
     agent = Agent(model, local, "tt")
     agent.reset("CartPole-v1")
     assert agent.mode.config == TT_PRESETS["CartPole-v1"] == TTConfig(beam_width=16, horizon=5)
@@ -330,7 +330,7 @@ def _bos(tok) -> dict:
 
 def test_demonstration_prompt_is_drawn_as_in_training(tok):
     spec = TaskSpec.from_spaces("demo", spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2))
-    tok = _with_spec(tok, spec)
+    tok = with_task_spec(tok, spec)
     episode = {"task": "demo", "observations": {"observation": np.arange(30, dtype=np.float32).reshape(10, 3) / 30},
                "actions": {"action": np.arange(10) % 2}, "rewards": np.ones(10), "terminated": True}
     full = demonstration_prompt(tok, episode, max_tokens=1000, end=True)
@@ -349,14 +349,6 @@ def test_demonstration_prompt_is_drawn_as_in_training(tok):
         assert at and (at[0] - 1) % 7 == 0  # it starts at a step boundary of the episode
         starts.add(at[0])
     assert len(starts) > 3
-
-
-def _with_spec(tok, spec):
-    import copy
-
-    tok = copy.copy(tok)
-    tok.task_specs = {**tok.task_specs, spec.name: spec}
-    return tok
 
 
 def test_caption_and_text_stop_and_decode(model, tok):

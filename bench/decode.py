@@ -108,6 +108,10 @@ class Args:
     """consecutive decisions timed per trial (the median is over trials x timed_steps)"""
     uncached: bool = True
     """also time the decisions on an Engine(use_cache=False)"""
+    hidden_action_prob: float = 0.5
+    """the models' GeneralistConfig.hidden_action_prob, train.py's default: above 0 the Agent acts in the policy
+    view, where one forward predicts every action token (Engine.generate_blind); 0: a model trained without
+    hidden actions, one forward per action token"""
     skip_decisions: bool = False
     """skip the decision-time and batching figures (DT mode, the default tiny model)"""
     skip_jat_size: bool = False
@@ -234,11 +238,12 @@ def hopper_spec(name: str) -> TaskSpec:
     return spec
 
 
-def seeded_model(tok: GeneralistTokenizer, text_config: dict | None = None,
-                 device: str = "cpu") -> GeneralistForCausalLM:
+def seeded_model(tok: GeneralistTokenizer, text_config: dict | None = None, device: str = "cpu",
+                 hidden_action_prob: float = 0.0) -> GeneralistForCausalLM:
     torch.manual_seed(0)
     kwargs = {} if text_config is None else {"text_config": dict(text_config)}
-    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), **kwargs)).eval().to(device)
+    config = GeneralistConfig(vocab_layout=tok.layout.to_dict(), hidden_action_prob=hidden_action_prob, **kwargs)
+    return GeneralistForCausalLM(config).eval().to(device)
 
 
 # --- timing through the Agent ---
@@ -339,21 +344,22 @@ def cache_bytes(state) -> int:
 
 
 def count_kv_reads(engine: Engine, fn) -> int:
-    """KV bytes read by the forwards of ``fn()``: the cache as each ``engine.feed`` leaves it (its
-    attention read all of it). A timing aid: the engine's ``feed`` is wrapped for the call only."""
-    feed, total = engine.feed, 0
+    """KV bytes read by the forwards of ``fn()``: the cache as each of the engine's forwards (``Engine._feed``,
+    which ``feed`` and ``generate_blind`` call) leaves it (its attention read all of it). A timing aid: the
+    method is wrapped for the call only."""
+    forward, total = engine._feed, 0
 
     def counting(state, *args, **kwargs):
         nonlocal total
-        out = feed(state, *args, **kwargs)
+        out = forward(state, *args, **kwargs)
         total += cache_bytes(state)
         return out
 
-    engine.feed = counting
+    engine._feed = counting
     try:
         fn()
     finally:
-        del engine.feed  # the class's method again
+        del engine._feed  # the class's method again
     return total
 
 
@@ -423,7 +429,7 @@ def decision_gemm_rate(args: Args) -> tuple[float, str]:
 
 
 def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[str, int], Timing]:
-    model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width), args.device)
+    model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width), args.device, args.hidden_action_prob)
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
     out = {(dtype, n): time_agent(dt_agent(model.to(getattr(torch, dtype)), tok), vector_env(args.env, n), spec,
@@ -592,13 +598,16 @@ def main(args: Args) -> None:
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
     jat_ms, tt_references = run_references(args, config)
 
-    model = seeded_model(tok, device=args.device)  # the default tiny Llama
+    model = seeded_model(tok, device=args.device, hidden_action_prob=args.hidden_action_prob)  # the default tiny Llama
     params = sum(p.numel() for p in model.parameters())
+    view = (f"DT decisions in the policy view (hidden_action_prob {args.hidden_action_prob}, as train.py trains): one "
+            "forward per decision" if args.hidden_action_prob else "DT decisions without hidden actions: one forward "
+            "per action token")
     print(f"{'QUICK SMOKE RUN (tiny sizes, figures mean nothing): ' if args.quick else ''}threads={args.threads} "
           f"torch={torch.__version__} device={device_name(args.device)} "
           f"model=default tiny Llama ({params / 1e6:.2f}M params), env {args.env} "
           f"({spec.observation_fields[0].size} obs / {spec.action_size} action dims), "
-          f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting", flush=True)
+          f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting; {view}", flush=True)
     if not args.skip_decisions:
         report_decisions(args, bench_decisions(args, tok, spec, model))
     if not args.skip_jat_size:

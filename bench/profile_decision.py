@@ -51,6 +51,9 @@ class Args:
     """decisions under the profiler"""
     rows: int = 14
     """operators printed per table"""
+    hidden_action_prob: float = 0.5
+    """as bench/decode.py's: train.py's default, the policy view (one forward per DT decision); 0: one forward per
+    action token"""
 
 
 def main(args: Args) -> None:
@@ -59,7 +62,7 @@ def main(args: Args) -> None:
     tok.add_task_spec(spec)
     tt = args.mode == "tt"
     backbone = decode.TT_BACKBONE if tt else decode.jat_backbone(args.layers, args.width)
-    model = decode.seeded_model(tok, backbone, args.device)
+    model = decode.seeded_model(tok, backbone, args.device, 0.0 if tt else args.hidden_action_prob)
     cuda = torch.device(args.device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     text = model.config.text_config

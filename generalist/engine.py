@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
@@ -66,7 +67,8 @@ from generalist.shared_prefix import (
     enable_shared_prefix_attention,
     shared_prefix_attention,
 )
-from generalist.tokenizer import PATCH_DIM, Sample
+from generalist.tokenizer import PATCH_DIM, Sample, concat_samples, token_sample
+from generalist.vocab import Modality
 
 # The attention kernels a decoding forward may use: every one but cuDNN's. Decoding changes the key length at every
 # call, and PyTorch's cuDNN attention builds a graph per shape (milliseconds of CPU each): on an H200, where it is
@@ -149,8 +151,6 @@ class Engine:
         self.feed(state, Chunk.from_samples(samples, self.pad_id))
         return state
 
-    @torch.inference_mode()
-    @sdpa_kernel(DECODE_ATTENTION)
     def feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor,
              next_allowed: Allowed = None) -> DecodeState:
         """Append new tokens to every row; ``state.logits`` then predicts each row's next token.
@@ -159,6 +159,18 @@ class Engine:
         ``next_allowed``: when it is an id range, the next token will be drawn from it, and only
         its logits are computed (the rest of the LM head is skipped).
         """
+        logits, offset, empty = self._feed(state, chunk, as_range(next_allowed), keep=1)
+        if logits is not None:
+            self._set_logits(state, logits[:, -1], offset, empty)
+        return state
+
+    @torch.inference_mode()
+    @sdpa_kernel(DECODE_ATTENTION)
+    def _feed(self, state: DecodeState, chunk: Chunk | Sequence[Sample] | torch.Tensor,
+              vocab_range: tuple[int, int] | None, keep: int
+              ) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """Run ``chunk`` through the model -> the logits at its last ``keep`` positions (B, keep, V'), the
+        id of their first column, and which rows were fed only padding (``None`` logits: nothing fed)."""
         if isinstance(chunk, torch.Tensor):
             chunk = Chunk.from_ids(chunk)
         elif not isinstance(chunk, Chunk):
@@ -166,17 +178,16 @@ class Engine:
         if chunk.input_ids.shape[0] != state.batch_size:
             raise ValueError(f"chunk has {chunk.input_ids.shape[0]} rows, the state {state.batch_size}")
         if not chunk.input_ids.shape[1]:  # nothing fed (e.g. a re-prefill whose window keeps no whole step, no prompt)
-            return state
+            return None, 0, None
         mask = chunk.attention_mask
         counts = mask.sum(1)  # (B,)
-        vocab_range = as_range(next_allowed)
         if state.logits is not None and not bool(counts.all()):
             vocab_range = None  # rows fed only padding keep logits that may cover other ids
         positions = (state.next_position[:, None] + mask.cumsum(1) - 1).clamp_min(0)  # (B, n)
         state.next_position = state.next_position + counts
         state.attention_mask = torch.cat([state.attention_mask, mask], 1)  # (B, L + n)
         if state.cache is None:
-            logits = self._forward_uncached(state, chunk, positions, vocab_range)
+            logits = self._forward_uncached(state, chunk, positions, vocab_range, keep)
         else:
             levels = [level for level in (state.prefix, state.branch) if level is not None]
             own_mask = state.attention_mask[:, sum(level.length for level in levels):]
@@ -194,14 +205,13 @@ class Engine:
                 **self._on_device(input_ids=chunk.input_ids, local_positions=chunk.local_positions,
                                   patches=chunk.patches, patch_positions=chunk.patch_positions,
                                   attention_mask=None if bool(own_mask.all()) else own_mask, position_ids=positions),
-                cache=state.cache, use_cache=True, logits_to_keep=1, vocab_range=vocab_range, **extra,
+                cache=state.cache, use_cache=True, logits_to_keep=keep, vocab_range=vocab_range, **extra,
             )
             state.cache = out.cache
-            logits = out.logits[:, -1].float().cpu()
+            logits = out.logits[:, -keep:].float().cpu()  # (B, keep, V')
         # a model that ignores ``vocab_range`` (a stand-in, a wrapper) returns the whole vocabulary
         offset = 0 if vocab_range is None or logits.shape[-1] != vocab_range[1] - vocab_range[0] else vocab_range[0]
-        self._set_logits(state, logits, offset, counts == 0)
-        return state
+        return logits, offset, counts == 0
 
     def _set_logits(self, state: DecodeState, logits: torch.Tensor, offset: int, empty: torch.Tensor) -> None:
         """New next-token logits (B, V'); a row fed only padding (``empty``) keeps its previous ones."""
@@ -214,7 +224,7 @@ class Engine:
         state.logits, state.logits_offset = logits, offset
 
     def _forward_uncached(self, state: DecodeState, chunk: Chunk, positions: torch.Tensor,
-                          vocab_range: tuple[int, int] | None) -> torch.Tensor:
+                          vocab_range: tuple[int, int] | None, keep: int) -> torch.Tensor:
         h = state.history
         h["input_ids"] = torch.cat([h["input_ids"], chunk.input_ids], 1)
         h["local_positions"] = torch.cat([h["local_positions"], chunk.local_positions], 1)
@@ -231,9 +241,9 @@ class Engine:
                               patch_positions=patches[:, PATCH_DIM:].long() if len(patches) else None,
                               attention_mask=_windowed(state.attention_mask, state.window_start),
                               position_ids=h["position_ids"]),
-            use_cache=False, logits_to_keep=1, vocab_range=vocab_range,
+            use_cache=False, logits_to_keep=keep, vocab_range=vocab_range,
         )
-        return out.logits[:, -1].float().cpu()
+        return out.logits[:, -keep:].float().cpu()  # (B, keep, V')
 
     def _on_device(self, **tensors: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         """The model's inputs on its device (a no-op on the CPU)."""
@@ -573,6 +583,31 @@ class Engine:
                 chunk = fed[:, None] if local_positions is None else Chunk.from_ids(
                     fed[:, None], local_positions=[local_positions[j]])
                 self.feed(state, chunk, allowed[j + 1] if j < len(allowed) - 1 else then)
+        return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
+
+    @torch.inference_mode()
+    def generate_blind(self, state: DecodeState, samples: Sequence[Sample], allowed: Sequence[Allowed],
+                       feed_as: int, temperature: float = 0.0, top_k: int | None = None,
+                       top_p: float | None = None, *, median: Sequence[bool] | None = None) -> torch.Tensor:
+        """``feed(state, samples, allowed[0])`` then ``generate(state, allowed, ..., feed_last=False,
+        feed_as=feed_as)`` in one forward instead of ``len(allowed)`` -> (B, n).
+
+        Tokens fed as ``feed_as`` (the policy view's ``<hidden_action>``) do not depend on what was
+        sampled, so each row's sample and ``n - 1`` of them go in together, and the logits at the last
+        ``n`` positions predict the ``n`` tokens: the same tokens, from the same random draws, as the
+        token-by-token loop, and the state ends where that loop leaves it. An action of ``n``
+        elements then costs one pass over the cache rather than ``n``.
+        """
+        n = len(allowed)
+        blind = token_sample(np.full(max(n - 1, 0), feed_as), Modality.ACTION)
+        ranges = [as_range(a) for a in allowed]
+        union = None if not ranges or None in ranges else (min(r[0] for r in ranges), max(r[1] for r in ranges))
+        logits, offset, empty = self._feed(state, [concat_samples([s, blind]) for s in samples], union, keep=max(n, 1))
+        out = []
+        for j in range(max(n, 1)):  # the last logits stay in the state, as the loop leaves them
+            self._set_logits(state, logits[:, j], offset, empty)
+            if j < n:
+                out.append(self.sample(state, allowed[j], temperature, top_k, top_p, median=bool(median and median[j])))
         return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
     @torch.inference_mode()

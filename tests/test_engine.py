@@ -103,6 +103,33 @@ def test_feed_next_allowed_computes_only_that_range(model, tok, use_cache):
     assert torch.equal(full.generate(a, ranges, 1.0), part.generate(b, ranges, 1.0))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_blind_is_the_token_by_token_loop_in_one_forward(model, tok, use_cache, temperature):
+    """Tokens fed as ``feed_as`` whatever was sampled (the policy view): one forward gives the same tokens from the
+    same draws, the same state afterwards, and the logits the loop leaves for the token after."""
+    hidden = 7
+    prompts = [tok.encode_text_sample("first row"), tok.encode_text_sample("a longer second row")]
+    ranges = [(2100, 2300), (2150, 2200), (2048, 3072)]
+    loop, blind = Engine(model, seed=3, use_cache=use_cache), Engine(model, seed=3, use_cache=use_cache)
+    a, b = loop.prefill(prompts), blind.prefill(prompts)
+    steps = [tok.encode_text_sample("one"), tok.encode_text_sample("two three")]
+    forwards = []
+    forward = blind._feed
+    blind._feed = lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs)
+    loop.feed(a, steps, ranges[0])
+    expected = loop.generate(a, ranges, temperature, feed_last=False, feed_as=hidden, median=[False, True, False])
+    got = blind.generate_blind(b, steps, ranges, hidden, temperature, median=[False, True, False])
+    assert len(forwards) == 1 and torch.equal(got, expected)
+    assert b.length == a.length and torch.equal(b.attention_mask, a.attention_mask)
+    assert b.logits_offset == 2048 and a.logits_offset == 2048
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    last = torch.tensor([[2100], [2101]])  # then both go on alike
+    loop.feed(a, last)
+    blind.feed(b, last)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("expand", ["repeat", "branch"])
 @pytest.mark.parametrize("own_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("backbone", ["llama", "gpt2"])

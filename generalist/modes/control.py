@@ -149,13 +149,16 @@ def sample_actions(engine: Engine, state: DecodeState, tok: GeneralistTokenizer,
 
     Greedy (``temperature=0``): argmax for discrete elements, the predicted median for continuous
     ones. The last action token is *not* fed: the caller feeds it with the reward and the next step.
-    ``feed_as``: the id fed in place of each sampled token (see :meth:`Engine.generate`).
+    ``feed_as``: the id fed in place of each sampled token; then one forward predicts every action
+    token (:meth:`Engine.generate_blind`), as the token-by-token loop would.
     """
     ranges = tok.action_token_ranges(spec)
+    median = continuous_flags(tok, ranges)
+    if feed_as is not None:
+        return engine.generate_blind(state, prompts, ranges, feed_as, temperature, top_k, top_p,
+                                     median=median).numpy()  # (B, A)
     engine.feed(state, prompts, ranges[0] if ranges else None)
-    ids = engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False,
-                          median=continuous_flags(tok, ranges), feed_as=feed_as)  # (B, A)
-    return ids.numpy()
+    return engine.generate(state, ranges, temperature, top_k, top_p, feed_last=False, median=median).numpy()
 
 
 def decode_actions(tok: GeneralistTokenizer, spec: TaskSpec, ids: np.ndarray) -> list[Any]:

@@ -102,4 +102,4 @@ def test_the_floor_counts_what_a_forward_does(bench):
     head_dim = text.hidden_size // text.num_attention_heads
     per_token = text.num_hidden_layers * 2 * 3 * text.num_key_value_heads * head_dim * 4  # layers, K+V, rows, float32
     assert read == per_token * (5 + 7)
-    assert "feed" not in vars(engine)  # the wrapper is gone after the call
+    assert "_feed" not in vars(engine)  # the wrapper is gone after the call

@@ -402,7 +402,7 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     preset = TT_PRESETS[args.tt_preset] if args.tt_preset else tt_preset(task)
     tt = TTConfig(**{**preset.__dict__, **overrides}) if overrides or args.tt_preset else None  # None: the task's
     agent = Agent(model, tok, args.mode, temperature=args.temperature, context_length=args.context_length,
-                  expert_returns=args.expert_returns, tt_config=tt, seed=seed)
+                  expert_returns=args.expert_returns, context_steps=args.context_steps, tt_config=tt, seed=seed)
     prompt, origin = gato_prompt(args, tok, model, spec, seed) if args.mode == "gato" else (None, None)
     target = args.target_return
     if args.mode == "dt" and target is None and not args.expert_returns and spec.expert_return is None:
@@ -417,7 +417,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
               "stderr_return": se, "returns": ok, "lengths": [e["length"] for e in episodes if e["error"] is None],
               "errors": [e["error"] for e in episodes if e["error"] is not None],
               "target_return": target if args.mode == "dt" else None, "seconds": seconds,
-              "context_length": agent.context_length}
+              "context_length": agent.context_length,
+              **({"context_steps": args.context_steps} if args.mode == "dt" and args.context_steps else {})}
     if norm is not None:
         record["normalized_score"], record["stderr_normalized"] = mean_stderr(norm)
         record["normalized_scores"] = norm
@@ -536,6 +537,9 @@ class Args:
     """DT: Multi-Game DT expert-return sampling"""
     sweep: int = 0
     """DT: also sweep this many targets from random to expert"""
+    context_steps: int | None = None
+    """DT: attend only to the step being decided and the K-1 before it (DTMode.context_steps; default: the whole
+    context); 1 acts from R_t and the state alone"""
     demos: tuple[str, ...] | None = None
     """Gato: built control datasets to draw the expert prompt from (pixel tasks: their own)"""
     temperature: float = 0.0

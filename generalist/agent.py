@@ -90,6 +90,8 @@ class Agent:
             ``model.config.context_length``).
         window_keep: fraction of the context kept when the window slides.
         expert_returns, kappa: DT made from a name: Multi-Game DT expert-return sampling.
+        context_steps: DT made from a name: attend only to the step being decided and the
+            ``context_steps - 1`` before it (:class:`~generalist.modes.DTMode`; default: the whole context).
         tt_config: TT made from a name: the planner's settings (default: each task's preset,
             :func:`generalist.modes.tt_preset`).
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
@@ -111,17 +113,20 @@ class Agent:
                  mode: Literal["gato", "dt", "tt"] | ControlMode = "gato", *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  context_length: int | None = None, window_keep: float = 0.75, expert_returns: bool = False,
-                 kappa: float = 10.0, tt_config: TTConfig | None = None,
+                 kappa: float = 10.0, context_steps: int | None = None, tt_config: TTConfig | None = None,
                  autoreset: Literal["same_step", "next_step"] = "same_step", seed: int = 0):
         if mode == "gato":
             mode = GatoMode(temperature, top_k, top_p)
         elif mode == "dt":
             mode = DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature, top_k=top_k,
-                          top_p=top_p)
+                          top_p=top_p, context_steps=context_steps)
         elif mode == "tt":
             mode = TTMode(tt_config)
         elif isinstance(mode, str):
             raise ValueError(f"mode must be one of {list(MODES)} or a ControlMode, got {mode!r}")
+        if context_steps is not None and not isinstance(mode, DTMode):
+            raise ValueError(f"context_steps is a Decision Transformer setting; this agent's mode is {mode.name!r} "
+                             "(TT: TTConfig.context_steps)")
         if autoreset not in ("same_step", "next_step"):
             raise ValueError(f"autoreset must be 'same_step' or 'next_step', got {autoreset!r}")
         if not 0 < window_keep <= 1:

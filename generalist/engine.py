@@ -180,6 +180,9 @@ class Engine:
         if not chunk.input_ids.shape[1]:  # nothing fed (e.g. a re-prefill whose window keeps no whole step, no prompt)
             return None, 0, None
         mask = chunk.attention_mask
+        if state.window_start is not None and state.window_start >= state.length + mask.shape[1]:
+            raise ValueError(f"attend_from: the window starts at {state.window_start}, after every token this feed "
+                             f"ends at ({state.length + mask.shape[1]})")
         counts = mask.sum(1)  # (B,)
         if state.logits is not None and not bool(counts.all()):
             vocab_range = None  # rows fed only padding keep logits that may cover other ids
@@ -417,9 +420,13 @@ class Engine:
         The window's own keys keep what they were computed from (the standard cached sliding window;
         in a model of several layers, what they once read still reaches the new tokens through them).
         The uncached engine recomputes the window alone, as the reference does.
+        Without shared levels ``start`` may lie in the tokens the next feed appends (a decision's own step,
+        fed together with the previous step's last tokens); that feed refuses a window holding none of them.
         """
-        if start is not None and not 0 <= start <= state.length:
-            raise ValueError(f"attend_from: start must be in [0, {state.length}] (the cache length), got {start}")
+        shared = state.prefix is not None or state.branch is not None
+        if start is not None and not 0 <= start <= (state.length if shared else start):
+            raise ValueError(f"attend_from: start must be in [0, {state.length}] (the cache length"
+                             f"{'' if shared else '; without shared levels, any position from 0 on'}), got {start}")
         _check_window(state, start)
         state.window_start = start or None
         return state

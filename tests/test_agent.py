@@ -304,3 +304,50 @@ def test_policy_view_hides_every_fed_action_in_gato_and_dt_and_none_in_tt(tok, m
             assert tok.hidden_action_id in agent.prompt["input_ids"]
             assert not np.isin(agent.prompt["input_ids"][agent.prompt["modality_ids"] == Modality.ACTION],
                                tok.encode_continuous(np.array([1.5]))).any()
+
+
+class DivergingEnv(gym.Env):
+    """Observations that differ from env to env (``offset``) for three steps, then are the same; reward 1."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (2,), np.float32)
+
+    def __init__(self, offset: float = 0.0):
+        self.offset = offset
+
+    def _obs(self):
+        return np.full(3, self.offset if self.t < 3 else 0.25, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 1.0, False, False, {}
+
+
+@pytest.mark.parametrize("context_steps", [None, 1, 2])
+def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps):
+    """DT with ``context_steps=K`` reads the step it decides and the K-1 before it, nothing older: two envs whose
+    histories differ, then whose last K steps agree (same observations, same R_t), get the same action
+    distribution; with the whole context (None) they do not."""
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
+                                                   hidden_action_prob=0.5)).eval()
+    envs = gym.vector.SyncVectorEnv([lambda: DivergingEnv(-0.9), lambda: DivergingEnv(0.9)])
+    spec = TaskSpec.from_spaces("Diverging-v0", envs.single_observation_space, envs.single_action_space,
+                                expert_return=10.0, random_return=0.0)
+    tok.add_task_spec(spec)
+    agent = Agent(model, tok, "dt", context_steps=context_steps)
+    agent.reset(spec, num_envs=2)
+    obs, _ = envs.reset(seed=0)
+    for _ in range(5):  # decisions at t = 0..4; at t = 3 and 4 the observations agree
+        obs, rewards, terminated, truncated, _ = envs.step(agent.act(obs))
+        agent.observe(rewards, terminated, truncated)
+    agent.act(obs)  # t = 5: the last three steps agree, the three before differ
+    same = torch.allclose(agent.state.logits[0], agent.state.logits[1], atol=1e-5)
+    assert same == (context_steps is not None)
+    with pytest.raises(ValueError, match="context_steps"):
+        Agent(model, tok, "gato", context_steps=2)

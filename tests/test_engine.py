@@ -279,7 +279,14 @@ def test_attend_from_is_one_sliding_window_in_every_path(model, gpt2_model, tok,
         eng.feed(b, torch.tensor([[7, 8], [7, 8]]))
         assert torch.allclose(b.logits[0], b.logits[1], atol=1e-5) == same, window
     with pytest.raises(ValueError, match="attend_from"):
-        eng.attend_from(b, b.length + 1)
+        eng.attend_from(b, -1)
+    eng.attend_from(b, b.length + 2)  # a window that begins in the tokens the next feed appends
+    with pytest.raises(ValueError, match="attend_from"):
+        eng.feed(b, torch.tensor([[7, 8], [7, 8]]))  # ... but this one would hold none of them
+    eng.feed(b, torch.tensor([[7, 8, 9], [1, 2, 9]]))  # the window holds the last one alone: the rows agree
+    assert torch.allclose(b.logits[0], b.logits[1], atol=1e-5)
+    with pytest.raises(ValueError, match="attend_from"):  # shared levels: only positions already cached
+        engines["shared"].attend_from(states["shared"], states["shared"].length + 1)
 
 
 def test_select_stores_each_survivors_window_as_one_block(model, tok):

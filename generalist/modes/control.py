@@ -110,6 +110,29 @@ class Sampler:
         return 0
 
 
+def attend_to_last_steps(engine: Engine, state: DecodeState, step_start: int, layout: StepLayout, steps: int) -> None:
+    """Let every row attend only to the step starting at cache position ``step_start`` and the
+    ``steps - 1`` whole steps before it (:meth:`Engine.attend_from`).
+
+    The reference planner crops every input, imagined ones included, to its last
+    ``max_context_transitions`` transitions (``max_block = max_context_transitions * transition_dim - 1``
+    tokens, cut at transition boundaries: ``trajectory/search/sampling.py::forward``), so the model
+    never reads more than ~5 transitions however far the plan runs. Steps have ``layout.tokens`` tokens
+    (exact for numeric observations, which every task TT plans on has).
+    """
+    start = step_start - (steps - 1) * layout.tokens
+    engine.attend_from(state, start if start > 0 else None)
+
+
+def attend_to_this_step_and(step: ControlStep, past_steps: int) -> None:
+    """Before a decision feeds ``step.chunks``: let every row attend only to the step it is about to
+    decide and the ``past_steps`` whole steps before it (:func:`attend_to_last_steps`)."""
+    fed = max(len(chunk["input_ids"]) for chunk in step.chunks)  # left-padded to the longest
+    layout = step.tok.step_layout(step.spec)
+    attend_to_last_steps(step.engine, step.state, step.state.length + fed - layout.prompt_tokens, layout,
+                         past_steps + 1)
+
+
 def step_prompts(tok: GeneralistTokenizer, spec: TaskSpec, observations: dict[str, Any],
                  returns_to_go: np.ndarray | None = None) -> list[Sample]:
     """``[R_t] [o_t] <sep>`` for a batch of environments -> one sample per environment.

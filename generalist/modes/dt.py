@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from generalist.engine import DecodeState, Engine, constrain, sample_next_token
-from generalist.modes.control import ControlStep, Sampler, continuous_values
+from generalist.modes.control import ControlStep, Sampler, attend_to_this_step_and, continuous_values
 from generalist.task_spec import TaskSpec
-from generalist.tokenizer import GeneralistTokenizer
+from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
 
 def initial_return(spec: TaskSpec, target_return: float | None = None) -> float:
@@ -59,14 +59,24 @@ class DTMode(Sampler):
         expert_returns: sample each ``R_t`` the Multi-Game DT way instead of decrementing it.
         kappa: the inverse temperature κ of expert-return sampling (Lee et al. use 10).
         temperature, top_k, top_p: action sampling (``temperature=0``: greedy).
+        context_steps: attend only to the step being decided and the ``context_steps - 1`` before it
+            (``None``: the whole context). DT's own context length K (Chen et al. 2021 train and act with
+            K = 20 or 30 steps); with few steps the history can say little about which of the data's
+            policies is playing, so the action must come from ``R_t`` and the state, as in return-conditioned
+            policies without history (RvS, Emmons et al. 2022). Training windows start at step
+            boundaries, so a window of any length is one the model was trained on.
     """
 
     name = "dt"
 
     def __init__(self, target_return: float | None = None, *, expert_returns: bool = False, kappa: float = 10.0,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 context_steps: int | None = None):
         super().__init__(temperature, top_k, top_p)
+        if context_steps is not None and context_steps < 1:
+            raise ValueError(f"context_steps must be at least 1 (the step being decided), got {context_steps}")
         self.target_return, self.expert_returns, self.kappa = target_return, expert_returns, kappa
+        self.context_steps = context_steps
         self.episode_target = target_return  # R_0 of the episodes from now on (see set_target)
         self.returns_to_go = np.zeros(0)
 
@@ -87,6 +97,17 @@ class DTMode(Sampler):
             step.flush()  # the model must have read the previous step before predicting R_t
             self.returns_to_go = sample_expert_returns(step.engine, step.state, step.tok, step.spec, self.kappa)
         return self.returns_to_go.copy()
+
+    def decide(self, step: ControlStep) -> np.ndarray:
+        if self.context_steps is not None:
+            attend_to_this_step_and(step, self.context_steps - 1)
+        return super().decide(step)
+
+    def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
+        if self.context_steps is None:
+            return None
+        # the window and one step of room for what is fed before the current step (as TT keeps)
+        return prompt_tokens + 1 + layout.tokens * (self.context_steps + 1)
 
     def end_step(self, rewards: np.ndarray) -> None:
         if not self.expert_returns:

@@ -54,6 +54,8 @@ from generalist.decode_state import Chunk
 from generalist.engine import DecodeState, Engine, constrain, sample_distinct
 from generalist.modes.control import (
     ControlStep,
+    attend_to_last_steps,
+    attend_to_this_step_and,
     bin_log_widths,
     continuous_flags,
     continuous_values,
@@ -193,20 +195,6 @@ class Plan:
     values: np.ndarray
     rewards: np.ndarray
     observation_ids: np.ndarray
-
-
-def attend_to_last_steps(engine: Engine, state: DecodeState, step_start: int, layout: StepLayout, steps: int) -> None:
-    """Let every row attend only to the step starting at cache position ``step_start`` and the
-    ``steps - 1`` whole steps before it (:meth:`Engine.attend_from`).
-
-    The reference planner crops every input, imagined ones included, to its last
-    ``max_context_transitions`` transitions (``max_block = max_context_transitions * transition_dim - 1``
-    tokens, cut at transition boundaries: ``trajectory/search/sampling.py::forward``), so the model
-    never reads more than ~5 transitions however far the plan runs. Steps have ``layout.tokens`` tokens
-    (exact for numeric observations, which every task TT plans on has).
-    """
-    start = step_start - (steps - 1) * layout.tokens
-    engine.attend_from(state, start if start > 0 else None)
 
 
 def expected(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -351,10 +339,7 @@ class TTMode:
         return self.config.horizon * layout.tokens
 
     def decide(self, step: ControlStep) -> np.ndarray:
-        fed = max(len(chunk["input_ids"]) for chunk in step.chunks)  # left-padded to the longest
-        layout = step.tok.step_layout(step.spec)
-        attend_to_last_steps(step.engine, step.state, step.state.length + fed - layout.prompt_tokens, layout,
-                             self.config.context_steps)
+        attend_to_this_step_and(step, self.config.context_steps - 1)
         step.engine.feed(step.state, step.chunks)
         if self.plan is None or self.age >= self.config.plan_freq:
             self.plan, self.age = tt_plan(step.engine, step.state, step.tok, step.spec, self.config).plan_ids, 0

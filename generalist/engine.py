@@ -424,7 +424,7 @@ class Engine:
         fed together with the previous step's last tokens); that feed refuses a window holding none of them.
         """
         shared = state.prefix is not None or state.branch is not None
-        if start is not None and not 0 <= start <= (state.length if shared else start):
+        if start is not None and (start < 0 or (shared and start > state.length)):
             raise ValueError(f"attend_from: start must be in [0, {state.length}] (the cache length"
                              f"{'' if shared else '; without shared levels, any position from 0 on'}), got {start}")
         _check_window(state, start)

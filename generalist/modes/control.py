@@ -112,7 +112,7 @@ class Sampler:
 
 def attend_to_last_steps(engine: Engine, state: DecodeState, step_start: int, layout: StepLayout, steps: int) -> None:
     """Let every row attend only to the step starting at cache position ``step_start`` and the
-    ``steps - 1`` whole steps before it (:meth:`Engine.attend_from`).
+    ``steps - 1`` whole steps before it (:meth:`Engine.attend_from`): TT's crop and DT's ``context_steps``.
 
     The reference planner crops every input, imagined ones included, to its last
     ``max_context_transitions`` transitions (``max_block = max_context_transitions * transition_dim - 1``

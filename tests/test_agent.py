@@ -330,9 +330,10 @@ class DivergingEnv(gym.Env):
 
 @pytest.mark.parametrize("context_steps", [None, 1, 2])
 def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps):
-    """DT with ``context_steps=K`` reads the step it decides and the K-1 before it, nothing older: two envs whose
-    histories differ, then whose last K steps agree (same observations, same R_t), get the same action
-    distribution; with the whole context (None) they do not."""
+    """DT with ``context_steps=K`` reads the step it decides and the K-1 before it: two envs whose histories differ,
+    then whose last steps agree (same observations, same R_t), get the same action distribution; with the whole
+    context (None) they do not. (A window over the KV cache: its earlier steps' keys carry what their own window
+    read, so in this 2-layer model K = 2 needs the last 3 steps alike; K = 1 is exact.)"""
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
                                                    hidden_action_prob=0.5)).eval()

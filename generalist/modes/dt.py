@@ -64,7 +64,10 @@ class DTMode(Sampler):
             K = 20 or 30 steps); with few steps the history can say little about which of the data's
             policies is playing, so the action must come from ``R_t`` and the state, as in return-conditioned
             policies without history (RvS, Emmons et al. 2022). Training windows start at step
-            boundaries, so a window of any length is one the model was trained on.
+            boundaries, so a window of any length is one the model was trained on. The window slides over
+            the KV cache (as TT's): the keys of its earlier steps were computed under the window of their
+            own time, so in an L-layer model up to L·(K − 1) steps back can still reach the decision; K = 1
+            is exact.
     """
 
     name = "dt"

@@ -474,6 +474,36 @@ def references(tok: GeneralistTokenizer, tasks: Sequence[str]) -> dict[str, dict
     return out
 
 
+def pooled_results(per_checkpoint: list[list[dict]], tasks: Sequence[str], mode: str) -> list[dict]:
+    """Per task, every episode of every checkpoint: the rows of a result file's table."""
+    pooled = []
+    for task in tasks:  # per task, every episode of every checkpoint
+        recs = [r for run in per_checkpoint for r in run if r["task"] == task]
+        returns = [x for r in recs for x in r.get("returns", [])]
+        norm = [x for r in recs for x in r.get("normalized_scores", [])]
+        m, se = mean_stderr(returns)
+        entry = {"task": task, "mode": mode, "episodes": len(returns), "checkpoints": len(recs),
+                 "mean_return": m, "stderr_return": se}
+        if norm:
+            entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
+        if returns and (d4rl := d4rl_normalized_scores(task, returns)) is not None:
+            entry["d4rl_score"], entry["stderr_d4rl"] = mean_stderr(d4rl)
+        if rated := [r for r in recs if "success_rate" in r]:
+            entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
+                                                     weights=[r["episodes"] for r in rated]))
+        if planners := [r["tt_config"] for r in recs if "tt_config" in r]:
+            entry["tt_config"] = planners[0]
+        for changed in MISSION_CHANGES:
+            if any(changed in r for r in recs):
+                entry[changed] = sum(r.get(changed, 0) for r in recs)
+        if met := [r for r in recs if "decoy_first_rate" in r]:
+            entry["decoy_met"] = sum(r["decoy_met"] for r in met)
+            entry["decoy_first_rate"] = float(np.average([r["decoy_first_rate"] for r in met],
+                                                         weights=[r["decoy_met"] for r in met]))
+        pooled.append(entry)
+    return pooled
+
+
 def aggregate(per_checkpoint: list[dict], tasks: Sequence[str], reps: int = 2000) -> dict[str, Any]:
     """rliable IQM with a stratified-bootstrap 95 % CI over the (checkpoints × tasks) mean scores."""
     scored = [t for t in tasks if all(
@@ -652,31 +682,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   f"{record.get('stderr_return', math.nan):.2f} over {record['episodes']} episodes{score}"
                   + (f", {len(record['errors'])} errors" if record["errors"] else ""), flush=True)
         per_checkpoint.append(run)
-    pooled = []
-    for task in tasks:  # per task, every episode of every checkpoint
-        recs = [r for run in per_checkpoint for r in run if r["task"] == task]
-        returns = [x for r in recs for x in r.get("returns", [])]
-        norm = [x for r in recs for x in r.get("normalized_scores", [])]
-        m, se = mean_stderr(returns)
-        entry = {"task": task, "mode": args.mode, "episodes": len(returns), "checkpoints": len(recs),
-                 "mean_return": m, "stderr_return": se}
-        if norm:
-            entry["normalized_score"], entry["stderr_normalized"] = mean_stderr(norm)
-        if returns and (d4rl := d4rl_normalized_scores(task, returns)) is not None:
-            entry["d4rl_score"], entry["stderr_d4rl"] = mean_stderr(d4rl)
-        if rated := [r for r in recs if "success_rate" in r]:
-            entry["success_rate"] = float(np.average([r["success_rate"] for r in rated],
-                                                     weights=[r["episodes"] for r in rated]))
-        if planners := [r["tt_config"] for r in recs if "tt_config" in r]:
-            entry["tt_config"] = planners[0]
-        for changed in MISSION_CHANGES:
-            if any(changed in r for r in recs):
-                entry[changed] = sum(r.get(changed, 0) for r in recs)
-        if met := [r for r in recs if "decoy_first_rate" in r]:
-            entry["decoy_met"] = sum(r["decoy_met"] for r in met)
-            entry["decoy_first_rate"] = float(np.average([r["decoy_first_rate"] for r in met],
-                                                         weights=[r["decoy_met"] for r in met]))
-        pooled.append(entry)
+    pooled = pooled_results(per_checkpoint, tasks, args.mode)
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command, "models": [str(f) for _, _, f in loaded], "dtype": args.dtype,
                "mode": args.mode, "episodes_per_checkpoint": args.episodes,

@@ -103,6 +103,38 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     assert results.main(["--results", str(out), "--pages", str(readme), "--check"]) == 0
 
 
+def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
+    """eval.pool: files of the same checkpoints, one task each (TT is run task by task), give one table and the
+    IQM over every task; files of other checkpoints or a task twice are refused."""
+    from eval.pool import main as pool
+
+    spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
+    models = two_checkpoints(tok, tmp_path, spec)
+    out = tmp_path / "results"
+    main(["--model", *models, "--mode", "dt", "--tasks", "CartPole-v1", "--episodes", "2", "--out", str(out),
+          "--name", "control_a"])
+    other = json.loads((out / "control_a.json").read_text())  # the same checkpoints on a second task
+    for run in other["per_checkpoint"]:
+        run[0].update(task="Other-v0", normalized_score=run[0]["normalized_score"] + 0.5)
+    other["results"][0]["task"] = "Other-v0"
+    other["references"] = {"Other-v0": other["references"]["CartPole-v1"]}
+    other["command"] = "python -m eval.control --tasks Other-v0"
+    (out / "control_b.json").write_text(json.dumps(other))
+    files = [str(out / "control_a.json"), str(out / "control_b.json")]
+    pooled = pool(["--files", *files, "--name", "control_ab", "--out", str(out)])
+    assert [r["task"] for r in pooled["results"]] == ["CartPole-v1", "Other-v0"]
+    both = aggregate(pooled["per_checkpoint"], ["CartPole-v1", "Other-v0"])
+    assert pooled["iqm"]["iqm"] == both["iqm"] and pooled["iqm"]["matrix"] == both["matrix"]
+    assert [row[1] - row[0] for row in both["matrix"]] == pytest.approx([0.5, 0.5])  # (checkpoints, tasks)
+    assert pooled["pooled_from"][1] == "python -m eval.control --tasks Other-v0"
+    with pytest.raises(SystemExit, match="more than one file"):
+        pool(["--files", files[0], files[0], "--name", "x", "--out", str(out)])
+    other["models"] = other["models"][::-1]
+    (out / "control_b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="models"):
+        pool(["--files", *files, "--name", "x", "--out", str(out)])
+
+
 def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):
     pytest.importorskip("mujoco")
     spec = TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3241.0, random_return=-18.0)

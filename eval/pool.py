@@ -5,8 +5,9 @@
 
 Why: a Trajectory Transformer evaluation takes minutes to hours per task on a CPU, so it is run task by task
 (``eval.control --tasks T``), and the IQM over the tasks (rliable, stratified bootstrap over checkpoints) needs
-them together. The files must come from the same checkpoints, in the same order, and the same mode; each task
-may appear in one file only. The pooled file records the command of every file it was made from, and
+them together. The files must come from the same checkpoints, in the same order (compared by the last two parts
+of each path, run folder / model, so the same runs evaluated from another working folder pool), and the same mode;
+each task may appear in one file only. The pooled file records the command of every file it was made from, and
 ``python -m eval.results`` renders it as any other table.
 """
 
@@ -34,8 +35,8 @@ class Args:
 
 def pool(results: Sequence[dict], files: Sequence[Path]) -> tuple[list[list[dict]], list[str]]:
     """(per checkpoint: every file's records, tasks in order); a clear error for files that do not pool."""
-    for what in ("models", "mode"):
-        seen = {json.dumps(r[what]) for r in results}
+    for what in ("models", "mode"):  # checkpoints by their last two path parts: the same runs from another folder
+        seen = {json.dumps([Path(m).parts[-2:] for m in r[what]] if what == "models" else r[what]) for r in results}
         if len(seen) > 1:
             raise SystemExit(f"eval.pool: the files differ in {what!r} ({', '.join(sorted(seen))}); only results of "
                              "the same checkpoints, in the same order, in one mode pool")

@@ -692,20 +692,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if sweep:
         plot_dt_sweep(sweep, out / f"{stem}_dt_sweep.png")
         summary["dt_sweep_spearman"] = sweep_spearman(sweep, tasks)
-    profile = plot_profiles(per_checkpoint, tasks, out / f"{stem}_profile.png", args.mode)
-    if profile:
-        summary["profile_plot"] = profile.name
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(summary, indent=2, default=float))
+    path = save_result(summary, out, stem)
     if args.update_card:
         summary["cards"] = [update_card(arg, folder, run, args.hub_token)
                             for arg, (_, _, folder), run in zip(args.model, loaded, per_checkpoint, strict=True)]
-    if summary["iqm"]:
-        agg = summary["iqm"]
+    report_saved(summary, path)
+    return summary
+
+
+def save_result(summary: dict, out: Path, stem: str) -> Path:
+    """A result file: ``<out>/<stem>.json`` and its performance-profile plot (eval.control's and eval.pool's)."""
+    tasks = [entry["task"] for entry in summary["results"]]
+    if profile := plot_profiles(summary["per_checkpoint"], tasks, out / f"{stem}_profile.png", summary["mode"]):
+        summary["profile_plot"] = profile.name
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(summary, indent=2, default=float))
+    return path
+
+
+def report_saved(summary: dict, path: Path) -> None:
+    """Print a saved result file's IQM and where it went."""
+    if agg := summary["iqm"]:
         print(f"IQM of expert-normalised scores over {len(agg['tasks'])} tasks x {agg['checkpoints']} checkpoints: "
               f"{agg['iqm']:.3f} (95% CI {agg['iqm_ci95'][0]:.3f}-{agg['iqm_ci95'][1]:.3f})")
     print(f"wrote {path}")
-    return summary
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.control import aggregate, plot_profiles, pooled_results
+from eval.control import aggregate, pooled_results, report_saved, save_result
 from generalist.training.settings import parse
 
 
@@ -65,14 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "references": {task: ref for r in results for task, ref in r["references"].items()},
                "per_checkpoint": per_checkpoint, "dt_sweep": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    if profile := plot_profiles(per_checkpoint, tasks, args.out / f"{args.name}_profile.png", first["mode"]):
-        summary["profile_plot"] = profile.name
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(summary, indent=2, default=float))
-    if agg := summary["iqm"]:
-        print(f"IQM of expert-normalised scores over {len(agg['tasks'])} tasks x {agg['checkpoints']} checkpoints: "
-              f"{agg['iqm']:.3f} (95% CI {agg['iqm_ci95'][0]:.3f}-{agg['iqm_ci95'][1]:.3f})")
-    print(f"wrote {path}")
+    report_saved(summary, save_result(summary, args.out, args.name))
     return summary
 
 

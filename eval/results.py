@@ -1,6 +1,6 @@
 """The result tables of the docs, generated from the committed result files (never typed by hand).
 
-    python -m eval.results            # docs/results/*.json -> the tables in docs/control.md, docs/locomotion.md
+    python -m eval.results            # docs/results/*.json -> the tables in docs/*.md and README.md
     python -m eval.results --check    # exit 1 if a page is not what the files say
 
 Every ``control_*.json`` and ``locomotion_*.json`` that ``eval.control`` wrote into ``docs/results/`` is a table:
@@ -10,7 +10,9 @@ episodes and checkpoints (training seeds) stand behind each number, with the com
 The tables replace what stands between ``<!-- results:start -->`` and ``<!-- results:end -->``; the
 ``locomotion_*`` files are also summed up in one table beside the published D4RL scores, between
 ``<!-- locomotion:start -->`` and ``<!-- locomotion:end -->``. Each block is filled in whichever of the
-``--pages`` holds it (images linked relative to that page).
+``--pages`` holds it (images linked relative to that page). The README's results table (between
+``<!-- headline:start -->`` and ``<!-- headline:end -->``) is :mod:`eval.headline`'s: each figure read from the result
+file or ``bench/`` log named beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.headline import HEADLINE_END, HEADLINE_START, headline
 from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -210,7 +213,9 @@ def update(text: str, body: str, start: str = START, end: str = END) -> str:
 class Args:
     results: Path = Path("docs/results")
     """the committed eval.control result files"""
-    pages: tuple[Path, ...] = (Path("docs/control.md"), Path("docs/locomotion.md"))
+    bench: Path = Path("docs/bench")
+    """the committed bench/ logs the README's speed figures are read from"""
+    pages: tuple[Path, ...] = (Path("docs/control.md"), Path("docs/locomotion.md"), Path("README.md"))
     """the markdown pages whose generated blocks are filled (the results block must be in one of them)"""
     check: bool = False
     """only check that the pages are up to date"""
@@ -228,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = update(text, render(args.results, page))
         if LOCO_START in text:  # the locomotion summary, where a page has a place for it
             text = update(text, locomotion_summary(args.results), LOCO_START, LOCO_END)
+        if HEADLINE_START in text:  # the README's table of headline figures
+            text = update(text, headline(args.results, args.bench, page), HEADLINE_START, HEADLINE_END)
         new[page] = text
     stale = [page for page in pages if new[page] != old[page]]
     if args.check:

@@ -16,7 +16,7 @@ from eval import results
 from eval.control import ErrorAsTermination, aggregate, main, mean_stderr, normalised, rollout
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
-from tests.conftest import TINY_LLAMA, with_task_spec
+from tests.conftest import ROOT, TINY_LLAMA, with_task_spec
 
 
 class Flaky(gym.Env):
@@ -101,6 +101,45 @@ def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_fro
     text = readme.read_text()
     assert "stale" not in text and "| CartPole-v1 |" in text and "3 × 2" in text and text.endswith("outro\n")
     assert results.main(["--results", str(out), "--pages", str(readme), "--check"]) == 0
+
+
+def test_the_committed_pages_say_what_the_committed_result_files_say(monkeypatch):
+    """README.md, docs/control.md and docs/locomotion.md: every generated table is what `python -m eval.results`
+    makes of docs/results/ and docs/bench/ now, so no figure there can drift from the file behind it."""
+    monkeypatch.chdir(ROOT)
+    assert results.main(["--check"]) == 0
+
+
+def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_path):
+    from eval.headline import HEADLINE_END, HEADLINE_START, Bench, Gap, Iqm, Row, Sweep, headline
+
+    def write(name: str, scores: list[list[float]], **extra) -> None:
+        iqm = {"iqm": float(np.mean(scores)), "iqm_ci95": [0.0, 1.0], "checkpoints": len(scores),
+               "tasks": ["A-v0", "B-v0"][: len(scores[0])], "matrix": scores}
+        entries = [{"task": t, "episodes": 40, "checkpoints": 2} for t in iqm["tasks"]]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"iqm": iqm, "results": entries, **extra}))
+
+    write("dt", [[0.9, 0.7], [0.8, 0.6]])
+    write("bc", [[0.6, 0.6], [0.6, 0.6]])
+    sweep = [{"task": t, "target_return": x, "mean_return": 0.0} for t in ("A-v0", "B-v0") for x in (1, 2, 3)]
+    write("sweep", [[0.5, 0.5], [0.5, 0.5]], dt_sweep=sweep, episodes_per_checkpoint=20,
+          dt_sweep_spearman={"A-v0": 1.0, "B-v0": 0.5})
+    (tmp_path / "bench.log").write_text("x=1\nthing_speedup=12.5x (target >= 10)\n")
+    rows = [Row("dt", Iqm("dt", 0.9), "≥ 0.9"), Row("gap", Gap("dt", "bc", 0.2), "≥ +0.2"),
+            Row("sweep", Sweep("sweep", tasks_needed=1), "1 task"),
+            Row("speed", Bench("bench.log", r"thing_speedup=([\d.]+)x", "×", at_least=10), "≥ 10×")]
+    page = tmp_path / "README.md"
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+             headline(tmp_path, tmp_path, page, rows).splitlines() if line.startswith("| ")}
+    assert lines["dt"][0] == "IQM **0.75 [0.00, 1.00]**" and lines["dt"][1] == "20 episodes × 2 seeds × 2 tasks"
+    assert lines["dt"][3] == "**no**"  # 0.75 < 0.9
+    assert lines["gap"][0].startswith("**+0.15**") and lines["gap"][3] == "**no**"  # 0.75 - 0.6 < 0.2
+    assert lines["sweep"][0].startswith("ρ ≥ 0.8 on **1 of 2** tasks (A 1.0, B 0.5)") and lines["sweep"][3] == "yes"
+    assert lines["speed"][0] == "**12.5×**" and lines["speed"][3] == "yes"
+    assert lines["speed"][4] == "[bench](bench.log) |"
+    page.write_text(f"intro\n{HEADLINE_START}\nstale\n{HEADLINE_END}\n")
+    (tmp_path / "bench.log").write_text("thing_speedup=9.0x\n")  # a slower run: the verdict flips
+    assert "| **no** |" in headline(tmp_path, tmp_path, page, rows[3:])
 
 
 def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):

@@ -1,0 +1,207 @@
+"""The README's results table, generated from committed result files and bench logs (never typed by hand).
+
+Each row of :data:`ROWS` names the file its figure comes from (an ``eval.control`` / ``eval.pool`` result in
+``docs/results/``, or a ``bench/`` log in ``docs/bench/``) and the issue's target; the figure, the episodes and
+training seeds behind it, and whether the target is met are read from that file. ``python -m eval.results`` writes
+the table between ``<!-- headline:start -->`` and ``<!-- headline:end -->`` of the README, and ``--check`` fails when
+a figure there is not what its file says — so a README number can only change with the file that stands behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def _ci(iqm: dict) -> str:
+    lo, hi = iqm["iqm_ci95"]
+    return f"{iqm['iqm']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _short(task: str) -> str:
+    return task.removeprefix("BabyAI-").removesuffix("-v0").removesuffix("-v1")
+
+
+def _behind(result: dict) -> str:
+    """Episodes per task and seed × training seeds (× tasks) that a result file's IQM stands on."""
+    iqm = result["iqm"]
+    per = {e["episodes"] // max(1, e["checkpoints"]) for e in result["results"]}
+    episodes = "/".join(str(n) for n in sorted(per))
+    return f"{episodes} episodes × {iqm['checkpoints']} seeds × {len(iqm['tasks'])} task{'s' * (len(iqm['tasks']) > 1)}"
+
+
+def _task_column(result: dict, task: str) -> int:
+    tasks = result["iqm"]["tasks"]
+    if task not in tasks:
+        raise ValueError(f"{task!r} is not a task of the result file (its tasks: {tasks})")
+    return tasks.index(task)
+
+
+@dataclass(frozen=True)
+class Iqm:
+    """The IQM of one result file (``at_least``: the target), and optionally one task's score per seed."""
+
+    stem: str
+    at_least: float | None = None
+    task: str | None = None
+    task_at_least: float | None = None
+
+    def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
+        result = json.loads((results / f"{self.stem}.json").read_text())
+        iqm = result["iqm"]
+        figure, met = f"IQM **{_ci(iqm)}**", None if self.at_least is None else iqm["iqm"] >= self.at_least
+        if self.task is not None:
+            scores = [row[_task_column(result, self.task)] for row in iqm["matrix"]]  # one per seed
+            mean = sum(scores) / len(scores)
+            figure += f"; {_short(self.task)} {mean:.2f} ({' / '.join(f'{s:.2f}' for s in scores)} per seed)"
+            if self.task_at_least is not None:
+                met = (met is not False) and mean >= self.task_at_least
+        return figure, _behind(result), met, [results / f"{self.stem}.json"]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """How far one result file's IQM is above another's (the same checkpoints and tasks, another mode)."""
+
+    stem: str
+    baseline: str
+    at_least: float
+
+    def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
+        ours, base = (json.loads((results / f"{s}.json").read_text()) for s in (self.stem, self.baseline))
+        if ours["iqm"]["tasks"] != base["iqm"]["tasks"]:
+            raise ValueError(f"{self.stem} and {self.baseline} cover different tasks")
+        gap = ours["iqm"]["iqm"] - base["iqm"]["iqm"]
+        figure = f"**{gap:+.2f}**: {_ci(ours['iqm'])} against {_ci(base['iqm'])}"
+        return figure, _behind(ours), gap >= self.at_least, [results / f"{s}.json" for s in (self.stem, self.baseline)]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A DT return sweep: on how many tasks the achieved return follows the target (Spearman ρ)."""
+
+    stem: str
+    rho_at_least: float = 0.8
+    tasks_needed: int = 3
+
+    def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
+        result = json.loads((results / f"{self.stem}.json").read_text())
+        rho = {t: r for t, r in result["dt_sweep_spearman"].items() if r == r}  # NaN: a flat sweep
+        following = sum(r >= self.rho_at_least - 1e-9 for r in rho.values())
+        targets = len({s["target_return"] for s in result["dt_sweep"] if s["task"] == next(iter(rho))})
+        per = {s["episodes"] for s in result["dt_sweep"]} if "episodes" in result["dt_sweep"][0] else {
+            result["episodes_per_checkpoint"]}
+        figure = (f"ρ ≥ {self.rho_at_least} on **{following} of {len(rho)}** tasks ("
+                  + ", ".join(f"{_short(t)} {r:.1f}" for t, r in sorted(rho.items(), key=lambda kv: -kv[1])) + ")")
+        behind = (f"{targets} targets × {'/'.join(map(str, sorted(per)))} episodes × "
+                  f"{result['iqm']['checkpoints']} seeds")
+        return figure, behind, following >= self.tasks_needed, [results / f"{self.stem}.json"]
+
+
+@dataclass(frozen=True)
+class Success:
+    """BabyAI: the success rate of every level per seed (``at_least``: every level's mean must reach it)."""
+
+    stem: str
+    at_least: float
+
+    def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
+        result = json.loads((results / f"{self.stem}.json").read_text())
+        rates: dict[str, list[float]] = {}
+        for checkpoint in result["per_checkpoint"]:
+            for record in checkpoint:
+                rates.setdefault(record["task"], []).append(record["success_rate"])
+        figure = ", ".join(f"{_short(t)} **{'/'.join(f'{r:.2f}' for r in rs)}**" for t, rs in rates.items())
+        met = all(sum(rs) / len(rs) >= self.at_least for rs in rates.values())
+        return figure + " (success per seed)", _behind(result), met, [results / f"{self.stem}.json"]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A figure a ``bench/`` script printed as ``name=value`` into a committed log (``docs/bench/``)."""
+
+    log: str
+    pattern: str  # a regex whose first group is the number
+    unit: str
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
+        text = (bench / self.log).read_text()
+        if (match := re.search(self.pattern, text)) is None:
+            raise ValueError(f"{self.log}: no line matches {self.pattern!r}")
+        value = float(match.group(1))
+        met = None
+        if self.at_least is not None:
+            met = value >= self.at_least
+        if self.at_most is not None:
+            met = (met is not False) and value <= self.at_most
+        return f"**{match.group(1)}{self.unit}**", "one run", met, [bench / self.log]
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    figure: Iqm | Gap | Sweep | Success | Bench
+    target: str
+
+
+_CONTROL = "`python train.py --preset control` (≤ 30 min)"
+_LOWQ = "`--preset control-lowq` (5 % expert data)"
+ROWS: tuple[Row, ...] = (
+    Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_s22_gato", 0.9), "IQM ≥ 0.9"),
+    Row("same runs, Decision Transformer (target = expert return)", Iqm("control_s22_dt", 0.9), "IQM ≥ 0.9"),
+    Row("same runs, Trajectory Transformer on Pendulum", Iqm("control_control_tt_pendulum_density", 0.8), "≥ 0.8"),
+    Row("Trajectory Transformer on CartPole (earlier `control` runs; the plan is the greedy policy's)",
+        Iqm("control_control_tt_cartpole", 0.8), "≥ 0.8"),
+    Row("`python train.py` (the demo, all modalities), Gato mode prompted, 5 core tasks",
+        Iqm("control_demo_gato", 0.6, task="CartPole-v1", task_at_least=0.9), "IQM ≥ 0.6, CartPole ≥ 0.9"),
+    Row(f"{_LOWQ}: Decision Transformer − imitation (unprompted Gato)",
+        Gap("control_lowq_steps_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ}: DT attending to its last 15 steps (`--context_steps 15`) − imitation",
+        Gap("control_lowq_ctx15_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ}: Trajectory Transformer (each task's preset) − imitation",
+        Gap("control_lowq_steps_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),
+        "≥ 0.9 every level"),
+    Row("`--preset babyai` with missions in the BPE corpus, Gato mode greedy", Success("control_babyai_tok_gato", 0.9),
+        "≥ 0.9 every level"),
+    Row("TT decision at the reference's hopper settings vs the original planner (same run)",
+        Bench("decode_tt_2026-12-05-avx512.log", r"tt_reference_s_per_decision=[\d.]+ -> speedup=([\d.]+)x", "×",
+              at_least=50), "≥ 50×"),
+    Row("the same vs Faster-TT (same run)",
+        Bench("decode_tt_2026-12-05-avx512.log", r"faster_tt_reference_s_per_decision=[\d.]+ -> speedup=([\d.]+)x",
+              "×", at_least=20), "≥ 20×"),
+    Row("agent decisions/s at JAT's size, 32 envs, float32, vs JAT's own loop (same run)",
+        Bench("decode_jat_2026-12-05-one-forward.log", r"decisions_per_s\[float32\]=.*vs_jat=([\d.]+)x", "×",
+              at_least=1.5), "≥ 1.5×"),
+    Row("the same, bfloat16 weights",
+        Bench("decode_jat_2026-12-05-one-forward.log", r"decisions_per_s\[bfloat16\]=.*vs_jat=([\d.]+)x", "×",
+              at_least=1.5), "≥ 1.5×"),
+    Row("32 envs vs 1, 994-token context, decisions/s",
+        Bench("decode_decisions_2026-12-05-one-forward.log", r"ctx 994: .*batched_speedup=([\d.]+)x", "×",
+              at_least=10), "≥ 10×"),
+    Row("decision at 994 vs 92 tokens, KV cache, 1 env",
+        Bench("decode_decisions_2026-12-05-one-forward.log", r"flat_in_context_ratio=([\d.]+)", "×", at_most=1.5),
+        "≤ 1.5×"),
+)
+
+
+def headline(results: Path, bench: Path, page: Path, rows: Sequence[Row] = ROWS) -> str:
+    """The table: one line per row, its figure read from the file named, links relative to ``page``."""
+    lines = ["_Generated by `python -m eval.results` from the files in the last column; do not edit by hand._", "",
+             "| what | figure | behind it | target (issue) | met | from |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        figure, behind, met, files = row.figure.render(results, bench)
+        links = ", ".join(f"[{f.stem}]({Path(os.path.relpath(f, page.parent)).as_posix()})" for f in files)
+        mark = "–" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {row.what} | {figure} | {behind} | {row.target} | {mark} | {links} |")
+    return "\n".join(lines)
+

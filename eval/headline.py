@@ -169,6 +169,8 @@ ROWS: tuple[Row, ...] = (
     Row(f"{_LOWQ}: Trajectory Transformer (each task's preset) − imitation",
         Gap("control_lowq_steps_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row(f"{_LOWQ}: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_steps_dt_sweep20_sampled"),
+        "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),
         "≥ 0.9 every level"),
     Row("`--preset babyai` with missions in the BPE corpus, Gato mode greedy", Success("control_babyai_tok_gato", 0.9),

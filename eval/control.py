@@ -396,7 +396,8 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
     overrides = {k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon),
                                    ("beam_cache_dtype", args.beam_cache_dtype),
                                    ("distinct_actions", args.distinct_actions),
-                                   ("cdf_density", args.cdf_density)) if v is not None}
+                                   ("cdf_density", args.cdf_density),
+                                   ("policy_view", args.tt_policy_view)) if v is not None}
     if args.tt_preset is not None and args.tt_preset not in TT_PRESETS:
         raise ValueError(f"--tt_preset {args.tt_preset!r} is not one of {sorted(TT_PRESETS)}")
     preset = TT_PRESETS[args.tt_preset] if args.tt_preset else tt_preset(task)
@@ -591,6 +592,9 @@ class Args:
     cdf_density: bool | None = None
     """TT: the cdf filter ranks continuous bins by density (default, TTConfig.cdf_density) or, with False, by
     per-bin probability as before 2026-12-05"""
+    tt_policy_view: bool | None = None
+    """TT: read past actions as <hidden_action> where the model was trained with hidden actions (default,
+    TTConfig.policy_view) or, with False, as themselves, as before 2026-12-05"""
     swap_mission: bool = False
     """BabyAI: show each episode a mission naming *another* object in the room, a decoy (the env still rewards
     its own target); compare decoy_first_rate and lengths with an unswapped run (MissionDecoy)"""

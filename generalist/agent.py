@@ -144,9 +144,7 @@ class Agent:
         self.engine = Engine(model, seed=seed)
         self.tok = tokenizer
         self.mode: ControlMode = mode
-        # the policy view (GeneralistConfig.hidden_action_prob): past actions are fed as <hidden_action>
-        hidden = getattr(model.config, "hidden_action_prob", 0.0) > 0 and getattr(mode, "policy_view", False)
-        self.hidden_action_id: int | None = tokenizer.hidden_action_id if hidden else None
+        self.hidden_action_id: int | None = None  # set by reset(): the policy view, where the mode reads it
         self.trained_context = trained or self.engine.max_length
         self.max_context = int(context_length or self.trained_context)
         self.window_keep = window_keep
@@ -167,6 +165,9 @@ class Agent:
         self.num_envs = num_envs or 1
         if isinstance(self.mode, TTMode):
             self.mode.set_task(self.spec.name)  # the task's planner preset, unless one was given
+        # the policy view (GeneralistConfig.hidden_action_prob): past actions are fed as <hidden_action>
+        hidden = getattr(self.engine.model.config, "hidden_action_prob", 0.0) > 0 and self.mode.policy_view
+        self.hidden_action_id = self.tok.hidden_action_id if hidden else None
         if isinstance(self.mode, DTMode):
             self.mode.set_target(target_return)
         elif target_return is not None:

@@ -257,11 +257,12 @@ class TwoTorqueEnv(gym.Env):
         return self.observation_space.sample(), float(np.sum(action)), False, self.t >= 5, {}
 
 
-@pytest.mark.parametrize("mode", ["gato", "dt", "tt"])
-def test_policy_view_hides_every_fed_action_in_gato_and_dt_and_none_in_tt(tok, mode):
-    """A model trained with hidden actions is fed ``<hidden_action>`` for every action Gato and DT take
-    (past steps, the demonstration prompt, and a multi-token action's own tokens); TT, whose world model
-    needs them, is fed the real ones."""
+@pytest.mark.parametrize("mode", ["gato", "dt", "tt", "tt_real_actions"])
+def test_policy_view_hides_every_action_taken_and_tt_imagines_real_ones(tok, mode):
+    """A model trained with hidden actions is fed ``<hidden_action>`` for every action Gato, DT and TT take
+    (past steps, the demonstration prompt, and a multi-token action's own tokens); the actions TT *imagines* while
+    planning are fed as themselves (its world model needs them), and with ``TTConfig(policy_view=False)`` every
+    action is real."""
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
                                                    hidden_action_prob=0.5)).eval()
@@ -272,7 +273,8 @@ def test_policy_view_hides_every_fed_action_in_gato_and_dt_and_none_in_tt(tok, m
     demo = {"task": spec.name, "observations": {"observation": np.zeros((3, 3))},
             "actions": {"action": np.full((3, 2), 1.5)}, "rewards": np.ones(3)}
     prompt = demonstration_prompt(tok, demo, max_tokens=model.config.prompt_length) if mode == "gato" else None
-    agent = Agent(model, tok, mode, tt_config=TTConfig(beam_width=2, horizon=1))
+    real = mode == "tt_real_actions"
+    agent = Agent(model, tok, "tt" if real else mode, tt_config=TTConfig(beam_width=2, horizon=2, policy_view=not real))
     fed = []  # (ids, modality ids or None) of every forward, the prefills included
     forward = agent.engine._feed  # every forward goes through it (feed, generate_blind)
 
@@ -293,10 +295,14 @@ def test_policy_view_hides_every_fed_action_in_gato_and_dt_and_none_in_tt(tok, m
                    if m == Modality.ACTION]
     steps = [s for row in agent.rows for s in row.steps]
     kept = [i for s in steps for i, m in zip(s["input_ids"], s["modality_ids"], strict=True) if m == Modality.ACTION]
-    within_step = [i for ids, mods in fed if mods is None for i in ids]  # TT: a first action token, fed for the second
+    within_step = [i for ids, mods in fed if mods is None for i in ids]  # TT: the plan's tokens, an action's first
     assert actions_fed and kept and len(kept) == 2 * len(steps)
-    if mode == "tt":
-        assert tok.hidden_action_id not in actions_fed + kept
+    if real:
+        assert tok.hidden_action_id not in actions_fed + kept + within_step
+    elif mode == "tt":
+        assert set(actions_fed) == set(kept) == {tok.hidden_action_id}
+        imagined = set(within_step) & set(range(*tok.action_token_ranges(spec)[0]))
+        assert tok.hidden_action_id in within_step and imagined  # an action's first token hidden, the plan's real
     else:
         assert set(actions_fed) == set(kept) == {tok.hidden_action_id}
         assert not within_step  # the action's own first token goes in with its step (Engine.generate_blind)

@@ -59,8 +59,9 @@ class ControlMode(Protocol):
     """A control decoding mode (Gato, DT, TT...): a strategy the Agent calls; see the module docstring."""
 
     name: str
-    # True: a policy from states, fed past actions as <hidden_action> when the model was trained with
-    # hidden actions (GeneralistConfig.hidden_action_prob); False: real actions (a planner's world model)
+    # True: fed past actions as <hidden_action> when the model was trained with hidden actions
+    # (GeneralistConfig.hidden_action_prob), a policy from states (Gato, DT; TT by default, which still feeds the
+    # actions it imagines as themselves); False: real actions. Read at every Agent.reset.
     policy_view: bool
 
     def begin_episode(self, rows: np.ndarray, spec: TaskSpec, num_envs: int) -> None:

@@ -93,6 +93,14 @@ class TTConfig:
             as the reference crops them (:func:`attend_to_last_steps`).
         plan_freq: plan every this many steps and follow the plan's actions in between
             (reference: 1).
+        policy_view: where the model was trained with hidden actions (``GeneralistConfig.hidden_action_prob``), read
+            the *past* steps' actions as ``<hidden_action>``, as Gato and DT modes read them, while the planner's
+            imagined actions are fed as themselves (its world model needs them to predict rewards, values and the
+            next observation). Ours, not the reference's, whose model always reads real actions: a model that sees
+            its own past actions learns to repeat them (the copycat problem of cloning with action histories), and
+            the planner draws its candidate actions from that model. On ``control-lowq``, seed 0, 10 episodes, the
+            policy alone read past real actions at -500 on Acrobot (hidden: -325), and TT planned there at -459
+            (20 episodes) reading them, -200 not (docs/control.md, "TT's proposals in the policy view").
         beam_cache_dtype: dtype the beams' own imagined tokens are cached in ("bfloat16": half the
             bytes to read, which is what a planning step's time goes to; "float32": a float32 model's own
             precision; "auto": the model's dtype when it is narrower than float32, else bfloat16 on a CUDA
@@ -116,6 +124,7 @@ class TTConfig:
     beam_cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     distinct_actions: bool = False
     cdf_density: bool = True
+    policy_view: bool = True
 
     def __post_init__(self):
         for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
@@ -306,12 +315,13 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
 class TTMode:
     """Trajectory Transformer control through :class:`~generalist.Agent`: no returns fed, plan, act.
 
-    The context is cropped to the last ``config.context_steps`` steps (the reference planner's
-    ``max_context_transitions``), so each decision costs the same however long the episode runs.
+    Past actions are read as ``<hidden_action>`` when the model was trained with them (``TTConfig.policy_view``);
+    the actions the planner imagines are always fed as themselves. The context is cropped to the last
+    ``config.context_steps`` steps (the reference planner's ``max_context_transitions``), so each decision costs
+    the same however long the episode runs.
     """
 
     name = "tt"
-    policy_view = False  # the planner rolls its world model forward, which needs the real actions
 
     def __init__(self, config: TTConfig | None = None):
         """``config``: the planner; ``None``: each task's preset (:func:`tt_preset`), chosen at ``set_task``."""
@@ -319,6 +329,11 @@ class TTMode:
         self.config = config or TTConfig()
         self.plan: np.ndarray | None = None  # (B, H, A) the last plan, followed for plan_freq steps
         self.age = 0  # steps since the last plan
+
+    @property
+    def policy_view(self) -> bool:
+        """Whether the Agent feeds past actions as ``<hidden_action>`` (read once, when the Agent is made)."""
+        return self.config.policy_view
 
     def set_task(self, task: str) -> None:
         if self.explicit is None:
@@ -346,7 +361,8 @@ class TTMode:
         ids = self.plan[:, self.age]  # (B, A)
         self.age += 1
         if ids.shape[1] > 1:  # the last action token is fed with the reward, like every mode's
-            step.engine.feed(step.state, torch.from_numpy(np.ascontiguousarray(ids[:, :-1])).long())
+            fed = ids[:, :-1] if step.hidden_action_id is None else np.full_like(ids[:, :-1], step.hidden_action_id)
+            step.engine.feed(step.state, torch.from_numpy(np.ascontiguousarray(fed)).long())
         return ids
 
     def end_step(self, rewards: np.ndarray) -> None:

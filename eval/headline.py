@@ -157,8 +157,10 @@ _LOWQ = "`--preset control-lowq` (5 % expert data)"
 ROWS: tuple[Row, ...] = (
     Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_s22_gato", 0.9), "IQM ≥ 0.9"),
     Row("same runs, Decision Transformer (target = expert return)", Iqm("control_s22_dt", 0.9), "IQM ≥ 0.9"),
-    Row("same runs, Trajectory Transformer on Pendulum", Iqm("control_control_tt_pendulum_density", 0.8), "≥ 0.8"),
-    Row("Trajectory Transformer on CartPole (earlier `control` runs; the plan is the greedy policy's)",
+    Row("same runs, Trajectory Transformer on Pendulum (reading real past actions: `--tt_policy_view False` now)",
+        Iqm("control_control_tt_pendulum_density", 0.8), "≥ 0.8"),
+    Row("Trajectory Transformer on CartPole (earlier `control` runs, real past actions; the plan is the greedy "
+        "policy's)",
         Iqm("control_control_tt_cartpole", 0.8), "≥ 0.8"),
     Row("`python train.py` (the demo, all modalities), Gato mode prompted, 5 core tasks",
         Iqm("control_demo_gato", 0.6, task="CartPole-v1", task_at_least=0.9), "IQM ≥ 0.6, CartPole ≥ 0.9"),
@@ -167,6 +169,8 @@ ROWS: tuple[Row, ...] = (
     Row(f"{_LOWQ}: DT attending to its last 15 steps (`--context_steps 15`) − imitation",
         Gap("control_lowq_ctx15_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ}: Trajectory Transformer (each task's preset) − imitation",
+        Gap("control_lowq_pv_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ}: the same TT reading real past actions (`--tt_policy_view False`, before 2026-12-05) − imitation",
         Gap("control_lowq_steps_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
     Row(f"{_LOWQ}: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_steps_dt_sweep20_sampled"),

@@ -19,6 +19,10 @@ from pathlib import Path
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
+def _load(results: Path, stem: str) -> dict:
+    return json.loads((results / f"{stem}.json").read_text())
+
+
 def _ci(iqm: dict) -> str:
     lo, hi = iqm["iqm_ci95"]
     return f"{iqm['iqm']:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -53,7 +57,7 @@ class Iqm:
     task_at_least: float | None = None
 
     def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
-        result = json.loads((results / f"{self.stem}.json").read_text())
+        result = _load(results, self.stem)
         iqm = result["iqm"]
         figure, met = f"IQM **{_ci(iqm)}**", None if self.at_least is None else iqm["iqm"] >= self.at_least
         if self.task is not None:
@@ -74,7 +78,7 @@ class Gap:
     at_least: float
 
     def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
-        ours, base = (json.loads((results / f"{s}.json").read_text()) for s in (self.stem, self.baseline))
+        ours, base = _load(results, self.stem), _load(results, self.baseline)
         if ours["iqm"]["tasks"] != base["iqm"]["tasks"]:
             raise ValueError(f"{self.stem} and {self.baseline} cover different tasks")
         gap = ours["iqm"]["iqm"] - base["iqm"]["iqm"]
@@ -91,16 +95,14 @@ class Sweep:
     tasks_needed: int = 3
 
     def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
-        result = json.loads((results / f"{self.stem}.json").read_text())
+        result = _load(results, self.stem)
         rho = {t: r for t, r in result["dt_sweep_spearman"].items() if r == r}  # NaN: a flat sweep
         following = sum(r >= self.rho_at_least - 1e-9 for r in rho.values())
         targets = len({s["target_return"] for s in result["dt_sweep"] if s["task"] == next(iter(rho))})
-        per = {s["episodes"] for s in result["dt_sweep"]} if "episodes" in result["dt_sweep"][0] else {
-            result["episodes_per_checkpoint"]}
         figure = (f"ρ ≥ {self.rho_at_least} on **{following} of {len(rho)}** tasks ("
                   + ", ".join(f"{_short(t)} {r:.1f}" for t, r in sorted(rho.items(), key=lambda kv: -kv[1])) + ")")
-        behind = (f"{targets} targets × {'/'.join(map(str, sorted(per)))} episodes × "
-                  f"{result['iqm']['checkpoints']} seeds")
+        seeds = result["iqm"]["checkpoints"]
+        behind = f"{targets} targets × {result['episodes_per_checkpoint']} episodes × {seeds} seeds"
         return figure, behind, following >= self.tasks_needed, [results / f"{self.stem}.json"]
 
 
@@ -112,7 +114,7 @@ class Success:
     at_least: float
 
     def render(self, results: Path, bench: Path) -> tuple[str, str, bool | None, list[Path]]:
-        result = json.loads((results / f"{self.stem}.json").read_text())
+        result = _load(results, self.stem)
         rates: dict[str, list[float]] = {}
         for checkpoint in result["per_checkpoint"]:
             for record in checkpoint:

@@ -166,7 +166,8 @@ class Agent:
         if isinstance(self.mode, TTMode):
             self.mode.set_task(self.spec.name)  # the task's planner preset, unless one was given
         # the policy view (GeneralistConfig.hidden_action_prob): past actions are fed as <hidden_action>
-        hidden = getattr(self.engine.model.config, "hidden_action_prob", 0.0) > 0 and self.mode.policy_view
+        trained_hidden = getattr(self.engine.model.config, "hidden_action_prob", 0.0) > 0
+        hidden = trained_hidden and getattr(self.mode, "policy_view", False)  # a mode without it: real actions
         self.hidden_action_id = self.tok.hidden_action_id if hidden else None
         if isinstance(self.mode, DTMode):
             self.mode.set_target(target_return)

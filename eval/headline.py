@@ -40,6 +40,12 @@ def _behind(result: dict) -> str:
     return f"{episodes} episodes × {iqm['checkpoints']} seeds × {len(iqm['tasks'])} task{'s' * (len(iqm['tasks']) > 1)}"
 
 
+def _all_met(*verdicts: bool | None) -> bool | None:
+    """Several targets' verdicts as one: ``None`` where no target was set, else whether every set one is met."""
+    set_ = [v for v in verdicts if v is not None]
+    return all(set_) if set_ else None
+
+
 def _task_column(result: dict, task: str) -> int:
     tasks = result["iqm"]["tasks"]
     if task not in tasks:
@@ -65,7 +71,7 @@ class Iqm:
             mean = sum(scores) / len(scores)
             figure += f"; {_short(self.task)} {mean:.2f} ({' / '.join(f'{s:.2f}' for s in scores)} per seed)"
             if self.task_at_least is not None:
-                met = (met is not False) and mean >= self.task_at_least
+                met = _all_met(met, mean >= self.task_at_least)
         return figure, _behind(result), met, [results / f"{self.stem}.json"]
 
 
@@ -139,11 +145,8 @@ class Bench:
         if (match := re.search(self.pattern, text)) is None:
             raise ValueError(f"{self.log}: no line matches {self.pattern!r}")
         value = float(match.group(1))
-        met = None
-        if self.at_least is not None:
-            met = value >= self.at_least
-        if self.at_most is not None:
-            met = (met is not False) and value <= self.at_most
+        met = _all_met(None if self.at_least is None else value >= self.at_least,
+                       None if self.at_most is None else value <= self.at_most)
         return f"**{match.group(1)}{self.unit}**", "one run", met, [bench / self.log]
 
 

@@ -44,6 +44,7 @@ from generalist.modes.control import (
     ControlStep,
     action_sample,
     decode_actions,
+    fed_action_ids,
     reward_sample,
     step_prompts,
 )
@@ -295,7 +296,7 @@ class Agent:
 
     def _action_sample(self, ids: np.ndarray) -> Sample:
         """Action tokens as the model reads them: the ids, or ``<hidden_action>`` in the policy view."""
-        return action_sample(ids if self.hidden_action_id is None else np.full_like(ids, self.hidden_action_id))
+        return action_sample(fed_action_ids(ids, self.hidden_action_id))
 
     def _trim(self, row: _Row) -> None:
         """Keep only the steps a window can hold (the rest can never be re-prefilled)."""

@@ -156,6 +156,12 @@ def action_sample(action_ids: np.ndarray) -> Sample:
     return token_sample(action_ids, Modality.ACTION)
 
 
+def fed_action_ids(action_ids: np.ndarray, hidden_action_id: int | None) -> np.ndarray:
+    """Action tokens as the model reads them: the ids themselves, or ``<hidden_action>`` in their place in the
+    policy view (:attr:`ControlStep.hidden_action_id`)."""
+    return action_ids if hidden_action_id is None else np.full_like(action_ids, hidden_action_id)
+
+
 def continuous_range(tok: GeneralistTokenizer, allowed: tuple[int, int]) -> bool:
     cont = tok.layout.ranges["continuous"]
     return cont.start <= allowed[0] and allowed[1] <= cont.stop

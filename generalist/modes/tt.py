@@ -59,6 +59,7 @@ from generalist.modes.control import (
     bin_log_widths,
     continuous_flags,
     continuous_values,
+    fed_action_ids,
     observation_token_ranges,
 )
 from generalist.task_spec import TaskSpec
@@ -362,8 +363,8 @@ class TTMode:
         ids = self.plan[:, self.age]  # (B, A)
         self.age += 1
         if ids.shape[1] > 1:  # the last action token is fed with the reward, like every mode's
-            fed = ids[:, :-1] if step.hidden_action_id is None else np.full_like(ids[:, :-1], step.hidden_action_id)
-            step.engine.feed(step.state, torch.from_numpy(np.ascontiguousarray(fed)).long())
+            fed = np.ascontiguousarray(fed_action_ids(ids[:, :-1], step.hidden_action_id))
+            step.engine.feed(step.state, torch.from_numpy(fed).long())
         return ids
 
     def end_step(self, rewards: np.ndarray) -> None:

@@ -1,13 +1,15 @@
-"""Several ``eval.control`` result files of the same checkpoints, one task set each, as one result file.
+"""Several ``eval.control`` result files as one: the same checkpoints on other tasks, or other checkpoints (seeds)
+on the same tasks.
 
     python -m eval.pool --files docs/results/control_lowq_steps_tt_cartpole.json \\
         docs/results/control_lowq_steps_tt_mcc.json --name control_lowq_steps_tt_pooled
 
 Why: a Trajectory Transformer evaluation takes minutes to hours per task on a CPU, so it is run task by task
-(``eval.control --tasks T``), and the IQM over the tasks (rliable, stratified bootstrap over checkpoints) needs
-them together. The files must come from the same checkpoints, in the same order (compared by the last two parts
-of each path, run folder / model, so the same runs evaluated from another working folder pool), and the same mode;
-each task may appear in one file only. The pooled file records the command of every file it was made from, and
+(``eval.control --tasks T``) or seed by seed, one process per core, and the IQM over the tasks (rliable,
+stratified bootstrap over checkpoints) needs them together. The files must come from the same mode, and either
+from the same checkpoints in the same order (compared by the last two parts of each path, run folder / model, so
+the same runs evaluated from another working folder pool), each task in one file only, or from distinct
+checkpoints on the same tasks. The pooled file records the command of every file it was made from, and
 ``python -m eval.results`` renders it as any other table.
 """
 
@@ -33,31 +35,39 @@ class Args:
     """folder of the pooled file and its performance-profile plot"""
 
 
-def pool(results: Sequence[dict], files: Sequence[Path]) -> tuple[list[list[dict]], list[str]]:
-    """(per checkpoint: every file's records, tasks in order); a clear error for files that do not pool."""
-    for what in ("models", "mode"):  # checkpoints by their last two path parts: the same runs from another folder
-        seen = {json.dumps([Path(m).parts[-2:] for m in r[what]] if what == "models" else r[what]) for r in results}
-        if len(seen) > 1:
-            raise SystemExit(f"eval.pool: the files differ in {what!r} ({', '.join(sorted(seen))}); only results of "
-                             "the same checkpoints, in the same order, in one mode pool")
-    tasks: list[str] = []
-    for path, result in zip(files, results, strict=True):
-        for entry in result["results"]:
-            if entry["task"] in tasks:
-                raise SystemExit(f"eval.pool: {entry['task']} is in more than one file (again in {path})")
-            tasks.append(entry["task"])
-    per_checkpoint = [[rec for r in results for rec in r["per_checkpoint"][k]]
-                      for k in range(len(results[0]["models"]))]
-    return per_checkpoint, tasks
+def pool(results: Sequence[dict], files: Sequence[Path]) -> tuple[list[str], list[list[dict]], list[str]]:
+    """(checkpoints, per checkpoint: its records, tasks in order) of files that hold either the same checkpoints on
+    other tasks (TT run task by task) or other checkpoints on the same tasks (seeds run in processes of their
+    own); a clear error for files that do neither."""
+    if len({r["mode"] for r in results}) > 1:
+        raise SystemExit(f"eval.pool: the files differ in 'mode' ({', '.join(sorted({r['mode'] for r in results}))})")
+    runs = [[Path(m).parts[-2:] for m in r["models"]] for r in results]  # the same runs from another folder match
+    task_lists = [[entry["task"] for entry in r["results"]] for r in results]
+    if all(run == runs[0] for run in runs):  # the same checkpoints, a task set each
+        tasks: list[str] = []
+        for path, names in zip(files, task_lists, strict=True):
+            for task in names:
+                if task in tasks:
+                    raise SystemExit(f"eval.pool: {task} is in more than one file (again in {path})")
+                tasks.append(task)
+        per_checkpoint = [[rec for r in results for rec in r["per_checkpoint"][k]] for k in range(len(runs[0]))]
+        return list(results[0]["models"]), per_checkpoint, tasks
+    every_run = [run for file_runs in runs for run in file_runs]
+    if all(names == task_lists[0] for names in task_lists) and len(set(every_run)) == len(every_run):
+        return ([m for r in results for m in r["models"]], [run for r in results for run in r["per_checkpoint"]],
+                task_lists[0])
+    raise SystemExit("eval.pool: the files differ in 'models' and do not hold the same tasks of other checkpoints; "
+                     "pool the same checkpoints (in the same order) on other tasks, or other checkpoints on the "
+                     "same tasks")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(Args, argv, description=__doc__)
     results = [json.loads(Path(f).read_text()) for f in args.files]
-    per_checkpoint, tasks = pool(results, args.files)
+    models, per_checkpoint, tasks = pool(results, args.files)
     first = results[0]
     summary = {"command": "python -m eval.pool " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "pooled_from": [r["command"] for r in results], "models": first["models"],
+               "pooled_from": [r["command"] for r in results], "models": models,
                "dtype": first.get("dtype"), "mode": first["mode"],
                "episodes_per_checkpoint": sorted({r["episodes_per_checkpoint"] for r in results}),
                "results": pooled_results(per_checkpoint, tasks, first["mode"]),

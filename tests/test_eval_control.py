@@ -144,7 +144,8 @@ def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_pat
 
 def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
     """eval.pool: files of the same checkpoints, one task each (TT is run task by task), give one table and the
-    IQM over every task; files of other checkpoints or a task twice are refused."""
+    IQM over every task; so do files of one checkpoint each on the same task (seeds run apart); files of other
+    checkpoints on other tasks, or a task twice, are refused."""
     from eval.pool import main as pool
 
     spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
@@ -172,6 +173,17 @@ def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
     (out / "control_b.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="models"):
         pool(["--files", *files, "--name", "x", "--out", str(out)])
+    # seed by seed: one file per checkpoint, the same task -> the two checkpoints' table, as if run together
+    whole = json.loads((out / "control_a.json").read_text())
+    for k in range(2):
+        part = dict(whole, models=whole["models"][k: k + 1], per_checkpoint=whole["per_checkpoint"][k: k + 1])
+        (out / f"control_seed{k}.json").write_text(json.dumps(part))
+    seeds = [str(out / f"control_seed{k}.json") for k in range(2)]
+    by_seed = pool(["--files", *seeds, "--name", "control_seeds", "--out", str(out)])
+    assert by_seed["models"] == whole["models"] and by_seed["iqm"]["matrix"] == whole["iqm"]["matrix"]
+    assert by_seed["results"][0]["episodes"] == whole["results"][0]["episodes"] == 4
+    with pytest.raises(SystemExit, match="more than one file"):  # the same checkpoint twice is not two seeds
+        pool(["--files", seeds[0], seeds[0], "--name", "x", "--out", str(out)])
 
 
 def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):

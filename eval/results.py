@@ -130,13 +130,19 @@ def _given_targets(result: dict) -> set[float]:
             if rec.get("target_return") is not None}
 
 
+def _eval_command(result: dict) -> str:
+    """The ``eval.control`` command behind a result file: a pooled file's first part's (its parts differ only in
+    their checkpoints or tasks)."""
+    return (result.get("pooled_from") or [result.get("command", "")])[0]
+
+
 def _locomotion_column(result: dict) -> str | None:
     """Which column of the summary a locomotion result file fills (None: a return sweep, not a score)."""
     if result.get("dt_sweep"):
         return None
     if result["mode"] != "dt":
         return {"gato": "imitation"}.get(result["mode"], result["mode"].upper())
-    if "--expert_returns" in result.get("command", "").split():
+    if "--expert_returns" in _eval_command(result).split():
         return "DT, MGDT expert returns"
     return "DT, target given" if _given_targets(result) else "DT, expert target"
 
@@ -148,7 +154,7 @@ def _cdf_by_bin_probability(result: dict) -> bool:
     if result["mode"] != "tt":
         return False
     planner = result["results"][0].get("tt_config")
-    return not (planner["cdf_density"] if planner else "--cdf_density True" in result.get("command", ""))
+    return not (planner["cdf_density"] if planner else "--cdf_density True" in _eval_command(result))
 
 
 def locomotion_summary(results_dir: Path) -> str:
@@ -159,18 +165,23 @@ def locomotion_summary(results_dir: Path) -> str:
     score, mean ± standard error over its episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
     A name ending ``_<N>steps`` says its models trained N steps (where the others trained the preset's or fewer),
     one holding ``_bysteps_`` that they drew their episodes in proportion to length (``train.py --sample_by steps``).
+    A file that ``eval.pool`` pooled into another (e.g. one seed of a TT evaluation run seed by seed) is left out:
+    the pooled file is its cell.
     """
     cells: dict[tuple[str, str], list[str]] = {}
-    for path in sorted(results_dir.glob("locomotion_*.json")):
-        if (match := _LOCO_FILE.fullmatch(path.stem)) is None:
+    results = {path: json.loads(path.read_text()) for path in sorted(results_dir.glob("locomotion_*.json"))
+               if _LOCO_FILE.fullmatch(path.stem)}
+    parts = {command for result in results.values() for command in result.get("pooled_from", [])}
+    for path, result in results.items():
+        if result.get("command") in parts:
             continue
-        result = json.loads(path.read_text())
+        match = _LOCO_FILE.fullmatch(path.stem)
         column = _locomotion_column(result)
         if column is None or len(result["results"]) != 1 or "d4rl_score" not in result["results"][0]:
             continue
         entry, iqm, targets = result["results"][0], result.get("iqm") or {}, _given_targets(result)
         se = entry["stderr_d4rl"]
-        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", result.get("command", ""))
+        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", _eval_command(result))
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)

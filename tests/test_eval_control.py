@@ -13,7 +13,7 @@ import torch
 from gymnasium import spaces
 
 from eval import results
-from eval.control import ErrorAsTermination, aggregate, main, mean_stderr, normalised, rollout
+from eval.control import ErrorAsTermination, aggregate, main, mean_stderr, normalised, pooled_results, rollout
 from generalist import GeneralistConfig, GeneralistForCausalLM, TaskSpec
 from generalist.agent import Agent
 from tests.conftest import ROOT, TINY_LLAMA, with_task_spec
@@ -187,6 +187,8 @@ def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
 
 
 def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):
+    from eval.pool import main as pool
+
     pytest.importorskip("mujoco")
     spec = TaskSpec.from_env(gym.make("Hopper-v5"), expert_return=3241.0, random_return=-18.0)
     models = two_checkpoints(tok, tmp_path, spec)
@@ -199,6 +201,14 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     longer = out / "locomotion_hopper_medium_replay_gato_4000steps.json"  # the same models trained longer, say
     longer.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
+    whole = json.loads((out / "locomotion_hopper_medium_replay_tt_bf16.json").read_text())  # TT run seed by seed:
+    for k in range(2):  # its parts are left out of the summary, the pooled file is the cell, with the parts' flags
+        part = dict(whole, models=whole["models"][k: k + 1], per_checkpoint=whole["per_checkpoint"][k: k + 1],
+                    results=pooled_results(whole["per_checkpoint"][k: k + 1], ["Hopper-v5"], "tt"),
+                    command=f"{whole['command']}_s{k}")
+        (out / f"locomotion_hopper_medium_replay_tt_s{k}.json").write_text(json.dumps(part))
+    pool(["--files", *(str(out / f"locomotion_hopper_medium_replay_tt_s{k}.json") for k in range(2)),
+          "--name", "locomotion_hopper_medium_replay_tt_pooled", "--out", str(out)])
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.START}\n{results.END}\n{results.LOCO_START}\nstale\n{results.LOCO_END}\n")
     results.main(["--results", str(out), "--pages", str(readme)])
@@ -211,7 +221,7 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     assert imitation.count("(2 × 2)") == 2 and "4,000 training steps (2 × 2)" in imitation  # named by its file
     assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
     # a planner and weights other than the defaults are named
-    assert "beam 2, horizon 2, bfloat16, cdf by bin probability (2 × 2)" in tt
+    assert tt.count("beam 2, horizon 2, bfloat16, cdf by bin probability (2 × 2)") == 2 and "(2 × 1)" not in tt
     assert published.rstrip(" |") == "18.1 / 82.7 / 91.5" and rows["hopper-medium"][0] == "–"
 
 

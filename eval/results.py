@@ -169,13 +169,12 @@ def locomotion_summary(results_dir: Path) -> str:
     the pooled file is its cell.
     """
     cells: dict[tuple[str, str], list[str]] = {}
-    results = {path: json.loads(path.read_text()) for path in sorted(results_dir.glob("locomotion_*.json"))
-               if _LOCO_FILE.fullmatch(path.stem)}
-    parts = {command for result in results.values() for command in result.get("pooled_from", [])}
-    for path, result in results.items():
+    loaded = [(path, match, json.loads(path.read_text())) for path in sorted(results_dir.glob("locomotion_*.json"))
+              if (match := _LOCO_FILE.fullmatch(path.stem))]
+    parts = {command for _, _, result in loaded for command in result.get("pooled_from", [])}
+    for path, match, result in loaded:
         if result.get("command") in parts:
             continue
-        match = _LOCO_FILE.fullmatch(path.stem)
         column = _locomotion_column(result)
         if column is None or len(result["results"]) != 1 or "d4rl_score" not in result["results"][0]:
             continue

@@ -80,6 +80,21 @@ def two_checkpoints(tok, tmp_path: Path, spec: TaskSpec) -> list[str]:
     return [str(tmp_path / f"s{k}") for k in range(2)]
 
 
+def write_seed_by_seed(result_file: Path) -> list[str]:
+    """One result file of two checkpoints written again as two files of one checkpoint each, as if each seed had
+    been evaluated by a process of its own (``eval.control --model <one> ...``); their paths."""
+    whole = json.loads(result_file.read_text())
+    tasks = [entry["task"] for entry in whole["results"]]
+    paths = []
+    for k in range(len(whole["models"])):
+        runs = whole["per_checkpoint"][k: k + 1]
+        part = dict(whole, models=whole["models"][k: k + 1], per_checkpoint=runs, command=f"{whole['command']}_s{k}",
+                    results=pooled_results(runs, tasks, whole["mode"]))
+        paths.append(str(result_file.with_name(f"{result_file.stem}_s{k}.json")))
+        Path(paths[-1]).write_text(json.dumps(part))
+    return paths
+
+
 def test_two_checkpoints_in_a_real_env_make_the_file_the_readme_is_generated_from(tok, tmp_path, capsys):
     spec = TaskSpec.from_env(gym.make("CartPole-v1"), expert_return=500.0, random_return=20.0)
     models = two_checkpoints(tok, tmp_path, spec)
@@ -175,10 +190,7 @@ def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
         pool(["--files", *files, "--name", "x", "--out", str(out)])
     # seed by seed: one file per checkpoint, the same task -> the two checkpoints' table, as if run together
     whole = json.loads((out / "control_a.json").read_text())
-    for k in range(2):
-        part = dict(whole, models=whole["models"][k: k + 1], per_checkpoint=whole["per_checkpoint"][k: k + 1])
-        (out / f"control_seed{k}.json").write_text(json.dumps(part))
-    seeds = [str(out / f"control_seed{k}.json") for k in range(2)]
+    seeds = write_seed_by_seed(out / "control_a.json")
     by_seed = pool(["--files", *seeds, "--name", "control_seeds", "--out", str(out)])
     assert by_seed["models"] == whole["models"] and by_seed["iqm"]["matrix"] == whole["iqm"]["matrix"]
     assert by_seed["results"][0]["episodes"] == whole["results"][0]["episodes"] == 4
@@ -201,14 +213,9 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     longer = out / "locomotion_hopper_medium_replay_gato_4000steps.json"  # the same models trained longer, say
     longer.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
-    whole = json.loads((out / "locomotion_hopper_medium_replay_tt_bf16.json").read_text())  # TT run seed by seed:
-    for k in range(2):  # its parts are left out of the summary, the pooled file is the cell, with the parts' flags
-        part = dict(whole, models=whole["models"][k: k + 1], per_checkpoint=whole["per_checkpoint"][k: k + 1],
-                    results=pooled_results(whole["per_checkpoint"][k: k + 1], ["Hopper-v5"], "tt"),
-                    command=f"{whole['command']}_s{k}")
-        (out / f"locomotion_hopper_medium_replay_tt_s{k}.json").write_text(json.dumps(part))
-    pool(["--files", *(str(out / f"locomotion_hopper_medium_replay_tt_s{k}.json") for k in range(2)),
-          "--name", "locomotion_hopper_medium_replay_tt_pooled", "--out", str(out)])
+    # TT run seed by seed: its parts are left out of the summary, the pooled file is the cell, with the parts' flags
+    parts = write_seed_by_seed(out / "locomotion_hopper_medium_replay_tt_bf16.json")
+    pool(["--files", *parts, "--name", "locomotion_hopper_medium_replay_tt_pooled", "--out", str(out)])
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.START}\n{results.END}\n{results.LOCO_START}\nstale\n{results.LOCO_END}\n")
     results.main(["--results", str(out), "--pages", str(readme)])

@@ -125,6 +125,9 @@ class Args:
     sample_by: SampleBy = "episodes"
     """within a task, draw episodes uniformly or in proportion to their length (every step equally likely, as
     DT and TT sample D4RL; PackingConfig.sample_by)"""
+    dt_window_steps: int | None = None
+    """return-conditioned sequences as independent windows of this many steps (DT's K; 1: RvS), which DT mode
+    then attends to (PackingConfig.dt_window_steps); None: whole episodes. Needs a rotary backbone (llama)"""
 
     # --- model ---
     backbone: str = "llama"
@@ -365,7 +368,7 @@ def model_config(args: Args, tok: GeneralistTokenizer) -> GeneralistConfig:
         vocab_layout=tok.layout.to_dict(), image_size=tok.image_size, context_length=args.seq_len,
         prompt_length=int(args.prompt_fraction * args.seq_len), value_features=args.value_features,
         bin_embeddings=args.bin_embeddings, hidden_action_prob=args.hidden_action_prob,
-        loss_weights={"observation": args.observation_loss_weight})
+        dt_context_steps=args.dt_window_steps, loss_weights={"observation": args.observation_loss_weight})
 
 
 # --- main: data, model, the loop, the final model -------------------------------------------------
@@ -428,10 +431,15 @@ def main(args: Args) -> dict[str, Any]:
             raise ValueError(f"--init_from {args.init_from}: its vocabulary has no <hidden_action> token (an earlier "
                              "version's model); fine-tune it with --hidden_action_prob 0")
         model.config.hidden_action_prob = args.hidden_action_prob
+        model.config.dt_context_steps = args.dt_window_steps
     else:
         model = GeneralistForCausalLM(model_config(args, tok.with_all_special_tokens()))
     if model.config.layout != tok.layout:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
+    if args.dt_window_steps and getattr(model.config.text_config, "rope_parameters", None) is None:
+        # windows restart their position ids (training) but DT mode reads them at the episode's positions
+        raise ValueError(f"--dt_window_steps needs a backbone with rotary position embeddings, which see only relative "
+                         f"positions; {model.config.text_config.model_type!r} has none (use --backbone llama)")
     task_weights = parse_weights(args.task_weights, "--task_weights") if args.task_weights else None
     if task_weights:  # a misspelt task would silently weigh nothing
         known = {task for s in train_sources for task in getattr(s, "by_task", {})}
@@ -441,7 +449,8 @@ def main(args: Args) -> dict[str, Any]:
     packing = PackingConfig(seq_len=args.seq_len, return_prob=args.return_prob, prompt_prob=args.prompt_prob,
                             prompt_fraction=args.prompt_fraction, imitation_threshold=args.imitation_threshold,
                             hidden_action_prob=args.hidden_action_prob, expert_labels=args.expert_labels,
-                            task_weights=task_weights, sample_by=args.sample_by)
+                            task_weights=task_weights, sample_by=args.sample_by,
+                            dt_window_steps=args.dt_window_steps)
     src_weights = [weights[s.name] for s in train_sources]
     train_mix = Mixture(train_sources, src_weights, tok, packing)
     eval_mix = Mixture(eval_sources, src_weights, tok, packing)

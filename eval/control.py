@@ -419,7 +419,7 @@ def evaluate_task(args, tok, model, task: str, seed: int, video_dir: Path | None
               "errors": [e["error"] for e in episodes if e["error"] is not None],
               "target_return": target if args.mode == "dt" else None, "seconds": seconds,
               "context_length": agent.context_length,
-              **({"context_steps": args.context_steps} if args.mode == "dt" and args.context_steps else {})}
+              **({"context_steps": agent.mode.context_steps} if args.mode == "dt" and agent.mode.context_steps else {})}
     if norm is not None:
         record["normalized_score"], record["stderr_normalized"] = mean_stderr(norm)
         record["normalized_scores"] = norm
@@ -569,8 +569,8 @@ class Args:
     sweep: int = 0
     """DT: also sweep this many targets from random to expert"""
     context_steps: int | None = None
-    """DT: attend only to the step being decided and the K-1 before it (DTMode.context_steps; default: the whole
-    context); 1 acts from R_t and the state alone"""
+    """DT: attend only to the step being decided and the K-1 before it (DTMode.context_steps; default: the windows
+    the model was trained on, config.dt_context_steps, else the whole context); 1 acts from R_t and the state alone"""
     demos: tuple[str, ...] | None = None
     """Gato: built control datasets to draw the expert prompt from (pixel tasks: their own)"""
     temperature: float = 0.0

@@ -92,7 +92,9 @@ class Agent:
         window_keep: fraction of the context kept when the window slides.
         expert_returns, kappa: DT made from a name: Multi-Game DT expert-return sampling.
         context_steps: DT made from a name: attend only to the step being decided and the
-            ``context_steps - 1`` before it (:class:`~generalist.modes.DTMode`; default: the whole context).
+            ``context_steps - 1`` before it (:class:`~generalist.modes.DTMode`; default: the windows the model's
+            return-conditioned sequences were trained on, ``model.config.dt_context_steps``, else the whole
+            context).
         tt_config: TT made from a name: the planner's settings (default: each task's preset,
             :func:`generalist.modes.tt_preset`).
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
@@ -119,8 +121,9 @@ class Agent:
         if mode == "gato":
             mode = GatoMode(temperature, top_k, top_p)
         elif mode == "dt":
+            trained_steps = getattr(model.config, "dt_context_steps", None)
             mode = DTMode(expert_returns=expert_returns, kappa=kappa, temperature=temperature, top_k=top_k,
-                          top_p=top_p, context_steps=context_steps)
+                          top_p=top_p, context_steps=trained_steps if context_steps is None else context_steps)
         elif mode == "tt":
             mode = TTMode(tt_config)
         elif isinstance(mode, str):

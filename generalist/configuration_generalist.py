@@ -56,6 +56,9 @@ class GeneralistConfig(PreTrainedConfig):
             evaluation and every decoding mode use it as their context by default, so a model is never
             asked to attend further back than it learned to (default: the backbone's
             ``max_position_embeddings``).
+        dt_context_steps (`int`, *optional*): the steps of the windows return-conditioned sequences were
+            trained on (``PackingConfig.dt_window_steps``): Decision Transformer mode attends to as many by
+            default (``DTMode.context_steps``), as it acts in the context it learned. ``None``: whole episodes.
         prompt_length (`int`, *optional*): most tokens of a Gato demonstration prompt in training;
             evaluation draws prompts of the same size.
         value_features (`int`): a continuous token's embedding also gets a learned linear map of its
@@ -95,6 +98,7 @@ class GeneralistConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     context_length: int | None = None
     prompt_length: int | None = None
+    dt_context_steps: int | None = None
     value_features: int = 0
     bin_embeddings: bool = True
     hidden_action_prob: float = 0.0
@@ -126,6 +130,8 @@ class GeneralistConfig(PreTrainedConfig):
                              f"got {self.context_length}")
         if self.prompt_length is None:
             self.prompt_length = self.context_length // 4
+        if self.dt_context_steps is not None and self.dt_context_steps < 1:
+            raise ValueError(f"dt_context_steps must be at least 1 (None: whole episodes), got {self.dt_context_steps}")
         if not self.bin_embeddings and not self.value_features:
             raise ValueError("bin_embeddings=False needs value_features > 0: continuous inputs would have no embedding")
         if not 0.0 <= self.hidden_action_prob <= 1.0:

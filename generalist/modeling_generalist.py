@@ -260,6 +260,13 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         """
         if cache is None:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values", None)
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss forward is never continued
+        if position_ids is not None and cache is None and not use_cache and attention_mask is not None \
+                and bool(attention_mask.all()):
+            # position ids that restart at 0 mark packed documents (PackingConfig.dt_window_steps), which the
+            # backbone keeps apart (a block-diagonal causal mask) only when given no mask and no cache
+            attention_mask = None
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, local_positions, patches, patch_positions)
         if vocab_range is not None:

@@ -83,6 +83,15 @@ class PackingConfig:
             Transformer (one item per step) sample D4RL. On data whose good episodes are the long ones
             (a replay buffer: early policies fall within tens of steps, late ones run hundreds), drawing
             by episode shows mostly the short bad ones. Tasks keep their share either way.
+        dt_window_steps: return-conditioned sequences are packed as independent windows of at most this
+            many steps (a uniformly drawn start, cut at the episode's end), each its own attention document:
+            its position ids restart at 0 and it attends only to itself (:meth:`Mixture.batch`). Decision
+            Transformer trains on K-step windows (Chen et al. 2021: K = 20 on D4RL) and return-conditioned
+            policies without history on single steps (RvS, Emmons et al. 2022: K = 1). With a long history
+            the history says which of the data's policies is playing and the target is read little
+            (docs/control.md, "DT's context length"); in a K-step window it must be. DT mode then acts with
+            the same window (:attr:`GeneralistConfig.dt_context_steps`). ``None``: whole episodes, as
+            unconditioned sequences always are.
     """
 
     seq_len: int = 512
@@ -94,6 +103,7 @@ class PackingConfig:
     expert_labels: bool = False
     task_weights: Mapping[str, float] | None = None
     sample_by: SampleBy = "episodes"
+    dt_window_steps: int | None = None
 
     def __post_init__(self):
         if self.sample_by not in get_args(SampleBy):
@@ -103,6 +113,8 @@ class PackingConfig:
                 raise ValueError(f"task_weights[{task!r}] must be > 0, got {weight!r}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.dt_window_steps is not None and self.dt_window_steps < 1:
+            raise ValueError(f"dt_window_steps must be at least 1 (None: whole episodes), got {self.dt_window_steps}")
         for name in ("return_prob", "prompt_prob", "prompt_fraction", "hidden_action_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -369,6 +381,17 @@ class ControlSource:
             parts.append(demo)
             room -= _length(demo)
             meta["prompt_episode"], meta["prompt_task"] = j, str(self.tasks[j])
+        if condition and cfg.dt_window_steps:
+            sample = self._windows(rng, tok, cfg, first, meta)
+        else:
+            sample = self._episodes(rng, tok, cfg, first, pool, condition, parts, room, meta)
+        # drawn only when used, so that runs without hidden actions keep their exact data order
+        meta["hidden_actions"] = bool(cfg.hidden_action_prob and rng.random() < cfg.hidden_action_prob)
+        return (hide_actions(sample, tok) if meta["hidden_actions"] else sample), meta
+
+    def _episodes(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig, first: int,
+                  pool: np.ndarray, condition: bool, parts: list[Sample], room: int, meta: dict[str, Any]) -> Sample:
+        """``parts`` (a prompt, or nothing) filled up with whole episodes of ``pool`` from ``first`` on."""
         index, live = first, []
         while room > 0:
             episode = self.episodes[index]
@@ -383,10 +406,29 @@ class ControlSource:
             live.append(index)
             index = self.draw(rng, pool, cfg)
         meta["episodes"] = live
-        sample = concat_samples(parts)
-        # drawn only when used, so that runs without hidden actions keep their exact data order
-        meta["hidden_actions"] = bool(cfg.hidden_action_prob and rng.random() < cfg.hidden_action_prob)
-        return (hide_actions(sample, tok) if meta["hidden_actions"] else sample), meta
+        return concat_samples(parts)
+
+    def _windows(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig, first: int,
+                 meta: dict[str, Any]) -> Sample:
+        """A return-conditioned sequence of independent ``cfg.dt_window_steps``-step windows (see
+        :attr:`PackingConfig.dt_window_steps`); ``meta["documents"]`` holds their lengths in tokens."""
+        parts, documents, live, index, room = [], [], [], first, cfg.seq_len
+        while room > 0:
+            episode = self.episodes[index]
+            n_steps = len(episode["rewards"])
+            t0 = int(rng.integers(0, n_steps))  # every step of the episode starts a window equally often
+            t1 = min(n_steps, t0 + int(cfg.dt_window_steps))
+            head = [token_sample([tok.bos_id], Modality.SPECIAL)] if t0 == 0 else []
+            tail = [tok.end_of_episode(bool(episode.get("terminated", False)))] if t1 == n_steps else []
+            window = slice_sample(concat_samples(head + episode_steps(tok, episode, t0, t1, True) + tail), 0, room)
+            window["labels"][0] = -100  # the token before it is another document's: nothing to predict it from
+            parts.append(window)
+            documents.append(_length(window))
+            room -= documents[-1]
+            live.append(index)
+            index = self.draw(rng, self.by_task[meta["task"]], cfg)
+        meta.update(episodes=live, documents=documents)
+        return concat_samples(parts)
 
 
 class Mixture:
@@ -414,8 +456,13 @@ class Mixture:
     def batch(self, seed: int, rank: int, batch_index: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Collated batch ``batch_index``: sequences ``batch_index * batch_size + k``."""
         first = batch_index * batch_size
-        samples = [self.sequence(seed, rank, first + k)[0] for k in range(batch_size)]
-        return self.tok.collate(samples)
+        samples, metas = zip(*(self.sequence(seed, rank, first + k) for k in range(batch_size)), strict=True)
+        batch = self.tok.collate(samples)
+        if any("documents" in m for m in metas):  # windows packed as documents: positions restart in each
+            batch["position_ids"] = torch.from_numpy(np.stack([
+                np.concatenate([np.arange(n) for n in m["documents"]]) if "documents" in m
+                else np.arange(self.cfg.seq_len) for m in metas]))  # (B, L)
+        return batch
 
 
 class PackedStream(IterableDataset):

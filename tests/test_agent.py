@@ -334,15 +334,16 @@ class DivergingEnv(gym.Env):
         return self._obs(), 1.0, False, False, {}
 
 
-@pytest.mark.parametrize("context_steps", [None, 1, 2])
-def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps):
+@pytest.mark.parametrize(("context_steps", "trained_steps"), [(None, None), (1, None), (2, None), (None, 1)])
+def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps, trained_steps):
     """DT with ``context_steps=K`` reads the step it decides and the K-1 before it: two envs whose histories differ,
     then whose last steps agree (same observations, same R_t), get the same action distribution; with the whole
     context (None) they do not. (A window over the KV cache: its earlier steps' keys carry what their own window
-    read, so in this 2-layer model K = 2 needs the last 3 steps alike; K = 1 is exact.)"""
+    read, so in this 2-layer model K = 2 needs the last 3 steps alike; K = 1 is exact.) A model trained on K-step
+    windows (``config.dt_context_steps``) acts with them unless told otherwise."""
     torch.manual_seed(0)
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA,
-                                                   hidden_action_prob=0.5)).eval()
+                                                   hidden_action_prob=0.5, dt_context_steps=trained_steps)).eval()
     envs = gym.vector.SyncVectorEnv([lambda: DivergingEnv(-0.9), lambda: DivergingEnv(0.9)])
     spec = TaskSpec.from_spaces("Diverging-v0", envs.single_observation_space, envs.single_action_space,
                                 expert_return=10.0, random_return=0.0)
@@ -355,6 +356,6 @@ def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps):
         agent.observe(rewards, terminated, truncated)
     agent.act(obs)  # t = 5: the last three steps agree, the three before differ
     same = torch.allclose(agent.state.logits[0], agent.state.logits[1], atol=1e-5)
-    assert same == (context_steps is not None)
+    assert same == (context_steps is not None or trained_steps is not None)
     with pytest.raises(ValueError, match="context_steps"):
         Agent(model, tok, "gato", context_steps=2)

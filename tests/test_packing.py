@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets_build import synthetic
-from generalist import GeneralistTokenizer
+from generalist import GeneralistConfig, GeneralistForCausalLM, GeneralistTokenizer
 from generalist.packing import (
     CaptionSource,
     ControlSource,
@@ -21,6 +21,7 @@ from generalist.packing import (
     TextSource,
 )
 from generalist.vocab import Modality
+from tests.conftest import TINY_LLAMA
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +269,38 @@ def test_bad_settings_are_refused(tok, sources):
         PackingConfig(return_prob=1.5)
     with pytest.raises(ValueError, match="weights"):
         Mixture(sources, [0, 0, 0], tok, PackingConfig())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_return_conditioned_windows_are_documents_the_model_keeps_apart(tok, k):
+    """``dt_window_steps=K`` (DT's K-step training windows; RvS at K = 1): a return-conditioned sequence is a run of
+    windows, each starting at a step (its ``R``, or ``<bos>``) and holding at most K steps; the batch's position ids
+    restart at each, no label asks a window to predict the one after it, and a model's logits in one window equal
+    those of the window fed alone. Imitation sequences stay whole episodes."""
+    eps = synthetic.episodes(8)
+    control = ControlSource("control", eps, [e["task"] for e in eps])
+    windows = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=1.0, dt_window_steps=k))
+    batch = windows.batch(seed=0, rank=0, batch_index=0, batch_size=3)
+    for row in range(3):
+        documents = windows.sequence(seed=0, rank=0, index=row)[1]["documents"]
+        starts = np.cumsum([0] + documents[:-1])
+        assert len(documents) > 1 and sum(documents) == 120
+        np.testing.assert_array_equal(batch["position_ids"][row].numpy(),
+                                      np.concatenate([np.arange(n) for n in documents]))
+        modality, ids = batch["modality_ids"][row].numpy(), batch["input_ids"][row].numpy()
+        assert all(ids[s] == tok.bos_id or modality[s] == Modality.RETURN for s in starts)
+        for s, n in zip(starts, documents, strict=True):
+            assert (modality[s:s + n] == Modality.RETURN).sum() <= k
+        assert (batch["labels"][row].numpy()[starts] == -100).all()
+    torch.manual_seed(0)
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)).eval()
+    s, n = int(np.cumsum(documents)[0]), documents[1]  # the last row's second window
+    with torch.no_grad():
+        packed = model(**batch).logits[2, s:s + n]
+        alone = model(**{key: batch[key][2:3, s:s + n] for key in ("input_ids", "modality_ids", "local_positions")},
+                      patches=batch["patches"][:0], patch_positions=batch["patch_positions"][:0]).logits[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    whole = Mixture([control], [1.0], tok, PackingConfig(seq_len=120, return_prob=0.0, dt_window_steps=k))
+    assert "position_ids" not in whole.batch(seed=0, rank=0, batch_index=0, batch_size=3)
+    with pytest.raises(ValueError, match="dt_window_steps"):
+        PackingConfig(dt_window_steps=0)

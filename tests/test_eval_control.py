@@ -4,6 +4,7 @@ JSON the docs' result tables are generated from."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -196,6 +197,8 @@ def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
     assert by_seed["results"][0]["episodes"] == whole["results"][0]["episodes"] == 4
     with pytest.raises(SystemExit, match="more than one file"):  # the same checkpoint twice is not two seeds
         pool(["--files", seeds[0], seeds[0], "--name", "x", "--out", str(out)])
+    page = results.render(out, tmp_path / "README.md")  # the parts are shown as their pooled tables only
+    assert re.findall(r"#### `(\w+)`", page) == ["control_ab", "control_seeds"]
 
 
 def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tmp_path):

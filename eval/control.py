@@ -604,7 +604,8 @@ class Args:
     max_steps: int = 100_000
     """safety cap on vector-env steps per rollout"""
     seed: int = 0
-    """environment and sampling seed (checkpoint k adds 1000 k)"""
+    """environment and sampling seed (checkpoint k adds 1000 k; env i of a rollout starts from seed + i, so two
+    evaluations share episodes unless their seeds lie at least --episodes apart)"""
     device: str = "cpu"
     """where the model runs (cpu, cuda, cuda:1, mps); environments and sampling stay on the CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -180,6 +180,11 @@ ROWS: tuple[Row, ...] = (
     Row(f"{_LOWQ}: the same TT reading real past actions (`--tt_policy_view False`, before 2026-12-05) − imitation",
         Gap("control_lowq_steps_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row(f"{_LOWQ} with DT trained on one-step windows (`--dt_window_steps 1`, runs `lowqw1`): DT − imitation, the "
+        "same runs", Gap("control_lowq_w1_dt_sweep20", "control_lowq_w1_gato_unprompted", 0.2), "≥ +0.2"),
+    Row("same runs: DT return sweep, greedy", Sweep("control_lowq_w1_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row("same runs: DT return sweep, greedy, other episodes (`--seed 500`)",
+        Sweep("control_lowq_w1_dt_sweep20_seed500"), "ρ ≥ 0.8 on 3 tasks"),
     Row(f"{_LOWQ}: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_steps_dt_sweep20_sampled"),
         "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),

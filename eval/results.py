@@ -172,7 +172,8 @@ def locomotion_summary(results_dir: Path) -> str:
     (DT split by how its returns were set: the expert's, a given target, or MGDT's sampling); a cell is the D4RL
     score, mean ± standard error over its episodes × checkpoints, and the expert-normalised IQM with its 95 % CI.
     A name ending ``_<N>steps`` says its models trained N steps (where the others trained the preset's or fewer),
-    one holding ``_bysteps_`` that they drew their episodes in proportion to length (``train.py --sample_by steps``).
+    one holding ``_bysteps_`` that they drew their episodes in proportion to length (``train.py --sample_by steps``),
+    ``_dtwin<K>_`` that their return-conditioned sequences were K-step windows (``train.py --dt_window_steps K``).
     A file that ``eval.pool`` pooled into another (e.g. one seed of a TT evaluation run seed by seed) is left out:
     the pooled file is its cell.
     """
@@ -195,6 +196,7 @@ def locomotion_summary(results_dir: Path) -> str:
                 + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
                 + (", cdf by bin probability" if _cdf_by_bin_probability(result) else "")
                 + (", episodes drawn by steps" if "_bysteps_" in path.stem else "")
+                + (f", DT trained on {w.group(1)}-step windows" if (w := re.search(r"_dtwin(\d+)_", path.stem)) else "")
                 + (f", {int(steps.group(1)):,} training steps" if (steps := re.search(r"_(\d+)steps$", path.stem))
                    else "")
                 + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")

@@ -216,6 +216,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
               "--name", f"locomotion_hopper_medium_replay_{name}"])
     longer = out / "locomotion_hopper_medium_replay_gato_4000steps.json"  # the same models trained longer, say
     longer.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
+    windows = out / "locomotion_hopper_medium_replay_dtwin1_gato.json"  # models trained with --dt_window_steps 1
+    windows.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
     # TT run seed by seed: its parts are left out of the summary, the pooled file is the cell, with the parts' flags
     parts = write_seed_by_seed(out / "locomotion_hopper_medium_replay_tt_bf16.json")
     pool(["--files", *parts, "--name", "locomotion_hopper_medium_replay_tt_pooled", "--out", str(out)])
@@ -228,7 +230,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
     imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
-    assert imitation.count("(2 × 2)") == 2 and "4,000 training steps (2 × 2)" in imitation  # named by its file
+    assert imitation.count("(2 × 2)") == 3 and "4,000 training steps (2 × 2)" in imitation  # named by its file
+    assert "DT trained on 1-step windows (2 × 2)" in imitation
     assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
     # a planner and weights other than the defaults are named
     assert tt.count("beam 2, horizon 2, bfloat16, cdf by bin probability (2 × 2)") == 2 and "(2 × 1)" not in tt

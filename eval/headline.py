@@ -185,6 +185,8 @@ ROWS: tuple[Row, ...] = (
     Row("same runs: DT return sweep, greedy", Sweep("control_lowq_w1_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
     Row("same runs: DT return sweep, greedy, other episodes (`--seed 500`)",
         Sweep("control_lowq_w1_dt_sweep20_seed500"), "ρ ≥ 0.8 on 3 tasks"),
+    Row("same runs: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_w1_dt_sweep20_sampled"),
+        "ρ ≥ 0.8 on 3 tasks"),
     Row(f"{_LOWQ}: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_steps_dt_sweep20_sampled"),
         "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),

@@ -382,7 +382,7 @@ class ControlSource:
             room -= _length(demo)
             meta["prompt_episode"], meta["prompt_task"] = j, str(self.tasks[j])
         if condition and cfg.dt_window_steps:
-            sample = self._windows(rng, tok, cfg, first, meta)
+            sample = self._windows(rng, tok, cfg, first, pool, meta)
         else:
             sample = self._episodes(rng, tok, cfg, first, pool, condition, parts, room, meta)
         # drawn only when used, so that runs without hidden actions keep their exact data order
@@ -409,9 +409,9 @@ class ControlSource:
         return concat_samples(parts)
 
     def _windows(self, rng: np.random.Generator, tok: GeneralistTokenizer, cfg: PackingConfig, first: int,
-                 meta: dict[str, Any]) -> Sample:
-        """A return-conditioned sequence of independent ``cfg.dt_window_steps``-step windows (see
-        :attr:`PackingConfig.dt_window_steps`); ``meta["documents"]`` holds their lengths in tokens."""
+                 pool: np.ndarray, meta: dict[str, Any]) -> Sample:
+        """A return-conditioned sequence of independent ``cfg.dt_window_steps``-step windows of ``pool``'s episodes
+        (see :attr:`PackingConfig.dt_window_steps`); ``meta["documents"]`` holds their lengths in tokens."""
         parts, documents, live, index, room = [], [], [], first, cfg.seq_len
         while room > 0:
             episode = self.episodes[index]
@@ -426,7 +426,7 @@ class ControlSource:
             documents.append(_length(window))
             room -= documents[-1]
             live.append(index)
-            index = self.draw(rng, self.by_task[meta["task"]], cfg)
+            index = self.draw(rng, pool, cfg)
         meta.update(episodes=live, documents=documents)
         return concat_samples(parts)
 

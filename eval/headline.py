@@ -157,13 +157,14 @@ class Row:
     target: str
 
 
-_CONTROL = "`python train.py --preset control` (≤ 30 min)"
-_LOWQ = "`--preset control-lowq` (5 % expert data)"
+_CONTROL = "`python train.py --preset control` (≤ 30 min; runs `ctl-pv`)"
+_LOWQ = "`--preset control-lowq` (5 % expert data, DT trained on one-step windows; runs `lowqw1`)"
+_LOWQ_BEFORE = "the preset before 2026-12-06 (whole-episode DT sequences; runs `lowqst`)"
 ROWS: tuple[Row, ...] = (
-    Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_s22_gato", 0.9), "IQM ≥ 0.9"),
-    Row("same runs, Decision Transformer (target = expert return)", Iqm("control_s22_dt", 0.9), "IQM ≥ 0.9"),
-    Row(f"{_CONTROL}, two more seeds (runs `ctl-pv`), Trajectory Transformer (each task's preset, past actions "
-        "hidden: the default) on Pendulum and CartPole",
+    Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_pv_gato", 0.9), "IQM ≥ 0.9"),
+    Row("same runs, Decision Transformer (target = expert return)", Iqm("control_pv_dt", 0.9), "IQM ≥ 0.9"),
+    Row("same runs, Trajectory Transformer (each task's preset, past actions hidden: the default) on Pendulum and "
+        "CartPole",
         Iqm("control_pv_tt", task="Pendulum-v1", task_at_least=0.8), "Pendulum ≥ 0.8"),
     Row("same runs and file, CartPole (the plan is the greedy policy's: docs/control.md)",
         Iqm("control_pv_tt", task="CartPole-v1", task_at_least=0.8), "CartPole ≥ 0.8"),
@@ -172,23 +173,19 @@ ROWS: tuple[Row, ...] = (
     Row("`python train.py` (the demo, all modalities), Gato mode prompted, 5 core tasks",
         Iqm("control_demo_gato", 0.6, task="CartPole-v1", task_at_least=0.9), "IQM ≥ 0.6, CartPole ≥ 0.9"),
     Row(f"{_LOWQ}: Decision Transformer − imitation (unprompted Gato)",
-        Gap("control_lowq_steps_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
-    Row(f"{_LOWQ}: DT attending to its last 15 steps (`--context_steps 15`) − imitation",
-        Gap("control_lowq_ctx15_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
-    Row(f"{_LOWQ}: Trajectory Transformer (each task's preset) − imitation",
-        Gap("control_lowq_pv_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
-    Row(f"{_LOWQ}: the same TT reading real past actions (`--tt_policy_view False`, before 2026-12-05) − imitation",
-        Gap("control_lowq_steps_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
-    Row(f"{_LOWQ}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
-    Row(f"{_LOWQ} with DT trained on one-step windows (`--dt_window_steps 1`, runs `lowqw1`): DT − imitation, the "
-        "same runs", Gap("control_lowq_w1_dt_sweep20", "control_lowq_w1_gato_unprompted", 0.2), "≥ +0.2"),
+        Gap("control_lowq_w1_dt_sweep20", "control_lowq_w1_gato_unprompted", 0.2), "≥ +0.2"),
+    Row("same runs: Trajectory Transformer (each task's preset) − imitation",
+        Gap("control_lowq_w1_tt", "control_lowq_w1_gato_unprompted", 0.2), "≥ +0.2"),
     Row("same runs: DT return sweep, greedy", Sweep("control_lowq_w1_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
     Row("same runs: DT return sweep, greedy, other episodes (`--seed 500`)",
         Sweep("control_lowq_w1_dt_sweep20_seed500"), "ρ ≥ 0.8 on 3 tasks"),
     Row("same runs: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_w1_dt_sweep20_sampled"),
         "ρ ≥ 0.8 on 3 tasks"),
-    Row(f"{_LOWQ}: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_steps_dt_sweep20_sampled"),
-        "ρ ≥ 0.8 on 3 tasks"),
+    Row(f"{_LOWQ_BEFORE}: DT − imitation",
+        Gap("control_lowq_steps_dt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ_BEFORE}: TT − imitation",
+        Gap("control_lowq_pv_tt", "control_lowq_steps_gato_unprompted", 0.2), "≥ +0.2"),
+    Row(f"{_LOWQ_BEFORE}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),
         "≥ 0.9 every level"),
     Row("`--preset babyai` with missions in the BPE corpus, Gato mode greedy", Success("control_babyai_tok_gato", 0.9),

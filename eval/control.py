@@ -280,8 +280,10 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
     returns, lengths = np.zeros(n), np.zeros(n, int)
     traces: list[dict[str, list]] = [{"obs": [], "act": [], "rew": []} for _ in range(n)]
     done_eps: list[dict[str, Any]] = []
-    # a TT episode can take minutes: the bar counts finished episodes and shows the env step reached
-    bar = tqdm(total=episodes, desc=f"{spec.name} [{agent.mode.name}]", unit="episode", leave=False)
+    # a TT episode can take minutes: the bar counts finished episodes and shows the env step reached. miniters=0:
+    # tqdm's default (dynamic miniters) stops redrawing on update(0) once an episode has finished, so the step shown
+    # froze there and a long run looked hung
+    bar = tqdm(total=episodes, desc=f"{spec.name} [{agent.mode.name}]", unit="episode", leave=False, miniters=0)
     for step in range(max_steps):
         bar.set_postfix_str(f"step {step}", refresh=False)
         bar.update(0)  # redraws at most every 0.1 s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -53,6 +54,28 @@ def test_an_env_error_ends_only_its_episode(tok):
     good = [e for e in episodes if not e["error"]]
     assert errors and all("simulator exploded" in e["error"] for e in errors)
     assert good and all(e["return"] == 5.0 and e["length"] == 5 for e in good)
+
+
+class Slow(Flaky):
+    """Flaky's 5-step episodes, never broken, each step slower than the progress bar's redraw interval."""
+
+    def __init__(self):
+        super().__init__(broken=False)
+
+    def step(self, action):
+        time.sleep(0.12)
+        return super().step(action)
+
+
+def test_the_progress_bar_keeps_showing_the_step_after_an_episode_ends(tok, capsys):
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
+    envs = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Slow())], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    spec = TaskSpec.from_env(envs, name="slow", expert_return=5.0, random_return=0.0)
+    tok.add_task_spec(spec)
+    rollout(Agent(model, tok, "gato"), envs, spec, episodes=2, seed=0)
+    shown = capsys.readouterr().err
+    assert "1/2" in shown and "step 4" in shown
+    assert "step 8" in shown  # after the first episode ended at step 5 (the bar froze there before)
 
 
 def test_scores():

@@ -69,7 +69,8 @@ class Slow(Flaky):
 
 def test_the_progress_bar_keeps_showing_the_step_after_an_episode_ends(tok, capsys):
     model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
-    envs = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Slow())], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Slow())],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     spec = TaskSpec.from_env(envs, name="slow", expert_return=5.0, random_return=0.0)
     tok.add_task_spec(spec)
     rollout(Agent(model, tok, "gato"), envs, spec, episodes=2, seed=0)

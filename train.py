@@ -47,7 +47,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoConfig, get_cosine_with_min_lr_schedule_with_warmup
 
 from datasets_build.hub import is_hub_dataset_id
 from datasets_build.sources import DataFiles, EpisodeRows, load_sources, parse_mixture, parse_weights
@@ -262,6 +262,11 @@ def run_folder(args: Args) -> RunFolder:
     return RunFolder(args.output_dir / (args.run_name or args.preset))
 
 
+# windows restart their position ids (training) but DT mode reads them at the episode's positions
+DT_WINDOWS_NEED_ROTARY = ("--dt_window_steps needs a backbone with rotary position embeddings, which see only relative "
+                          "positions; {backbone!r} has none (use --backbone llama)")
+
+
 def validate_args(args: Args) -> dict[str, float]:
     """Reject conflicting or impossible settings before any work starts; returns the mixture weights."""
     problems = []
@@ -276,6 +281,14 @@ def validate_args(args: Args) -> dict[str, float]:
     for name in ("save_every", "eval_every", "num_workers", "warmup_steps", "hub_retries"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.init_from:  # a fine-tuned checkpoint's backbone is checked once it is loaded
+        try:
+            backbone = AutoConfig.for_model(args.backbone)
+        except ValueError:
+            problems.append(f"--backbone {args.backbone!r} is no transformers model_type (e.g. llama, qwen2, gpt2)")
+        else:
+            if args.dt_window_steps and getattr(backbone, "rope_parameters", None) is None:
+                problems.append(DT_WINDOWS_NEED_ROTARY.format(backbone=args.backbone))
     if "none" in args.report_to and len(args.report_to) > 1:
         problems.append(f"--report_to none means no tracker; got it with {[t for t in args.report_to if t != 'none']}")
     available = {str(t) for t in get_available_trackers()}  # accelerate drops a missing one without a word
@@ -439,9 +452,7 @@ def main(args: Args) -> dict[str, Any]:
     if model.config.layout != tok.layout:
         raise ValueError(f"model vocabulary {model.config.layout} does not match the tokenizer's {tok.layout}")
     if args.dt_window_steps and getattr(model.config.text_config, "rope_parameters", None) is None:
-        # windows restart their position ids (training) but DT mode reads them at the episode's positions
-        raise ValueError(f"--dt_window_steps needs a backbone with rotary position embeddings, which see only relative "
-                         f"positions; {model.config.text_config.model_type!r} has none (use --backbone llama)")
+        raise ValueError(DT_WINDOWS_NEED_ROTARY.format(backbone=model.config.text_config.model_type))
     task_weights = parse_weights(args.task_weights, "--task_weights") if args.task_weights else None
     if task_weights:  # a misspelt task would silently weigh nothing
         known = {task for s in train_sources for task in getattr(s, "by_task", {})}

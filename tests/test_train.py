@@ -112,13 +112,17 @@ def test_metrics_go_to_the_chosen_trackers_and_a_missing_one_is_named(tiny_flags
 def test_dt_windows_travel_with_the_checkpoint_and_need_a_rotary_backbone(tiny_flags, train_in_process, tmp_path):
     """``--dt_window_steps K`` trains DT on K-step windows and saves K in the model's config, where DT mode reads its
     default context from; a backbone with absolute positions (GPT-2) would read windows restarting at position 0 in
-    training and at the episode's positions in play, so it is refused before training starts."""
+    training and at the episode's positions in play, so it is refused before any work starts (no run folder, no data
+    loaded), as is a backbone transformers does not know."""
     tiny = dict(total_steps=2, save_every=2, eval_every=2, run_eval=False, dt_window_steps=2)
     train_in_process(*tiny_flags(tmp_path, run_name="windows", **tiny))
     model = GeneralistForCausalLM.from_pretrained(RunFolder(tmp_path / "windows").model)
     assert model.config.dt_context_steps == 2
-    with pytest.raises(ValueError, match="--dt_window_steps needs a backbone with rotary position embeddings"):
+    with pytest.raises(SystemExit, match="--dt_window_steps needs a backbone with rotary position embeddings"):
         train_in_process(*tiny_flags(tmp_path, run_name="gpt2", backbone="gpt2", **tiny))
+    with pytest.raises(SystemExit, match="--backbone 'lama' is no transformers model_type"):
+        train_in_process(*tiny_flags(tmp_path, run_name="lama", backbone="lama", **tiny))
+    assert not (tmp_path / "gpt2").exists() and not (tmp_path / "lama").exists()
 
 
 def test_resume_restores_the_saved_settings_and_refuses_conflicting_flags(tmp_path):

@@ -272,9 +272,16 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             record: bool = False) -> list[dict[str, Any]]:
     """Run until ``episodes`` episodes have finished; one record per episode (return, length, error).
 
-    With ``record`` each record also holds the episode's observations, actions and rewards.
+    Each env plays a fixed share of the episodes (env ``i``: ``(episodes + i) // n``, stable-baselines3's
+    ``evaluate_policy`` split), and what an env plays after its share is not recorded: counting the first
+    ``episodes`` to finish instead would favour short episodes, since an env whose episode ended early restarts
+    and can finish again before a long one does (on locomotion short means fallen, so scores came out low; on
+    MountainCar or Acrobot short means solved). With ``record`` each record also holds the episode's
+    observations, actions and rewards.
     """
     n = envs.num_envs
+    share = np.array([(episodes + i) // n for i in range(n)])  # (n,) episodes each env plays
+    played = np.zeros(n, int)
     agent.reset(spec, num_envs=n, prompt=prompt, target_return=target_return)
     obs, _ = envs.reset(seed=seed)
     returns, lengths = np.zeros(n), np.zeros(n, int)
@@ -301,6 +308,10 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             for i in range(n):
                 traces[i]["rew"].append(float(rewards[i]))
         for i in np.flatnonzero(terminated | truncated):
+            if played[i] >= share[i]:  # past its share: played on (the batch is shared), never recorded
+                returns[i], lengths[i] = 0.0, 0
+                continue
+            played[i] += 1
             error, success = envs.envs[i].outcome()
             episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
                        "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
@@ -312,7 +323,7 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             bar.update(1)
             returns[i], lengths[i] = 0.0, 0
             traces[i] = {"obs": [], "act": [], "rew": []}
-        if len(done_eps) >= episodes:
+        if (played >= share).all():
             break
     bar.close()
     return done_eps[:episodes]

@@ -79,6 +79,32 @@ def test_the_progress_bar_keeps_showing_the_step_after_an_episode_ends(tok, caps
     assert "step 8" in shown  # after the first episode ended at step 5 (the bar froze there before)
 
 
+class Fixed(Flaky):
+    """Never broken, episodes of ``length`` steps."""
+
+    def __init__(self, length: int):
+        super().__init__(broken=False)
+        self.length = length
+
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        return obs, reward, self.t >= self.length, truncated, info
+
+
+def test_each_env_plays_its_share_so_short_episodes_are_not_favoured(tok):
+    """With one env whose episodes last 2 steps and one whose last 10, 4 episodes are 2 of each: counting the first 4
+    to finish took the short env's episodes at steps 2, 4, 6 and 8 and none of the long one's."""
+    model = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA))
+    envs = gym.vector.SyncVectorEnv([lambda: ErrorAsTermination(Fixed(2)), lambda: ErrorAsTermination(Fixed(10))],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    spec = TaskSpec.from_env(envs, name="fixed", expert_return=10.0, random_return=0.0)
+    tok.add_task_spec(spec)
+    episodes = rollout(Agent(model, tok, "gato"), envs, spec, episodes=4, seed=0)
+    assert sorted(e["length"] for e in episodes) == [2, 2, 10, 10]
+    three = rollout(Agent(model, tok, "gato"), envs, spec, episodes=3, seed=0)
+    assert sorted(e["length"] for e in three) == [2, 10, 10]  # env i plays (3 + i) // 2
+
+
 def test_scores():
     spec = TaskSpec.from_spaces("s", spaces.Box(-1, 1, (1,)), spaces.Discrete(2), expert_return=10.0, random_return=2.0)
     assert normalised(spec, [2.0, 10.0, 6.0]) == [0.0, 1.0, 0.5]

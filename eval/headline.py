@@ -177,6 +177,10 @@ ROWS: tuple[Row, ...] = (
     Row("same runs: Trajectory Transformer (each task's preset) − imitation",
         Gap("control_lowq_w1_tt", "control_lowq_w1_gato_unprompted", 0.2), "≥ +0.2"),
     Row("same runs: DT return sweep, greedy", Sweep("control_lowq_w1_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row("same runs, DT and imitation re-measured with each env's share of episodes counted (README: the counting "
+        "fault): DT − imitation", Gap("control_lowq_w1_dt_sweep20_recount", "control_lowq_w1_gato_unprompted_recount",
+                                     0.2), "≥ +0.2"),
+    Row("same re-measured DT: return sweep, greedy", Sweep("control_lowq_w1_dt_sweep20_recount"), "ρ ≥ 0.8 on 3 tasks"),
     Row("same runs: DT return sweep, greedy, other episodes (`--seed 500`)",
         Sweep("control_lowq_w1_dt_sweep20_seed500"), "ρ ≥ 0.8 on 3 tasks"),
     Row("same runs: DT return sweep, sampled actions (temperature 1)", Sweep("control_lowq_w1_dt_sweep20_sampled"),

@@ -308,25 +308,23 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             for i in range(n):
                 traces[i]["rew"].append(float(rewards[i]))
         for i in np.flatnonzero(terminated | truncated):
-            if played[i] >= share[i]:  # past its share: played on (the batch is shared), never recorded
-                returns[i], lengths[i] = 0.0, 0
-                continue
-            played[i] += 1
-            error, success = envs.envs[i].outcome()
-            episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
-                       "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
-                       "carrying": envs.envs[i].carrying, "decoy_first": envs.envs[i].decoy_first,
-                       "terminated": bool(terminated[i])}
-            if record:
-                episode["trace"] = traces[i]
-            done_eps.append(episode)
-            bar.update(1)
+            if played[i] < share[i]:  # past its share an env plays on (the batch is shared), never recorded
+                played[i] += 1
+                error, success = envs.envs[i].outcome()
+                episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
+                           "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
+                           "carrying": envs.envs[i].carrying, "decoy_first": envs.envs[i].decoy_first,
+                           "terminated": bool(terminated[i])}
+                if record:
+                    episode["trace"] = traces[i]
+                done_eps.append(episode)
+                bar.update(1)
             returns[i], lengths[i] = 0.0, 0
             traces[i] = {"obs": [], "act": [], "rew": []}
         if (played >= share).all():
             break
     bar.close()
-    return done_eps[:episodes]
+    return done_eps
 
 
 def normalised(spec: TaskSpec, returns: Sequence[float]) -> list[float] | None:

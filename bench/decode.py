@@ -90,7 +90,7 @@ from generalist.shared_prefix import window_cuts
 from generalist.tokenizer import concat_samples
 from generalist.training.settings import parse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: bench/train.py must not shadow train.py
 from roofline import count_flops, gemm_rate, read_rate  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: bench/train.py must not shadow train.py
 import decode  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 from generalist.training.settings import parse  # noqa: E402

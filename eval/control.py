@@ -276,13 +276,15 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
     ``evaluate_policy`` split), and what an env plays after its share is not recorded: counting the first
     ``episodes`` to finish instead would favour short episodes, since an env whose episode ended early restarts
     and can finish again before a long one does (on locomotion short means fallen, so scores came out low; on
-    MountainCar or Acrobot short means solved). With ``record`` each record also holds the episode's
-    observations, actions and rewards.
+    MountainCar or Acrobot short means solved). An env that has played its share is retired from the agent's
+    batch (:meth:`Agent.retire`), so the longest episode costs one env's decisions, not every env's. With
+    ``record`` each record also holds the episode's observations, actions and rewards.
     """
     n = envs.num_envs
     share = np.array([(episodes + i) // n for i in range(n)])  # (n,) episodes each env plays
     played = np.zeros(n, int)
     agent.reset(spec, num_envs=n, prompt=prompt, target_return=target_return)
+    agent.retire(np.flatnonzero(share == 0))  # more envs than episodes
     obs, _ = envs.reset(seed=seed)
     returns, lengths = np.zeros(n), np.zeros(n, int)
     traces: list[dict[str, list]] = [{"obs": [], "act": [], "rew": []} for _ in range(n)]
@@ -307,9 +309,12 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
         if record:
             for i in range(n):
                 traces[i]["rew"].append(float(rewards[i]))
+        finished = []  # envs that have just played their share
         for i in np.flatnonzero(terminated | truncated):
-            if played[i] < share[i]:  # past its share an env plays on (the batch is shared), never recorded
+            if played[i] < share[i]:  # past its share an env only steps (the vector env steps all), unrecorded
                 played[i] += 1
+                if played[i] == share[i]:
+                    finished.append(i)
                 error, success = envs.envs[i].outcome()
                 episode = {"return": float(returns[i]), "length": int(lengths[i]), "error": error, "success": success,
                            "mission": envs.envs[i].mission, "shown_mission": envs.envs[i].shown_mission,
@@ -323,6 +328,7 @@ def rollout(agent: Agent, envs: gym.vector.SyncVectorEnv, spec: TaskSpec, episod
             traces[i] = {"obs": [], "act": [], "rew": []}
         if (played >= share).all():
             break
+        agent.retire(finished)  # nothing more is decided for them
     bar.close()
     return done_eps
 

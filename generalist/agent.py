@@ -26,15 +26,22 @@ Vector envs must reset a finished environment either in the same ``step`` (gymna
 (``NEXT_STEP``, gymnasium's default: the next observation is the final one and the action sent with
 it is ignored); pass ``autoreset`` accordingly. Without a vector env, ``reset(spec)`` with
 ``num_envs=None`` takes and returns single observations and actions.
+
+An environment whose episodes are no longer wanted (an evaluation that has its share of them) can be
+**retired** (:meth:`Agent.retire`): its row leaves the batch, so nothing more is computed for it, and
+its actions are drawn from the action space until the next ``reset``. A vector env steps every
+environment, so the Agent still takes and returns the whole batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from gymnasium.vector.utils import concatenate, create_empty_array
 
 from generalist.engine import DecodeState, Engine
@@ -189,8 +196,33 @@ class Agent:
                              f"({self.context_length}); draw it with max_tokens=model.config.prompt_length")
         self.action_space = self.spec.action_space()
         self.rows = [_Row() for _ in range(self.num_envs)]
+        self.active = np.arange(self.num_envs)  # the environment each row decides for (see retire)
         self.state: DecodeState | None = None
         self.last_action: np.ndarray | None = None
+
+    def retire(self, envs: Sequence[int]) -> None:
+        """Stop deciding for environments ``envs`` (indices in the vector env) until the next ``reset``.
+
+        Their rows leave the batch (engine state and mode alike), so later decisions cost only the
+        environments still played; ``act`` gives a retired environment a random action. An evaluation
+        that has all the episodes it wants of an environment retires it: with episodes of unequal length,
+        the batch otherwise keeps planning for environments whose play is thrown away. Call it between
+        ``observe`` and the next ``act``.
+        """
+        envs = np.asarray(envs, int).reshape(-1)
+        bad = envs[(envs < 0) | (envs >= self.num_envs)]
+        if len(bad):
+            raise ValueError(f"retire: environment {int(bad[0])} is not one of the {self.num_envs} set up by reset()")
+        keep = np.flatnonzero(~np.isin(self.active, envs))  # rows that stay, in order
+        if len(keep) == len(self.rows):
+            return
+        self.active = self.active[keep]
+        self.rows = [self.rows[i] for i in keep]
+        if self.last_action is not None:
+            self.last_action = self.last_action[keep]
+        if self.state is not None:
+            self.state = self.engine.select(self.state, torch.from_numpy(keep)) if len(keep) else None
+        self.mode.keep_rows(keep)
 
     def _begin_episodes(self, rows: np.ndarray) -> None:
         if self.state is not None:
@@ -198,7 +230,7 @@ class Agent:
         start = concat_samples([self.prompt, token_sample([self.tok.bos_id], Modality.SPECIAL)])
         for i in rows:
             self.rows[i] = _Row(tail=start, new_episode=False)
-        self.mode.begin_episode(rows, self.spec, self.num_envs)
+        self.mode.begin_episode(rows, self.spec, len(self.rows))
 
     def _context(self, row: _Row, budget: int) -> Sample:
         """A row's re-prefill: prompt, then as many of its last whole steps as fit in ``budget`` tokens."""
@@ -234,25 +266,39 @@ class Agent:
         """Actions for a batch of observations (as the vector env returns them) -> batched actions."""
         if self.spec is None:
             raise RuntimeError("call reset(spec, num_envs) before act()")
-        spec, tok = self.spec, self.tok
         if not self.batched:
             observations = _add_batch_axis(observations)
-        new = np.flatnonzero([row.new_episode and not row.skip for row in self.rows])
-        if len(new):
-            self._begin_episodes(new)
-        flat = spec.flatten_observation(observations)
+        flat = self.spec.flatten_observation(observations)
         for name, values in flat.items():
             n = np.shape(values)[0] if np.ndim(values) else 0
             if n != self.num_envs:
                 raise ValueError(f"observations[{name!r}]: a batch of {n}, but reset() set up {self.num_envs} "
                                  "environments")
+        actions: list[Any] = [None] * self.num_envs
+        if self.rows:
+            for i, action in zip(self.active, self._decide(flat), strict=True):
+                actions[i] = action
+        actions = [self.action_space.sample() if a is None else a for a in actions]  # retired envs: random
+        if not self.batched:
+            return actions[0]
+        return concatenate(self.action_space, actions, create_empty_array(self.action_space, self.num_envs))
+
+    def _decide(self, flat: dict[str, Any]) -> list[Any]:
+        """The actions of the rows still played, from the whole batch's flat observations."""
+        spec, tok = self.spec, self.tok
+        if len(self.active) < self.num_envs:
+            flat = {k: [v[i] for i in self.active] if isinstance(v, list) else np.asarray(v)[self.active]
+                    for k, v in flat.items()}
+        new = np.flatnonzero([row.new_episode and not row.skip for row in self.rows])
+        if len(new):
+            self._begin_episodes(new)
         if self.state is None:  # first decision: every row starts with the same prompt
             if len(self.prompt["input_ids"]):  # prefill it once (batch 1) and copy its cache to every row
-                self.state = self.engine.prefill(self.prompt, num_rows=self.num_envs)
+                self.state = self.engine.prefill(self.prompt, num_rows=len(self.rows))
                 for row in self.rows:
                     row.tail = token_sample([tok.bos_id], Modality.SPECIAL)
             else:
-                self.state = self.engine.new_state(self.num_envs)
+                self.state = self.engine.new_state(len(self.rows))
         prompts = step_prompts(tok, spec, flat, None)  # [<no_return>] [o_t] <sep>
         step_len = max(len(p["input_ids"]) for p in prompts) + self.layout.closing_tokens
         tail_len = max(len(row.tail["input_ids"]) for row in self.rows)
@@ -270,18 +316,21 @@ class Agent:
         for i, row in enumerate(self.rows):
             if row.skip:  # an env that resets now ignores its action
                 actions[i] = self.action_space.sample()
-        if not self.batched:
-            return actions[0]
-        return concatenate(self.action_space, actions, create_empty_array(self.action_space, self.num_envs))
+        return actions
 
     def observe(self, rewards: Any, terminated: Any, truncated: Any) -> None:
         """Close the step: append each ``r_t``, tell the mode, note finished episodes."""
         rewards = np.asarray(rewards, np.float64).reshape(-1)
         done = (np.asarray(terminated, bool) | np.asarray(truncated, bool)).reshape(-1)
+        if len(rewards) != self.num_envs or len(done) != self.num_envs:
+            raise ValueError(f"observe: {len(rewards)} rewards and {len(done)} episode ends, but reset() set up "
+                             f"{self.num_envs} environments")
+        rewards, done = rewards[self.active], done[self.active]  # the rows still played
         bad = np.flatnonzero(~np.isfinite(rewards))
         if len(bad):  # a broken environment: a return-to-go of inf would saturate silently
-            raise ValueError(f"{self.spec.name}: non-finite reward {rewards[bad[0]]} from environment row "
-                             f"{int(bad[0])} (rows {bad.tolist()}); rewards must be finite numbers")
+            raise ValueError(f"{self.spec.name}: non-finite reward {rewards[bad[0]]} from environment "
+                             f"{int(self.active[bad[0]])} (environments {self.active[bad].tolist()}); rewards must "
+                             "be finite numbers")
         for i, row in enumerate(self.rows):
             if row.skip:  # the dummy step of a NEXT_STEP autoreset
                 row.skip, row.new_episode, row.tail = False, True, empty_sample()

@@ -359,3 +359,36 @@ def test_dt_context_steps_decides_from_the_last_steps_only(tok, context_steps, t
     assert same == (context_steps is not None or trained_steps is not None)
     with pytest.raises(ValueError, match="context_steps"):
         Agent(model, tok, "gato", context_steps=2)
+
+
+@pytest.mark.parametrize("mode", ["dt", "tt"])
+def test_a_retired_env_leaves_the_batch_and_the_others_play_on_unchanged(model, tok, mode):
+    """``retire`` drops an env's row from the engine and the mode (DT's returns-to-go, TT's plans): the rows kept
+    are fed and act as they would have, the retired env gets random actions, and the batch the model runs shrinks.
+    Pendulum: every env's rewards differ, so a row given another's returns-to-go or plan shows."""
+    spec = TaskSpec.from_env(_envs("Pendulum-v1", 1), name="Pendulum-v1", expert_return=-150.0,
+                             random_return=-1200.0)
+    tok.add_task_spec(spec)
+    tt = TTConfig(beam_width=3, horizon=3, plan_freq=3)  # TT follows one plan for 3 steps: retire mid-plan
+    played, fed = [], []
+    for retire in (False, True):
+        envs = _envs("Pendulum-v1", 3)
+        agent = Agent(model, tok, mode, tt_config=tt if mode == "tt" else None, seed=0)
+        spy = ChunkSpy(agent.mode)
+        agent.reset(spec, num_envs=3)
+        obs, _ = envs.reset(seed=0)
+        actions = []
+        for t in range(3):
+            if retire and t == 1:
+                agent.retire([1])
+                assert agent.state.batch_size == 2
+            actions.append(np.asarray(agent.act(obs)))
+            obs, rewards, terminated, truncated, _ = envs.step(actions[-1])
+            agent.observe(rewards, terminated, truncated)
+        played.append(np.stack(actions))  # (3 steps, 3 envs, 1)
+        fed.append([[c["input_ids"].tolist() for c in chunks] for chunks in spy.chunks])
+    assert np.array_equal(played[0][:, [0, 2]], played[1][:, [0, 2]])  # envs 0 and 2 as if env 1 had stayed
+    assert not np.array_equal(played[0][:, 0], played[0][:, 2])  # (the two rows do differ)
+    assert [[chunks[0], chunks[2]] for chunks in fed[0][1:]] == fed[1][1:]  # DT: each row its own R_t
+    with pytest.raises(ValueError, match="environment 3 is not one of the 3"):
+        agent.retire([3])

@@ -99,8 +99,12 @@ def test_each_env_plays_its_share_so_short_episodes_are_not_favoured(tok):
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     spec = TaskSpec.from_env(envs, name="fixed", expert_return=10.0, random_return=0.0)
     tok.add_task_spec(spec)
-    episodes = rollout(Agent(model, tok, "gato"), envs, spec, episodes=4, seed=0)
+    agent = Agent(model, tok, "gato")
+    rows_decided, act = [], agent.act
+    agent.act = lambda obs: rows_decided.append(len(agent.active)) or act(obs)
+    episodes = rollout(agent, envs, spec, episodes=4, seed=0)
     assert sorted(e["length"] for e in episodes) == [2, 2, 10, 10]
+    assert rows_decided == [2] * 4 + [1] * 16  # the short env is retired once it has its 2 episodes
     three = rollout(Agent(model, tok, "gato"), envs, spec, episodes=3, seed=0)
     assert sorted(e["length"] for e in three) == [2, 10, 10]  # env i plays (3 + i) // 2
 

@@ -79,6 +79,9 @@ class ControlMode(Protocol):
     def end_step(self, rewards: np.ndarray) -> None:
         """The step's rewards (B,) are known."""
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """The batch shrinks to these rows, in this order (:meth:`Agent.retire`): per-row state follows."""
+
     def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
         """The most context the mode wants (``None``: the model's trained context)."""
 
@@ -102,6 +105,9 @@ class Sampler:
                               self.top_k, self.top_p, feed_as=step.hidden_action_id)
 
     def end_step(self, rewards: np.ndarray) -> None:
+        pass
+
+    def keep_rows(self, rows: np.ndarray) -> None:
         pass
 
     def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:

@@ -106,6 +106,10 @@ class DTMode(Sampler):
             attend_to_this_step_and(step, self.context_steps - 1)
         return super().decide(step)
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        if len(self.returns_to_go):
+            self.returns_to_go = self.returns_to_go[rows]
+
     def context_tokens(self, layout: StepLayout, prompt_tokens: int) -> int | None:
         if self.context_steps is None:
             return None

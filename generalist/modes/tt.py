@@ -370,6 +370,10 @@ class TTMode:
     def end_step(self, rewards: np.ndarray) -> None:
         pass
 
+    def keep_rows(self, rows: np.ndarray) -> None:
+        if self.plan is not None:  # the rows kept follow their plans
+            self.plan = self.plan[rows]
+
 
 __all__ = ["TT_PRESETS", "Plan", "TTConfig", "TTMode", "attend_to_last_steps", "beam_cache_dtype", "expected",
            "read_value", "tt_plan", "tt_preset"]

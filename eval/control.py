@@ -45,6 +45,7 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from eval.headline import EPISODES_COUNTED
 from eval.plots import plot_dt_sweep
 from eval.results import MISSION_CHANGES
 from generalist import GeneralistForCausalLM, GeneralistTokenizer, TaskSpec
@@ -707,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pooled = pooled_results(per_checkpoint, tasks, args.mode)
     command = "python -m eval.control " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command, "models": [str(f) for _, _, f in loaded], "dtype": args.dtype,
-               "mode": args.mode, "episodes_per_checkpoint": args.episodes,
+               "mode": args.mode, "episodes_per_checkpoint": args.episodes, "episodes_counted": EPISODES_COUNTED,
                "results": pooled, "iqm": aggregate(per_checkpoint, tasks), "references": references(tok, tasks),
                "per_checkpoint": per_checkpoint, "dt_sweep": sweep}
     stem = args.name or f"control_{args.mode}"

@@ -19,6 +19,17 @@ from pathlib import Path
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
+# how eval.control counts a task's episodes, written into every result file since the counting fix of 2026-12-06:
+# each env plays a fixed share and nothing past it is recorded (eval.control.rollout). A file without the field
+# counted the first N episodes to finish, which favours short episodes (README: "A counting fault").
+EPISODES_COUNTED = "each env's share, (episodes + i) // num_envs"
+
+
+def counted_by_share(result: dict) -> bool:
+    """Whether a result file's episodes were counted as :data:`EPISODES_COUNTED` (else first-to-finish)."""
+    return result.get("episodes_counted") == EPISODES_COUNTED
+
+
 def _load(results: Path, stem: str) -> dict:
     return json.loads((results / f"{stem}.json").read_text())
 
@@ -32,12 +43,18 @@ def _short(task: str) -> str:
     return task.removeprefix("BabyAI-").removesuffix("-v0").removesuffix("-v1")
 
 
-def _behind(result: dict) -> str:
+def _old_count(*results: dict) -> str:
+    """A mark for figures standing on a file whose episodes were counted first-to-finish (see EPISODES_COUNTED)."""
+    return "" if all(map(counted_by_share, results)) else " (counted first-to-finish)"
+
+
+def _behind(result: dict, *others: dict) -> str:
     """Episodes per task and seed × training seeds (× tasks) that a result file's IQM stands on."""
     iqm = result["iqm"]
     per = {e["episodes"] // max(1, e["checkpoints"]) for e in result["results"]}
     episodes = "/".join(str(n) for n in sorted(per))
-    return f"{episodes} episodes × {iqm['checkpoints']} seeds × {len(iqm['tasks'])} task{'s' * (len(iqm['tasks']) > 1)}"
+    return (f"{episodes} episodes × {iqm['checkpoints']} seeds × {len(iqm['tasks'])} "
+            f"task{'s' * (len(iqm['tasks']) > 1)}{_old_count(result, *others)}")
 
 
 def _all_met(*verdicts: bool | None) -> bool | None:
@@ -89,7 +106,8 @@ class Gap:
             raise ValueError(f"{self.stem} and {self.baseline} cover different tasks")
         gap = ours["iqm"]["iqm"] - base["iqm"]["iqm"]
         figure = f"**{gap:+.2f}**: {_ci(ours['iqm'])} against {_ci(base['iqm'])}"
-        return figure, _behind(ours), gap >= self.at_least, [results / f"{s}.json" for s in (self.stem, self.baseline)]
+        files = [results / f"{s}.json" for s in (self.stem, self.baseline)]
+        return figure, _behind(ours, base), gap >= self.at_least, files
 
 
 @dataclass(frozen=True)
@@ -108,7 +126,7 @@ class Sweep:
         figure = (f"ρ ≥ {self.rho_at_least} on **{following} of {len(rho)}** tasks ("
                   + ", ".join(f"{_short(t)} {r:.1f}" for t, r in sorted(rho.items(), key=lambda kv: -kv[1])) + ")")
         seeds = result["iqm"]["checkpoints"]
-        behind = f"{targets} targets × {result['episodes_per_checkpoint']} episodes × {seeds} seeds"
+        behind = f"{targets} targets × {result['episodes_per_checkpoint']} episodes × {seeds} seeds{_old_count(result)}"
         return figure, behind, following >= self.tasks_needed, [results / f"{self.stem}.json"]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.control import aggregate, pooled_results, report_saved, save_result
+from eval.headline import EPISODES_COUNTED, counted_by_share
 from generalist.training.settings import parse
 
 
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "pooled_from": [r["command"] for r in results], "models": models,
                "dtype": first.get("dtype"), "mode": first["mode"],
                "episodes_per_checkpoint": sorted({r["episodes_per_checkpoint"] for r in results}),
+               **({"episodes_counted": EPISODES_COUNTED} if all(map(counted_by_share, results)) else {}),
                "results": pooled_results(per_checkpoint, tasks, first["mode"]),
                "iqm": aggregate(per_checkpoint, tasks),
                "references": {task: ref for r in results for task, ref in r["references"].items()},

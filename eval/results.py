@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.headline import HEADLINE_END, HEADLINE_START, headline
+from eval.headline import HEADLINE_END, HEADLINE_START, counted_by_share, headline
 from generalist.training.settings import parse
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -72,6 +72,8 @@ def table(result: dict, name: str, images: str) -> str:
         if changed := [entry for entry in result["results"] if field in entry]:
             heading += (f", **{label.replace('mission', 'missions')}** ({sum(r[field] for r in changed)} of "
                         f"{sum(r['episodes'] for r in changed)} episodes {shown})")
+    if not counted_by_share(result):
+        heading += ", episodes counted first-to-finish (before 2026-12-06: biased, README \"A counting fault\")"
     lines = [heading, "",
              f"`{result.get('command', '')}`", "",
              "| task | expert-normalised score | " + ("success rate | " if rated else "")
@@ -199,7 +201,8 @@ def locomotion_summary(results_dir: Path) -> str:
                 + (f", DT trained on {w.group(1)}-step windows" if (w := re.search(r"_dtwin(\d+)_", path.stem)) else "")
                 + (f", {int(steps.group(1)):,} training steps" if (steps := re.search(r"_(\d+)steps$", path.stem))
                    else "")
-                + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})")
+                + f" ({entry['episodes'] // max(1, entry['checkpoints'])} × {entry['checkpoints']})"
+                + ("" if counted_by_share(result) else " †"))
         if "iqm_ci95" in iqm:
             text += f"<br>IQM {iqm['iqm']:.3f} [{iqm['iqm_ci95'][0]:.3f}, {iqm['iqm_ci95'][1]:.3f}]"
         dataset = f"{match.group(1)}-{match.group(2).replace('_', '-')}"
@@ -216,7 +219,9 @@ def locomotion_summary(results_dir: Path) -> str:
               "D4RL's expert), mean ± standard error over every episode (episodes per seed × training seeds), and "
               "the expert-normalised IQM (rliable, 95 % stratified-bootstrap CI over seeds). Published: BC and DT "
               "from the Decision Transformer paper (Table 2), TT from the Trajectory Transformer paper (Table 1), "
-              "on D4RL's -v2 datasets (1 M steps; ours: gymnasium -v5, 40k–300k steps, 3.7 M-parameter models)."]
+              "on D4RL's -v2 datasets (1 M steps; ours: gymnasium -v5, 40k–300k steps, 3.7 M-parameter models). "
+              "†: measured before 2026-12-06, when eval.control kept the first 20 episodes to finish, which favours "
+              "short ones (falls, here): those figures are low (README, \"A counting fault\")."]
     return "\n".join(lines)
 
 

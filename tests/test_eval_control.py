@@ -181,7 +181,7 @@ def test_the_committed_pages_say_what_the_committed_result_files_say(monkeypatch
 
 
 def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_path):
-    from eval.headline import HEADLINE_END, HEADLINE_START, Bench, Gap, Iqm, Row, Sweep, headline
+    from eval.headline import EPISODES_COUNTED, HEADLINE_END, HEADLINE_START, Bench, Gap, Iqm, Row, Sweep, headline
 
     def write(name: str, scores: list[list[float]], **extra) -> None:
         iqm = {"iqm": float(np.mean(scores)), "iqm_ci95": [0.0, 1.0], "checkpoints": len(scores),
@@ -189,8 +189,8 @@ def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_pat
         entries = [{"task": t, "episodes": 40, "checkpoints": 2} for t in iqm["tasks"]]
         (tmp_path / f"{name}.json").write_text(json.dumps({"iqm": iqm, "results": entries, **extra}))
 
-    write("dt", [[0.9, 0.7], [0.8, 0.6]])
-    write("bc", [[0.6, 0.6], [0.6, 0.6]])
+    write("dt", [[0.9, 0.7], [0.8, 0.6]], episodes_counted=EPISODES_COUNTED)
+    write("bc", [[0.6, 0.6], [0.6, 0.6]])  # a file from before the counting fix
     sweep = [{"task": t, "target_return": x, "mean_return": 0.0} for t in ("A-v0", "B-v0") for x in (1, 2, 3)]
     write("sweep", [[0.5, 0.5], [0.5, 0.5]], dt_sweep=sweep, episodes_per_checkpoint=20,
           dt_sweep_spearman={"A-v0": 1.0, "B-v0": 0.5})
@@ -204,6 +204,7 @@ def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_pat
     assert lines["dt"][0] == "IQM **0.75 [0.00, 1.00]**" and lines["dt"][1] == "20 episodes × 2 seeds × 2 tasks"
     assert lines["dt"][3] == "**no**"  # 0.75 < 0.9
     assert lines["gap"][0].startswith("**+0.15**") and lines["gap"][3] == "**no**"  # 0.75 - 0.6 < 0.2
+    assert lines["gap"][1] == "20 episodes × 2 seeds × 2 tasks (counted first-to-finish)"  # bc's count is said
     assert lines["sweep"][0].startswith("ρ ≥ 0.8 on **1 of 2** tasks (A 1.0, B 0.5)") and lines["sweep"][3] == "yes"
     assert lines["speed"][0] == "**12.5×**" and lines["speed"][3] == "yes"
     assert lines["speed"][4] == "[bench](bench.log) |"

@@ -213,6 +213,21 @@ def test_the_readme_headline_reads_each_figure_and_verdict_from_its_file(tmp_pat
     assert "| **no** |" in headline(tmp_path, tmp_path, page, rows[3:])
 
 
+def test_a_file_from_before_the_count_field_stands_only_where_the_count_could_not_differ():
+    """Before ``episodes_counted`` existed eval.control kept the first N episodes to finish: the same episodes as
+    now only where every env's first episode ended at the same step (one env per episode, equal lengths)."""
+    from eval.headline import EPISODES_COUNTED, counted_by_share
+
+    def old(lengths: list[int], command: str = "python -m eval.control --model m --episodes 2") -> dict:
+        return {"command": command, "per_checkpoint": [[{"task": "t", "lengths": lengths}]]}
+
+    assert counted_by_share(old([200, 200]))  # Pendulum: every episode 200 steps
+    assert not counted_by_share(old([30, 200]))  # the 30-step env could end twice before the 200-step one
+    assert not counted_by_share(old([200, 200], "python -m eval.control --model m --episodes 2 --num_envs 1"))
+    assert not counted_by_share({"command": "python -m eval.control"})  # nothing to tell from
+    assert counted_by_share({"episodes_counted": EPISODES_COUNTED, **old([30, 200])})
+
+
 def test_results_run_task_by_task_pool_into_one_file(tok, tmp_path):
     """eval.pool: files of the same checkpoints, one task each (TT is run task by task), give one table and the
     IQM over every task; so do files of one checkpoint each on the same task (seeds run apart); files of other

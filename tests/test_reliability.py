@@ -104,7 +104,7 @@ def test_a_non_finite_reward_is_an_error_naming_the_environment_row(tok, model, 
     agent = Agent(model, tok, "dt")
     agent.reset(spec, num_envs=3)
     agent.act(np.zeros((3, 3), np.float32))
-    with pytest.raises(ValueError, match=r"non-finite reward .* environment row 1"):
+    with pytest.raises(ValueError, match=r"non-finite reward .* environment 1 "):
         agent.observe(np.array([0.0, bad, 1.0]), np.zeros(3, bool), np.zeros(3, bool))
 
 

@@ -369,7 +369,9 @@ def test_a_retired_env_leaves_the_batch_and_the_others_play_on_unchanged(model, 
     spec = TaskSpec.from_env(_envs("Pendulum-v1", 1), name="Pendulum-v1", expert_return=-150.0,
                              random_return=-1200.0)
     tok.add_task_spec(spec)
-    tt = TTConfig(beam_width=3, horizon=3, plan_freq=3)  # TT follows one plan for 3 steps: retire mid-plan
+    # TT follows one plan for 3 steps (plans at 0, 3, ..., 18): retire at 19 and 20, mid-plan, after the caches have
+    # grown (an index_select into a recycled inference-mode buffer failed outside inference mode)
+    tt = TTConfig(beam_width=3, horizon=3, plan_freq=3)
     played, fed = [], []
     for retire in (False, True):
         envs = _envs("Pendulum-v1", 3)
@@ -378,17 +380,19 @@ def test_a_retired_env_leaves_the_batch_and_the_others_play_on_unchanged(model, 
         agent.reset(spec, num_envs=3)
         obs, _ = envs.reset(seed=0)
         actions = []
-        for t in range(3):
-            if retire and t == 1:
-                agent.retire([1])
-                assert agent.state.batch_size == 2
+        for t in range(21):
+            if retire and t in (19, 20):  # env 1, then env 2 (the second select reuses the first's buffers)
+                agent.retire([t - 18])
+                assert agent.state.batch_size == 21 - t
             actions.append(np.asarray(agent.act(obs)))
             obs, rewards, terminated, truncated, _ = envs.step(actions[-1])
             agent.observe(rewards, terminated, truncated)
-        played.append(np.stack(actions))  # (3 steps, 3 envs, 1)
+        played.append(np.stack(actions))  # (21 steps, 3 envs, 1)
         fed.append([[c["input_ids"].tolist() for c in chunks] for chunks in spy.chunks])
-    assert np.array_equal(played[0][:, [0, 2]], played[1][:, [0, 2]])  # envs 0 and 2 as if env 1 had stayed
-    assert not np.array_equal(played[0][:, 0], played[0][:, 2])  # (the two rows do differ)
-    assert [[chunks[0], chunks[2]] for chunks in fed[0][1:]] == fed[1][1:]  # DT: each row its own R_t
+    assert np.array_equal(played[0][:, 0], played[1][:, 0])  # env 0 as if no env had been retired
+    assert np.array_equal(played[0][:20, 2], played[1][:20, 2])  # env 2 too, until it is retired
+    assert not np.array_equal(played[0][:, 0], played[0][:, 2])  # (the rows do differ)
+    # DT: each row kept is fed its own R_t
+    assert [[fed[0][19][0], fed[0][19][2]], [fed[0][20][0]]] == fed[1][19:]
     with pytest.raises(ValueError, match="environment 3 is not one of the 3"):
         agent.retire([3])

@@ -210,7 +210,7 @@ ROWS: tuple[Row, ...] = (
         Gap("control_lowq_steps_dt_recount", "control_lowq_steps_gato_unprompted_recount", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ_BEFORE}: TT − imitation",
         Gap("control_lowq_pv_tt", "control_lowq_steps_gato_unprompted_recount", 0.2), "≥ +0.2"),
-    Row(f"{_LOWQ_BEFORE}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20"), "ρ ≥ 0.8 on 3 tasks"),
+    Row(f"{_LOWQ_BEFORE}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20_recount"), "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),
         "≥ 0.9 every level"),
     Row("`--preset babyai` with missions in the BPE corpus, Gato mode greedy", Success("control_babyai_tok_gato", 0.9),

@@ -281,13 +281,15 @@ class Agent:
         if self.rows:
             for i, action in zip(self.active, self._decide(flat), strict=True):
                 actions[i] = action
-        actions = [self.action_space.sample() if a is None else a for a in actions]  # retired envs: random
+        # a retired env, or one that resets now (NEXT_STEP autoreset ignores the action sent): a random action
+        actions = [self.action_space.sample() if a is None else a for a in actions]
         if not self.batched:
             return actions[0]
         return concatenate(self.action_space, actions, create_empty_array(self.action_space, self.num_envs))
 
     def _decide(self, flat: dict[str, Any]) -> list[Any]:
-        """The actions of the rows still played, from the whole batch's flat observations."""
+        """The actions of the rows still played (``None`` where the env resets now), from the whole batch's flat
+        observations."""
         spec, tok = self.spec, self.tok
         if len(self.active) < self.num_envs:
             flat = {k: [v[i] for i in self.active] if isinstance(v, list) else np.asarray(v)[self.active]
@@ -316,10 +318,7 @@ class Agent:
             row.tail, row.pending = empty_sample(), concat_samples([p, self._action_sample(a)])
         self.last_action = ids
         actions = decode_actions(tok, spec, ids)
-        for i, row in enumerate(self.rows):
-            if row.skip:  # an env that resets now ignores its action
-                actions[i] = self.action_space.sample()
-        return actions
+        return [None if row.skip else a for row, a in zip(self.rows, actions, strict=True)]  # a resetting env: none
 
     def observe(self, rewards: Any, terminated: Any, truncated: Any) -> None:
         """Close the step: append each ``r_t``, tell the mode, note finished episodes."""

@@ -105,7 +105,8 @@ class Agent:
         tt_config: TT made from a name: the planner's settings (default: each task's preset,
             :func:`generalist.modes.tt_preset`).
         autoreset: ``"same_step"`` or ``"next_step"`` (see the module docstring).
-        seed: seed of the engine's sampling generator.
+        seed: seed of the engine's sampling generator, and of the random actions of environments not decided for
+            (retired, or resetting under ``next_step`` autoreset), drawn again from it at every ``reset``.
 
     Example::
 
@@ -153,6 +154,7 @@ class Agent:
             raise ValueError(f"context_length={context_length} exceeds the {trained} tokens the model was trained "
                              "on; it would attend further back than it learned to")
         self.engine = Engine(model, seed=seed)
+        self.seed = seed
         self.tok = tokenizer
         self.mode: ControlMode = mode
         self.hidden_action_id: int | None = None  # set by reset(): the policy view, where the mode reads it
@@ -195,6 +197,7 @@ class Agent:
             raise ValueError(f"the prompt has {len(self.prompt['input_ids'])} tokens, more than half the context "
                              f"({self.context_length}); draw it with max_tokens=model.config.prompt_length")
         self.action_space = self.spec.action_space()
+        self.action_space.seed(self.seed)  # the random actions of envs not decided for are reproducible
         self.rows = [_Row() for _ in range(self.num_envs)]
         self.active = np.arange(self.num_envs)  # the environment each row decides for (see retire)
         self.state: DecodeState | None = None

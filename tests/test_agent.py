@@ -396,3 +396,10 @@ def test_a_retired_env_leaves_the_batch_and_the_others_play_on_unchanged(model, 
     assert [[fed[0][19][0], fed[0][19][2]], [fed[0][20][0]]] == fed[1][19:]
     with pytest.raises(ValueError, match="environment 3 is not one of the 3"):
         agent.retire([3])
+    # a retired env's random actions come from the agent's seed: the same again after every reset
+    random_actions = []
+    for _ in range(2):
+        agent.reset(spec, num_envs=3)
+        agent.retire([0, 1, 2])
+        random_actions.append(np.stack([agent.act(obs) for _ in range(3)]))
+    assert np.array_equal(*random_actions) and len(np.unique(random_actions[0])) == 9

@@ -37,8 +37,12 @@ def counted_by_share(result: dict) -> bool:
             and all(len(set(record.get("lengths") or [0, 1])) == 1 for record in records))
 
 
+def _path(results: Path, stem: str) -> Path:
+    return results / f"{stem}.json"
+
+
 def _load(results: Path, stem: str) -> dict:
-    return json.loads((results / f"{stem}.json").read_text())
+    return json.loads(_path(results, stem).read_text())
 
 
 def _ci(iqm: dict) -> str:
@@ -96,7 +100,7 @@ class Iqm:
             figure += f"; {_short(self.task)} {mean:.2f} ({' / '.join(f'{s:.2f}' for s in scores)} per seed)"
             if self.task_at_least is not None:
                 met = _all_met(met, mean >= self.task_at_least)
-        return figure, _behind(result), met, [results / f"{self.stem}.json"]
+        return figure, _behind(result), met, [_path(results, self.stem)]
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class Gap:
             raise ValueError(f"{self.stem} and {self.baseline} cover different tasks")
         gap = ours["iqm"]["iqm"] - base["iqm"]["iqm"]
         figure = f"**{gap:+.2f}**: {_ci(ours['iqm'])} against {_ci(base['iqm'])}"
-        files = [results / f"{s}.json" for s in (self.stem, self.baseline)]
+        files = [_path(results, s) for s in (self.stem, self.baseline)]
         return figure, _behind(ours, base), gap >= self.at_least, files
 
 
@@ -134,7 +138,7 @@ class Sweep:
                   + ", ".join(f"{_short(t)} {r:.1f}" for t, r in sorted(rho.items(), key=lambda kv: -kv[1])) + ")")
         seeds = result["iqm"]["checkpoints"]
         behind = f"{targets} targets × {result['episodes_per_checkpoint']} episodes × {seeds} seeds{_old_count(result)}"
-        return figure, behind, following >= self.tasks_needed, [results / f"{self.stem}.json"]
+        return figure, behind, following >= self.tasks_needed, [_path(results, self.stem)]
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Success:
                 rates.setdefault(record["task"], []).append(record["success_rate"])
         figure = ", ".join(f"{_short(t)} **{'/'.join(f'{r:.2f}' for r in rs)}**" for t, rs in rates.items())
         met = all(sum(rs) / len(rs) >= self.at_least for rs in rates.values())
-        return figure + " (success per seed)", _behind(result), met, [results / f"{self.stem}.json"]
+        return figure + " (success per seed)", _behind(result), met, [_path(results, self.stem)]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 
 from generalist.decode_state import Chunk, DecodeState, Snapshot
-from generalist.kv_cache import AppendLayer, new_cache
+from generalist.kv_cache import AppendLayer, new_cache, release
 from generalist.modeling_generalist import GeneralistForCausalLM
 from generalist.sampling import (
     Allowed,
@@ -120,6 +120,8 @@ class Engine:
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.vocab_size = int(model.config.vocab_size)
         self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 2048))
+        # the KV storage the caches free, per layer, for the next cache to reuse (kv_cache.AppendLayer's spares)
+        self._spares: list[list[torch.Tensor]] = [[] for _ in range(model.config.text_config.num_hidden_layers)]
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -128,7 +130,7 @@ class Engine:
     def new_state(self, batch_size: int) -> DecodeState:
         """An empty state (no tokens yet) for ``batch_size`` rows."""
         return DecodeState(
-            cache=new_cache(self.model.config.text_config) if self.use_cache else None,
+            cache=new_cache(self.model.config.text_config, spares=self._spares) if self.use_cache else None,
             attention_mask=torch.zeros(batch_size, 0, dtype=torch.long),
             next_position=torch.zeros(batch_size, dtype=torch.long),
             history=None if self.use_cache else _empty_history(batch_size),
@@ -282,7 +284,7 @@ class Engine:
             return self.repeat(state, n)
         mask = None if bool(state.attention_mask.all()) else state.attention_mask.bool().to(self.device)
         state.prefix = SharedPrefix(cache=state.cache, length=state.length, mask=mask, group=n)
-        state.cache = new_cache(self.model.config.text_config, dtype)
+        state.cache = new_cache(self.model.config.text_config, dtype, self._spares)
         return self._index_rows(state, torch.arange(state.batch_size).repeat_interleave(n))
 
     def branch(self, state: DecodeState, n: int) -> DecodeState:
@@ -379,6 +381,7 @@ class Engine:
         """Back to one cache per row: only when each row is its own group and holds nothing more."""
         if state.prefix.group != 1 or state.length != state.prefix.length:
             raise ValueError("cannot drop a shared prefix while rows share it or hold tokens after it")
+        release(state.cache)  # the rows' own (now empty) cache: its storage goes to the next one
         state.cache, state.prefix = state.prefix.cache, None
 
     def _index_rows(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
@@ -445,6 +448,9 @@ class Engine:
             raise ValueError(f"truncate: positions {lo}..{hi - 1} hold no keys (a sliding window had passed them when "
                              f"rows were selected), and cutting to {length} would end the window that keeps them "
                              f"unread; cut to {lo} or less, or to more than the window's start")
+        if state.branch is not None and state.prefix is not None and length <= state.prefix.length:
+            release(state.branch.cache)  # nothing after the prefix stays: the branch is dropped, not gathered
+            state.branch = None
         self._merge_branch(state)
         if state.window_start is not None and state.window_start >= length:
             state.window_start = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import mmap
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,13 @@ class AppendLayer(CacheLayerMixin):
     ``keys`` / ``values`` are (B, H_kv, L, D) views of the filled part; assigning them (as
     ``CacheLayerMixin.__init__`` does) replaces the storage.
 
+    ``spares``: the list of recycled buffers to take from and give to; pass the same list to every layer
+    at one depth of a model's caches (:func:`new_cache`) so that what one cache frees the next one
+    reuses. ``Engine`` keeps one per depth for its lifetime: a Trajectory Transformer plan builds and
+    drops several caches, and each fresh buffer costs a page fault per page it is written into (20
+    walker envs, 32 beams: ~1 GB of fresh storage per decision, a fifth of the decision's CPU time).
+    Default: a list of this layer's own.
+
     ``dtype``: store keys and values in this dtype (e.g. ``torch.bfloat16``) whatever the model
     computes in. Decoding is bound by reading the cache, so half the bytes is up to twice the speed
     where the cache is large (a beam search's per-beam tokens); the attention function then sees
@@ -49,14 +57,15 @@ class AppendLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = True
     headroom = 64  # free positions kept after the filled part when storage is (re)allocated
-    max_spares = 4  # recycled buffers kept per layer
+    max_spares = 8  # recycled buffers kept per layer (per depth, where the spares are shared)
+    min_spare_bytes = 64 << 10  # smaller storage is not kept (a fresh one costs next to nothing)
 
-    def __init__(self, dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, dtype: torch.dtype | None = None, spares: list[torch.Tensor] | None = None, **kwargs):
         self.storage_dtype = dtype
         self._k: torch.Tensor | None = None  # (B, H_kv, capacity, D)
         self._v: torch.Tensor | None = None
         self._length = 0
-        self._spares: list[torch.Tensor] = []  # flat, already-touched storage to reuse
+        self._spares: list[torch.Tensor] = [] if spares is None else spares  # flat, already-touched storage
         super().__init__(**kwargs)
 
     @property
@@ -87,8 +96,10 @@ class AppendLayer(CacheLayerMixin):
         return _empty(like, int(n * (1 + room)))[:n].view(shape)
 
     def _recycle(self, t: torch.Tensor) -> None:
+        if t.untyped_storage().nbytes() < self.min_spare_bytes:  # not worth a place among the spares
+            return
         flat = t.new_empty(0).set_(t.untyped_storage())  # the whole storage, flat
-        self._spares = sorted([*self._spares, flat], key=lambda x: -x.numel())[: self.max_spares]
+        self._spares[:] = sorted([*self._spares, flat], key=lambda x: -x.numel())[: self.max_spares]  # in place: shared
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -173,8 +184,7 @@ class AppendLayer(CacheLayerMixin):
         parts' storage once copied.
         """
         first = parts[0][0]
-        layer = cls(first.storage_dtype)
-        layer._spares, spares_from._spares = spares_from._spares, []
+        layer = cls(first.storage_dtype, spares=spares_from._spares)
         layer.device, layer.is_initialized = first.device, True
         parts = [(part, start, torch.as_tensor(rows, dtype=torch.long, device=layer.device))
                  for part, start, rows in parts]
@@ -183,7 +193,7 @@ class AppendLayer(CacheLayerMixin):
         for name in ("_k", "_v"):
             like = getattr(first, name)
             new = layer._buffer(like, (n, like.shape[1], layer._length + headroom, like.shape[-1]),
-                                room=1.0 if headroom else 0.0)
+                                room=1.0 if headroom else 0.5)
             new[:, :, :pad].zero_()  # never attended (Engine.attend_from refuses a window over them)
             at = pad
             for part, start, rows in parts:
@@ -197,11 +207,9 @@ class AppendLayer(CacheLayerMixin):
         return layer
 
     def split_off(self) -> AppendLayer:
-        """An empty layer storing the same dtype that takes over this one's recycled buffers
+        """An empty layer storing the same dtype and sharing this one's recycled buffers
         (the rows' own layer of ``Engine.branch``, while this one is what they share)."""
-        layer = AppendLayer(self.storage_dtype)
-        layer._spares, self._spares = self._spares, []
-        return layer
+        return AppendLayer(self.storage_dtype, spares=self._spares)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -238,12 +246,26 @@ def _empty(like: torch.Tensor, n: int) -> torch.Tensor:
     return whole[start: start + size].view(like.dtype)
 
 
-def new_cache(text_config, dtype: torch.dtype | None = None) -> Cache:
+def release(cache: Cache | None) -> None:
+    """Hand the storage of a cache that is about to be dropped to its layers' spares (a cache of
+    :class:`AppendLayer` made with shared spares, :func:`new_cache`), so that the next cache reuses it instead
+    of touching fresh memory. The cache must not be read afterwards."""
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(layer, AppendLayer) and layer.is_initialized:
+            layer._recycle(layer._k)
+            layer._recycle(layer._v)
+            layer.reset()
+
+
+def new_cache(text_config, dtype: torch.dtype | None = None,
+              spares: Sequence[list[torch.Tensor]] | None = None) -> Cache:
     """An :class:`AppendLayer` cache (storing ``dtype``, default: the model's) when every backbone layer
-    is full attention, else ``DynamicCache`` (which stores what the model computes)."""
+    is full attention, else ``DynamicCache`` (which stores what the model computes). ``spares``: one list of
+    recycled buffers per layer, shared with the other caches made with them (see :class:`AppendLayer`)."""
     layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
     if layer_types and all(t == "full_attention" for t in layer_types):
-        return Cache(layers=[AppendLayer(dtype) for _ in layer_types])
+        return Cache(layers=[AppendLayer(dtype, spares=None if spares is None else spares[i])
+                             for i in range(len(layer_types))])
     return DynamicCache(config=text_config)
 
 

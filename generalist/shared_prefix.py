@@ -150,20 +150,28 @@ def _levels_output(probs: torch.Tensor, level_values: list[torch.Tensor]) -> tor
 
 # Up to this many keys, attention's two products are computed as broadcast multiply-and-sum: a batched
 # matrix product pays a fixed cost per (row, head) matrix, which over a beam's few own tokens (1-16
-# keys, 1,024 matrices) took 2-3x the time of the elementwise form (bench/decode.py's TT plan, 1 thread).
-SMALL_KEYS = 16
+# keys, 1,024 matrices) took 2-3x the time of the elementwise form in float32 (bench/decode.py's TT plan,
+# 1 thread). Not in bfloat16, whose elementwise products are slow on a CPU: with 1,280 x 4 one-query
+# matrices of 48 dims (eval.control's 20 walker envs at 32 beams), multiply-and-sum took 2.5 / 6.4 ms at 7 / 12
+# keys against 1.5 / 1.6 ms for the matrix products, and broke even at 3 (float32: 1.2 / 2.2 against 2.8 / 1.2).
+SMALL_KEYS = {torch.float32: 12, torch.float64: 12}
+SMALL_KEYS_OTHER = 3  # bfloat16, float16
+
+
+def _small(keys: torch.Tensor) -> bool:
+    return keys.shape[-2] <= SMALL_KEYS.get(keys.dtype, SMALL_KEYS_OTHER)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q (..., Q, D), k (..., L, D) -> q @ k^T (..., Q, L)."""
-    if k.shape[-2] <= SMALL_KEYS:
+    if _small(k):
         return (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
     return torch.matmul(q, k.transpose(-1, -2))
 
 
 def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """p (..., Q, L), v (..., L, D) -> p @ v (..., Q, D)."""
-    if v.shape[-2] <= SMALL_KEYS:
+    if _small(v):
         return (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
     return torch.matmul(p, v)
 

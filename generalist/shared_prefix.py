@@ -153,7 +153,9 @@ def _levels_output(probs: torch.Tensor, level_values: list[torch.Tensor]) -> tor
 # keys, 1,024 matrices) took 2-3x the time of the elementwise form in float32 (bench/decode.py's TT plan,
 # 1 thread). Not in bfloat16, whose elementwise products are slow on a CPU: with 1,280 x 4 one-query
 # matrices of 48 dims (eval.control's 20 walker envs at 32 beams), multiply-and-sum took 2.5 / 6.4 ms at 7 / 12
-# keys against 1.5 / 1.6 ms for the matrix products, and broke even at 3 (float32: 1.2 / 2.2 against 2.8 / 1.2).
+# keys against 1.5 / 1.6 ms for the matrix products, and broke even at 3. In float32 the break-even point moves with
+# the batch: 12 / 13 keys at the reference plan's 256 x 4 matrices (0.21 vs 0.59 ms at 12, 0.22 vs 0.14 at 13), 8 / 9
+# at 1,280 x 4 (1.3 vs 3.1 ms at 8, 1.8 vs 0.9 at 9); best of 25, 1 thread.
 SMALL_KEYS = {torch.float32: 12, torch.float64: 12}
 SMALL_KEYS_OTHER = 3  # bfloat16, float16
 

@@ -213,7 +213,7 @@ ROWS: tuple[Row, ...] = (
     Row(f"{_LOWQ_BEFORE}: DT − imitation",
         Gap("control_lowq_steps_dt_recount", "control_lowq_steps_gato_unprompted_recount", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ_BEFORE}: TT − imitation",
-        Gap("control_lowq_pv_tt", "control_lowq_steps_gato_unprompted_recount", 0.2), "≥ +0.2"),
+        Gap("control_lowq_pv_tt_recount", "control_lowq_steps_gato_unprompted_recount", 0.2), "≥ +0.2"),
     Row(f"{_LOWQ_BEFORE}: DT return sweep, greedy", Sweep("control_lowq_steps_dt_sweep20_recount"),
         "ρ ≥ 0.8 on 3 tasks"),
     Row("`--preset babyai` (detour data), Gato mode greedy", Success("control_babyai_detour_gato", 0.9),

@@ -223,11 +223,9 @@ class Agent:
         self.rows = [self.rows[i] for i in keep]
         if self.last_action is not None:
             self.last_action = self.last_action[keep]
-        if self.state is not None and not len(keep):
-            self.state = None
-        elif self.state is not None:
+        if self.state is not None:
             with torch.inference_mode():  # as every decision: select writes into cache buffers those allocated
-                self.state = self.engine.select(self.state, torch.from_numpy(keep))
+                self.state = self.engine.select(self.state, torch.from_numpy(keep)) if len(keep) else None
         self.mode.keep_rows(keep)
 
     def _begin_episodes(self, rows: np.ndarray) -> None:

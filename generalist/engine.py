@@ -120,8 +120,9 @@ class Engine:
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.vocab_size = int(model.config.vocab_size)
         self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 2048))
-        # the KV storage the caches free, per layer, for the next cache to reuse (kv_cache.AppendLayer's spares)
-        self._spares: list[list[torch.Tensor]] = [[] for _ in range(model.config.text_config.num_hidden_layers)]
+        # the KV storage the caches free, per layer, for the next cache to reuse (kv_cache.AppendLayer's spares;
+        # kv_cache.new_cache adds a list per layer)
+        self._spares: list[list[torch.Tensor]] = []
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -524,9 +525,11 @@ class Engine:
             lost = torch.nonzero(rows == b).flatten().tolist()
             raise ValueError(f"rows {lost} of the snapshot have no descendant left to restore them from")
         self._drop_snapshots(state, index + 1)
+        self.truncate(state, snapshot.length)  # first: what it drops (a beams' branch, say) is not gathered
         if b != b0 or not torch.equal(rows, torch.arange(b0)):
             self.select(state, rows)
-        self.truncate(state, snapshot.length)
+            if state.prefix is not None and state.prefix.group == 1 and state.length == state.prefix.length:
+                self._unshare(state)  # as truncate would have, had the rows been selected first
         state.attention_mask = snapshot.attention_mask.clone()
         state.next_position = snapshot.next_position.clone()
         state.logits = None if snapshot.logits is None else snapshot.logits.clone()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import mmap
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -94,6 +93,13 @@ class AppendLayer(CacheLayerMixin):
             flat = self._spares.pop(min(fits, key=lambda i: self._spares[i].numel()))
             return flat[:n].view(shape)
         return _empty(like, int(n * (1 + room)))[:n].view(shape)
+
+    def release(self) -> None:
+        """Hand this layer's storage to its spares and empty it (the layer must not be read afterwards)."""
+        if self.is_initialized:
+            self._recycle(self._k)
+            self._recycle(self._v)
+            self.reset()
 
     def _recycle(self, t: torch.Tensor) -> None:
         if t.untyped_storage().nbytes() < self.min_spare_bytes:  # not worth a place among the spares
@@ -251,19 +257,20 @@ def release(cache: Cache | None) -> None:
     :class:`AppendLayer` made with shared spares, :func:`new_cache`), so that the next cache reuses it instead
     of touching fresh memory. The cache must not be read afterwards."""
     for layer in getattr(cache, "layers", ()):
-        if isinstance(layer, AppendLayer) and layer.is_initialized:
-            layer._recycle(layer._k)
-            layer._recycle(layer._v)
-            layer.reset()
+        if isinstance(layer, AppendLayer):
+            layer.release()
 
 
 def new_cache(text_config, dtype: torch.dtype | None = None,
-              spares: Sequence[list[torch.Tensor]] | None = None) -> Cache:
+              spares: list[list[torch.Tensor]] | None = None) -> Cache:
     """An :class:`AppendLayer` cache (storing ``dtype``, default: the model's) when every backbone layer
     is full attention, else ``DynamicCache`` (which stores what the model computes). ``spares``: one list of
-    recycled buffers per layer, shared with the other caches made with them (see :class:`AppendLayer`)."""
+    recycled buffers per layer, shared with the other caches made with them (see :class:`AppendLayer`); it is
+    extended in place to one list per layer of this cache."""
     layer_types, _ = get_layer_types_and_kwargs(text_config.get_text_config(decoder=True))
     if layer_types and all(t == "full_attention" for t in layer_types):
+        if spares is not None:
+            spares.extend([] for _ in range(len(layer_types) - len(spares)))
         return Cache(layers=[AppendLayer(dtype, spares=None if spares is None else spares[i])
                              for i in range(len(layer_types))])
     return DynamicCache(config=text_config)

@@ -525,11 +525,13 @@ class Engine:
             lost = torch.nonzero(rows == b).flatten().tolist()
             raise ValueError(f"rows {lost} of the snapshot have no descendant left to restore them from")
         self._drop_snapshots(state, index + 1)
-        self.truncate(state, snapshot.length)  # first: what it drops (a beams' branch, say) is not gathered
+        if state.prefix is not None:  # first what lies past the prefix (a beams' branch): dropped, not gathered
+            self.truncate(state, max(snapshot.length, state.prefix.length))
         if b != b0 or not torch.equal(rows, torch.arange(b0)):
             self.select(state, rows)
-            if state.prefix is not None and state.prefix.group == 1 and state.length == state.prefix.length:
-                self._unshare(state)  # as truncate would have, had the rows been selected first
+        self.truncate(state, snapshot.length)
+        if state.prefix is not None and state.prefix.group == 1 and state.length == state.prefix.length:
+            self._unshare(state)  # as truncate does when it cuts back to a prefix no longer shared
         state.attention_mask = snapshot.attention_mask.clone()
         state.next_position = snapshot.next_position.clone()
         state.logits = None if snapshot.logits is None else snapshot.logits.clone()

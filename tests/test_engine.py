@@ -316,6 +316,27 @@ def test_select_stores_each_survivors_window_as_one_block(model, tok):
     eng.attend_from(state, 2)  # the context is whole
 
 
+def test_restore_to_before_a_shared_prefix(model, tok):
+    """A snapshot taken before tokens that beams later shared comes back whole: the beams' branch is dropped,
+    their rows selected, and the cut goes into the shared prefix (one cache per row again)."""
+    eng = Engine(model, seed=0)
+    state = eng.prefill(tok.encode_text_sample("a shared context of some length"))
+    base, logits = state.length, state.logits.clone()
+    snap = eng.snapshot(state)
+    eng.feed(state, torch.tensor([[5, 6]]))
+    eng.share(state, 4)
+    eng.feed(state, torch.randint(0, 2000, (4, 2)))
+    eng.branch(state, 2)
+    eng.feed(state, torch.randint(0, 2000, (8, 1)))
+    eng.restore(snap)
+    assert state.length == base and state.prefix is None and state.branch is None and state.batch_size == 1
+    torch.testing.assert_close(state.logits, logits)
+    fresh = eng.prefill(tok.encode_text_sample("a shared context of some length"))
+    eng.feed(state, torch.tensor([[5, 6]]))
+    eng.feed(fresh, torch.tensor([[5, 6]]))
+    torch.testing.assert_close(state.logits, fresh.logits)
+
+
 def test_keys_left_out_by_select_are_never_read(model, tok):
     """What ``select`` leaves out behind the window is never read: the logits equal those of the same
     calls with the window moved after ``select`` (nothing left out) after a truncation that keeps the

@@ -60,6 +60,7 @@ plus a beam search over ``horizon`` imagined steps.
 
     python bench/decode.py                          # everything (minutes on 2 cores)
     python bench/decode.py --skip_tt --trials 3     # the decision and JAT-size figures only
+    python bench/decode.py --skip_jat_size --skip_tt --decision_dtypes float32 bfloat16   # decisions, both dtypes
     python bench/decode.py --skip_decisions --skip_jat_size   # the TT figures only
     python bench/decode.py --quick                  # a seconds-long smoke run (tiny sizes; not the figures)
     python bench/decode.py --jat_ms 57.3            # JAT measured separately, same machine
@@ -114,6 +115,9 @@ class Args:
     hidden actions, one forward per action token"""
     skip_decisions: bool = False
     """skip the decision-time and batching figures (DT mode, the default tiny model)"""
+    decision_dtypes: tuple[str, ...] = ("float32",)
+    """weight dtypes (and so KV cache dtypes) of the decision-time and batching figures, each timed in turn;
+    bfloat16 halves the cache bytes that bound 32 envs at a long context"""
     skip_jat_size: bool = False
     """skip the agent-throughput figure at JAT's size"""
     jat_layers: int = 12
@@ -385,10 +389,11 @@ def bench_decisions(args: Args, tok, spec, model) -> dict[tuple[int, int, bool],
     return out
 
 
-def report_decisions(args: Args, d: dict) -> None:
+def report_decisions(args: Args, d: dict, dtype: str = "float32") -> None:
     short, long_ = args.contexts
     n = args.num_envs
     c_short, c_long = d[(1, short, True)].context, d[(1, long_, True)].context
+    tag = "" if dtype == "float32" else f"[{dtype}]"  # float32's figures keep the names eval.headline reads
     print("\n== control decisions through Agent (DT), median ms per env-step (act + observe) ==")
     print(f"{'':14}{'ctx ' + str(c_short):>12}{'ctx ' + str(c_long):>12}{'ratio':>8}")
     rows = [("KV cache", (1, True))] + ([("no cache", (1, False))] if args.uncached else []) + [
@@ -396,15 +401,18 @@ def report_decisions(args: Args, d: dict) -> None:
     for label, (envs, cache) in rows:
         a, b = d[(envs, short, cache)].median, d[(envs, long_, cache)].median
         print(f"{label:14}{a * 1e3:12.1f}{b * 1e3:12.1f}{b / a:8.2f}x")
-    print(f"flat_in_context_ratio={d[(1, long_, True)].median / d[(1, short, True)].median:.2f} (target <= 1.5)")
+    print(f"flat_in_context_ratio{tag}={d[(1, long_, True)].median / d[(1, short, True)].median:.2f} "
+          "(target <= 1.5)")
     if args.uncached:
         print(f"cache_speedup_at_{c_long}={d[(1, long_, False)].median / d[(1, long_, True)].median:.1f}x")
     for context in (short, long_):
         one, many = d[(1, context, True)], d[(n, context, True)]
         print(f"ctx {one.context}: decisions/s 1 env {one.per_s:.1f}, {n} envs {many.per_s:.1f} -> "
-              f"batched_speedup={many.per_s / one.per_s:.1f}x (target >= 10)")
+              f"batched_speedup{tag}={many.per_s / one.per_s:.1f}x (target >= 10)")
     env_ms = statistics.median(d[(n, long_, True)].env_seconds) * 1e3
     print(f"(not included: env.step of the {n} envs, median {env_ms:.2f} ms per env-step)")
+    if dtype != "float32":  # the floors below are float32 matmul rates
+        return
     rate, shape = decision_gemm_rate(args)
     bandwidth = read_rate(device=args.device)
     print(f"floors (bench/roofline.py): FLOPs / this {device_name(args.device)}'s float32 matmul rate, "
@@ -609,7 +617,10 @@ def main(args: Args) -> None:
           f"({spec.observation_fields[0].size} obs / {spec.action_size} action dims), "
           f"{args.trials} trial(s) x {args.timed_steps} timed decisions per setting; {view}", flush=True)
     if not args.skip_decisions:
-        report_decisions(args, bench_decisions(args, tok, spec, model))
+        for dtype in args.decision_dtypes:
+            print(f"\n-- decision figures with {dtype} weights and KV cache --")
+            report_decisions(args, bench_decisions(args, tok, spec, model.to(getattr(torch, dtype))), dtype)
+        model = model.float()
     if not args.skip_jat_size:
         bench_jat_size(args, tok, spec, jat_ms)
     if not args.skip_tt:

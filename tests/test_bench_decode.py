@@ -46,12 +46,14 @@ def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
     _fake_harness(tmp_path, "jat_reference", 50.0)
     _fake_harness(tmp_path, "tt_reference", 70_000.0)
     _fake_harness(tmp_path, "faster_tt_reference", 30_000.0)
-    bench.main(bench.Args(quick=True, tt_uncached=True, with_references=tmp_path, threads=one_thread))
+    bench.main(bench.Args(quick=True, tt_uncached=True, with_references=tmp_path, threads=one_thread,
+                          decision_dtypes=("float32", "bfloat16")))
     out = capsys.readouterr().out
     for figure in ("flat_in_context_ratio=", "cache_speedup_at_", "batched_speedup=", "tt_agent_s_per_decision=",
                    "tt_uncached_s_per_decision=", "tt_reference_s_per_decision=70.00",
                    "faster_tt_reference_s_per_decision=30.00", "batched_speedup_ceiling=", "tt_floor_s=",
-                   "tt_reference speedup[bfloat16 model"):  # a bfloat16 model plans too, with its own ratios
+                   "tt_reference speedup[bfloat16 model",  # a bfloat16 model plans too, with its own ratios
+                   "batched_speedup[bfloat16]=", "flat_in_context_ratio[bfloat16]="):  # and decides, when asked
         assert figure in out, figure
     # JAT's figure comes from this run's harness: the ratio is ours / (1000 / 50 ms)
     for dtype in ("float32", "bfloat16"):  # the model timed in both weight dtypes, each against JAT's float32

@@ -404,7 +404,7 @@ def report_decisions(args: Args, d: dict, dtype: str = "float32") -> None:
     print(f"flat_in_context_ratio{tag}={d[(1, long_, True)].median / d[(1, short, True)].median:.2f} "
           "(target <= 1.5)")
     if args.uncached:
-        print(f"cache_speedup_at_{c_long}={d[(1, long_, False)].median / d[(1, long_, True)].median:.1f}x")
+        print(f"cache_speedup_at_{c_long}{tag}={d[(1, long_, False)].median / d[(1, long_, True)].median:.1f}x")
     for context in (short, long_):
         one, many = d[(1, context, True)], d[(n, context, True)]
         print(f"ctx {one.context}: decisions/s 1 env {one.per_s:.1f}, {n} envs {many.per_s:.1f} -> "

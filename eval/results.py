@@ -176,6 +176,8 @@ def locomotion_summary(results_dir: Path) -> str:
     A name ending ``_<N>steps`` says its models trained N steps (where the others trained the preset's or fewer),
     one holding ``_bysteps_`` that they drew their episodes in proportion to length (``train.py --sample_by steps``),
     ``_dtwin<K>_`` that their return-conditioned sequences were K-step windows (``train.py --dt_window_steps K``).
+    A cell says which checkpoints played when any is not a run's final model (``checkpoints/step_N``), and its
+    env seeds when they do not start at 0 (``eval.control --seed``: other episodes than the table's).
     A file that ``eval.pool`` pooled into another (e.g. one seed of a TT evaluation run seed by seed) is left out:
     the pooled file is its cell.
     """
@@ -192,9 +194,14 @@ def locomotion_summary(results_dir: Path) -> str:
         entry, iqm, targets = result["results"][0], result.get("iqm") or {}, _given_targets(result)
         se = entry["stderr_d4rl"]
         flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", _eval_command(result))
+        seed = re.search(r"--seed (\d+)", _eval_command(result))
+        steps_of = [re.search(r"checkpoints/step_0*(\d+)", model) for model in result.get("models", [])]
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
+                + (", checkpoints " + " / ".join(f"step {int(m.group(1)):,}" if m else "final" for m in steps_of)
+                   if any(steps_of) else "")
+                + (f", env seeds from {seed.group(1)}" if seed and int(seed.group(1)) else "")
                 + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
                 + (", cdf by bin probability" if _cdf_by_bin_probability(result) else "")
                 + (", episodes drawn by steps" if "_bysteps_" in path.stem else "")

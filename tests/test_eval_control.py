@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -284,6 +285,11 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
                         "tt_bf16")):
         main(["--model", *models, "--mode", *mode, "--tasks", "Hopper-v5", "--episodes", "2", "--out", str(out),
               "--name", f"locomotion_hopper_medium_replay_{name}"])
+    # an earlier checkpoint of one run beside the other's final model, on other env seeds than the table's
+    earlier = tmp_path / "run" / "checkpoints" / "step_00000300"
+    shutil.copytree(models[0], earlier)
+    main(["--model", str(earlier), models[1], "--mode", "gato", "--tasks", "Hopper-v5", "--episodes", "2", "--seed",
+          "5000", "--out", str(out), "--name", "locomotion_hopper_medium_replay_gato_chosen"])
     longer = out / "locomotion_hopper_medium_replay_gato_4000steps.json"  # the same models trained longer, say
     longer.write_text((out / "locomotion_hopper_medium_replay_gato.json").read_text())
     windows = out / "locomotion_hopper_medium_replay_dtwin1_gato.json"  # models trained with --dt_window_steps 1
@@ -300,7 +306,8 @@ def test_locomotion_results_fill_the_summary_beside_the_published_scores(tok, tm
     gato = json.loads((out / "locomotion_hopper_medium_replay_gato.json").read_text())["results"][0]
     imitation, dt_expert, dt_target, mgdt, tt, published = rows["hopper-medium-replay"]
     assert imitation.startswith(f"{gato['d4rl_score']:.1f} ± ") and "(2 × 2)" in imitation
-    assert imitation.count("(2 × 2)") == 3 and "4,000 training steps (2 × 2)" in imitation  # named by its file
+    assert imitation.count("(2 × 2)") == 4 and "4,000 training steps (2 × 2)" in imitation  # named by its file
+    assert "checkpoints step 300 / final, env seeds from 5000 (2 × 2)" in imitation  # named by its command
     assert "DT trained on 1-step windows (2 × 2)" in imitation
     assert dt_expert == "–" and "target 500" in dt_target and "(2 × 2)" in mgdt
     # a planner and weights other than the defaults are named

@@ -193,8 +193,9 @@ def locomotion_summary(results_dir: Path) -> str:
             continue
         entry, iqm, targets = result["results"][0], result.get("iqm") or {}, _given_targets(result)
         se = entry["stderr_d4rl"]
-        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", _eval_command(result))
-        seed = re.search(r"--seed (\d+)", _eval_command(result))
+        command = _eval_command(result)
+        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", command)
+        seed = re.search(r"--seed (\d+)", command)
         steps_of = [re.search(r"checkpoints/step_0*(\d+)", model) for model in result.get("models", [])]
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")

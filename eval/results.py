@@ -193,16 +193,15 @@ def locomotion_summary(results_dir: Path) -> str:
             continue
         entry, iqm, targets = result["results"][0], result.get("iqm") or {}, _given_targets(result)
         se = entry["stderr_d4rl"]
-        command = _eval_command(result)
-        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", command)
-        seed = re.search(r"--seed (\d+)", command)
+        flags = re.findall(r"--(beam_width|horizon|temperature) ([\d.]+)", _eval_command(result))
+        env_seed = result["per_checkpoint"][0][0]["seed"]  # the first episode's env seed: eval.control's --seed
         steps_of = [re.search(r"checkpoints/step_0*(\d+)", model) for model in result.get("models", [])]
         text = (f"{entry['d4rl_score']:.1f} ± {se:.{2 if se < 0.1 else 1}f}"
                 + (f", target {', '.join(f'{t:.0f}' for t in sorted(targets))}" if targets else "")
                 + "".join(f", {name.split('_')[0]} {n}" for name, n in flags)
                 + (", checkpoints " + " / ".join(f"step {int(m.group(1)):,}" if m else "final" for m in steps_of)
                    if any(steps_of) else "")
-                + (f", env seeds from {seed.group(1)}" if seed and int(seed.group(1)) else "")
+                + (f", env seeds from {env_seed}" if env_seed else "")
                 + (f", {result['dtype']}" if result.get("dtype", "float32") != "float32" else "")
                 + (", cdf by bin probability" if _cdf_by_bin_probability(result) else "")
                 + (", episodes drawn by steps" if "_bysteps_" in path.stem else "")

@@ -105,3 +105,45 @@ def test_the_floor_counts_what_a_forward_does(bench):
     per_token = text.num_hidden_layers * 2 * 3 * text.num_key_value_heads * head_dim * 4  # layers, K+V, rows, float32
     assert read == per_token * (5 + 7)
     assert "_feed" not in vars(engine)  # the wrapper is gone after the call
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tt_bound_forward_computes_the_llama_forward(capsys, one_thread):
+    """``bench/tt_bound.py`` times an idealised forward; its bound means something only if that forward is the
+    model's: fed a 🤗 Llama's weights, its keys and one new token, it gives that Llama's next-token logits. Then
+    its main path runs (eager only: compiling takes ~30 s) and prints the bound."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bound = _load("tt_bound")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         initializer_range=0.3)  # weights large enough that attention is far from uniform
+    model = LlamaForCausalLM(config).eval()
+    shared, own_slots, slot = 6, 4, 2
+    embeds = torch.randn(1, shared + 1, 32)
+    with torch.inference_mode():
+        expected = model(inputs_embeds=embeds).logits[0, -1]
+        cache = model(inputs_embeds=embeds[:, :shared], use_cache=True).past_key_values
+        cos, sin = model.model.rotary_emb(embeds, torch.tensor([[shared]]))
+        layers, head, norm = bound.llama_weights(model)
+        keys = [layer.keys[0] for layer in cache.layers]  # (H, S, d): what every beam shares
+        values = [layer.values[0] for layer in cache.layers]
+        own = [torch.randn(1, 4, own_slots, 8) for _ in range(4)]  # garbage in the masked slots
+        mask = torch.full((own_slots,), float("-inf"))
+        mask[slot] = 0.0
+        got = bound.decode_forward(embeds[0, -1:], layers, head, norm, cos[0], sin[0], keys, values, own[:2],
+                                   own[2:], mask, torch.tensor([slot]))[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    bound.main(tyro.cli(bound.Args, args=["--threads", "1", "--dtypes", "float32", "--no_compiled", "--trials", "1",
+                                          "--calls", "1", "--reference_s", "40"]))
+    out = capsys.readouterr().out
+    assert re.search(r"tt_forwards_bound_s\[float32,eager\]=[\d.]+, [\d.]+x the original planner", out), out

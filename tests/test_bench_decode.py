@@ -18,15 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    """``bench/decode.py`` as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "decode.py")
+    """``bench/decode.py`` as a module."""
+    try:
+        yield _load("decode")
+    finally:
+        sys.modules.pop("bench_decode", None)
+
+
+def _load(name: str):
+    """``bench/<name>.py`` as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -105,14 +110,6 @@ def test_the_floor_counts_what_a_forward_does(bench):
     per_token = text.num_hidden_layers * 2 * 3 * text.num_key_value_heads * head_dim * 4  # layers, K+V, rows, float32
     assert read == per_token * (5 + 7)
     assert "_feed" not in vars(engine)  # the wrapper is gone after the call
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tt_bound_forward_computes_the_llama_forward(capsys, one_thread):

@@ -128,7 +128,7 @@ def test_tt_bound_forward_computes_the_llama_forward(capsys, one_thread):
     embeds = torch.randn(1, shared + 1, 32)
     with torch.inference_mode():
         expected = model(inputs_embeds=embeds).logits[0, -1]
-        cache = model(inputs_embeds=embeds[:, :shared], use_cache=True).past_key_values
+        cache = model(inputs_embeds=embeds[:, :shared], use_cache=True).cache
         cos, sin = model.model.rotary_emb(embeds, torch.tensor([[shared]]))
         layers, head, norm = bound.llama_weights(model)
         keys = [layer.keys[0] for layer in cache.layers]  # (H, S, d): what every beam shares

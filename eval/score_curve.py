@@ -84,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return record
 
 
+# the least a curve's y-axis spans, in its score's units (D4RL points; expert-normalised: 1 = the expert)
+MIN_Y_SPAN = {"d4rl_score": 10.0, "normalized_score": 0.1}
+
+
 def _plot(curves: dict[str, list[dict]], args: Args):
     from matplotlib.figure import Figure
 
@@ -94,6 +98,9 @@ def _plot(curves: dict[str, list[dict]], args: Args):
     for run, points in curves.items():
         ax.plot([p["tokens"] / 1e6 for p in points], [p.get(key) for p in points], "o-", label=Path(run).name)
     ax.set(xlabel="training tokens (M)", ylabel=label)
+    low, high = ax.get_ylim()  # a flat curve drawn flat: autoscale would stretch a 0.03-point wobble over the axis
+    if high - low < (span := MIN_Y_SPAN[key]):
+        ax.set_ylim((low + high - span) / 2, (low + high + span) / 2)
     ax.set_title(f"{args.name}\n{args.mode} mode, {args.episodes} episodes per checkpoint and task", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

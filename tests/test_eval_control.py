@@ -503,3 +503,16 @@ def test_the_score_curve_plays_every_checkpoint_and_scores_locomotion_on_d4rls_s
     for point, (rec,) in zip(points, played, strict=True):
         assert point["d4rl_score"] == pytest.approx(d4rl_normalized_scores("Hopper-v5", rec["returns"]).mean())
         assert point["normalized_score"] == pytest.approx((np.mean(rec["returns"]) - 20.0) / 2980.0)
+
+
+def test_a_flat_score_curve_is_drawn_flat():
+    """Autoscaling a curve that moves 0.03 D4RL points (halfcheetah-medium-replay's imitation, which stands still
+    at every checkpoint) would stretch it over the whole axis and look like learning: the axis spans 10 points."""
+    from eval.score_curve import Args, _plot
+
+    curves = {"runs/a": [{"tokens": 1e6 * i, "d4rl_score": 2.22 + 0.01 * (i % 2)} for i in range(1, 6)]}
+    low, high = _plot(curves, Args(runs=[Path("runs/a")], name="flat")).axes[0].get_ylim()
+    assert high - low >= 10.0 and low <= 2.22 and high >= 2.23
+    steep = {"runs/a": [{"tokens": 1e6 * i, "d4rl_score": 20.0 * i} for i in range(1, 6)]}
+    low, high = _plot(steep, Args(runs=[Path("runs/a")], name="steep")).axes[0].get_ylim()
+    assert low <= 20.0 and high >= 100.0 and high - low < 100.0  # a real curve keeps matplotlib's own limits

@@ -15,8 +15,9 @@ gathers, no sampling. Those shapes let ``torch.compile`` turn the whole forward 
 A plan at beam B, expansion X, horizon H, for an A-dimensional action and an O-dimensional observation runs
 ``H (A + 1)`` forwards over ``B X`` rows (the action tokens and the reward) and ``(H - 1)(O + 1)`` over ``B``
 rows (the value position and the observation): for hopper at the reference's settings 60 at 256 rows and 168 at
-128 (``generalist.modes.tt.tt_plan``). The printed plan time is those counts times the medians measured here: a
-bound the real planner can approach but not pass, since it also samples, scores and gathers its beams.
+128 (``generalist.modes.tt.tt_plan``). The printed plan time is those counts times the medians measured here:
+what the forwards alone would cost written this way, keys fixed at a typical window (the real window grows and
+slides); the real planner also samples, scores and gathers its beams, which this leaves out.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Args:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm at its default epsilon (1e-6), the statistics in float32."""
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * weight
 
 

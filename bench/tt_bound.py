@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.append(str(Path(__file__).resolve().parent))
 import decode  # noqa: E402  (bench/ is a folder of scripts, not a package)
@@ -121,21 +122,19 @@ def llama_weights(model) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, t
 
 
 def time_forward(fn: Callable, rows: int, dtype: torch.dtype, args: Args) -> float:
-    """Median seconds of one forward over ``rows`` beams, with random weights of the reference's TT shape."""
-    shape = decode.TT_BACKBONE
-    width, heads, mlp = shape["hidden_size"], shape["num_attention_heads"], shape["intermediate_size"]
-    dim = width // heads
+    """Median seconds of one forward over ``rows`` beams, with a randomly initialised Llama of the reference's TT
+    shape (its head over the continuous bins only)."""
+    config = LlamaConfig(**decode.TT_BACKBONE, vocab_size=NUM_CONTINUOUS_BINS)
+    layers, head, norm = llama_weights(LlamaForCausalLM(config).requires_grad_(False).to(dtype))
+    heads, n = config.num_attention_heads, config.num_hidden_layers
+    dim = config.hidden_size // heads
     g = torch.Generator().manual_seed(0)
 
     def rand(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=g) * 0.05).to(dtype)
+        return torch.randn(*size, generator=g).to(dtype)
 
-    layers = [dict(norm1=torch.ones(width, dtype=dtype), qkv=rand(3 * width, width), o=rand(width, width),
-                   norm2=torch.ones(width, dtype=dtype), gate_up=rand(2 * mlp, width), down=rand(width, mlp))
-              for _ in range(shape["num_hidden_layers"])]
-    n = shape["num_hidden_layers"]
-    inputs = (rand(rows, width), layers, rand(NUM_CONTINUOUS_BINS, width), torch.ones(width, dtype=dtype),
-              rand(dim), rand(dim), [rand(heads, args.shared_keys, dim) for _ in range(n)],
+    inputs = (rand(rows, config.hidden_size), layers, head, norm, rand(dim), rand(dim),
+              [rand(heads, args.shared_keys, dim) for _ in range(n)],
               [rand(heads, args.shared_keys, dim) for _ in range(n)],
               [rand(rows, heads, args.own_keys, dim) for _ in range(n)],
               [rand(rows, heads, args.own_keys, dim) for _ in range(n)],

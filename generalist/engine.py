@@ -80,12 +80,70 @@ DECODE_ATTENTION = [b for b in SDPBackend.__members__.values()
 
 __all__ = [
     "SHARED_PREFIX_ATTENTION", "Allowed", "AppendLayer", "Chunk", "DecodeState", "Engine", "SharedPrefix",
-    "Snapshot", "as_range", "constrain", "enable_shared_prefix_attention", "filter_cdf", "filter_top_k",
+    "Snapshot", "TokenSampler", "as_range", "constrain", "enable_shared_prefix_attention", "filter_cdf", "filter_top_k",
     "filter_top_p", "new_cache", "sample_distinct", "sample_next_token", "shared_prefix_attention",
 ]
 
 
-class Engine:
+class TokenSampler:
+    """Sampling from a decoder's ``state.logits``: what :class:`Engine` and
+    :class:`~generalist.static_beams.StaticBeams` share. A subclass provides ``generator`` (a seeded
+    ``torch.Generator``) and ``feed(state, chunk, next_allowed)``; ``state`` has ``logits``,
+    ``logits_offset`` and ``batch_size``."""
+
+    generator: torch.Generator
+
+    def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
+               cdf_log_width: torch.Tensor | None = None, median: bool = False) -> torch.Tensor:
+        """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
+
+        Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
+        Transformer's, drops the least likely ``cdf`` of the mass), then ``top_k``, then ``top_p``.
+        ``median``: when greedy, the ids are bins of one value in order and the token is the predicted
+        median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
+        ``cdf_log_width`` (vocabulary,): each id's log bin width; the cdf filter then ranks by density
+        (:func:`~generalist.sampling.filter_cdf`).
+        """
+        logits, offset = constrain(state.logits, allowed, state.logits_offset)
+        if median and (temperature == 0 or top_k == 1):
+            return median_index(logits) + offset
+        if cdf_log_width is not None:
+            cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
+        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
+                                 cdf_log_width=cdf_log_width) + offset
+
+    @torch.inference_mode()
+    def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
+                 then: Allowed = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
+                 median: Sequence[bool] | None = None, feed_as: int | None = None,
+                 local_positions: Sequence[int] | None = None) -> torch.Tensor:
+        """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
+
+        Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
+        (a control loop feeds it together with the next step's tokens, saving a forward pass), and
+        then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
+        Sampling arguments as in :meth:`sample`; ``median[j]`` is its ``median`` for the j-th token.
+        ``feed_as``: feed this id in place of every sampled token (``<hidden_action>``: the policy view).
+        ``local_positions[j]``: the j-th token's place inside its observation when it is fed (tokens of an
+        imagined observation; see :meth:`Chunk.from_ids`); default 0, a token outside an observation.
+        """
+        out = []
+        for j, allow in enumerate(allowed):
+            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
+                                median=bool(median and median[j]))  # (B,)
+            out.append(token)
+            if j < len(allowed) - 1 or feed_last:
+                fed = token if feed_as is None else torch.full_like(token, feed_as)
+                chunk = fed[:, None] if local_positions is None else Chunk.from_ids(
+                    fed[:, None], local_positions=[local_positions[j]])
+                self.feed(state, chunk, allowed[j + 1] if j < len(allowed) - 1 else then)
+        return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
+
+
+
+class Engine(TokenSampler):
     """KV-cached, batched decoding over :class:`~generalist.GeneralistForCausalLM`.
 
     Args:
@@ -553,55 +611,6 @@ class Engine:
         if index < len(state.snapshots):
             state.origin = self._origin_at(state, index - 1) if index else None
             del state.snapshots[index:]
-
-    # --- sampling ---
-    def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
-               cdf_log_width: torch.Tensor | None = None, median: bool = False) -> torch.Tensor:
-        """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
-
-        Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
-        Transformer's, drops the least likely ``cdf`` of the mass), then ``top_k``, then ``top_p``.
-        ``median``: when greedy, the ids are bins of one value in order and the token is the predicted
-        median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
-        ``cdf_log_width`` (vocabulary,): each id's log bin width; the cdf filter then ranks by density
-        (:func:`~generalist.sampling.filter_cdf`).
-        """
-        logits, offset = constrain(state.logits, allowed, state.logits_offset)
-        if median and (temperature == 0 or top_k == 1):
-            return median_index(logits) + offset
-        if cdf_log_width is not None:
-            cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
-        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
-                                 cdf_log_width=cdf_log_width) + offset
-
-    @torch.inference_mode()
-    def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, feed_last: bool = True,
-                 then: Allowed = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
-                 median: Sequence[bool] | None = None, feed_as: int | None = None,
-                 local_positions: Sequence[int] | None = None) -> torch.Tensor:
-        """Sample ``len(allowed)`` tokens per row, ``allowed[j]`` constraining the j-th -> (B, n).
-
-        Each sampled token is fed back before the next is drawn; the last one only if ``feed_last``
-        (a control loop feeds it together with the next step's tokens, saving a forward pass), and
-        then ``then`` constrains the token after it (see :meth:`feed`'s ``next_allowed``).
-        Sampling arguments as in :meth:`sample`; ``median[j]`` is its ``median`` for the j-th token.
-        ``feed_as``: feed this id in place of every sampled token (``<hidden_action>``: the policy view).
-        ``local_positions[j]``: the j-th token's place inside its observation when it is fed (tokens of an
-        imagined observation; see :meth:`Chunk.from_ids`); default 0, a token outside an observation.
-        """
-        out = []
-        for j, allow in enumerate(allowed):
-            token = self.sample(state, allow, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
-                                median=bool(median and median[j]))  # (B,)
-            out.append(token)
-            if j < len(allowed) - 1 or feed_last:
-                fed = token if feed_as is None else torch.full_like(token, feed_as)
-                chunk = fed[:, None] if local_positions is None else Chunk.from_ids(
-                    fed[:, None], local_positions=[local_positions[j]])
-                self.feed(state, chunk, allowed[j + 1] if j < len(allowed) - 1 else then)
-        return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
     @torch.inference_mode()
     def generate_blind(self, state: DecodeState, samples: Sequence[Sample], allowed: Sequence[Allowed],

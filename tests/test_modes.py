@@ -193,7 +193,7 @@ def test_tt_plan_runs_on_a_real_model_and_restores_state(model, tok, monkeypatch
     for _ in range(2):
         engine.seed(0)
         fresh.clear()
-        plans.append(tt_plan(engine, state, tok, spec, TTConfig(beam_width=4, horizon=3)))
+        plans.append(tt_plan(engine, state, tok, spec, TTConfig(beam_width=4, horizon=3, decoder="engine")))
         allocations.append(len(fresh))
     assert allocations[0] > 0 and allocations[1] == 0, allocations
     assert np.array_equal(plans[0].plan_ids, plans[1].plan_ids) and np.allclose(plans[0].scores, plans[1].scores)
@@ -248,7 +248,8 @@ def test_every_forward_of_the_planner_reads_only_the_last_context_steps(model, t
     """The reference crops every input of its planner, imagined steps included, to the last
     ``max_context_transitions`` transitions (79 tokens of hopper's 16: the current transition and 4
     before). Ours: every forward of ``tt_plan`` attends to the current step and ``context_steps - 1``
-    whole steps before it, however long the context and however far the plan has run."""
+    whole steps before it, however long the context and however far the plan has run. (On the engine, whose feeds
+    a spy can count; the static decoder plans the same: tests/test_static_beams.py.)"""
     from generalist.tokenizer import concat_samples
 
     spec = TaskSpec.from_spaces("tt-window", spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (2,), np.float32))
@@ -269,7 +270,7 @@ def test_every_forward_of_the_planner_reads_only_the_last_context_steps(model, t
     for steps in (2, 3):
         state = engine.prefill(context)
         reads.clear()
-        tt_plan(engine, state, tok, spec, TTConfig(beam_width=3, horizon=4, context_steps=steps))
+        tt_plan(engine, state, tok, spec, TTConfig(beam_width=3, horizon=4, context_steps=steps, decoder="engine"))
         assert state.window_start is None  # restored
         assert max(reads) == steps * layout.tokens and min(reads) > (steps - 1) * layout.tokens, (steps, reads)
         # every forward of the plan was seen: per step its action tokens and reward, then (but the last

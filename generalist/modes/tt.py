@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from generalist.decode_state import Chunk
-from generalist.engine import DecodeState, Engine, constrain, sample_distinct
+from generalist.engine import DecodeState, Engine, as_range, constrain, sample_distinct
 from generalist.modes.control import (
     ControlStep,
     attend_to_last_steps,
@@ -62,6 +62,7 @@ from generalist.modes.control import (
     fed_action_ids,
     observation_token_ranges,
 )
+from generalist.static_beams import StaticBeams, unsupported
 from generalist.task_spec import TaskSpec
 from generalist.tokenizer import GeneralistTokenizer, StepLayout
 
@@ -109,7 +110,15 @@ class TTConfig:
             device or a CPU with AMX tiles, whose bfloat16 attention is fast, else float32 — on an
             AVX-512 CPU without AMX the bfloat16 attention kernel took 2-4x the time of float32 matrix
             products, see :func:`beam_cache_dtype`).
-            The shared context always keeps the model's dtype.
+            The shared context always keeps the model's dtype. The static decoder keeps everything in the model's
+            dtype.
+        decoder: what runs the plan's forwards: ``"static"``, :class:`~generalist.static_beams.StaticBeams` (fixed
+            buffers, the same computation, less overhead per forward); ``"engine"``, the general
+            :class:`~generalist.engine.Engine`; ``"auto"``: static where it supports the model and the state
+            (:func:`~generalist.static_beams.unsupported`), else the engine.
+        compile: with the static decoder, run its forward through ``torch.compile`` (its three shapes compile on
+            the first plan, ~1 min on a 2-core CPU; then each forward is one generated function). Eager where
+            compiling fails.
     """
 
     beam_width: int = 128
@@ -127,6 +136,8 @@ class TTConfig:
     distinct_actions: bool = False
     cdf_density: bool = True
     policy_view: bool = True
+    decoder: Literal["auto", "static", "engine"] = "auto"
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("beam_width", "horizon", "n_expand", "context_steps", "plan_freq"):
@@ -253,10 +264,24 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
 
     layout = tok.step_layout(spec)
     now = state.length - layout.prompt_tokens  # cache position where the current step starts (its R)
-    snapshot = engine.snapshot(state)
-    attend_to_last_steps(engine, state, now, layout, config.context_steps)
-    # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
-    engine.share(state, beam, beam_cache_dtype(config.beam_cache_dtype, engine.device, engine.dtype))
+    ranges = [as_range(r) for r in (*act_ranges, *obs_ranges, cont, after_reward)]
+    why_not = ("the engine was asked for" if config.decoder == "engine" else
+               "a token is constrained by a mask, not an id range" if None in ranges else unsupported(engine, state))
+    if config.decoder == "static" and why_not is not None:
+        raise ValueError(f"TTConfig.decoder='static' cannot plan here: {why_not}")
+    if why_not is None:  # the engine's state is only read; the beams live in their own buffers
+        decoder = StaticBeams(engine, state, beam, window=config.context_steps * layout.tokens,
+                              shared=(config.context_steps - 1) * layout.tokens + layout.prompt_tokens,
+                              wide=len(act_ranges) + 1, columns=horizon * layout.tokens,
+                              vocab_range=(min(r[0] for r in ranges), max(r[1] for r in ranges)),
+                              compile=config.compile)
+        beams = decoder.state
+        attend_to_last_steps(decoder, beams, now, layout, config.context_steps)
+    else:
+        decoder, beams, snapshot = engine, state, engine.snapshot(state)
+        attend_to_last_steps(engine, state, now, layout, config.context_steps)
+        # (E*beam): every beam continues the same context, stored once; its own tokens in beam_cache_dtype
+        engine.share(state, beam, beam_cache_dtype(config.beam_cache_dtype, engine.device, engine.dtype))
     n = e * beam
     rewards = torch.zeros(n, horizon, dtype=torch.float64)  # expected r_t of each planned step
     alive = torch.ones(n, horizon + 1, dtype=torch.float64)  # P(episode still running) before step t
@@ -266,25 +291,25 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
     imagined = torch.zeros(n, horizon - 1, len(obs_ranges), dtype=torch.long)  # o_{t+1} after each step but the last
     scores = torch.zeros(n, dtype=torch.float64)
     for t in range(horizon):
-        engine.branch(state, expand)  # (E*beam*expand), grouped per environment; a beam's tokens shared by its children
+        decoder.branch(beams, expand)  # (E*beam*expand) grouped per environment; a beam's tokens shared by its children
         rewards, alive, values, plans, imagined = (x.repeat_interleave(expand, 0)
                                                    for x in (rewards, alive, values, plans, imagined))
         if enumerate_first:  # a beam's children try different actions, however sure the model is
-            parents, lo = constrain(state.logits[::expand], act_ranges[0], state.logits_offset)  # (E*beam, n)
-            first = (sample_distinct(parents, expand, engine.generator) + lo).flatten()  # (E*beam*expand,)
-            engine.feed(state, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
-            rest = engine.generate(state, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
-                                   cdf=config.cdf_act, cdf_log_width=log_width)
+            parents, lo = constrain(beams.logits[::expand], act_ranges[0], beams.logits_offset)  # (E*beam, n)
+            first = (sample_distinct(parents, expand, decoder.generator) + lo).flatten()  # (E*beam*expand,)
+            decoder.feed(beams, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
+            rest = decoder.generate(beams, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
+                                    cdf=config.cdf_act, cdf_log_width=log_width)
             plans[:, t] = torch.cat([first[:, None], rest], 1)
         else:
-            plans[:, t] = engine.generate(state, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
-                                          cdf=config.cdf_act, cdf_log_width=log_width)
-        r_logits, r_offset = constrain(state.logits, cont, state.logits_offset)  # (N, 1024)
+            plans[:, t] = decoder.generate(beams, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
+                                           cdf=config.cdf_act, cdf_log_width=log_width)
+        r_logits, r_offset = constrain(beams.logits, cont, beams.logits_offset)  # (N, 1024)
         rewards[:, t] = expected(r_logits, reward_values)
         greedy = config.k_reward == 1
-        r_ids = engine.sample(state, cont, 0.0 if greedy else 1.0, None if greedy else config.k_reward)
-        engine.feed(state, r_ids[:, None], after_reward)
-        v_logits, _ = constrain(state.logits, after_reward, state.logits_offset)  # (N, eos - lo + 1)
+        r_ids = decoder.sample(beams, cont, 0.0 if greedy else 1.0, None if greedy else config.k_reward)
+        decoder.feed(beams, r_ids[:, None], after_reward)
+        v_logits, _ = constrain(beams.logits, after_reward, beams.logits_offset)  # (N, eos - lo + 1)
         values[:, t], p_end = read_value(v_logits, eos_col, value_values)  # E[V | not ended], P(<eos>)
         alive[:, t + 1] = alive[:, t] * (1.0 - p_end)
         ret = (rewards[:, : t + 1] * alive[:, : t + 1] * discounts[: t + 1]).sum(-1)
@@ -292,23 +317,24 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         scores, best = total.view(e, beam * expand).topk(beam, dim=1)  # (E, beam)
         rows = (best + torch.arange(e)[:, None] * beam * expand).flatten()  # (E*beam,)
         if t < horizon - 1:  # the window slides first, so that select leaves out what it has passed
-            attend_to_last_steps(engine, state, now + (t + 1) * layout.tokens, layout, config.context_steps)
-        engine.select(state, rows)
+            attend_to_last_steps(decoder, beams, now + (t + 1) * layout.tokens, layout, config.context_steps)
+        decoder.select(beams, rows)
         rewards, alive, values, plans, imagined = (x[rows] for x in (rewards, alive, values, plans, imagined))
         scores = scores.flatten()
         if t < horizon - 1:  # imagine the next observation: <no_return> o_{t+1} <sep>
-            engine.feed(state, no_return.expand(state.batch_size)[:, None], obs_ranges[0])
+            decoder.feed(beams, no_return.expand(beams.batch_size)[:, None], obs_ranges[0])
             # each imagined token at its place in the observation (1..n), as the tokenizer lays observations out
-            obs = engine.generate(state, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
-                                  cdf_log_width=log_width, median=obs_median,
-                                  local_positions=obs_local)  # k_obs = 1: predicted medians
+            obs = decoder.generate(beams, obs_ranges, 1.0, config.k_obs, feed_last=False, cdf=config.cdf_obs,
+                                   cdf_log_width=log_width, median=obs_median,
+                                   local_positions=obs_local)  # k_obs = 1: predicted medians
             last = torch.stack([obs[:, -1], torch.full_like(obs[:, -1], tok.sep_id)], 1)
-            engine.feed(state, Chunk.from_ids(last, local_positions=(len(obs_ranges), 0)), act_ranges[0])
+            decoder.feed(beams, Chunk.from_ids(last, local_positions=(len(obs_ranges), 0)), act_ranges[0])
             imagined[:, t] = obs
 
     best = scores.view(e, beam).argmax(1)  # (E,)
     rows = best + torch.arange(e) * beam
-    engine.restore(snapshot)
+    if decoder is engine:
+        engine.restore(snapshot)
     return Plan(action_ids=plans[rows, 0].numpy(), plan_ids=plans[rows].numpy(),
                 scores=scores.view(e, beam)[torch.arange(e), best].numpy(), values=values[rows].numpy(),
                 rewards=rewards[rows].numpy(), observation_ids=imagined[rows].numpy())

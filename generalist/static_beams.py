@@ -1,0 +1,311 @@
+"""A beam decoder with static shapes for the Trajectory Transformer planner (:func:`generalist.modes.tt.tt_plan`).
+
+Why a second decoder: :class:`~generalist.engine.Engine` decodes anything (rows that drift apart, left padding,
+snapshots, cache levels shared between beams), and pays for it at every forward in Python bookkeeping and in
+tensors whose shapes change at every call. A plan is ~230 forwards (hopper at the reference's settings), and on a
+2-core CPU that bookkeeping and the per-operator dispatch of each forward were as much time as the arithmetic
+(``bench/tt_bound.py``). A plan needs much less: every beam advances one token (one cache *column*) at a time in
+lockstep, every beam of an environment reads the same context, and the planner's sliding window
+(``TTConfig.context_steps``, the reference's ``max_context_transitions``) bounds how far back any token reads. So
+the keys and values live in three fixed blocks, per layer:
+
+* ``shared`` (E, H, S, d): the window's part of the context, copied once from the engine's cache; S =
+  ``context_steps - 1`` whole steps plus the current step's prompt (left-padded with masked keys early in an
+  episode).
+* ``ring`` (E*B, H, T, d): each beam's own imagined tokens, T = ``context_steps`` steps. The token of column c is
+  written at slot ``(c - L) mod T`` (L: the context's length); a window never reaches back T columns, so a slot is
+  overwritten only after its token has left every window.
+* ``wide`` (E*B*X, H, W, d): between :meth:`StaticBeams.branch` and :meth:`StaticBeams.select`, each child's new
+  tokens (the action tokens and the reward). The children read their parent's ring in place (queries viewed as
+  (parent, child, ...)), so branching copies nothing; ``select`` copies each survivor's parent ring once and
+  writes its new tokens into it.
+
+Every forward then has one of three shapes (children with one token, beams with one, beams with two), and
+``torch.compile`` turns each into one generated function (``compile=True``). The method names are the engine's
+(``feed``, ``branch``, ``select``, ``attend_from``, ``sample``, ``generate``), so the planner's loop drives either
+decoder. It computes what the engine computes: the same logits and the same plan
+(``tests/test_static_beams.py``). It supports the Llama backbone (the default; multi-head attention, no biases);
+:func:`unsupported` names what else makes the planner use the engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from generalist.decode_state import Chunk, DecodeState
+from generalist.engine import Engine, TokenSampler
+from generalist.kv_cache import AppendLayer
+
+
+@dataclass
+class BeamState:
+    """What :class:`StaticBeams`' rows hold that the planner reads: the next-token logits (rows, V') of ids from
+    ``logits_offset``, the number of cache columns so far, and where the sliding window starts."""
+
+    logits: torch.Tensor
+    logits_offset: int
+    length: int
+    window_start: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+
+def unsupported(engine: Engine, state: DecodeState) -> str | None:
+    """Why :class:`StaticBeams` cannot plan from ``state`` (then the planner uses the engine), or ``None``."""
+    text = engine.model.config.text_config
+    backbone = getattr(getattr(engine.model, "backbone", None), "model", None)
+    if getattr(text, "model_type", None) != "llama" or backbone is None:
+        return f"its backbone is {getattr(text, 'model_type', None)!r}, not a Llama"
+    if text.num_key_value_heads != text.num_attention_heads:
+        return "grouped-query attention"
+    if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
+        return "biases in attention or MLP"
+    if state.cache is None or state.prefix is not None or state.branch is not None:
+        return "the state has no cache of its own (use_cache=False, or rows sharing a prefix)"
+    layers = getattr(state.cache, "layers", None)
+    if not layers or not all(isinstance(layer, AppendLayer) and layer.is_initialized for layer in layers):
+        return "the cache is not the engine's own"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: the statistics in float32, the weight applied in ``x``'s dtype."""
+    return weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021) as Llama applies it (``rotate_half``)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, scaling: float, ring, ring_mask,
+                 ring_slots, wide, wide_mask, wide_slots):
+    """Q new tokens per row through the model -> logits at the last one (R, V').
+
+    ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q); ``cos``/``sin`` (E, Q, d) rotary tables of each environment's positions (every
+    beam of an environment is at the same one). Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B
+    beams (R = P rows without ``wide``, P x children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive
+    masks: ``ring_mask`` (E, Q, T), ``wide_mask`` (Q, W). The new keys and values are written (in place) into
+    the ring at ``ring_slots`` (Q,), or into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending,
+    so that each token reads itself.
+    """
+    x = embed(ids, local).to(head.dtype)  # (R, Q, D)
+    rows, q_len, width = x.shape
+    envs = cos.shape[0]
+    parents, heads, slots, dim = ring[0][0].shape
+    cos, sin = cos[:, None, :, None], sin[:, None, :, None]  # (E, 1, Q, 1, d)
+    ring_mask = ring_mask[:, None, None, :, None]  # (E, 1, 1, Q, 1, T)
+    for i, w in enumerate(layers):
+        q, k, v = F.linear(_rms_norm(x, w["norm1"], eps), w["qkv"]).view(rows, q_len, 3, heads, dim).unbind(2)
+        q = _rotate(q.view(envs, rows // envs, q_len, heads, dim), cos, sin) * scaling  # (E, R/E, Q, H, d)
+        k = _rotate(k.view(envs, rows // envs, q_len, heads, dim), cos, sin).view(rows, q_len, heads, dim)
+        own_k, own_v, at = (ring[i][0], ring[i][1], ring_slots) if wide is None else (*wide[i], wide_slots)
+        own_k.index_copy_(2, at, k.transpose(1, 2))  # (R, H, Q, d) into (R, H, T or W, d)
+        own_v.index_copy_(2, at, v.transpose(1, 2))
+        q = q.reshape(envs, parents // envs, -1, q_len, heads, dim)  # (E, B, children, Q, H, d)
+        ring_k = ring[i][0].view(envs, parents // envs, heads, slots, dim)
+        scores = [(torch.einsum("ebxqhd,ebhtd->ebxqht", q, ring_k) + ring_mask).reshape(
+            rows, q_len, heads, slots)]  # (R, Q, H, T)
+        if wide is not None:
+            scores.append(torch.einsum("rqhd,rhwd->rqhw", q.reshape(rows, q_len, heads, dim), wide[i][0])
+                          + wide_mask[:, None])  # (R, Q, H, W)
+        sizes = [s.shape[-1] for s in scores]
+        p = torch.cat(scores, -1).float().softmax(-1).to(x.dtype).split(sizes, -1)  # (R, Q, H, keys)
+        out = torch.einsum("ebxqht,ebhtd->ebxqhd", p[0].view(envs, parents // envs, -1, q_len, heads, slots),
+                           ring[i][1].view(envs, parents // envs, heads, slots, dim)).reshape(rows, q_len, heads, dim)
+        if wide is not None:
+            out = out + torch.einsum("rqhw,rhwd->rqhd", p[1], wide[i][1])
+        x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
+        gate, up = F.linear(_rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
+        x = x + F.linear(w["act"](gate) * up, w["down"])
+    return F.linear(_rms_norm(x[:, -1], norm, eps), head)
+
+
+_compiled = None  # torch.compile(beam_forward), made on first use; False once compiling failed here
+
+
+def _forward_fn(compile: bool):
+    global _compiled
+    if not compile or _compiled is False:
+        return beam_forward
+    if _compiled is None:
+        _compiled = torch.compile(beam_forward, dynamic=False)
+    return _compiled
+
+
+class StaticBeams(TokenSampler):
+    """``beams`` beams per row of an engine ``state``, decoded on fixed buffers (see the module's docstring).
+
+    Args:
+        engine: the engine whose model, device and generator the beams use; its ``state`` is only read.
+        state: E environments whose context ends where the plan starts (its logits predict the first token).
+        beams: B beams per environment (every one starts as the context).
+        window: columns the ring holds (>= any window's reach: ``context_steps`` steps).
+        shared: columns of the context kept (the first window's part of it).
+        wide: tokens a child may be fed between ``branch`` and ``select``.
+        columns: tokens the plan may feed in all.
+        vocab_range: (lo, hi) the ids every forward computes logits for (all the plan samples from).
+        compile: run the forward through ``torch.compile`` (falls back to eager, with a warning, where that fails).
+    """
+
+    def __init__(self, engine: Engine, state: DecodeState, beams: int, window: int, shared: int, wide: int,
+                 columns: int, vocab_range: tuple[int, int], compile: bool = False):
+        if (reason := unsupported(engine, state)) is not None:
+            raise ValueError(f"StaticBeams cannot decode this state: {reason}")
+        model, text = engine.model, engine.model.config.text_config
+        self.model, self.generator, self.device, self.dtype = model, engine.generator, engine.device, engine.dtype
+        self.compile = compile
+        body = model.backbone.model
+        self.layers = [dict(norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+                            qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                           layer.self_attn.v_proj.weight]),
+                            o=layer.self_attn.o_proj.weight, down=layer.mlp.down_proj.weight, act=layer.mlp.act_fn,
+                            gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+                       for layer in body.layers]
+        self.eps, self.scaling = float(text.rms_norm_eps), float(body.layers[0].self_attn.scaling)
+        self.norm = body.norm.weight
+        lo, hi = vocab_range
+        self.head = model.backbone.get_output_embeddings().weight[lo:hi].contiguous()  # (V', D)
+        self.offset = lo
+
+        e, length = state.batch_size, state.length
+        self.envs, self.beams, self.context = e, beams, length
+        cache = state.cache.layers
+        heads, dim = cache[0].keys.shape[1], cache[0].keys.shape[-1]
+        kept = min(shared, length)
+
+        def block(rows: int, columns: int) -> torch.Tensor:
+            return torch.zeros(rows, heads, columns, dim, dtype=self.dtype, device=self.device)
+
+        if not kept < window:
+            raise ValueError(f"StaticBeams: the ring ({window} columns) must hold more than the context kept ({kept})")
+        self.ring = []  # the context's last ``kept`` columns in the slots they map to, in every beam
+        for layer in cache:
+            k, v = block(e * beams, window), block(e * beams, window)
+            k[:, :, window - kept:] = layer.keys[:, :, length - kept:].repeat_interleave(beams, 0)
+            v[:, :, window - kept:] = layer.values[:, :, length - kept:].repeat_interleave(beams, 0)
+            self.ring.append((k, v))
+        self.ring_columns = torch.full((window,), -1)  # (T,) the column each slot holds; -1: none
+        self.ring_columns[window - kept:] = torch.arange(length - kept, length)
+        self.valid = torch.ones(e, window, dtype=torch.bool)  # (E, T) False: a context column left out (padding)
+        self.valid[:, window - kept:] = state.attention_mask[:, length - kept:].bool()
+        self.spare = [(block(e * beams, window), block(e * beams, window)) for _ in cache]
+        self.wide_size, self.wide, self.children = wide, None, 0
+        self.wide_columns: list[int] = []
+        # rotary tables of every column the plan may feed, each environment at its own position: (E, columns, d)
+        positions = state.next_position[:, None] + torch.arange(columns)  # (E, columns)
+        self.cos, self.sin = (t.to(self.dtype) for t in body.rotary_emb(self.head, positions.to(self.device)))
+        self.state = BeamState(logits=state.logits.repeat_interleave(beams, 0), logits_offset=state.logits_offset,
+                               length=length)  # the first logits are the engine's, over whatever range it chose
+
+    # --- the engine's methods the planner calls ---
+    def attend_from(self, state: BeamState, start: int | None) -> BeamState:
+        """Every later forward reads only columns ``start`` and after (:meth:`Engine.attend_from`)."""
+        state.window_start = start or 0
+        return state
+
+    def branch(self, state: BeamState, n: int) -> BeamState:
+        """Each beam becomes ``n`` children (grouped per beam) that read its ring in place (:meth:`Engine.branch`)."""
+        if self.children:
+            raise RuntimeError("StaticBeams.branch: the beams are branched already; select first")
+        if self.wide is None or self.wide[0][0].shape[0] != self.envs * self.beams * n:
+            rows = self.envs * self.beams * n
+            heads, dim = self.ring[0][0].shape[1], self.ring[0][0].shape[-1]
+            self.wide = [tuple(torch.zeros(rows, heads, self.wide_size, dim, dtype=self.dtype, device=self.device)
+                               for _ in range(2)) for _ in self.ring]
+        self.children, self.wide_columns = n, []
+        state.logits = state.logits.repeat_interleave(n, 0)
+        return state
+
+    def select(self, state: BeamState, rows: torch.Tensor) -> BeamState:
+        """Keep the children ``rows`` (one per beam slot, E*B of them): each survivor's ring is its parent's
+        with its own new tokens written in (:meth:`Engine.select`)."""
+        if not self.children or len(rows) != self.envs * self.beams:
+            raise ValueError(f"StaticBeams.select takes {self.envs * self.beams} children after a branch, got "
+                             f"{len(rows)}{'' if self.children else ' without one'}")
+        rows_d = rows.to(self.device)
+        parents = rows_d // self.children
+        slots = (torch.tensor(self.wide_columns) - self.context) % self.ring_columns.shape[0]
+        for (k, v), (new_k, new_v), (wide_k, wide_v) in zip(self.ring, self.spare, self.wide, strict=True):
+            torch.index_select(k, 0, parents, out=new_k)
+            torch.index_select(v, 0, parents, out=new_v)
+            n = len(self.wide_columns)
+            new_k[:, :, slots.to(self.device)] = wide_k[rows_d, :, :n]
+            new_v[:, :, slots.to(self.device)] = wide_v[rows_d, :, :n]
+        self.ring, self.spare = self.spare, self.ring
+        self.ring_columns[slots] = torch.tensor(self.wide_columns)
+        self.valid[:, slots] = True
+        self.children = 0
+        state.logits = state.logits[rows]
+        return state
+
+    @torch.inference_mode()
+    def feed(self, state: BeamState, chunk: Chunk | torch.Tensor, next_allowed=None) -> BeamState:
+        """Feed one or two tokens per row (ids (R,) / (R, Q), or a :class:`Chunk` with local positions);
+        ``state.logits`` then predicts the next token over ``vocab_range`` (``next_allowed`` must lie in it)."""
+        if isinstance(chunk, Chunk):
+            if not bool(chunk.attention_mask.all()):
+                raise ValueError("StaticBeams.feed: every row must be fed the same number of tokens (no padding)")
+            ids, local = chunk.input_ids, chunk.local_positions
+        else:
+            ids = torch.as_tensor(chunk, dtype=torch.long)
+            ids = ids[:, None] if ids.dim() == 1 else ids
+            local = torch.zeros_like(ids)
+        rows, q_len = ids.shape
+        if rows != state.batch_size:
+            raise ValueError(f"StaticBeams.feed: {rows} rows fed, the beams have {state.batch_size}")
+        columns = state.length + torch.arange(q_len)  # (Q,)
+        at = state.length - self.context
+        if at + q_len > self.cos.shape[1]:
+            raise ValueError(f"StaticBeams: fed past the {self.cos.shape[1]} columns it was made for")
+        start = state.window_start
+        if self.children:  # children: new tokens into their wide block; their parents' rings read as they are
+            if len(self.wide_columns) + q_len > self.wide_size:
+                raise ValueError(f"StaticBeams: more than {self.wide_size} tokens fed between branch and select")
+            wide_slots = torch.arange(len(self.wide_columns), len(self.wide_columns) + q_len)
+            self.wide_columns += columns.tolist()
+            ring_seen = (self.valid & (self.ring_columns >= start))[:, None].expand(-1, q_len, -1)  # (E, Q, T)
+            wide_seen = torch.arange(self.wide_size)[None] <= wide_slots[:, None]  # (Q, W)
+            ring_slots = torch.zeros(q_len, dtype=torch.long)
+            wide, wide_mask = self.wide, _additive(wide_seen, self.dtype, self.device)
+        else:
+            ring_slots = (columns - self.context) % self.ring_columns.shape[0]
+            self.ring_columns[ring_slots] = columns
+            self.valid[:, ring_slots] = True
+            ring_seen = (self.valid[:, None] & (self.ring_columns >= start)
+                         & (self.ring_columns <= columns[:, None]))  # (E, Q, T)
+            wide, wide_mask, wide_slots = None, None, None
+        forward = _forward_fn(self.compile)
+        args = (self.model.embed, ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len],
+                self.sin[:, at: at + q_len], self.layers, self.norm, self.head, self.eps, self.scaling,
+                self.ring,
+                _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device), wide, wide_mask,
+                None if wide_slots is None else wide_slots.to(self.device))
+        try:
+            logits = forward(*args)
+        except Exception as err:  # noqa: BLE001  (torch.compile's failures have many types: no C++ compiler...)
+            if forward is beam_forward:
+                raise
+            global _compiled
+            _compiled = False
+            warnings.warn(f"StaticBeams: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly",
+                          RuntimeWarning, stacklevel=2)
+            logits = beam_forward(*args)
+        state.logits, state.logits_offset = logits.float().cpu(), self.offset
+        state.length += q_len
+        return state
+
+
+def _additive(seen: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A bool mask (True = read) as an additive one: 0 where read, -inf where not."""
+    return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).to(device)
+
+
+__all__ = ["BeamState", "StaticBeams", "beam_forward", "unsupported"]

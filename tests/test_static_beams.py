@@ -1,0 +1,121 @@
+"""The Trajectory Transformer's static-shape decoder (generalist.static_beams) plans what the engine plans."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, TaskSpec
+from generalist.engine import Engine
+from generalist.modes import TTConfig, tt_plan
+from generalist.modes.control import step_prompts
+from generalist.tokenizer import concat_samples
+from tests.conftest import TINY_GPT2, TINY_LLAMA
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_LLAMA)).eval()
+
+
+@pytest.fixture(scope="module")
+def spec(tok):
+    spec = TaskSpec.from_spaces("tt-static", spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (2,), np.float32))
+    tok.add_task_spec(spec)
+    return spec
+
+
+def _contexts(tok, spec) -> list[dict]:
+    """Three environments at different points: 8 steps played, 2 played, none (rows of different lengths, so
+    left padding and positions that differ per row)."""
+    rng = np.random.default_rng(0)
+
+    def played(n: int) -> dict:
+        now = step_prompts(tok, spec, {"observation": rng.uniform(-1, 1, (1, 3))})[0]
+        if not n:
+            return now
+        past = tok.encode_episode(spec, {"observation": rng.uniform(-1, 1, (n, 3))},
+                                  {"action": rng.uniform(-1, 1, (n, 2))}, rng.uniform(0, 1, n),
+                                  condition_on_return=False, end=False)
+        return concat_samples([past, now])
+
+    return [played(8), played(2), played(0)]
+
+
+def _plans(model, tok, spec, contexts, forget=(), compile=False, **config):
+    out = {}
+    for decoder in ("engine", "static"):
+        engine = Engine(model, seed=0)
+        state = engine.prefill(contexts)
+        if forget:  # an episode restarted in these rows: their past is masked out, their positions restart
+            engine.forget(state, forget)
+            engine.feed(state, [step_prompts(tok, spec, {"observation": np.full((1, 3), 0.5)})[0]] * len(contexts))
+        before = (state.length, state.logits.clone())
+        out[decoder] = tt_plan(engine, state, tok, spec, TTConfig(decoder=decoder, beam_cache_dtype="float32",
+                                                                  compile=compile and decoder == "static", **config))
+        assert state.length == before[0] and torch.equal(state.logits, before[1])  # the engine's state unchanged
+    return out["engine"], out["static"]
+
+
+@pytest.mark.parametrize("config", [dict(), dict(k_act=1, cdf_act=None), dict(n_expand=3, context_steps=2)],
+                         ids=["sampled", "greedy", "narrow-window"])
+def test_the_static_decoder_plans_what_the_engine_plans(model, tok, spec, config):
+    """Same beams, same draws from the same generator, same scores: the windows slide through the context
+    and along the plan (context_steps < the steps played), rows differ in length, one row's past is forgotten."""
+    for forget in ((), (0,)):
+        engine, static = _plans(model, tok, spec, _contexts(tok, spec), forget=forget,
+                                **{"beam_width": 3, "horizon": 4, "context_steps": 3} | config)
+        assert np.array_equal(engine.plan_ids, static.plan_ids)
+        assert np.array_equal(engine.observation_ids, static.observation_ids)
+        np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-6)
+
+
+def test_the_agent_acts_the_same_on_either_decoder(model, tok, rollout):
+    """Through the Agent in a real vector env whose episodes end at different steps (CartPole played by a random
+    model): rows restart, the window re-prefills, and every action matches."""
+    import gymnasium as gym
+
+    actions = {}
+    for decoder in ("engine", "static"):
+        envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 3)
+        spec = TaskSpec.from_env(envs, name="CartPole-v1", expert_return=500.0, random_return=20.0)
+        tok.add_task_spec(spec)
+        agent = Agent(model, tok, "tt", tt_config=TTConfig(beam_width=4, horizon=3, decoder=decoder),
+                      context_length=160)
+        agent.reset(spec, num_envs=3)
+        taken = []
+        original = agent.act
+        agent.act = lambda obs: taken.append(original(obs)) or taken[-1]
+        finished = rollout(agent, envs, 30)
+        actions[decoder] = np.stack(taken)
+    assert finished > 0  # some rows restarted mid-run
+    assert np.array_equal(actions["engine"], actions["static"])
+
+
+def test_the_planner_falls_back_to_the_engine_where_the_static_decoder_cannot_go(tok, spec):
+    """A GPT-2 backbone: ``auto`` plans on the engine; asking for the static decoder names why it cannot."""
+    gpt2 = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=TINY_GPT2)).eval()
+    engine = Engine(gpt2, seed=0)
+    state = engine.prefill(_contexts(tok, spec))
+    plan = tt_plan(engine, state, tok, spec, TTConfig(beam_width=2, horizon=2))
+    assert plan.plan_ids.shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="gpt2"):
+        tt_plan(engine, state, tok, spec, TTConfig(beam_width=2, horizon=2, decoder="static"))
+
+
+@pytest.mark.slow
+def test_the_compiled_static_decoder_plans_the_same(model, tok, spec):
+    """``TTConfig(compile=True)``: the three forward shapes compiled by torch.compile (~1 min on 2 cores), the
+    same plan as the engine's. Compiling must work here (a failure would fall back to eager with a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        engine, static = _plans(model, tok, spec, _contexts(tok, spec), compile=True, beam_width=3, horizon=3,
+                                context_steps=3)
+    assert np.array_equal(engine.plan_ids, static.plan_ids)
+    np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-4, atol=1e-5)

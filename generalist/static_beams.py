@@ -89,12 +89,12 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
                  ring_slots, wide, wide_mask, wide_slots):
     """Q new tokens per row through the model -> logits at the last one (R, V').
 
-    ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q); ``cos``/``sin`` (E, Q, d) rotary tables of each environment's positions (every
-    beam of an environment is at the same one). Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B
-    beams (R = P rows without ``wide``, P x children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive
-    masks: ``ring_mask`` (E, Q, T), ``wide_mask`` (Q, W). The new keys and values are written (in place) into
-    the ring at ``ring_slots`` (Q,), or into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending,
-    so that each token reads itself.
+    ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q);
+    ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
+    Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B beams (R = P rows without ``wide``, P x
+    children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive masks: ``ring_mask`` (E, Q, T),
+    ``wide_mask`` (Q, W). The new keys and values are written (in place) into the ring at ``ring_slots`` (Q,),
+    or into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending, so that each token reads itself.
     """
     x = embed(ids, local).to(head.dtype)  # (R, Q, D)
     rows, q_len, width = x.shape

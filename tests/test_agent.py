@@ -274,7 +274,9 @@ def test_policy_view_hides_every_action_taken_and_tt_imagines_real_ones(tok, mod
             "actions": {"action": np.full((3, 2), 1.5)}, "rewards": np.ones(3)}
     prompt = demonstration_prompt(tok, demo, max_tokens=model.config.prompt_length) if mode == "gato" else None
     real = mode == "tt_real_actions"
-    agent = Agent(model, tok, "tt" if real else mode, tt_config=TTConfig(beam_width=2, horizon=2, policy_view=not real))
+    # TT on the engine, whose forwards the spy sees (the static decoder plans alike: tests/test_static_beams.py)
+    agent = Agent(model, tok, "tt" if real else mode,
+                  tt_config=TTConfig(beam_width=2, horizon=2, policy_view=not real, decoder="engine"))
     fed = []  # (ids, modality ids or None) of every forward, the prefills included
     forward = agent.engine._feed  # every forward goes through it (feed, generate_blind)
 

@@ -225,6 +225,16 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         if n_image:
             patch_embeds = self.patch_encoder(patches.to(embeds.dtype), patch_positions)  # (P, D)
             embeds = embeds.masked_scatter(image_mask[..., None], patch_embeds.to(embeds.dtype))
+        return self._add_values_and_places(embeds, input_ids, local_positions)
+
+    def embed_tokens(self, input_ids: torch.Tensor, local_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`embed` of tokens that hold no ``<image>`` (B, T, D): no data-dependent check, so ``torch.compile``
+        traces it whole (the Trajectory Transformer's static decoder, :mod:`generalist.static_beams`)."""
+        return self._add_values_and_places(self.get_input_embeddings()(input_ids), input_ids, local_positions)
+
+    def _add_values_and_places(self, embeds: torch.Tensor, input_ids: torch.Tensor,
+                               local_positions: torch.Tensor | None) -> torch.Tensor:
+        """A value's place on the mu-law axis and each token's place in its observation, added to ``embeds``."""
         if self.config.value_features:
             if not self.config.bin_embeddings:  # a value is embedded by where it lies, not by a row of its own
                 embeds = embeds.masked_fill(self.value_embed.inside(input_ids)[..., None], 0.0)

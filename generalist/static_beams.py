@@ -283,7 +283,7 @@ class StaticBeams(TokenSampler):
                          & (self.ring_columns <= columns[:, None]))  # (E, Q, T)
             wide, wide_mask, wide_slots = None, None, None
         forward = _forward_fn(self.compile)
-        args = (self.model.embed, ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len],
+        args = (self.model.embed_tokens, ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len],
                 self.sin[:, at: at + q_len], self.layers, self.norm, self.head, self.eps, self.scaling,
                 self.ring,
                 _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device), wide, wide_mask,

@@ -26,9 +26,10 @@ The targets, on CPU with ``torch.set_num_threads(2)``:
 * **Trajectory Transformer planning** at the published planner's hopper settings (11 obs / 3
   action dims, beam 128, horizon 15, n_expand 2, 5 context transitions, the reference's 4 × 128
   backbone), timed through the Agent in TT mode, is at most 1/50 of the original planner's time and
-  1/20 of Faster-TT's (``--with_references``), with the beams' own cache as the default
-  (``auto``: bfloat16 on CUDA or an AMX CPU, else float32) and, for comparison, in the other dtype
-  (``--tt_beam_cache_dtypes``). With
+  1/20 of Faster-TT's (``--with_references``), on each decoder of ``--tt_decoders``: the static-shape
+  one compiled (``TTConfig(decoder="static", compile=True)``, the first, whose figure the ratios are
+  for), eager, and the engine with the beams' own cache as the default (``auto``: bfloat16 on CUDA or
+  an AMX CPU, else float32) and the other dtype (``--tt_beam_cache_dtypes``). With
   ``--tt_uncached`` the same planner is also timed by :func:`generalist.modes.tt_plan` on an
   ``Engine(use_cache=False)`` (recomputing every sequence for every token, as the reference
   planner does; minutes at the reference settings, too slow to pre-run an Agent with), next to a
@@ -150,9 +151,12 @@ class Args:
     tt_backbone: Literal["reference", "default"] = "reference"
     """the TT model: the reference GPT's 4 x 128 layers, or the default tiny Llama (4 x 192, the shape the
     control and locomotion presets train)"""
+    tt_decoders: tuple[Literal["static+compile", "static", "engine"], ...] = ("static+compile", "static", "engine")
+    """TT decoders to time (TTConfig.decoder, with compile for "static+compile"), the first one for the ratios to
+    the references. The compiled one compiles during the played steps before the timed ones (~1 min)"""
     tt_beam_cache_dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32")
-    """TTConfig.beam_cache_dtype values to time, the first one for the ratios to the references (a dtype
-    that an earlier entry's ``auto`` already timed is skipped, and so is one wider than the model's)"""
+    """TTConfig.beam_cache_dtype values to time on the engine (a dtype that an earlier entry's ``auto`` already
+    timed is skipped, and so is one wider than the model's); the static decoder keeps the model's dtype"""
     tt_model_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     """weight dtypes of the TT model to time, the first one for the ratios to the references (which plan in
     float32); every one also gets its own ratios. bfloat16 is what a user of a CPU with AVX-512 BF16 or AMX
@@ -475,45 +479,57 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     out, flop_counts = {}, {}
     for model_dtype in (getattr(torch, name) for name in args.tt_model_dtypes):
         model = model.to(model_dtype)
-        timed = set()
-        for dtype in args.tt_beam_cache_dtypes:  # the default first: the figure the ratios are for
-            resolved = beam_cache_dtype(dtype, next(model.parameters()).device, model_dtype)
-            if resolved in timed or resolved.itemsize > model_dtype.itemsize:
-                continue
-            timed.add(resolved)
-            cfg = dataclasses.replace(config, beam_cache_dtype=dtype)
-            agent = Agent(model, tok, "tt", tt_config=cfg)
-            t = time_agent(agent, vector_env(args.env, args.tt_envs), spec, 1, cfg.context_steps, args.tt_repeats,
-                           allow_refills=True, flops=True)
-            key = (_name(model_dtype), dtype)
-            out[key], flop_counts[key] = t.median, (t.flops, t.kv_bytes)
-            label = dtype if dtype != "auto" else f"auto = {_name(resolved)}"
-            print(f"{_name(model_dtype)} model, beams' own cache {label}: {len(t.seconds)} timed decision(s) after "
-                  f"{cfg.context_steps} played, context {t.context} tokens, window re-prefilled in {t.refills} "
-                  f"(included): {t.median:.2f} s", flush=True)
+        for decoder in args.tt_decoders:
+            timed = set()
+            for dtype in args.tt_beam_cache_dtypes if decoder == "engine" else ("auto",):
+                resolved = beam_cache_dtype(dtype, next(model.parameters()).device, model_dtype)
+                if decoder == "engine" and (resolved in timed or resolved.itemsize > model_dtype.itemsize):
+                    continue
+                timed.add(resolved)
+                cfg = dataclasses.replace(config, beam_cache_dtype=dtype, decoder=decoder.removesuffix("+compile"),
+                                          compile=decoder == "static+compile")
+                agent = Agent(model, tok, "tt", tt_config=cfg)
+                # the work of a plan (FLOPs, KV bytes) is counted on the engine, whose forwards the counters see
+                t = time_agent(agent, vector_env(args.env, args.tt_envs), spec, 1, cfg.context_steps, args.tt_repeats,
+                               allow_refills=True, flops=decoder == "engine")
+                label = (decoder if decoder != "engine" else
+                         f"engine, beams' own cache {dtype if dtype != 'auto' else f'auto = {_name(resolved)}'}")
+                key = (_name(model_dtype), label)
+                out[key] = t.median
+                if decoder == "engine":
+                    flop_counts.setdefault(key[0], (t.flops, t.kv_bytes))
+                print(f"{key[0]} model, {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
+                      f"context {t.context} tokens, window re-prefilled in {t.refills} (included): {t.median:.2f} s",
+                      flush=True)
     print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the {len(layers)}x{width} layers; the "
           f"rest is the {tok.vocab_size}-token embedding and head)")
-    first = (args.tt_model_dtypes[0], args.tt_beam_cache_dtypes[0])
+    first = next(iter(out))
     ours = out[first]
-    print(f"tt_agent_s_per_decision={ours:.2f} ({first[0]} model, beams' own cache {first[1]})")
+    print(f"tt_agent_s_per_decision={ours:.2f} ({first[0]} model, {first[1]})")
     if len(out) > 1:
-        print("  " + ", ".join(f"{m} model / {d} cache: {v / ours:.2f}x its time" for (m, d), v in out.items()))
-    flops, kv_bytes = flop_counts[first]
-    rows = config.beam_width * config.n_expand * args.tt_envs
-    rate = gemm_rate(rows, width, mlp, device=args.device)
-    bandwidth = read_rate(device=args.device)
-    floor = flops / rate + kv_bytes / bandwidth
-    print(f"one plan: {flops / 1e9:.1f} GFLOP / this {device_name(args.device)}'s float32 matmul rate "
-          f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {mlp}) + "
-          f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
-          f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
+        print("  " + ", ".join(f"{m} model / {d}: {v / ours:.2f}x its time" for (m, d), v in out.items()))
+    if first[0] not in flop_counts:  # no engine run of this model dtype: no floor
+        print("tt_floor_s: not measured (the floor counts the work on the engine: add it to --tt_decoders)")
+        floor = None
+    else:
+        flops, kv_bytes = flop_counts[first[0]]
+        rows = config.beam_width * config.n_expand * args.tt_envs
+        rate = gemm_rate(rows, width, mlp, device=args.device)
+        bandwidth = read_rate(device=args.device)
+        floor = flops / rate + kv_bytes / bandwidth
+        print(f"one plan: {flops / 1e9:.1f} GFLOP / this {device_name(args.device)}'s float32 matmul rate "
+              f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {mlp}) + "
+              f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
+              f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
     targets = {"tt_reference": 50, "faster_tt_reference": 20}
     fastest = {m: min(v for (mm, _), v in out.items() if mm == m) for m, _ in out}  # per model dtype
     for name, ms in references.items() if args.tt_envs == 1 else ():
+        at_floor = f"; at the floor: {ms / 1e3 / floor:.1f}x" if floor else ""
         print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
-              f"(target >= {targets.get(name, '?')}x; at the floor: {ms / 1e3 / floor:.1f}x)")
+              f"(target >= {targets.get(name, '?')}x{at_floor})")
         for m, v in fastest.items():
-            print(f"  {name} speedup[{m} model, its fastest beam cache {v:.2f} s]={ms / 1e3 / v:.1f}x")
+            best = min((d for mm, d in out if mm == m), key=lambda d, m=m: out[m, d])
+            print(f"  {name} speedup[{m} model, its fastest decoder ({best}) {v:.2f} s]={ms / 1e3 / v:.1f}x")
     if args.tt_uncached:
         out |= bench_tt_plan_uncached(model.to(getattr(torch, args.tt_model_dtypes[0])), tok, spec, config)
     return out

@@ -4,6 +4,7 @@
     python bench/profile_decision.py --layers 1 --width 64   # a seconds-long run on the CPU
     python bench/profile_decision.py --mode tt --dtypes float32 --steps_before 5 --timed 3 --profiled 1
                                                              # a TT plan at the reference's hopper settings
+                                                             # (on the compiled static decoder; --tt_compile False)
 
 ``bench/decode.py`` says how long a decision takes; this says which operators take it. It was written when the
 JAT-size agent ran 4.8x slower in bfloat16 than in float32 on an H200 (``docs/bench/decode_h200_2026-12-04.log``):
@@ -49,6 +50,9 @@ class Args:
     """decisions timed without the profiler"""
     profiled: int = 3
     """decisions under the profiler"""
+    tt_compile: bool = True
+    """TT: compile the static decoder (TTConfig.compile, as bench/decode.py's first TT figure); its generated
+    kernels are then named in the profile"""
     rows: int = 14
     """operators printed per table"""
     hidden_action_prob: float = 0.5
@@ -61,6 +65,10 @@ def main(args: Args) -> None:
     spec = decode.hopper_spec("Hopper-v5")
     tok.add_task_spec(spec)
     tt = args.mode == "tt"
+    if tt and args.tt_compile:  # each generated C++ kernel a named entry of the profile, not one opaque call
+        from torch._inductor import config as inductor
+
+        inductor.cpp.enable_kernel_profile = True
     backbone = decode.TT_BACKBONE if tt else decode.jat_backbone(args.layers, args.width)
     model = decode.seeded_model(tok, backbone, args.device, 0.0 if tt else args.hidden_action_prob)
     cuda = torch.device(args.device).type == "cuda"
@@ -70,7 +78,8 @@ def main(args: Args) -> None:
           f"{text.num_hidden_layers} x {text.hidden_size}")
     for dtype in args.dtypes:
         model = model.to(getattr(torch, dtype))
-        agent = decode.Agent(model, tok, "tt", tt_config=decode.TTConfig()) if tt else decode.dt_agent(model, tok)
+        agent = (decode.Agent(model, tok, "tt", tt_config=decode.TTConfig(compile=args.tt_compile)) if tt
+                 else decode.dt_agent(model, tok))
         envs = decode.vector_env("Hopper-v5", 1)
         agent.reset(spec, num_envs=1)
         obs, _ = envs.reset(seed=0)

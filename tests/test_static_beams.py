@@ -76,9 +76,11 @@ def test_the_static_decoder_plans_what_the_engine_plans(model, tok, spec, config
         np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-6)
 
 
-def test_the_agent_acts_the_same_on_either_decoder(model, tok):
+@pytest.mark.parametrize("distinct", [False, True])
+def test_the_agent_acts_the_same_on_either_decoder(model, tok, distinct):
     """Through the Agent in a real vector env whose episodes end at different steps (CartPole played by a random
-    model): rows restart, the window re-prefills, and every action matches."""
+    model): rows restart, the window re-prefills, and every action matches (with ``distinct_actions`` too, whose
+    children's first tokens are drawn apart from the decoder's feeds)."""
     import gymnasium as gym
 
     actions = {}
@@ -86,8 +88,8 @@ def test_the_agent_acts_the_same_on_either_decoder(model, tok):
         envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 3)
         spec = TaskSpec.from_env(envs, name="CartPole-v1", expert_return=500.0, random_return=20.0)
         tok.add_task_spec(spec)
-        agent = Agent(model, tok, "tt", tt_config=TTConfig(beam_width=4, horizon=3, decoder=decoder),
-                      context_length=160)
+        config = TTConfig(beam_width=4, horizon=3, decoder=decoder, distinct_actions=distinct)
+        agent = Agent(model, tok, "tt", tt_config=config, context_length=160)
         agent.reset(spec, num_envs=3)
         obs, _ = envs.reset(seed=0)
         taken, finished = [], 0

@@ -40,6 +40,11 @@ The first action of the best beam is returned. All beams of all environments are
 Every forward (the decision's own feed and every planning step) attends only to the current step
 and the ``context_steps - 1`` before it (:func:`attend_to_last_steps`): the reference crops each
 input to ``max_context_transitions`` transitions, so its world model never reads its whole plan.
+
+The loop drives a decoder through the engine's methods (``feed``, ``branch``, ``select``, ``generate``...): on a
+Llama backbone :class:`~generalist.static_beams.StaticBeams`, whose fixed shapes ``torch.compile`` can turn into one
+function per forward (``TTConfig.decoder`` / ``TTConfig.compile``), else the :class:`~generalist.engine.Engine`
+itself; both plan the same beams from the same draws.
 """
 
 from __future__ import annotations

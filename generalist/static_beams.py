@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from generalist.decode_state import Chunk, DecodeState
-from generalist.engine import Engine, TokenSampler
+from generalist.engine import Engine, TokenSampler, as_range
 from generalist.kv_cache import AppendLayer
 
 
@@ -50,6 +50,7 @@ class BeamState:
     logits_offset: int
     length: int
     window_start: int = 0
+    median: torch.Tensor | None = None  # (rows,) the median bin over StaticBeams.median_range, where computed
 
     @property
     def batch_size(self) -> int:
@@ -86,8 +87,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, scaling: float, ring, ring_mask,
-                 ring_slots, wide, wide_mask, wide_slots):
-    """Q new tokens per row through the model -> logits at the last one (R, V').
+                 ring_slots, wide, wide_mask, wide_slots, median_columns: tuple[int, int] | None):
+    """Q new tokens per row through the model -> logits at the last one (R, V'), and with ``median_columns``
+    (a, b) the bin of the predicted median over logit columns a..b-1 (R,) (:func:`~generalist.sampling.median_index`,
+    the same operations: what the planner reads as an imagined observation), else ``None``.
 
     ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q);
     ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
@@ -125,7 +128,11 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
         x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
         gate, up = F.linear(_rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
         x = x + F.linear(w["act"](gate) * up, w["down"])
-    return F.linear(_rms_norm(x[:, -1], norm, eps), head)
+    logits = F.linear(_rms_norm(x[:, -1], norm, eps), head).float()  # (R, V')
+    if median_columns is None:
+        return logits, None
+    a, b = median_columns
+    return logits, (logits[:, a:b].double().softmax(-1).cumsum(-1) < 0.5).sum(-1).clamp(max=b - a - 1)
 
 
 _compiled = None  # torch.compile(beam_forward), made on first use; False once compiling failed here
@@ -152,11 +159,15 @@ class StaticBeams(TokenSampler):
         wide: tokens a child may be fed between ``branch`` and ``select``.
         columns: tokens the plan may feed in all.
         vocab_range: (lo, hi) the ids every forward computes logits for (all the plan samples from).
+        median_range: (lo, hi) the ids of one continuous value's bins: every forward of one token per beam (not
+            children) also computes the predicted median over them in the same call, which :meth:`sample` returns
+            when asked for that median (the planner's imagined observations, ``k_obs=1``).
         compile: run the forward through ``torch.compile`` (falls back to eager, with a warning, where that fails).
     """
 
     def __init__(self, engine: Engine, state: DecodeState, beams: int, window: int, shared: int, wide: int,
-                 columns: int, vocab_range: tuple[int, int], compile: bool = False):
+                 columns: int, vocab_range: tuple[int, int], median_range: tuple[int, int] | None = None,
+                 compile: bool = False):
         if (reason := unsupported(engine, state)) is not None:
             raise ValueError(f"StaticBeams cannot decode this state: {reason}")
         model, text = engine.model, engine.model.config.text_config
@@ -174,6 +185,9 @@ class StaticBeams(TokenSampler):
         lo, hi = vocab_range
         self.head = model.backbone.get_output_embeddings().weight[lo:hi].contiguous()  # (V', D)
         self.offset = lo
+        if median_range is not None and not lo <= median_range[0] < median_range[1] <= hi:
+            raise ValueError(f"StaticBeams: median_range {median_range} is outside vocab_range {vocab_range}")
+        self.median_range = median_range
 
         e, length = state.batch_size, state.length
         self.envs, self.beams, self.context = e, beams, length
@@ -206,6 +220,16 @@ class StaticBeams(TokenSampler):
                                length=length)  # the first logits are the engine's, over whatever range it chose
 
     # --- the engine's methods the planner calls ---
+    def sample(self, state: BeamState, allowed=None, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
+               median: bool = False) -> torch.Tensor:
+        """:meth:`Engine.sample`; the greedy median over ``median_range`` is the one the forward computed."""
+        if (median and (temperature == 0 or top_k == 1) and state.median is not None
+                and as_range(allowed) == self.median_range):
+            return state.median + self.median_range[0]
+        return super().sample(state, allowed, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
+                              median=median)
+
     def attend_from(self, state: BeamState, start: int | None) -> BeamState:
         """Every later forward reads only columns ``start`` and after (:meth:`Engine.attend_from`)."""
         state.window_start = start or 0
@@ -221,7 +245,7 @@ class StaticBeams(TokenSampler):
             self.wide = [tuple(torch.zeros(rows, heads, self.wide_size, dim, dtype=self.dtype, device=self.device)
                                for _ in range(2)) for _ in self.ring]
         self.children, self.wide_columns = n, []
-        state.logits = state.logits.repeat_interleave(n, 0)
+        state.logits, state.median = state.logits.repeat_interleave(n, 0), None
         return state
 
     def select(self, state: BeamState, rows: torch.Tensor) -> BeamState:
@@ -243,7 +267,7 @@ class StaticBeams(TokenSampler):
         self.ring_columns[slots] = torch.tensor(self.wide_columns)
         self.valid[:, slots] = True
         self.children = 0
-        state.logits = state.logits[rows]
+        state.logits, state.median = state.logits[rows], None
         return state
 
     @torch.inference_mode()
@@ -282,14 +306,16 @@ class StaticBeams(TokenSampler):
             ring_seen = (self.valid[:, None] & (self.ring_columns >= start)
                          & (self.ring_columns <= columns[:, None]))  # (E, Q, T)
             wide, wide_mask, wide_slots = None, None, None
+        medians = None if self.median_range is None or wide is not None or q_len > 1 else (
+            self.median_range[0] - self.offset, self.median_range[1] - self.offset)
         forward = _forward_fn(self.compile)
         args = (self.model.embed_tokens, ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len],
                 self.sin[:, at: at + q_len], self.layers, self.norm, self.head, self.eps, self.scaling,
                 self.ring,
                 _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device), wide, wide_mask,
-                None if wide_slots is None else wide_slots.to(self.device))
+                None if wide_slots is None else wide_slots.to(self.device), medians)
         try:
-            logits = forward(*args)
+            logits, median = forward(*args)
         except Exception as err:  # noqa: BLE001  (torch.compile's failures have many types: no C++ compiler...)
             if forward is beam_forward:
                 raise
@@ -297,8 +323,9 @@ class StaticBeams(TokenSampler):
             _compiled = False
             warnings.warn(f"StaticBeams: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly",
                           RuntimeWarning, stacklevel=2)
-            logits = beam_forward(*args)
-        state.logits, state.logits_offset = logits.float().cpu(), self.offset
+            logits, median = beam_forward(*args)
+        state.logits, state.logits_offset = logits.cpu(), self.offset
+        state.median = None if median is None else median.cpu()
         state.length += q_len
         return state
 

@@ -279,7 +279,7 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
                               shared=(config.context_steps - 1) * layout.tokens + layout.prompt_tokens,
                               wide=len(act_ranges) + 1, columns=horizon * layout.tokens,
                               vocab_range=(min(r[0] for r in ranges), max(r[1] for r in ranges)),
-                              compile=config.compile)
+                              median_range=as_range(cont), compile=config.compile)
         beams = decoder.state
         attend_to_last_steps(decoder, beams, now, layout, config.context_steps)
     else:

@@ -142,7 +142,6 @@ class TokenSampler:
         return torch.stack(out, 1) if out else torch.zeros(state.batch_size, 0, dtype=torch.long)
 
 
-
 class Engine(TokenSampler):
     """KV-cached, batched decoding over :class:`~generalist.GeneralistForCausalLM`.
 

@@ -123,7 +123,9 @@ class TTConfig:
             (:func:`~generalist.static_beams.unsupported`), else the engine.
         compile: with the static decoder, run its forward through ``torch.compile`` (its three shapes compile on
             the first plan, ~1 min on a 2-core CPU; then each forward is one generated function). Eager where
-            compiling fails.
+            compiling fails. Each plan shape (task, number of environments, beams) compiles three functions, and
+            torch keeps at most ``torch._dynamo.config.recompile_limit`` (8) per function: a process that plans at
+            more than two shapes runs the later ones eagerly (torch warns), unless that limit is raised.
     """
 
     beam_width: int = 128

@@ -4,7 +4,8 @@
     python bench/profile_decision.py --layers 1 --width 64   # a seconds-long run on the CPU
     python bench/profile_decision.py --mode tt --dtypes float32 --steps_before 5 --timed 3 --profiled 1
                                                              # a TT plan at the reference's hopper settings
-                                                             # (on the compiled static decoder; --tt_compile False)
+                                                             # (on the compiled static decoder; --tt_compile False:
+                                                             # the engine)
 
 ``bench/decode.py`` says how long a decision takes; this says which operators take it. It was written when the
 JAT-size agent ran 4.8x slower in bfloat16 than in float32 on an H200 (``docs/bench/decode_h200_2026-12-04.log``):

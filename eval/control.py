@@ -615,8 +615,8 @@ class Args:
     """TT: read past actions as <hidden_action> where the model was trained with hidden actions (default,
     TTConfig.policy_view) or, with False, as themselves, as before 2026-12-05"""
     tt_decoder: Literal["auto", "static", "engine"] | None = None
-    """TT: what runs the plan's forwards (TTConfig.decoder; default auto: the static-shape decoder on a Llama
-    backbone, else the engine)"""
+    """TT: what runs the plan's forwards (TTConfig.decoder; default auto: the static-shape decoder when compiled, on a
+    Llama backbone, else the engine)"""
     tt_compile: bool | None = None
     """TT: compile the static decoder's forward with torch.compile (TTConfig.compile; ~1 min on the first plan,
     then ~1.5x faster planning on a 2-core CPU; default off)"""

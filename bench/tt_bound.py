@@ -38,8 +38,11 @@ sys.path.append(str(Path(__file__).resolve().parent))
 import decode  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 from generalist.modes.tt import TTConfig  # noqa: E402
+from generalist.static_beams import rms_norm, rotate  # noqa: E402  (the static TT decoder's: the same Llama maths)
 from generalist.training.settings import parse  # noqa: E402
 from generalist.vocab import NUM_CONTINUOUS_BINS  # noqa: E402
+
+EPS = 1e-6  # Llama's default RMSNorm epsilon (LlamaConfig.rms_norm_eps)
 
 
 @dataclass
@@ -70,17 +73,6 @@ class Args:
     this bound would give"""
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm at its default epsilon (1e-6), the statistics in float32."""
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * weight
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of one position (Su et al. 2021), as Llama applies it: (R, H, d)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-
 def decode_forward(x, layers, head, final_norm, cos, sin, shared_k, shared_v, own_k, own_v, own_mask, slot):
     """One token per beam through the model: x (R, D) -> logits over the continuous bins (R, V).
 
@@ -91,7 +83,7 @@ def decode_forward(x, layers, head, final_norm, cos, sin, shared_k, shared_v, ow
     heads, dim = shared_k[0].shape[0], shared_k[0].shape[-1]
     shared = shared_k[0].shape[1]
     for i, w in enumerate(layers):
-        q, k, v = F.linear(rms_norm(x, w["norm1"]), w["qkv"]).view(rows, 3, heads, dim).unbind(1)  # (R, H, d) each
+        q, k, v = F.linear(rms_norm(x, w["norm1"], EPS), w["qkv"]).view(rows, 3, heads, dim).unbind(1)  # (R, H, d) each
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         own_k[i].index_copy_(2, slot, k[:, :, None])  # (R, H, T, d)
         own_v[i].index_copy_(2, slot, v[:, :, None])
@@ -100,9 +92,9 @@ def decode_forward(x, layers, head, final_norm, cos, sin, shared_k, shared_v, ow
         p = (scores * dim ** -0.5).softmax(-1)
         out = torch.einsum("rhs,hsd->rhd", p[..., :shared], shared_v[i]) + (p[..., shared:, None] * own_v[i]).sum(2)
         x = x + F.linear(out.reshape(rows, width), w["o"])
-        gate, up = F.linear(rms_norm(x, w["norm2"]), w["gate_up"]).chunk(2, -1)
+        gate, up = F.linear(rms_norm(x, w["norm2"], EPS), w["gate_up"]).chunk(2, -1)
         x = x + F.linear(F.silu(gate) * up, w["down"])
-    return F.linear(rms_norm(x, final_norm), head)  # (R, V)
+    return F.linear(rms_norm(x, final_norm, EPS), head)  # (R, V)
 
 
 def llama_weights(model) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:

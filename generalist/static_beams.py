@@ -7,14 +7,13 @@ tensors whose shapes change at every call. A plan is ~230 forwards (hopper at th
 (``bench/tt_bound.py``). A plan needs much less: every beam advances one token (one cache *column*) at a time in
 lockstep, every beam of an environment reads the same context, and the planner's sliding window
 (``TTConfig.context_steps``, the reference's ``max_context_transitions``) bounds how far back any token reads. So
-the keys and values live in three fixed blocks, per layer:
+the keys and values live in two fixed blocks, per layer:
 
-* ``shared`` (E, H, S, d): the window's part of the context, copied once from the engine's cache; S =
-  ``context_steps - 1`` whole steps plus the current step's prompt (left-padded with masked keys early in an
-  episode).
-* ``ring`` (E*B, H, T, d): each beam's own imagined tokens, T = ``context_steps`` steps. The token of column c is
-  written at slot ``(c - L) mod T`` (L: the context's length); a window never reaches back T columns, so a slot is
-  overwritten only after its token has left every window.
+* ``ring`` (E*B, H, T, d): each beam's window, T = ``context_steps`` steps. It starts with the window's part of
+  the context, copied once from the engine's cache into every beam (``context_steps - 1`` whole steps and the
+  current step's prompt; a column the engine had masked, left padding or a forgotten past, stays masked here). The
+  token of column c is written at slot ``(c - L) mod T`` (L: the context's length); a window never reaches back T
+  columns, so a slot is overwritten only after its token has left every window.
 * ``wide`` (E*B*X, H, W, d): between :meth:`StaticBeams.branch` and :meth:`StaticBeams.select`, each child's new
   tokens (the action tokens and the reward). The children read their parent's ring in place (queries viewed as
   (parent, child, ...)), so branching copies nothing; ``select`` copies each survivor's parent ring once and
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from generalist.decode_state import Chunk, DecodeState
 from generalist.engine import Engine, TokenSampler, as_range
 from generalist.kv_cache import AppendLayer
+from generalist.sampling import median_index
 
 
 @dataclass
@@ -75,12 +75,12 @@ def unsupported(engine: Engine, state: DecodeState) -> str | None:
     return None
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm: the statistics in float32, the weight applied in ``x``'s dtype."""
     return weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (Su et al. 2021) as Llama applies it (``rotate_half``)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
@@ -89,8 +89,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, scaling: float, ring, ring_mask,
                  ring_slots, wide, wide_mask, wide_slots, median_columns: tuple[int, int] | None):
     """Q new tokens per row through the model -> logits at the last one (R, V'), and with ``median_columns``
-    (a, b) the bin of the predicted median over logit columns a..b-1 (R,) (:func:`~generalist.sampling.median_index`,
-    the same operations: what the planner reads as an imagined observation), else ``None``.
+    (a, b) the bin of the predicted median over logit columns a..b-1 (R,) (:func:`~generalist.sampling.median_index`:
+    what the planner reads as an imagined observation), else ``None``.
 
     ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q);
     ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
@@ -106,9 +106,9 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
     cos, sin = cos[:, None, :, None], sin[:, None, :, None]  # (E, 1, Q, 1, d)
     ring_mask = ring_mask[:, None, None, :, None]  # (E, 1, 1, Q, 1, T)
     for i, w in enumerate(layers):
-        q, k, v = F.linear(_rms_norm(x, w["norm1"], eps), w["qkv"]).view(rows, q_len, 3, heads, dim).unbind(2)
-        q = _rotate(q.view(envs, rows // envs, q_len, heads, dim), cos, sin) * scaling  # (E, R/E, Q, H, d)
-        k = _rotate(k.view(envs, rows // envs, q_len, heads, dim), cos, sin).view(rows, q_len, heads, dim)
+        q, k, v = F.linear(rms_norm(x, w["norm1"], eps), w["qkv"]).view(rows, q_len, 3, heads, dim).unbind(2)
+        q = rotate(q.view(envs, rows // envs, q_len, heads, dim), cos, sin) * scaling  # (E, R/E, Q, H, d)
+        k = rotate(k.view(envs, rows // envs, q_len, heads, dim), cos, sin).view(rows, q_len, heads, dim)
         own_k, own_v, at = (ring[i][0], ring[i][1], ring_slots) if wide is None else (*wide[i], wide_slots)
         own_k.index_copy_(2, at, k.transpose(1, 2))  # (R, H, Q, d) into (R, H, T or W, d)
         own_v.index_copy_(2, at, v.transpose(1, 2))
@@ -126,13 +126,12 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
         if wide is not None:
             out = out + torch.einsum("rqhw,rhwd->rqhd", p[1], wide[i][1])
         x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
-        gate, up = F.linear(_rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
+        gate, up = F.linear(rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
         x = x + F.linear(w["act"](gate) * up, w["down"])
-    logits = F.linear(_rms_norm(x[:, -1], norm, eps), head).float()  # (R, V')
+    logits = F.linear(rms_norm(x[:, -1], norm, eps), head).float()  # (R, V')
     if median_columns is None:
         return logits, None
-    a, b = median_columns
-    return logits, (logits[:, a:b].double().softmax(-1).cumsum(-1) < 0.5).sum(-1).clamp(max=b - a - 1)
+    return logits, median_index(logits[:, median_columns[0]: median_columns[1]])
 
 
 _compiled = None  # torch.compile(beam_forward), made on first use; False once compiling failed here
@@ -255,16 +254,17 @@ class StaticBeams(TokenSampler):
             raise ValueError(f"StaticBeams.select takes {self.envs * self.beams} children after a branch, got "
                              f"{len(rows)}{'' if self.children else ' without one'}")
         rows_d = rows.to(self.device)
-        parents = rows_d // self.children
-        slots = (torch.tensor(self.wide_columns) - self.context) % self.ring_columns.shape[0]
+        parents, n = rows_d // self.children, len(self.wide_columns)
+        columns = torch.tensor(self.wide_columns)
+        slots = (columns - self.context) % self.ring_columns.shape[0]
+        slots_d = slots.to(self.device)
         for (k, v), (new_k, new_v), (wide_k, wide_v) in zip(self.ring, self.spare, self.wide, strict=True):
             torch.index_select(k, 0, parents, out=new_k)
             torch.index_select(v, 0, parents, out=new_v)
-            n = len(self.wide_columns)
-            new_k[:, :, slots.to(self.device)] = wide_k[rows_d, :, :n]
-            new_v[:, :, slots.to(self.device)] = wide_v[rows_d, :, :n]
+            new_k[:, :, slots_d] = wide_k[rows_d, :, :n]
+            new_v[:, :, slots_d] = wide_v[rows_d, :, :n]
         self.ring, self.spare = self.spare, self.ring
-        self.ring_columns[slots] = torch.tensor(self.wide_columns)
+        self.ring_columns[slots] = columns
         self.valid[:, slots] = True
         self.children = 0
         state.logits, state.median = state.logits[rows], None
@@ -335,4 +335,4 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype, device: torch.device) -> t
     return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).to(device)
 
 
-__all__ = ["BeamState", "StaticBeams", "beam_forward", "unsupported"]
+__all__ = ["BeamState", "StaticBeams", "beam_forward", "rms_norm", "rotate", "unsupported"]

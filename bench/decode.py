@@ -28,8 +28,8 @@ The targets, on CPU with ``torch.set_num_threads(2)``:
   backbone), timed through the Agent in TT mode, is at most 1/50 of the original planner's time and
   1/20 of Faster-TT's (``--with_references``), on each decoder of ``--tt_decoders``: the static-shape
   one compiled (``TTConfig(decoder="static", compile=True)``, the first, whose figure the ratios are
-  for), eager, and the engine with the beams' own cache as the default (``auto``: bfloat16 on CUDA or
-  an AMX CPU, else float32) and the other dtype (``--tt_beam_cache_dtypes``). With
+  for), eager, and the engine with the beams' own cache as the default (``auto``: bfloat16 on CUDA,
+  float32 on a CPU) and the other dtype (``--tt_beam_cache_dtypes``). With
   ``--tt_uncached`` the same planner is also timed by :func:`generalist.modes.tt_plan` on an
   ``Engine(use_cache=False)`` (recomputing every sequence for every token, as the reference
   planner does; minutes at the reference settings, too slow to pre-run an Agent with), next to a

@@ -603,8 +603,8 @@ class Args:
     horizon: int | None = None
     """TT (default: the task's preset, else 15)"""
     beam_cache_dtype: Literal["auto", "bfloat16", "float32"] | None = None
-    """TT: dtype of the beams' own cached tokens (default auto: a bfloat16 model's own, else bfloat16 on CUDA or an AMX
-    CPU, else float32)"""
+    """TT: dtype of the beams' own cached tokens (default auto: a bfloat16 model's own, else bfloat16 on CUDA, float32
+    on a CPU)"""
     distinct_actions: bool | None = None
     """TT: a beam's children take different discrete first actions (TTConfig.distinct_actions; default off, as
     the reference)"""

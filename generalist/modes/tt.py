@@ -112,9 +112,8 @@ class TTConfig:
         beam_cache_dtype: dtype the beams' own imagined tokens are cached in ("bfloat16": half the
             bytes to read, which is what a planning step's time goes to; "float32": a float32 model's own
             precision; "auto": the model's dtype when it is narrower than float32, else bfloat16 on a CUDA
-            device or a CPU with AMX tiles, whose bfloat16 attention is fast, else float32 — on an
-            AVX-512 CPU without AMX the bfloat16 attention kernel took 2-4x the time of float32 matrix
-            products, see :func:`beam_cache_dtype`).
+            device and float32 on a CPU, where a bfloat16 beam cache made a float32 model's plan slower with or
+            without AMX tiles, see :func:`beam_cache_dtype`).
             The shared context always keeps the model's dtype. The static decoder keeps everything in the model's
             dtype.
         decoder: what runs the plan's forwards: ``"static"``, :class:`~generalist.static_beams.StaticBeams` (fixed
@@ -189,17 +188,17 @@ def beam_cache_dtype(name: str, device: torch.device, model_dtype: torch.dtype =
     """``TTConfig.beam_cache_dtype`` for a model of ``model_dtype`` on ``device``; ``"auto"`` picks by hardware,
     and never a dtype wider than the model computes in (a bfloat16 model caches its beams in bfloat16).
 
-    Measured on one TT plan at the reference's hopper settings (beam 128, horizon 15, 1 thread): a
-    CPU with AMX (Sapphire Rapids) planned in 6.4 s with a bfloat16 beam cache and 7.3 s in float32;
-    an AMD EPYC with AVX-512-BF16 but no AMX in 8.0 s and 6.1 s (``bench/decode.py`` times both).
+    Measured on one TT plan of a float32 model at the reference's hopper settings (beam 128, horizon 15,
+    ``bench/decode.py``, which times both): an AMD EPYC with AVX-512-BF16 but no AMX, 1 thread, 8.0 s with a
+    bfloat16 beam cache and 6.1 s in float32; an Intel Xeon with AMX tiles, 2 threads, 3.13 vs 2.35 s and 3.06 vs
+    2.88 s in two runs (docs/bench/decode_tt_2026-12-07.log) — where an earlier engine on a Sapphire Rapids had
+    planned faster in bfloat16 (6.4 vs 7.3 s, 1 thread), which is why ``auto`` once picked it on AMX.
     """
     if name != "auto":
         return getattr(torch, name)
     if model_dtype != torch.float32:
         return model_dtype
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in torch 2.x: guarded
-    fast = device.type == "cuda" or (device.type == "cpu" and amx())
-    return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def tt_preset(task: str) -> TTConfig:

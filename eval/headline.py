@@ -237,13 +237,13 @@ ROWS: tuple[Row, ...] = (
         Bench("decode_jat_2026-12-05-one-forward.log", r"decisions_per_s\[bfloat16\]=.*vs_jat=([\d.]+)x", "×",
               at_least=1.5), "≥ 1.5×"),
     Row("32 envs vs 1, 994-token context, decisions/s",
-        Bench("decode_decisions_2026-12-06.log", r"ctx 994: .*batched_speedup=([\d.]+)x", "×",
+        Bench("decode_decisions_2026-12-07.log", r"ctx 994: .*batched_speedup=([\d.]+)x", "×",
               at_least=10), "≥ 10×"),
     Row("the same, bfloat16 weights and KV cache",
-        Bench("decode_decisions_2026-12-06.log", r"ctx 994: .*batched_speedup\[bfloat16\]=([\d.]+)x", "×",
+        Bench("decode_decisions_2026-12-07.log", r"ctx 994: .*batched_speedup\[bfloat16\]=([\d.]+)x", "×",
               at_least=10), "≥ 10×"),
     Row("decision at 994 vs 92 tokens, KV cache, 1 env",
-        Bench("decode_decisions_2026-12-06.log", r"flat_in_context_ratio=([\d.]+)", "×", at_most=1.5),
+        Bench("decode_decisions_2026-12-07.log", r"flat_in_context_ratio=([\d.]+)", "×", at_most=1.5),
         "≤ 1.5×"),
 )
 

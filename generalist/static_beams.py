@@ -134,13 +134,13 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
     return logits, median_index(logits[:, median_columns[0]: median_columns[1]])
 
 
-# Inductor options of the compiled forward on a CPU, each measured on a bfloat16 plan at the reference's hopper
-# settings (A/B in one process, 5 plans each; 2-core Intel Xeon with AMX): ``cpp_wrapper``, the generated code's
-# calls to its kernels in C++ rather than Python, 1.23 -> 1.19 s; ``realize_opcount_threshold`` 8 (the CPU default
-# is 50), 1.19 -> 1.04 s: with the default the one-token attention kernel recomputed each query's rotary embedding
-# and scaling for every key it read (85 times), the query being a cheap enough expression to inline into the score
-# loop. Neither changed a float32 plan beyond noise (1.45 / 1.39 / 1.39 s). A CUDA device keeps inductor's defaults
-# (not measured).
+# Inductor options of the compiled forward on a CPU, measured on bfloat16 plans at the reference's hopper settings
+# (A/B in one process, 5 plans per variant, alternating; 2-core Intel Xeon with AMX): defaults 1.29 s, ``cpp_wrapper``
+# (the generated code calls its kernels from C++, not Python) 1.21 s, and with ``realize_opcount_threshold`` 4 1.11 s;
+# in a second run thresholds 4 / 8 / 16: 1.06 / 1.04 / 1.16 s (the CPU default is 50). With the default, the one-token
+# attention kernel recomputed each query's rotary embedding and scaling for every key it read (85 times): the query
+# was a cheap enough expression to inline into the score loop. Neither option changed a float32 plan beyond noise
+# (1.45 / 1.39 / 1.39 s). A CUDA device keeps inductor's defaults (not measured).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "realize_opcount_threshold": 8}
 
 _compiled: dict[str, object] = {}  # device type -> torch.compile(beam_forward), or False once compiling failed there

@@ -107,11 +107,16 @@ class TokenSampler:
         """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
         if median and (temperature == 0 or top_k == 1):
-            return median_index(logits) + offset
+            return self._median(state, allowed, logits, offset)
         if cdf_log_width is not None:
             cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
         return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
                                  cdf_log_width=cdf_log_width) + offset
+
+    def _median(self, state: DecodeState, allowed: Allowed, logits: torch.Tensor, offset: int) -> torch.Tensor:
+        """The id of each row's predicted median bin (B,) over ``logits`` (``allowed``'s, ids from ``offset``);
+        a decoder that computed it in its forward returns that."""
+        return median_index(logits) + offset
 
     @torch.inference_mode()
     def generate(self, state: DecodeState, allowed: Sequence[Allowed], temperature: float = 0.0,

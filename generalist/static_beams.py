@@ -228,15 +228,11 @@ class StaticBeams(TokenSampler):
                                length=length)  # the first logits are the engine's, over whatever range it chose
 
     # --- the engine's methods the planner calls ---
-    def sample(self, state: BeamState, allowed=None, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, *, cdf: float | None = None, cdf_log_width: torch.Tensor | None = None,
-               median: bool = False) -> torch.Tensor:
-        """:meth:`Engine.sample`; the greedy median over ``median_range`` is the one the forward computed."""
-        if (median and (temperature == 0 or top_k == 1) and state.median is not None
-                and as_range(allowed) == self.median_range):
-            return state.median + self.median_range[0]
-        return super().sample(state, allowed, temperature, top_k, top_p, cdf=cdf, cdf_log_width=cdf_log_width,
-                              median=median)
+    def _median(self, state: BeamState, allowed, logits: torch.Tensor, offset: int) -> torch.Tensor:
+        """The median over ``median_range`` is the one the forward computed (:meth:`TokenSampler._median`)."""
+        if state.median is not None and as_range(allowed) == self.median_range:
+            return state.median + offset
+        return super()._median(state, allowed, logits, offset)
 
     def attend_from(self, state: BeamState, start: int | None) -> BeamState:
         """Every later forward reads only columns ``start`` and after (:meth:`Engine.attend_from`)."""

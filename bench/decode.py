@@ -34,7 +34,9 @@ The targets, on CPU with ``torch.set_num_threads(2)``:
   ``Engine(use_cache=False)`` (recomputing every sequence for every token, as the reference
   planner does; minutes at the reference settings, too slow to pre-run an Agent with), next to a
   cached ``tt_plan`` on the same context. ``--with_references DIR`` also runs the reference
-  planners' harnesses (``tt_reference.py``, ``faster_tt_reference.py``) at the same settings.
+  planners' harnesses (``tt_reference.py``, ``faster_tt_reference.py``) at the same settings, in rounds
+  between our decisions (``compare_tt_references``: this machine's speed drifts over minutes, and a
+  reference decision takes a minute).
 
 **Environment.** ``Hopper-v5`` (MuJoCo, 11-d observation, 3-d action, the task JAT's figure and
 the TT references use) with ``terminate_when_unhealthy=False``, so that no episode ends while a
@@ -164,11 +166,12 @@ class Args:
     tt_uncached: bool = False
     """also time tt_plan on an Engine(use_cache=False) (minutes at the reference settings)"""
     with_references: Path | None = None
-    """a reference_bench folder: run its jat / tt / faster-tt harnesses at these settings first"""
+    """a reference_bench folder: run its jat harness first and its tt / faster-tt harnesses in rounds between our TT
+    decisions (:func:`compare_tt_references`), at these settings"""
     reference_python: Path | None = None
     """interpreter of the reference harnesses (default: this one; JAT's needs transformers==4.36.1)"""
     reference_repeats: int = 3
-    """timed decisions per reference harness"""
+    """timed decisions per reference harness (JAT: in one run; TT: one per round, each between our decisions)"""
     env: str = "Hopper-v5"
     """the env ("Hopper-v5", or "hopper-like": the stand-in with its spaces, used without MuJoCo)"""
     threads: int = 2
@@ -466,7 +469,7 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
     return out
 
 
-def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, float]) -> dict:
+def bench_tt(args: Args, tok, spec, config: TTConfig) -> dict:
     backbone = TT_BACKBONE if args.tt_backbone == "reference" else None
     model = seeded_model(tok, backbone, args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -476,9 +479,9 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps, {args.tt_envs} env(s) "
           f"planned for together, seconds per env-step) ==")
-    out, flop_counts = {}, {}
+    out, flop_counts, agents = {}, {}, {}
     for model_dtype in (getattr(torch, name) for name in args.tt_model_dtypes):
-        model = model.to(model_dtype)
+        model = seeded_model(tok, backbone, args.device).to(model_dtype)  # its own copy: kept for the rounds below
         for decoder in args.tt_decoders:
             timed = set()
             for dtype in args.tt_beam_cache_dtypes if decoder == "engine" else ("auto",):
@@ -496,6 +499,7 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
                          f"engine, beams' own cache {dtype if dtype != 'auto' else f'auto = {_name(resolved)}'}")
                 key = (_name(model_dtype), label)
                 out[key] = t.median
+                agents[key] = agent
                 if decoder == "engine":
                     flop_counts.setdefault(key[0], (t.flops, t.kv_bytes))
                 print(f"{key[0]} model, {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
@@ -521,18 +525,58 @@ def bench_tt(args: Args, tok, spec, config: TTConfig, references: dict[str, floa
               f"{rate / 1e9:.0f} GFLOP/s at ({rows}, {width}) @ ({width}, {mlp}) + "
               f"{kv_bytes / 1e9:.1f} GB of KV / its read rate {bandwidth / 1e9:.1f} GB/s -> tt_floor_s={floor:.2f} "
               f"(measured {ours:.2f}: {ours / floor:.1f}x the floor)")
-    targets = {"tt_reference": 50, "faster_tt_reference": 20}
-    fastest = {m: min(v for (mm, _), v in out.items() if mm == m) for m, _ in out}  # per model dtype
-    for name, ms in references.items() if args.tt_envs == 1 else ():
-        at_floor = f"; at the floor: {ms / 1e3 / floor:.1f}x" if floor else ""
-        print(f"{name}_s_per_decision={ms / 1e3:.2f} -> speedup={ms / 1e3 / ours:.1f}x "
-              f"(target >= {targets.get(name, '?')}x{at_floor})")
-        for m, v in fastest.items():
-            best = min((d for mm, d in out if mm == m), key=lambda d, m=m: out[m, d])
-            print(f"  {name} speedup[{m} model, its fastest decoder ({best}) {v:.2f} s]={ms / 1e3 / v:.1f}x")
+    if args.with_references is not None and args.tt_envs == 1:
+        compare_tt_references(args, config, spec, agents, out, floor)
     if args.tt_uncached:
         out |= bench_tt_plan_uncached(model.to(getattr(torch, args.tt_model_dtypes[0])), tok, spec, config)
     return out
+
+
+def compare_tt_references(args: Args, config: TTConfig, spec, agents: dict, out: dict, floor: float | None) -> None:
+    """Ratios to the reference planners, each of whose decisions is timed *between* two of ours.
+
+    This machine's speed drifts by up to ~1.5x over minutes (other tenants of its host: the same plan took 1.0 s and
+    1.7 s ten minutes apart on 2026-12-07). A reference decision takes a minute and ours a second, so timing the
+    references first and ours after compared two different machines. Here each round runs every reference harness
+    for one decision and, after each, ``tt_repeats`` of our decisions on every model dtype's fastest decoder; the
+    ratios are between the medians over all rounds.
+    """
+    fastest = {}  # model dtype -> its fastest decoder in the table above
+    for (m, d), v in out.items():
+        if m not in fastest or v < out[m, fastest[m]]:
+            fastest[m] = d
+    plan = ["--dataset", "hopper-medium-v2", "--beam-width", str(config.beam_width), "--horizon", str(config.horizon)]
+    references = (("tt_reference", "tt_reference.py", "--n-expand"),
+                  ("faster_tt_reference", "faster_tt_reference.py", "--sample-expand"))
+    theirs: dict[str, list[float]] = {name: [] for name, *_ in references}
+    ours: dict[str, list[float]] = {m: [] for m in fastest}
+    print(f"\n== the reference planners, interleaved with ours ({args.reference_repeats} round(s): one reference "
+          f"decision, then {args.tt_repeats} of ours per model dtype, in turn) ==", flush=True)
+    for _ in range(args.reference_repeats):
+        for name, script, expand in references:
+            ms = run_reference(args, script, [*plan, expand, str(config.n_expand), "--repeats", "1"])
+            if ms is not None:
+                theirs[name].append(ms / 1e3)
+            for m, d in fastest.items():
+                t = time_agent(agents[m, d], vector_env(args.env, 1), spec, 1, config.context_steps, args.tt_repeats,
+                               allow_refills=True)
+                ours[m] += t.seconds
+    mine = {m: statistics.median(s) for m, s in ours.items()}
+    for m, s in ours.items():
+        print(f"ours, {m} model, {fastest[m]}: median {mine[m]:.2f} s over {len(s)} decisions "
+              f"(range {min(s):.2f}-{max(s):.2f} s)")
+    targets = {"tt_reference": 50, "faster_tt_reference": 20}
+    first = next(iter(mine))
+    for name, samples in theirs.items():
+        if not samples:
+            continue
+        ref = statistics.median(samples)
+        at_floor = f"; at the floor: {ref / floor:.1f}x" if floor else ""
+        print(f"{name}: {len(samples)} decision(s) {', '.join(f'{x:.2f}' for x in samples)} s")
+        print(f"{name}_s_per_decision={ref:.2f} -> speedup={ref / mine[first]:.1f}x "
+              f"(target >= {targets[name]}x{at_floor})")
+        for m, v in mine.items():
+            print(f"  {name} speedup[{m} model, its fastest decoder ({fastest[m]}) {v:.2f} s]={ref / v:.1f}x")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -583,27 +627,20 @@ def run_reference(args: Args, script: str, argv: list[str]) -> float | None:
     return float(found[-1])
 
 
-def run_references(args: Args, config: TTConfig) -> tuple[float | None, dict[str, float]]:
-    """JAT's ms per decision (unless given as --jat_ms) and the TT planners', measured now."""
-    jat_ms, tt = args.jat_ms, {}
+def run_jat_reference(args: Args) -> float | None:
+    """JAT's ms per decision (unless given as --jat_ms), measured now (the TT references are timed by
+    :func:`compare_tt_references`, interleaved with ours)."""
+    jat_ms = args.jat_ms
     if args.with_references is None:
-        return jat_ms, tt
-    print("== reference harnesses (same machine, same run) ==")
-    repeats = ["--repeats", str(args.reference_repeats)]
+        return jat_ms
     if jat_ms is None and not args.skip_jat_size:
+        print("== JAT's harness (same machine, same run) ==")
+        repeats = ["--repeats", str(args.reference_repeats)]
         # 2 tokens per JAT timestep: this many steps fill its window, as in its eval loop's steady state
         jat_ms = run_reference(args, "jat_reference.py", [
             "--task", "hopper", "--context-window", str(args.jat_context), "--context-steps",
             str(args.jat_context // 2 + 2), "--n-envs", "1", "--no-batched-forward", *repeats])
-    if not args.skip_tt:
-        plan = ["--dataset", "hopper-medium-v2", "--beam-width", str(config.beam_width), "--horizon",
-                str(config.horizon)]
-        for name, script, expand in (("tt_reference", "tt_reference.py", "--n-expand"),
-                                     ("faster_tt_reference", "faster_tt_reference.py", "--sample-expand")):
-            ms = run_reference(args, script, [*plan, expand, str(config.n_expand), *repeats])
-            if ms is not None:
-                tt[name] = ms
-    return jat_ms, tt
+    return jat_ms
 
 
 def device_name(device: str) -> str:
@@ -620,7 +657,7 @@ def main(args: Args) -> None:
     spec = hopper_spec(args.env)
     tok.add_task_spec(spec)
     config = TTConfig(beam_width=args.beam_width, horizon=args.horizon, n_expand=args.n_expand)
-    jat_ms, tt_references = run_references(args, config)
+    jat_ms = run_jat_reference(args)
 
     model = seeded_model(tok, device=args.device, hidden_action_prob=args.hidden_action_prob)  # the default tiny Llama
     params = sum(p.numel() for p in model.parameters())
@@ -640,7 +677,7 @@ def main(args: Args) -> None:
     if not args.skip_jat_size:
         bench_jat_size(args, tok, spec, jat_ms)
     if not args.skip_tt:
-        bench_tt(args, tok, spec, config, tt_references)
+        bench_tt(args, tok, spec, config)
 
 
 if __name__ == "__main__":

@@ -285,7 +285,9 @@ class StaticBeams(TokenSampler):
             ids, local = chunk.input_ids, chunk.local_positions
         else:
             ids = torch.as_tensor(chunk, dtype=torch.long)
-            ids = ids[:, None] if ids.dim() == 1 else ids
+            # contiguous: a broadcast id (the planner's <no_return> for every beam) would otherwise be a stride-0
+            # tensor, and torch.compile would generate (and hold) another function for it
+            ids = (ids[:, None] if ids.dim() == 1 else ids).contiguous()
             local = torch.zeros_like(ids)
         rows, q_len = ids.shape
         if rows != state.batch_size:

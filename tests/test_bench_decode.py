@@ -60,6 +60,9 @@ def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
                    "tt_reference speedup[bfloat16 model",  # a bfloat16 model plans too, with its own ratios
                    "batched_speedup[bfloat16]=", "flat_in_context_ratio[bfloat16]="):  # and decides, when asked
         assert figure in out, figure
+    # each reference decision is followed by ours on every model dtype (1 round x 2 references x 1 decision)
+    assert re.search(r"ours, float32 model, \S+: median [0-9.]+ s over 2 decisions", out)
+    assert re.search(r"ours, bfloat16 model, \S+: median [0-9.]+ s over 2 decisions", out)
     # JAT's figure comes from this run's harness: the ratio is ours / (1000 / 50 ms)
     for dtype in ("float32", "bfloat16"):  # the model timed in both weight dtypes, each against JAT's float32
         per_s = float(re.search(rf"jat_size_4env_decisions_per_s\[{dtype}\]=([0-9.]+) vs JAT \(float32\) 20.0/s",

@@ -189,7 +189,7 @@ class Row:
 _CONTROL = "`python train.py --preset control` (≤ 30 min; runs `ctl-pv`)"
 _LOWQ = "`--preset control-lowq` (5 % expert data, DT trained on one-step windows; runs `lowqw1`)"
 _LOWQ_BEFORE = "the preset before 2026-12-06 (whole-episode DT sequences; runs `lowqst`)"
-_TT_LOG = "decode_tt_2026-12-07.log"
+_TT_LOG = "decode_tt_2026-12-07-interleaved.log"
 ROWS: tuple[Row, ...] = (
     Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_pv_gato_recount", 0.9), "IQM ≥ 0.9"),
     Row("same runs, Decision Transformer (target = expert return)", Iqm("control_pv_dt", 0.9), "IQM ≥ 0.9"),
@@ -237,13 +237,13 @@ ROWS: tuple[Row, ...] = (
         Bench("decode_jat_2026-12-05-one-forward.log", r"decisions_per_s\[bfloat16\]=.*vs_jat=([\d.]+)x", "×",
               at_least=1.5), "≥ 1.5×"),
     Row("32 envs vs 1, 994-token context, decisions/s",
-        Bench("decode_decisions_2026-12-07.log", r"ctx 994: .*batched_speedup=([\d.]+)x", "×",
+        Bench("decode_decisions_2026-12-07-amd.log", r"ctx 994: .*batched_speedup=([\d.]+)x", "×",
               at_least=10), "≥ 10×"),
     Row("the same, bfloat16 weights and KV cache",
-        Bench("decode_decisions_2026-12-07.log", r"ctx 994: .*batched_speedup\[bfloat16\]=([\d.]+)x", "×",
+        Bench("decode_decisions_2026-12-07-amd.log", r"ctx 994: .*batched_speedup\[bfloat16\]=([\d.]+)x", "×",
               at_least=10), "≥ 10×"),
     Row("decision at 994 vs 92 tokens, KV cache, 1 env",
-        Bench("decode_decisions_2026-12-07.log", r"flat_in_context_ratio=([\d.]+)", "×", at_most=1.5),
+        Bench("decode_decisions_2026-12-07-amd.log", r"flat_in_context_ratio=([\d.]+)", "×", at_most=1.5),
         "≤ 1.5×"),
 )
 

@@ -471,11 +471,6 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
 
 def bench_tt(args: Args, tok, spec, config: TTConfig) -> dict:
     backbone = TT_BACKBONE if args.tt_backbone == "reference" else None
-    model = seeded_model(tok, backbone, args.device)
-    params = sum(p.numel() for p in model.parameters())
-    layers = model.backbone.model.layers
-    layer_params = sum(p.numel() for p in layers.parameters())
-    width, mlp = model.config.text_config.hidden_size, model.config.text_config.intermediate_size
     print(f"\n== Trajectory Transformer planning through Agent (beam {config.beam_width}, horizon "
           f"{config.horizon}, expand {config.n_expand}, {config.context_steps} context steps, {args.tt_envs} env(s) "
           f"planned for together, seconds per env-step) ==")
@@ -505,6 +500,10 @@ def bench_tt(args: Args, tok, spec, config: TTConfig) -> dict:
                 print(f"{key[0]} model, {label}: {len(t.seconds)} timed decision(s) after {cfg.context_steps} played, "
                       f"context {t.context} tokens, window re-prefilled in {t.refills} (included): {t.median:.2f} s",
                       flush=True)
+    params = sum(p.numel() for p in model.parameters())  # every dtype's model has the same shape
+    layers = model.backbone.model.layers
+    layer_params = sum(p.numel() for p in layers.parameters())
+    width, mlp = model.config.text_config.hidden_size, model.config.text_config.intermediate_size
     print(f"model {params / 1e6:.2f}M params ({layer_params / 1e6:.2f}M in the {len(layers)}x{width} layers; the "
           f"rest is the {tok.vocab_size}-token embedding and head)")
     first = next(iter(out))

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from generalist import static_beams
+
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: bench/train.py must not shadow train.py
 import decode  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
@@ -67,9 +69,7 @@ def main(args: Args) -> None:
     tok.add_task_spec(spec)
     tt = args.mode == "tt"
     if tt and args.tt_compile:  # each generated C++ kernel a named entry of the profile, not one opaque call
-        from torch._inductor import config as inductor
-
-        inductor.cpp.enable_kernel_profile = True
+        static_beams.CPU_COMPILE_OPTIONS = {**static_beams.CPU_COMPILE_OPTIONS, "cpp.enable_kernel_profile": True}
     backbone = decode.TT_BACKBONE if tt else decode.jat_backbone(args.layers, args.width)
     model = decode.seeded_model(tok, backbone, args.device, 0.0 if tt else args.hidden_action_prob)
     cuda = torch.device(args.device).type == "cuda"

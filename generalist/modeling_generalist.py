@@ -228,9 +228,19 @@ class GeneralistForCausalLM(GeneralistPreTrainedModel, GenerationMixin):
         return self._add_values_and_places(embeds, input_ids, local_positions)
 
     def embed_tokens(self, input_ids: torch.Tensor, local_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`embed` of tokens that hold no ``<image>`` (B, T, D): no data-dependent check, so ``torch.compile``
-        traces it whole (the Trajectory Transformer's static decoder, :mod:`generalist.static_beams`)."""
+        """:meth:`embed` of tokens that hold no ``<image>`` (B, T, D): no data-dependent check (and
+        :meth:`embedding_tables` gives the same as two lookup tables)."""
         return self._add_values_and_places(self.get_input_embeddings()(input_ids), input_ids, local_positions)
+
+    @torch.no_grad()
+    def embedding_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`embed_tokens` adds up, as two lookup tables ``(tokens, places)``: ``embed_tokens(ids, local)``
+        equals ``tokens[ids] + places[local.clamp(max=config.max_local_positions)]``. ``tokens`` (V, D): each id's
+        embedding with its value's place on the mu-law axis; ``places`` (max_local_positions + 1, D): the local
+        position embeddings (row 0, outside an observation, is zero). For a decoder whose compiled forward takes
+        every weight as an input (:mod:`generalist.static_beams`): a lookup, no module or config to trace."""
+        ids = torch.arange(self.get_input_embeddings().weight.shape[0], device=self.device)[None]
+        return self.embed_tokens(ids)[0], self.local_position_embed.weight
 
     def _add_values_and_places(self, embeds: torch.Tensor, input_ids: torch.Tensor,
                                local_positions: torch.Tensor | None) -> torch.Tensor:

@@ -20,17 +20,21 @@ the keys and values live in two fixed blocks, per layer:
   writes its new tokens into it.
 
 Every forward then has one of three shapes (children with one token, beams with one, beams with two), and
-``torch.compile`` turns each into one generated function (``compile=True``). The method names are the engine's
-(``feed``, ``branch``, ``select``, ``attend_from``, ``sample``, ``generate``), so the planner's loop drives either
-decoder. It computes what the engine computes: the same logits and the same plan
+AOTInductor compiles each into one program (``compile=True``, :func:`compiled_forward`). The method names are
+the engine's (``feed``, ``branch``, ``select``, ``attend_from``, ``sample``, ``generate``), so the planner's loop
+drives either decoder. It computes what the engine computes: the same logits and the same plan
 (``tests/test_static_beams.py``). It supports the Llama backbone (the default; multi-head attention, no biases);
 :func:`unsupported` names what else makes the planner use the engine.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,20 +90,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, scaling: float, ring, ring_mask,
-                 ring_slots, wide, wide_mask, wide_slots, median_columns: tuple[int, int] | None):
+def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_slots, tables, layers, norm, head,
+                 ring, wide, *, eps: float, scaling: float, act, median_columns: tuple[int, int] | None):
     """Q new tokens per row through the model -> logits at the last one (R, V'), and with ``median_columns``
     (a, b) the bin of the predicted median over logit columns a..b-1 (R,) (:func:`~generalist.sampling.median_index`:
     what the planner reads as an imagined observation), else ``None``.
 
-    ``embed(ids, local)``: the model's embeddings (R, Q, D) of ``ids`` and their local positions (R, Q);
+    The first eight arguments change at every call, the rest only between :meth:`StaticBeams.branch` and
+    :meth:`StaticBeams.select` (every argument but the keywords is a tensor or a list of them, or ``None``: what
+    the compiled program takes as its inputs, :func:`compiled_forward`). ``ids`` and ``local`` (R, Q): the new
+    tokens and their local positions, embedded by lookup in ``tables`` (:meth:`GeneralistForCausalLM.embedding_tables`);
     ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
-    Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B beams (R = P rows without ``wide``, P x
-    children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive masks: ``ring_mask`` (E, Q, T),
-    ``wide_mask`` (Q, W). The new keys and values are written (in place) into the ring at ``ring_slots`` (Q,),
-    or into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending, so that each token reads itself.
+    ``layers[i]``: the weights of layer i (``norm1``, ``qkv``, ``o``, ``norm2``, ``gate_up``, ``down``); ``act``
+    the MLP's activation. Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B beams (R = P rows without
+    ``wide``, P x children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive masks: ``ring_mask`` (E, Q, T),
+    ``wide_mask`` (Q, W). The new keys and values are written (in place) into the ring at ``ring_slots`` (Q,), or
+    into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending, so that each token reads itself.
     """
-    x = embed(ids, local).to(head.dtype)  # (R, Q, D)
+    tokens, places = tables
+    x = (tokens[ids] + places[local.clamp(max=places.shape[0] - 1)]).to(head.dtype)  # (R, Q, D)
     rows, q_len, width = x.shape
     envs = cos.shape[0]
     parents, heads, slots, dim = ring[0][0].shape
@@ -127,7 +136,7 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
             out = out + torch.einsum("rqhw,rhwd->rqhd", p[1], wide[i][1])
         x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
         gate, up = F.linear(rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
-        x = x + F.linear(w["act"](gate) * up, w["down"])
+        x = x + F.linear(act(gate) * up, w["down"])
     logits = F.linear(rms_norm(x[:, -1], norm, eps), head).float()  # (R, V')
     if median_columns is None:
         return logits, None
@@ -143,16 +152,99 @@ def beam_forward(embed, ids, local, cos, sin, layers, norm, head, eps: float, sc
 # (1.45 / 1.39 / 1.39 s). A CUDA device keeps inductor's defaults (not measured).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "realize_opcount_threshold": 8}
 
-_compiled: dict[str, object] = {}  # device type -> torch.compile(beam_forward), or False once compiling failed there
+
+LAYER_WEIGHTS = ("norm1", "qkv", "o", "norm2", "gate_up", "down")  # the keys of beam_forward's layers[i]
 
 
-def _forward_fn(compile: bool, device: torch.device):
-    if not compile or _compiled.get(device.type) is False:
-        return beam_forward
-    if device.type not in _compiled:
-        options = CPU_COMPILE_OPTIONS if device.type == "cpu" else None
-        _compiled[device.type] = torch.compile(beam_forward, dynamic=False, options=options)
-    return _compiled[device.type]
+def _tensors(step: tuple, kept: tuple) -> list[torch.Tensor]:
+    """:func:`beam_forward`'s positional arguments (``step``: the first eight, ``kept``: the rest) as one flat list
+    of tensors, the order the compiled program takes them in (``None`` leaves none; :func:`_arguments` inverts)."""
+    tables, layers, norm, head, ring, wide = kept
+    return ([t for t in step if t is not None] + list(tables) + [w[k] for w in layers for k in LAYER_WEIGHTS]
+            + [norm, head] + [t for kv in ring + (wide or []) for t in kv])
+
+
+def _arguments(tensors: tuple, layers: int, children: bool) -> tuple:
+    """The positional arguments of :func:`beam_forward` from :func:`_tensors`' list (``children``: with ``wide``)."""
+    t = iter(tensors)
+    step = [next(t) for _ in range(6)] + ([next(t), next(t)] if children else [None, None])
+    tables = (next(t), next(t))
+    weights = [{k: next(t) for k in LAYER_WEIGHTS} for _ in range(layers)]
+    norm, head = next(t), next(t)
+    ring = [(next(t), next(t)) for _ in range(layers)]
+    wide = [(next(t), next(t)) for _ in range(layers)] if children else None
+    return (*step, tables, weights, norm, head, ring, wide)
+
+
+class _Program(torch.nn.Module):
+    """:func:`beam_forward` at one shape with its keyword arguments bound, as ``torch.export`` takes it: its inputs
+    are :func:`_tensors`' flat list."""
+
+    def __init__(self, layers: int, children: bool, static: dict):
+        super().__init__()
+        self.layers, self.children, self.static = layers, children, static
+
+    def forward(self, *tensors):
+        return beam_forward(*_arguments(tensors, self.layers, self.children), **self.static)
+
+
+def cache_dir() -> Path:
+    """Where compiled forwards are kept between processes: ``$GENERALIST_CACHE/aoti`` (default
+    ``~/.cache/generalist/aoti``)."""
+    return Path(os.environ.get("GENERALIST_CACHE", Path.home() / ".cache" / "generalist")) / "aoti"
+
+
+@functools.cache
+def _code_digest() -> str:
+    """What the compiled program is made of besides its inputs' shapes: this module's and the median's code and
+    torch's version (a package compiled by other code is never loaded)."""
+    from generalist import sampling
+
+    text = Path(__file__).read_text() + Path(sampling.__file__).read_text() + torch.__version__
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_programs: dict[str, object] = {}  # digest -> the loaded program's run(list of tensors) -> list of tensors
+_failed: set[str] = set()  # device types where compiling failed: eager there from then on
+
+
+def compiled_forward(step: tuple, kept: tuple, static: dict):
+    """:func:`beam_forward` at the shape of its arguments (``step``: the first eight, ``kept``: the rest) compiled
+    ahead of time by AOTInductor: ``run(_tensors(step, kept))`` -> ``[logits]`` or ``[logits, median]``.
+    ``None`` where compiling is not possible here (a warning says why once; the caller runs eagerly).
+
+    Why ahead of time and not ``torch.compile``: a plan is ~230 forwards of ~3 ms, and ``torch.compile``'s call
+    path (dynamo's frame hook and guards over ~50 inputs, the AOT runtime wrappers) took ~0.3 ms of each (a
+    bfloat16 plan 1.07x faster through AOTInductor, docs/speed.md). The program takes every weight as an input
+    (no copy of them, nothing stale when the model changes), and is kept on disk (:func:`cache_dir`) under a digest
+    of the inputs' shapes, strides and dtypes, the keyword arguments, the inductor options and the code, so that
+    it compiles once per machine (~15 s a shape on 2 cores), not once per process."""
+    tensors = _tensors(step, kept)
+    device = tensors[0].device
+    if device.type in _failed:
+        return None
+    options = CPU_COMPILE_OPTIONS if device.type == "cpu" else {}
+    layers, children = len(kept[1]), kept[-1] is not None
+    signature = repr(([(tuple(t.shape), t.stride(), t.dtype) for t in tensors], layers, children, device.type,
+                      static, options))
+    digest = hashlib.sha256((signature + _code_digest()).encode()).hexdigest()[:32]
+    if digest not in _programs:
+        path = cache_dir() / f"beam_forward-{digest}.pt2"
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                program = torch.export.export(_Program(layers, children, static), tuple(tensors), strict=False)
+                partial = path.with_name(f"{path.stem}-{os.getpid()}.pt2")  # renamed when complete
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                         inductor_configs=dict(options))
+                os.replace(partial, path)
+            _programs[digest] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+        except Exception as err:  # noqa: BLE001  (exporting and compiling fail in many ways: no C++ compiler...)
+            _failed.add(device.type)
+            warnings.warn(f"StaticBeams: compiling the forward failed ({type(err).__name__}: {err}); decoding "
+                          "eagerly", RuntimeWarning, stacklevel=3)
+            return None
+    return _programs[digest]
 
 
 class StaticBeams(TokenSampler):
@@ -185,11 +277,15 @@ class StaticBeams(TokenSampler):
         self.layers = [dict(norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
                             qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
                                            layer.self_attn.v_proj.weight]),
-                            o=layer.self_attn.o_proj.weight, down=layer.mlp.down_proj.weight, act=layer.mlp.act_fn,
+                            o=layer.self_attn.o_proj.weight, down=layer.mlp.down_proj.weight,
                             gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
                        for layer in body.layers]
-        self.eps, self.scaling = float(text.rms_norm_eps), float(body.layers[0].self_attn.scaling)
+        self.static = dict(eps=float(text.rms_norm_eps), scaling=float(body.layers[0].self_attn.scaling),
+                           act=body.layers[0].mlp.act_fn)
+        self.tables = model.embedding_tables()
         self.norm = body.norm.weight
+        self._programs: dict[tuple, object] = {}  # (rows, tokens, children?, median?) -> compiled_forward's run
+        self._kept: dict[tuple, list[torch.Tensor]] = {}  # (ring, wide) buffers -> their _tensors
         lo, hi = vocab_range
         self.head = model.backbone.get_output_embeddings().weight[lo:hi].contiguous()  # (V', D)
         self.offset = lo
@@ -315,21 +411,22 @@ class StaticBeams(TokenSampler):
             wide, wide_mask, wide_slots = None, None, None
         medians = None if self.median_range is None or wide is not None or q_len > 1 else (
             self.median_range[0] - self.offset, self.median_range[1] - self.offset)
-        forward = _forward_fn(self.compile, self.device)
-        args = (self.model.embed_tokens, ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len],
-                self.sin[:, at: at + q_len], self.layers, self.norm, self.head, self.eps, self.scaling,
-                self.ring,
-                _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device), wide, wide_mask,
-                None if wide_slots is None else wide_slots.to(self.device), medians)
-        try:
-            logits, median = forward(*args)
-        except Exception as err:  # noqa: BLE001  (torch.compile's failures have many types: no C++ compiler...)
-            if forward is beam_forward:
-                raise
-            _compiled[self.device.type] = False
-            warnings.warn(f"StaticBeams: torch.compile failed ({type(err).__name__}: {err}); decoding eagerly",
-                          RuntimeWarning, stacklevel=2)
-            logits, median = beam_forward(*args)
+        step = (ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len], self.sin[:, at: at + q_len],
+                _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device),
+                wide_mask, None if wide_slots is None else wide_slots.to(self.device))
+        kept = (self.tables, self.layers, self.norm, self.head, self.ring, wide)
+        static = dict(self.static, median_columns=medians)
+        kind = (rows, q_len, wide is not None, medians is not None)
+        if self.compile and kind not in self._programs:
+            self._programs[kind] = compiled_forward(step, kept, static)
+        run = self._programs.get(kind)
+        if run is None:
+            logits, median = beam_forward(*step, *kept, **static)
+        else:  # what the beams keep listed once per set of buffers (the ring and its spare swap at each select)
+            buffers = (id(self.ring[0][0]), None if wide is None else id(wide[0][0]))
+            if buffers not in self._kept:
+                self._kept[buffers] = _tensors((), kept)
+            logits, median = (*run([t for t in step if t is not None] + self._kept[buffers]), None)[:2]
         state.logits, state.logits_offset = logits.cpu(), self.offset
         state.median = None if median is None else median.cpu()
         state.length += q_len

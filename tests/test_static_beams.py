@@ -9,7 +9,7 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, TaskSpec
+from generalist import Agent, GeneralistConfig, GeneralistForCausalLM, TaskSpec, static_beams
 from generalist.engine import Engine
 from generalist.modes import TTConfig, tt_plan
 from generalist.modes.control import step_prompts
@@ -115,12 +115,26 @@ def test_the_planner_falls_back_to_the_engine_where_the_static_decoder_cannot_go
 
 
 @pytest.mark.slow
-def test_the_compiled_static_decoder_plans_the_same(model, tok, spec):
-    """``TTConfig(compile=True)``: the three forward shapes compiled by torch.compile (~1 min on 2 cores), the
-    same plan as the engine's. Compiling must work here (a failure would fall back to eager with a warning)."""
+def test_the_compiled_static_decoder_plans_the_same(model, tok, spec, tmp_path, monkeypatch):
+    """``TTConfig(compile=True)``: the three forward shapes compiled ahead of time (AOTInductor, ~30 s on 2 cores),
+    the same plan as the engine's; compiling must work here (a failure would fall back to eager with a warning).
+    Then, as in a new process, the programs come from the disk cache: nothing compiles again."""
+    monkeypatch.setenv("GENERALIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(static_beams, "_programs", {})
+    run = dict(compile=True, beam_width=3, horizon=3, context_steps=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        engine, static = _plans(model, tok, spec, _contexts(tok, spec), compile=True, beam_width=3, horizon=3,
-                                context_steps=3)
+        engine, static = _plans(model, tok, spec, _contexts(tok, spec), **run)
     assert np.array_equal(engine.plan_ids, static.plan_ids)
     np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 3
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(static_beams, "_programs", {})
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, again = _plans(model, tok, spec, _contexts(tok, spec), **run)
+    assert np.array_equal(again.plan_ids, static.plan_ids)

@@ -43,7 +43,7 @@ input to ``max_context_transitions`` transitions, so its world model never reads
 
 The loop drives a decoder through the engine's methods (``feed``, ``branch``, ``select``, ``generate``...): on a
 Llama backbone with ``TTConfig(compile=True)`` :class:`~generalist.static_beams.StaticBeams`, whose fixed shapes
-``torch.compile`` turns into one function per forward (``TTConfig.decoder``), else the
+AOTInductor compiles into one program per forward (``TTConfig.decoder``), else the
 :class:`~generalist.engine.Engine` itself; both plan the same beams from the same draws.
 """
 
@@ -123,11 +123,11 @@ class TTConfig:
             decoder is no faster than the engine at every shape (hopper, 1 env x 128 beams: 1.06-1.26x faster;
             halfcheetah, 10 envs x 32 beams, horizon 5, bfloat16: 2.54 vs 2.41 s, slower); compiled, it is
             1.2-1.9x faster at both (docs/speed.md).
-        compile: with the static decoder, run its forward through ``torch.compile`` (its three shapes compile on
-            the first plan, ~1 min on a 2-core CPU; then each forward is one generated function). Eager where
-            compiling fails. Each plan shape (task, number of environments, beams) compiles three functions, and
-            torch keeps at most ``torch._dynamo.config.recompile_limit`` (8) per function: a process that plans at
-            more than two shapes runs the later ones eagerly (torch warns), unless that limit is raised.
+        compile: with the static decoder, run its forward as a program compiled ahead of time (``torch.export`` and
+            AOTInductor, :func:`~generalist.static_beams.compiled_forward`): each plan shape (task, number of
+            environments, beams, dtype) has three, compiled on its first plan (~15 s each on a 2-core CPU) and kept
+            on disk (``$GENERALIST_CACHE/aoti``), so a later process loads them in a second. Eager where compiling
+            fails (a warning says why).
     """
 
     beam_width: int = 128

@@ -382,7 +382,7 @@ class StaticBeams(TokenSampler):
         else:
             ids = torch.as_tensor(chunk, dtype=torch.long)
             # contiguous: a broadcast id (the planner's <no_return> for every beam) would otherwise be a stride-0
-            # tensor, and torch.compile would generate (and hold) another function for it
+            # tensor, which another compiled program would be made for
             ids = (ids[:, None] if ids.dim() == 1 else ids).contiguous()
             local = torch.zeros_like(ids)
         rows, q_len = ids.shape
@@ -438,4 +438,5 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype, device: torch.device) -> t
     return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).to(device)
 
 
-__all__ = ["BeamState", "StaticBeams", "beam_forward", "rms_norm", "rotate", "unsupported"]
+__all__ = ["BeamState", "StaticBeams", "beam_forward", "cache_dir", "compiled_forward", "rms_norm", "rotate",
+           "unsupported"]

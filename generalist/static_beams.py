@@ -233,10 +233,12 @@ def compiled_forward(step: tuple, kept: tuple, static: dict):
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                program = torch.export.export(_Program(layers, children, static), tuple(tensors), strict=False)
                 partial = path.with_name(f"{path.stem}-{os.getpid()}.pt2")  # renamed when complete
-                torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                                         inductor_configs=dict(options))
+                with warnings.catch_warnings():  # torch's own deprecation inside export, once per program
+                    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                    program = torch.export.export(_Program(layers, children, static), tuple(tensors), strict=False)
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                             inductor_configs=dict(options))
                 os.replace(partial, path)
             _programs[digest] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
         except Exception as err:  # noqa: BLE001  (exporting and compiling fail in many ways: no C++ compiler...)

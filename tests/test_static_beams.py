@@ -138,3 +138,18 @@ def test_the_compiled_static_decoder_plans_the_same(model, tok, spec, tmp_path, 
         warnings.simplefilter("error", RuntimeWarning)
         _, again = _plans(model, tok, spec, _contexts(tok, spec), **run)
     assert np.array_equal(again.plan_ids, static.plan_ids)
+
+
+def test_where_compiling_fails_the_static_decoder_warns_and_plans_eagerly(model, tok, spec, tmp_path, monkeypatch):
+    """No C++ compiler, an export torch cannot do...: one warning that says why, then the same plan, eagerly."""
+    def failing(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setenv("GENERALIST_CACHE", str(tmp_path))
+    monkeypatch.setattr(static_beams, "_programs", {})
+    monkeypatch.setattr(static_beams, "_failed", set())
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", failing)
+    with pytest.warns(RuntimeWarning, match=r"compiling the forward failed \(RuntimeError: no C\+\+ compiler here\)"):
+        engine, static = _plans(model, tok, spec, _contexts(tok, spec), compile=True, beam_width=3, horizon=2)
+    assert np.array_equal(engine.plan_ids, static.plan_ids)
+    assert not list(tmp_path.rglob("*.pt2"))

@@ -95,7 +95,7 @@ class TokenSampler:
 
     def sample(self, state: DecodeState, allowed: Allowed = None, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, *, cdf: float | None = None,
-               cdf_log_width: torch.Tensor | None = None, median: bool = False) -> torch.Tensor:
+               cdf_log_width: torch.Tensor | None = None, median: bool = False, runs: int = 1) -> torch.Tensor:
         """Next token of every row (B,), drawn from ``state.logits`` restricted to ``allowed``.
 
         Filters as in :func:`~generalist.sampling.sample_next_token`: ``cdf`` (the Trajectory
@@ -104,14 +104,16 @@ class TokenSampler:
         median (:func:`~generalist.sampling.median_index`) rather than the most probable bin.
         ``cdf_log_width`` (vocabulary,): each id's log bin width; the cdf filter then ranks by density
         (:func:`~generalist.sampling.filter_cdf`).
+        ``runs``: the rows come in runs of this many with the same logits (a beam's children, just branched); the
+        filters then run once per run (``sample_next_token``'s ``repeats``), the draws one per row as ever.
         """
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
         if median and (temperature == 0 or top_k == 1):
             return self._median(state, allowed, logits, offset)
         if cdf_log_width is not None:
             cdf_log_width = cdf_log_width[offset: offset + logits.shape[-1]]
-        return sample_next_token(logits, self.generator, temperature, top_k, top_p, cdf=cdf,
-                                 cdf_log_width=cdf_log_width) + offset
+        return sample_next_token(logits[::runs], self.generator, temperature, top_k, top_p, cdf=cdf,
+                                 cdf_log_width=cdf_log_width, repeats=runs) + offset
 
     def _median(self, state: DecodeState, allowed: Allowed, logits: torch.Tensor, offset: int) -> torch.Tensor:
         """The id of each row's predicted median bin (B,) over ``logits`` (``allowed``'s, ids from ``offset``);

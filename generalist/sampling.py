@@ -189,19 +189,25 @@ def sample_next_token(
     *,
     cdf: float | None = None,
     cdf_log_width: torch.Tensor | None = None,
+    repeats: int = 1,
 ) -> torch.Tensor:
-    """Sample one token per row from logits (B, V) -> (B,) int64.
+    """Sample one token per row from logits (B, V) -> (B * repeats,) int64.
 
     ``temperature == 0`` is greedy (argmax). Otherwise the filters run in the reference planner's
     order: ``cdf`` (:func:`filter_cdf`, drops the least likely ``cdf`` of the mass), then ``top_k``
     (:func:`filter_top_k`), then ``top_p`` (:func:`filter_top_p`, nucleus); ``None`` skips one.
     ``cdf_log_width`` (V,): rank by density in the cdf filter (:func:`filter_cdf`'s ``log_width``).
+    ``repeats``: each row's distribution is drawn from that many times, in a run (the same tokens, in the same
+    order, as filtering ``logits.repeat_interleave(repeats, 0)``, at 1 / ``repeats`` of the filters' cost: the
+    planner's first action token of a beam's children).
     Draws come from ``generator`` (seeded by the caller), so a run is reproducible.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
+        return logits.argmax(-1).repeat_interleave(repeats)
     logits = logits.float() / temperature  # (B, V)
     if cdf is not None:
         logits = filter_cdf(logits, cdf, cdf_log_width)
@@ -209,7 +215,7 @@ def sample_next_token(
         logits = filter_top_k(logits, top_k)
     if top_p is not None:
         logits = filter_top_p(logits, top_p)
-    return _draw(logits.softmax(-1), generator)
+    return _draw(logits.softmax(-1).repeat_interleave(repeats, 0), generator)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -90,15 +90,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_slots, tables, layers, norm, head,
+def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_slots, head, tables, layers, norm,
                  ring, wide, *, eps: float, scaling: float, act, median_columns: tuple[int, int] | None):
     """Q new tokens per row through the model -> logits at the last one (R, V'), and with ``median_columns``
     (a, b) the bin of the predicted median over logit columns a..b-1 (R,) (:func:`~generalist.sampling.median_index`:
     what the planner reads as an imagined observation), else ``None``.
 
-    The first eight arguments change at every call, the rest only between :meth:`StaticBeams.branch` and
+    The first nine arguments change at every call, the rest only between :meth:`StaticBeams.branch` and
     :meth:`StaticBeams.select` (every argument but the keywords is a tensor or a list of them, or ``None``: what
-    the compiled program takes as its inputs, :func:`compiled_forward`). ``ids`` and ``local`` (R, Q): the new
+    the compiled program takes as its inputs, :func:`compiled_forward`). ``head`` (V', D): the rows of the output
+    embedding of the ids the next token may be (the logits computed). ``ids`` and ``local`` (R, Q): the new
     tokens and their local positions, embedded by lookup in ``tables`` (:meth:`GeneralistForCausalLM.embedding_tables`);
     ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
     ``layers[i]``: the weights of layer i (``norm1``, ``qkv``, ``o``, ``norm2``, ``gate_up``, ``down``); ``act``
@@ -123,15 +124,19 @@ def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_sl
         own_v.index_copy_(2, at, v.transpose(1, 2))
         q = q.reshape(envs, parents // envs, -1, q_len, heads, dim)  # (E, B, children, Q, H, d)
         ring_k = ring[i][0].view(envs, parents // envs, heads, slots, dim)
-        scores = [(torch.einsum("ebxqhd,ebhtd->ebxqht", q, ring_k) + ring_mask).reshape(
-            rows, q_len, heads, slots)]  # (R, Q, H, T)
+        # one product per child: each is then a matrix-vector product, which inductor fuses into one kernel that
+        # reads the parent's ring once for all its children (as one product (children, d) x (d, T), an extern
+        # batched product per layer read it at half the speed)
+        scores = [(torch.stack([torch.einsum("ebqhd,ebhtd->ebqht", child, ring_k) for child in q.unbind(2)], 2)
+                   + ring_mask).reshape(rows, q_len, heads, slots)]  # (R, Q, H, T)
         if wide is not None:
             scores.append(torch.einsum("rqhd,rhwd->rqhw", q.reshape(rows, q_len, heads, dim), wide[i][0])
                           + wide_mask[:, None])  # (R, Q, H, W)
         sizes = [s.shape[-1] for s in scores]
         p = torch.cat(scores, -1).float().softmax(-1).to(x.dtype).split(sizes, -1)  # (R, Q, H, keys)
-        out = torch.einsum("ebxqht,ebhtd->ebxqhd", p[0].view(envs, parents // envs, -1, q_len, heads, slots),
-                           ring[i][1].view(envs, parents // envs, heads, slots, dim)).reshape(rows, q_len, heads, dim)
+        ring_v = ring[i][1].view(envs, parents // envs, heads, slots, dim)
+        out = torch.stack([torch.einsum("ebqht,ebhtd->ebqhd", child, ring_v) for child in p[0].view(
+            envs, parents // envs, -1, q_len, heads, slots).unbind(2)], 2).reshape(rows, q_len, heads, dim)
         if wide is not None:
             out = out + torch.einsum("rqhw,rhwd->rqhd", p[1], wide[i][1])
         x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
@@ -157,23 +162,23 @@ LAYER_WEIGHTS = ("norm1", "qkv", "o", "norm2", "gate_up", "down")  # the keys of
 
 
 def _tensors(step: tuple, kept: tuple) -> list[torch.Tensor]:
-    """:func:`beam_forward`'s positional arguments (``step``: the first eight, ``kept``: the rest) as one flat list
+    """:func:`beam_forward`'s positional arguments (``step``: the first nine, ``kept``: the rest) as one flat list
     of tensors, the order the compiled program takes them in (``None`` leaves none; :func:`_arguments` inverts)."""
-    tables, layers, norm, head, ring, wide = kept
+    tables, layers, norm, ring, wide = kept
     return ([t for t in step if t is not None] + list(tables) + [w[k] for w in layers for k in LAYER_WEIGHTS]
-            + [norm, head] + [t for kv in ring + (wide or []) for t in kv])
+            + [norm] + [t for kv in ring + (wide or []) for t in kv])
 
 
 def _arguments(tensors: tuple, layers: int, children: bool) -> tuple:
     """The positional arguments of :func:`beam_forward` from :func:`_tensors`' list (``children``: with ``wide``)."""
     t = iter(tensors)
-    step = [next(t) for _ in range(6)] + ([next(t), next(t)] if children else [None, None])
+    step = [next(t) for _ in range(6)] + ([next(t), next(t)] if children else [None, None]) + [next(t)]
     tables = (next(t), next(t))
     weights = [{k: next(t) for k in LAYER_WEIGHTS} for _ in range(layers)]
-    norm, head = next(t), next(t)
+    norm = next(t)
     ring = [(next(t), next(t)) for _ in range(layers)]
     wide = [(next(t), next(t)) for _ in range(layers)] if children else None
-    return (*step, tables, weights, norm, head, ring, wide)
+    return (*step, tables, weights, norm, ring, wide)
 
 
 class _Program(torch.nn.Module):
@@ -209,7 +214,7 @@ _failed: set[str] = set()  # device types where compiling failed: eager there fr
 
 
 def compiled_forward(step: tuple, kept: tuple, static: dict):
-    """:func:`beam_forward` at the shape of its arguments (``step``: the first eight, ``kept``: the rest) compiled
+    """:func:`beam_forward` at the shape of its arguments (``step``: the first nine, ``kept``: the rest) compiled
     ahead of time by AOTInductor: ``run(_tensors(step, kept))`` -> ``[logits]`` or ``[logits, median]``.
     ``None`` where compiling is not possible here (a warning says why once; the caller runs eagerly).
 
@@ -377,7 +382,9 @@ class StaticBeams(TokenSampler):
     @torch.inference_mode()
     def feed(self, state: BeamState, chunk: Chunk | torch.Tensor, next_allowed=None) -> BeamState:
         """Feed one or two tokens per row (ids (R,) / (R, Q), or a :class:`Chunk` with local positions);
-        ``state.logits`` then predicts the next token over ``vocab_range`` (``next_allowed`` must lie in it)."""
+        ``state.logits`` then predicts the next token: over ``next_allowed``'s ids where it is an id range (the
+        product with the output embedding is then a fraction of the whole: an action's bins are ~a quarter of
+        ``vocab_range``, an observation's half), else over ``vocab_range``."""
         if isinstance(chunk, Chunk):
             if not bool(chunk.attention_mask.all()):
                 raise ValueError("StaticBeams.feed: every row must be fed the same number of tokens (no padding)")
@@ -412,14 +419,17 @@ class StaticBeams(TokenSampler):
             ring_seen = (self.valid[:, None] & (self.ring_columns >= start)
                          & (self.ring_columns <= columns[:, None]))  # (E, Q, T)
             wide, wide_mask, wide_slots = None, None, None
-        medians = None if self.median_range is None or wide is not None or q_len > 1 else (
-            self.median_range[0] - self.offset, self.median_range[1] - self.offset)
+        lo, hi = self._logit_range(next_allowed)
+        medians = None if (self.median_range is None or wide is not None or q_len > 1
+                           or not lo <= self.median_range[0] < self.median_range[1] <= hi) else (
+            self.median_range[0] - lo, self.median_range[1] - lo)
         step = (ids.to(self.device), local.to(self.device), self.cos[:, at: at + q_len], self.sin[:, at: at + q_len],
                 _additive(ring_seen, self.dtype, self.device), ring_slots.to(self.device),
-                wide_mask, None if wide_slots is None else wide_slots.to(self.device))
-        kept = (self.tables, self.layers, self.norm, self.head, self.ring, wide)
+                wide_mask, None if wide_slots is None else wide_slots.to(self.device),
+                self.head[lo - self.offset: hi - self.offset])
+        kept = (self.tables, self.layers, self.norm, self.ring, wide)
         static = dict(self.static, median_columns=medians)
-        kind = (rows, q_len, wide is not None, medians is not None)
+        kind = (rows, q_len, wide is not None, medians, hi - lo)
         if self.compile and kind not in self._programs:
             self._programs[kind] = compiled_forward(step, kept, static)
         run = self._programs.get(kind)
@@ -430,10 +440,19 @@ class StaticBeams(TokenSampler):
             if buffers not in self._kept:
                 self._kept[buffers] = _tensors((), kept)
             logits, median = (*run([t for t in step if t is not None] + self._kept[buffers]), None)[:2]
-        state.logits, state.logits_offset = logits.cpu(), self.offset
+        state.logits, state.logits_offset = logits.cpu(), lo
         state.median = None if median is None else median.cpu()
         state.length += q_len
         return state
+
+    def _logit_range(self, allowed) -> tuple[int, int]:
+        """The ids (lo, hi) a forward computes logits for when the next token is constrained by ``allowed``."""
+        full = (self.offset, self.offset + self.head.shape[0])
+        if allowed is None or (r := as_range(allowed)) is None:
+            return full
+        if not full[0] <= r[0] < r[1] <= full[1]:
+            raise ValueError(f"StaticBeams.feed: next_allowed ids {r} are outside the vocab_range {full}")
+        return r
 
 
 def _additive(seen: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -143,6 +143,20 @@ def test_sampling_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_repeats_draw_what_the_repeated_rows_would():
+    """``repeats``: the filters run once per row, and the draws are those of the rows repeated (the planner's
+    first action token, sampled once per beam for its children)."""
+    logits = torch.randn(8, 50)
+    for kwargs in (dict(temperature=1.0, cdf=0.6, cdf_log_width=torch.rand(50).log()), dict(temperature=1.0, top_k=5),
+                   dict(temperature=0.0)):
+        a = sample_next_token(logits, torch.Generator().manual_seed(3), repeats=3, **kwargs)
+        b = sample_next_token(logits.repeat_interleave(3, 0), torch.Generator().manual_seed(3), **kwargs)
+        assert a.shape == (24,) and torch.equal(a, b)
+    assert len(set(sample_next_token(torch.zeros(1, 50), torch.Generator(), 1.0, repeats=40).tolist())) > 1
+    with pytest.raises(ValueError, match="repeats"):
+        sample_next_token(logits, None, 1.0, repeats=0)
+
+
 def test_constrain_range_and_mask():
     logits = torch.randn(3, 10)
     sub, off = constrain(logits, (4, 7))

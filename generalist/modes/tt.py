@@ -304,16 +304,17 @@ def tt_plan(engine: Engine, state: DecodeState, tok: GeneralistTokenizer, spec: 
         decoder.branch(beams, expand)  # (E*beam*expand) grouped per environment; a beam's tokens shared by its children
         rewards, alive, values, plans, imagined = (x.repeat_interleave(expand, 0)
                                                    for x in (rewards, alive, values, plans, imagined))
+        # the first action token: a beam's children share their logits, so its filters run once per beam
         if enumerate_first:  # a beam's children try different actions, however sure the model is
             parents, lo = constrain(beams.logits[::expand], act_ranges[0], beams.logits_offset)  # (E*beam, n)
             first = (sample_distinct(parents, expand, decoder.generator) + lo).flatten()  # (E*beam*expand,)
-            decoder.feed(beams, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
-            rest = decoder.generate(beams, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
-                                    cdf=config.cdf_act, cdf_log_width=log_width)
-            plans[:, t] = torch.cat([first[:, None], rest], 1)
         else:
-            plans[:, t] = decoder.generate(beams, act_ranges, 1.0, config.k_act, feed_last=True, then=cont,
-                                           cdf=config.cdf_act, cdf_log_width=log_width)
+            first = decoder.sample(beams, act_ranges[0], 1.0, config.k_act, cdf=config.cdf_act,
+                                   cdf_log_width=log_width, runs=expand)  # (E*beam*expand,)
+        decoder.feed(beams, first[:, None], act_ranges[1] if len(act_ranges) > 1 else cont)
+        rest = decoder.generate(beams, act_ranges[1:], 1.0, config.k_act, feed_last=True, then=cont,
+                                cdf=config.cdf_act, cdf_log_width=log_width)
+        plans[:, t] = torch.cat([first[:, None], rest], 1)
         r_logits, r_offset = constrain(beams.logits, cont, beams.logits_offset)  # (N, 1024)
         rewards[:, t] = expected(r_logits, reward_values)
         greedy = config.k_reward == 1

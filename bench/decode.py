@@ -155,7 +155,7 @@ class Args:
     control and locomotion presets train)"""
     tt_decoders: tuple[Literal["static+compile", "static", "engine"], ...] = ("static+compile", "static", "engine")
     """TT decoders to time (TTConfig.decoder, with compile for "static+compile"), the first one for the ratios to
-    the references. The compiled one compiles during the played steps before the timed ones (~45 s the first time on
+    the references. The compiled one compiles during the played steps before the timed ones (~75 s the first time on
     a machine, then loaded from the disk cache, TTConfig.compile)"""
     tt_beam_cache_dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32")
     """TTConfig.beam_cache_dtype values to time on the engine (a dtype that an earlier entry's ``auto`` already

@@ -618,7 +618,7 @@ class Args:
     """TT: what runs the plan's forwards (TTConfig.decoder; default auto: the static-shape decoder when compiled, on a
     Llama backbone, else the engine)"""
     tt_compile: bool | None = None
-    """TT: plan on the static decoder, its forward compiled ahead of time (TTConfig.compile; ~45 s on the first plan
+    """TT: plan on the static decoder, its forward compiled ahead of time (TTConfig.compile; ~75 s on the first plan
     of a shape, kept on disk after; then 1.2x faster than the engine at this CLI's locomotion shapes on a 2-core
     CPU, 1.3-1.9x at the reference's hopper settings; default off)"""
     swap_mission: bool = False

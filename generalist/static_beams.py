@@ -19,8 +19,10 @@ the keys and values live in two fixed blocks, per layer:
   (parent, child, ...)), so branching copies nothing; ``select`` copies each survivor's parent ring once and
   writes its new tokens into it.
 
-Every forward then has one of three shapes (children with one token, beams with one, beams with two), and
-AOTInductor compiles each into one program (``compile=True``, :func:`compiled_forward`). The method names are
+Every forward then has one of three shapes (children with one token, beams with one, beams with two), times the
+width of the logits it computes (only the next token's ids: an action's bins, an observation's, the value's), and
+AOTInductor compiles each into one program (``compile=True``, :func:`compiled_forward`; five for the planner at
+the reference's settings). The method names are
 the engine's (``feed``, ``branch``, ``select``, ``attend_from``, ``sample``, ``generate``), so the planner's loop
 drives either decoder. It computes what the engine computes: the same logits and the same plan
 (``tests/test_static_beams.py``). It supports the Llama backbone (the default; multi-head attention, no biases);
@@ -270,7 +272,8 @@ class StaticBeams(TokenSampler):
         median_range: (lo, hi) the ids of one continuous value's bins: every forward of one token per beam (not
             children) also computes the predicted median over them in the same call, which :meth:`sample` returns
             when asked for that median (the planner's imagined observations, ``k_obs=1``).
-        compile: run the forward through ``torch.compile`` (falls back to eager, with a warning, where that fails).
+        compile: run each forward as a program compiled ahead of time (:func:`compiled_forward`; eager, with a
+            warning, where compiling fails).
     """
 
     def __init__(self, engine: Engine, state: DecodeState, beams: int, window: int, shared: int, wide: int,

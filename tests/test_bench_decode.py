@@ -51,7 +51,7 @@ def test_quick_run_prints_every_figure(bench, tmp_path, capsys, one_thread):
     _fake_harness(tmp_path, "jat_reference", 50.0)
     _fake_harness(tmp_path, "tt_reference", 70_000.0)
     _fake_harness(tmp_path, "faster_tt_reference", 30_000.0)
-    # the static decoder eager: compiling it (six programs, ~1.5 min in a fresh CI) is tested in test_static_beams
+    # the static decoder eager: compiling it (ten programs, ~2.5 min in a fresh CI) is tested in test_static_beams
     bench.main(bench.Args(quick=True, tt_uncached=True, with_references=tmp_path, threads=one_thread,
                           decision_dtypes=("float32", "bfloat16"), tt_decoders=("static", "engine")))
     out = capsys.readouterr().out

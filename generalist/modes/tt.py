@@ -125,7 +125,7 @@ class TTConfig:
             1.2-1.9x faster at both (docs/speed.md).
         compile: with the static decoder, run its forward as a program compiled ahead of time (``torch.export`` and
             AOTInductor, :func:`~generalist.static_beams.compiled_forward`): each plan shape (task, number of
-            environments, beams, dtype) has three, compiled on its first plan (~15 s each on a 2-core CPU) and kept
+            environments, beams, dtype) has five, compiled on its first plan (~15 s each on a 2-core CPU) and kept
             on disk (``$GENERALIST_CACHE/aoti``), so a later process loads them in a second. Eager where compiling
             fails (a warning says why).
     """

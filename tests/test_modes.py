@@ -21,6 +21,7 @@ from generalist.modes import (
     tt_plan,
 )
 from generalist.modes.control import sample_actions, step_prompts
+from generalist.modes.tt import expected, read_value
 from tests.conftest import TINY_LLAMA, with_task_spec
 
 ACTION_SPACES = {
@@ -152,6 +153,23 @@ def test_tt_scores_predicted_values_and_beats_a_myopic_planner(tok):
     short = _plan(tok, _delayed, TTConfig(beam_width=6, horizon=1, n_expand=4, cdf_act=None))
     assert short.action_ids.tolist() == [[tok.layout.discrete_offset]] * 2
     np.testing.assert_allclose(short.scores, value(0.0) + 0.99 * value(3.0), rtol=1e-5)
+
+
+def test_tt_reads_values_as_the_mean_over_value_bins_and_the_end_apart():
+    """``read_value``: E[V | not ended] over the value bins, P(<eos>) beside it (float32, within float rounding of
+    the float64 renormalisation over bins and <eos>), finite however sure the model is that the episode ended."""
+    torch.manual_seed(0)
+    logits, values = torch.randn(16, 1025) * 3, torch.randn(1024, dtype=torch.float64) * 100
+    p = logits.double().softmax(-1)
+    value, p_end = read_value(logits, 1024, values)
+    np.testing.assert_allclose(p_end, p[:, -1], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(value, (p[:, :-1] @ values) / (1 - p[:, -1]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(expected(logits[:, :1024], values), logits[:, :1024].double().softmax(-1) @ values,
+                               rtol=1e-5, atol=1e-4)
+    logits[0, 1024], logits[1, :1024] = 200.0, float("-inf")  # <eos> certain: by its logit, and with no bin possible
+    value, p_end = read_value(logits, 1024, values)
+    assert p_end[:2].tolist() == [1.0, 1.0] and torch.isfinite(value).all() and value[1] == 0.0
+    np.testing.assert_allclose(value[0], logits[0, :1024].double().softmax(-1) @ values, rtol=1e-5)
 
 
 def test_tt_compares_discrete_actions_the_model_thinks_unlikely_when_asked(tok):

@@ -76,6 +76,25 @@ def test_the_static_decoder_plans_what_the_engine_plans(model, tok, spec, config
         np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-6)
 
 
+def test_a_forward_computes_the_logits_of_the_next_tokens_ids_only(model, tok, spec):
+    """``feed(..., next_allowed=(a, b))``: the logits of ids a..b-1 alone, the same values as those columns of the
+    whole range's; ids outside the decoder's range are refused by name."""
+    vocab = (tok.layout.continuous_offset, tok.eos_id + 1)
+    logits = {}
+    for allowed in (None, (vocab[0] + 10, vocab[0] + 30)):
+        engine = Engine(model, seed=0)
+        state = engine.prefill(_contexts(tok, spec))
+        beams = static_beams.StaticBeams(engine, state, 2, window=state.length + 4, shared=state.length, wide=2,
+                                         columns=4, vocab_range=vocab)
+        out = beams.feed(beams.state, torch.full((6,), vocab[0] + 5), allowed)
+        logits[allowed] = (out.logits, out.logits_offset)
+    (whole, lo), (part, offset) = logits[None], logits[(vocab[0] + 10, vocab[0] + 30)]
+    assert lo == vocab[0] and offset == vocab[0] + 10 and part.shape == (6, 20)
+    torch.testing.assert_close(part, whole[:, 10:30], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the vocab_range"):
+        beams.feed(beams.state, torch.full((6,), vocab[0] + 5), (0, 5))
+
+
 @pytest.mark.parametrize("distinct", [False, True])
 def test_the_agent_acts_the_same_on_either_decoder(model, tok, distinct):
     """Through the Agent in a real vector env whose episodes end at different steps (CartPole played by a random

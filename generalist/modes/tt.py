@@ -247,8 +247,10 @@ def read_value(logits: torch.Tensor, eos_col: int, values: torch.Tensor) -> tupl
     sigmoid(eos logit - logsumexp of the bins' logits), both exact however close ``P(<eos>)`` is to 1.
     """
     bins = logits[:, : len(values)].float()  # (N, 1024)
-    p_end = torch.sigmoid(logits[:, eos_col].float() - bins.logsumexp(-1))  # (N,)
-    return (bins.softmax(-1) @ values.to(bins.dtype)).double(), p_end.double()
+    total = bins.logsumexp(-1)  # (N,)
+    p_end = torch.sigmoid(logits[:, eos_col].float() - total)  # (N,)
+    p = (bins - total[:, None]).exp().nan_to_num(0.0)  # (N, 1024) P(bin | not ended); 0 where no bin can come
+    return (p @ values.to(p.dtype)).double(), p_end.double()
 
 
 @torch.inference_mode()

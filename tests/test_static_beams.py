@@ -73,7 +73,8 @@ def test_the_static_decoder_plans_what_the_engine_plans(model, tok, spec, config
         assert np.array_equal(engine.plan_ids, static.plan_ids)
         assert np.array_equal(engine.observation_ids, static.observation_ids)
         np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-6)
+        # values are read in float32, sums over 1,024 bins: the two decoders' logits (equal to rounding) agree to ~1e-6
+        np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-5)
 
 
 def test_a_forward_computes_the_logits_of_the_next_tokens_ids_only(model, tok, spec):

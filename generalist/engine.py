@@ -107,6 +107,8 @@ class TokenSampler:
         ``runs``: the rows come in runs of this many with the same logits (a beam's children, just branched); the
         filters then run once per run (``sample_next_token``'s ``repeats``), the draws one per row as ever.
         """
+        if runs < 1 or state.batch_size % runs:
+            raise ValueError(f"runs={runs} must divide the {state.batch_size} rows into runs of equal logits")
         logits, offset = constrain(state.logits, allowed, state.logits_offset)
         if median and (temperature == 0 or top_k == 1):
             return self._median(state, allowed, logits, offset)

@@ -483,6 +483,10 @@ def test_sample_and_generate_take_the_cdf_filter(model, tok):
     assert set(engine.sample(state, (0, 4), 1.0, top_p=0.6).tolist()) == {0, 1}
     assert set(engine.sample(state, (0, 4), 1.0, cdf=0.6).tolist()) == {0}
     assert set(engine.generate(state, [(0, 4)], 1.0, cdf=0.6, feed_last=False).flatten().tolist()) == {0}
+    # rows in runs of equal logits (a beam's children): filtered once a run, drawn once a row
+    assert set(engine.sample(state, (0, 4), 1.0, top_p=0.6, runs=4).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="runs=5 must divide the 64 rows"):
+        engine.sample(state, (0, 4), 1.0, runs=5)
 
 
 # --- the KV cache and transformers --------------------------------------------------------------------

@@ -282,7 +282,7 @@ class StaticBeams(TokenSampler):
         if (reason := unsupported(engine, state)) is not None:
             raise ValueError(f"StaticBeams cannot decode this state: {reason}")
         model, text = engine.model, engine.model.config.text_config
-        self.model, self.generator, self.device, self.dtype = model, engine.generator, engine.device, engine.dtype
+        self.generator, self.device, self.dtype = engine.generator, engine.device, engine.dtype
         self.compile = compile
         body = model.backbone.model
         self.layers = [dict(norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
@@ -295,7 +295,8 @@ class StaticBeams(TokenSampler):
                            act=body.layers[0].mlp.act_fn)
         self.tables = model.embedding_tables()
         self.norm = body.norm.weight
-        self._programs: dict[tuple, object] = {}  # (rows, tokens, children?, median?) -> compiled_forward's run
+        # (rows, tokens, children?, median columns, logit width) -> compiled_forward's run
+        self._programs: dict[tuple, object] = {}
         self._kept: dict[tuple, list[torch.Tensor]] = {}  # (ring, wide) buffers -> their _tensors
         lo, hi = vocab_range
         self.head = model.backbone.get_output_embeddings().weight[lo:hi].contiguous()  # (V', D)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENERALIST_CACHE", Path.home() / ".cache" / "generalist")) / "aoti"
 
 
+CACHE_MB = 512  # default bound on cache_dir()'s packages (~2.3 MB each: five per plan shape and dtype)
+_PACKAGE = re.compile(r"beam_forward-[0-9a-f]{32}\.pt2")  # a complete package (a partial one adds -<pid>)
+
+
+def prune_cache(max_bytes: int | None = None, partial_age_s: float = 3600.0) -> list[Path]:
+    """Bound :func:`cache_dir`: keep the most recently used packages whose sizes add up to at most ``max_bytes``
+    (default ``$GENERALIST_AOTI_CACHE_MB``, else :data:`CACHE_MB`; the newest is always kept) and delete the rest,
+    and partial packages older than ``partial_age_s`` (a compile that died). Returns the deleted paths.
+
+    Why: a package is named by a digest that includes this module's code, so every upgrade of generalist, every
+    task, number of environments, beam width and dtype leaves five more behind; unbounded, the cache only grows.
+    "Used" is the file's modification time, which :func:`compiled_forward` refreshes at every load. Run after each
+    new package is written; files that are not packages are never touched."""
+    if max_bytes is None:
+        max_bytes = int(float(os.environ.get("GENERALIST_AOTI_CACHE_MB", CACHE_MB)) * 2**20)
+    folder, now, deleted = cache_dir(), time.time(), []
+    if not folder.is_dir():
+        return deleted
+    packages = []
+    for path in folder.glob("beam_forward-*.pt2"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # deleted by another process meanwhile
+            continue
+        if _PACKAGE.fullmatch(path.name):
+            packages.append((stat.st_mtime, stat.st_size, path))
+        elif now - stat.st_mtime > partial_age_s:
+            deleted.append(path)
+    total = 0
+    for i, (_, size, path) in enumerate(sorted(packages, reverse=True)):  # most recently used first
+        total += size
+        if i > 0 and total > max_bytes:
+            deleted.append(path)
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
 @functools.cache
 def _code_digest() -> str:
     """What the compiled program is made of besides its inputs' shapes: this module's and the median's code and
@@ -209,6 +249,18 @@ def _code_digest() -> str:
 
     text = Path(__file__).read_text() + Path(sampling.__file__).read_text() + torch.__version__
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _mark_used(path: Path) -> bool:
+    """Whether the package ``path`` exists; if so its modification time becomes now (:func:`prune_cache` keeps the
+    most recently used). A cache one may not write to is read as it is."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return path.exists()
+    return True
 
 
 _programs: dict[str, object] = {}  # digest -> the loaded program's run(list of tensors) -> list of tensors
@@ -239,7 +291,7 @@ def compiled_forward(step: tuple, kept: tuple, static: dict):
     if digest not in _programs:
         path = cache_dir() / f"beam_forward-{digest}.pt2"
         try:
-            if not path.exists():
+            if not _mark_used(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_name(f"{path.stem}-{os.getpid()}.pt2")  # renamed when complete
                 with warnings.catch_warnings():  # torch's own deprecation inside export, once per program
@@ -248,6 +300,7 @@ def compiled_forward(step: tuple, kept: tuple, static: dict):
                     torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
                                                              inductor_configs=dict(options))
                 os.replace(partial, path)
+                prune_cache()
             _programs[digest] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
         except Exception as err:  # noqa: BLE001  (exporting and compiling fail in many ways: no C++ compiler...)
             _failed.add(device.type)
@@ -464,5 +517,5 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype, device: torch.device) -> t
     return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).to(device)
 
 
-__all__ = ["BeamState", "StaticBeams", "beam_forward", "cache_dir", "compiled_forward", "rms_norm", "rotate",
-           "unsupported"]
+__all__ = ["BeamState", "StaticBeams", "beam_forward", "cache_dir", "compiled_forward", "prune_cache", "rms_norm",
+           "rotate", "unsupported"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 
 import numpy as np
@@ -149,7 +151,10 @@ def test_the_compiled_static_decoder_plans_the_same(model, tok, spec, tmp_path, 
         engine, static = _plans(model, tok, spec, _contexts(tok, spec), **run)
     assert np.array_equal(engine.plan_ids, static.plan_ids)
     np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-4, atol=1e-5)
-    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 5
+    packages = sorted((tmp_path / "aoti").glob("*.pt2"))
+    assert len(packages) == 5
+    for path in packages:  # as if last used a day ago
+        os.utime(path, (time.time() - 86400,) * 2)
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
@@ -160,6 +165,39 @@ def test_the_compiled_static_decoder_plans_the_same(model, tok, spec, tmp_path, 
         warnings.simplefilter("error", RuntimeWarning)
         _, again = _plans(model, tok, spec, _contexts(tok, spec), **run)
     assert np.array_equal(again.plan_ids, static.plan_ids)
+    assert all(time.time() - path.stat().st_mtime < 600 for path in packages)  # loading marked each one used
+
+    # the cache bounded to nothing but the newest package: the programs loaded go on planning without their files
+    assert len(static_beams.prune_cache(max_bytes=0)) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, third = _plans(model, tok, spec, _contexts(tok, spec), **run)
+    assert np.array_equal(third.plan_ids, static.plan_ids)
+
+
+def test_the_compiled_forwards_cache_keeps_the_most_recently_used_within_its_bound(tmp_path, monkeypatch):
+    """``prune_cache``: packages by last use, newest first, kept while their sizes fit the bound (the newest always);
+    a partial package (a compile that died) goes once old; other files stay."""
+    monkeypatch.setenv("GENERALIST_CACHE", str(tmp_path))
+    folder, now = tmp_path / "aoti", time.time()
+    folder.mkdir()
+
+    def write(name: str, size: int, age_s: float):
+        path = folder / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - age_s,) * 2)
+        return path
+
+    packages = [write(f"beam_forward-{i:032x}.pt2", 1000, age_s=100 * i) for i in range(5)]  # [0]: newest
+    dead = write(f"beam_forward-{9:032x}-1234.pt2", 10, age_s=7200)
+    busy = write(f"beam_forward-{8:032x}-1235.pt2", 10, age_s=5)
+    other = write("notes.txt", 10**6, age_s=10**6)
+    assert static_beams.prune_cache(max_bytes=10**6) == [dead]
+    assert sorted(static_beams.prune_cache(max_bytes=2500)) == sorted(packages[2:])
+    assert [p.exists() for p in packages] == [True, True, False, False, False] and busy.exists() and other.exists()
+    monkeypatch.setenv("GENERALIST_AOTI_CACHE_MB", "0")
+    assert static_beams.prune_cache() == [packages[1]]
+    assert packages[0].exists()
 
 
 def test_where_compiling_fails_the_static_decoder_warns_and_plans_eagerly(model, tok, spec, tmp_path, monkeypatch):

@@ -126,8 +126,9 @@ class TTConfig:
         compile: with the static decoder, run its forward as a program compiled ahead of time (``torch.export`` and
             AOTInductor, :func:`~generalist.static_beams.compiled_forward`): each plan shape (task, number of
             environments, beams, dtype) has five, compiled on its first plan (~15 s each on a 2-core CPU) and kept
-            on disk (``$GENERALIST_CACHE/aoti``), so a later process loads them in a second. Eager where compiling
-            fails (a warning says why).
+            on disk (``$GENERALIST_CACHE/aoti``, the most recently used 512 MB: ``GENERALIST_AOTI_CACHE_MB``,
+            :func:`~generalist.static_beams.prune_cache`), so a later process loads them in a second. Eager where
+            compiling fails (a warning says why).
     """
 
     beam_width: int = 128

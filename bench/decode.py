@@ -445,6 +445,9 @@ def decision_gemm_rate(args: Args) -> tuple[float, str]:
 
 
 def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[str, int], Timing]:
+    """Ours at JAT's size through the Agent, 1 and ``num_envs`` envs per dtype. Where JAT is measured in this run
+    (``--with_references``), it runs before ours and again after, and the ratio is to the faster of the two (the
+    lower ratio): this machine's speed drifts by up to 1.5x within minutes."""
     model = seeded_model(tok, jat_backbone(args.jat_layers, args.jat_width), args.device, args.hidden_action_prob)
     layer_params = sum(p.numel() for p in model.backbone.model.layers.parameters())
     pre = steps_before(args.jat_context, args.timed_steps, tok.step_layout(spec).tokens)
@@ -458,6 +461,13 @@ def bench_jat_size(args: Args, tok, spec, jat_ms: float | None) -> dict[tuple[st
     for (dtype, n), t in out.items():
         print(f"{dtype:>8} {n:>2} env(s): {t.median * 1e3:.1f} ms per env-step, {t.median / n * 1e3:.1f} ms per "
               f"decision, {t.per_s:.1f} decisions/s")
+    if jat_ms is not None and args.jat_ms is None:  # measured before ours in this run: again after
+        after = run_jat_reference(args)
+        if after is not None:
+            fast, slow = sorted((jat_ms, after))
+            print(f"JAT before ours {jat_ms:.1f} ms, after {after:.1f} ms per decision: the ratios below are to the "
+                  f"faster ({fast:.1f} ms); to the slower they would be {slow / fast:.2f}x higher")
+            jat_ms = fast
     for dtype in args.jat_dtypes:
         many = out[dtype, args.num_envs].per_s
         if jat_ms is None:

@@ -217,7 +217,11 @@ def prune_cache(max_bytes: int | None = None, partial_age_s: float = 3600.0) -> 
     "Used" is the file's modification time, which :func:`compiled_forward` refreshes at every load. Run after each
     new package is written; files that are not packages are never touched."""
     if max_bytes is None:
-        max_bytes = int(float(os.environ.get("GENERALIST_AOTI_CACHE_MB", CACHE_MB)) * 2**20)
+        value = os.environ.get("GENERALIST_AOTI_CACHE_MB", str(CACHE_MB))
+        try:
+            max_bytes = int(float(value) * 2**20)
+        except ValueError:
+            raise ValueError(f"GENERALIST_AOTI_CACHE_MB must be a number of megabytes, got {value!r}") from None
     folder, now, deleted = cache_dir(), time.time(), []
     if not folder.is_dir():
         return deleted

@@ -198,6 +198,9 @@ def test_the_compiled_forwards_cache_keeps_the_most_recently_used_within_its_bou
     monkeypatch.setenv("GENERALIST_AOTI_CACHE_MB", "0")
     assert static_beams.prune_cache() == [packages[1]]
     assert packages[0].exists()
+    monkeypatch.setenv("GENERALIST_AOTI_CACHE_MB", "half a gig")
+    with pytest.raises(ValueError, match="GENERALIST_AOTI_CACHE_MB must be a number of megabytes, got 'half a gig'"):
+        static_beams.prune_cache()
 
 
 def test_where_compiling_fails_the_static_decoder_warns_and_plans_eagerly(model, tok, spec, tmp_path, monkeypatch):

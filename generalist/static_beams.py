@@ -25,7 +25,7 @@ AOTInductor compiles each into one program (``compile=True``, :func:`compiled_fo
 the reference's settings). The method names are
 the engine's (``feed``, ``branch``, ``select``, ``attend_from``, ``sample``, ``generate``), so the planner's loop
 drives either decoder. It computes what the engine computes: the same logits and the same plan
-(``tests/test_static_beams.py``). It supports the Llama backbone (the default; multi-head attention, no biases);
+(``tests/test_static_beams.py``). It supports the Llama backbone (the default; grouped-query attention too, no biases);
 :func:`unsupported` names what else makes the planner use the engine.
 """
 
@@ -71,8 +71,6 @@ def unsupported(engine: Engine, state: DecodeState) -> str | None:
     backbone = getattr(getattr(engine.model, "backbone", None), "model", None)
     if getattr(text, "model_type", None) != "llama" or backbone is None:
         return f"its backbone is {getattr(text, 'model_type', None)!r}, not a Llama"
-    if text.num_key_value_heads != text.num_attention_heads:
-        return "grouped-query attention"
     if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
         return "biases in attention or MLP"
     if state.cache is None or state.prefix is not None or state.branch is not None:
@@ -107,8 +105,9 @@ def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_sl
     tokens and their local positions, embedded by lookup in ``tables`` (:meth:`GeneralistForCausalLM.embedding_tables`);
     ``cos``/``sin`` (E, Q, d): rotary tables of each environment's positions (its beams are all at the same one).
     ``layers[i]``: the weights of layer i (``norm1``, ``qkv``, ``o``, ``norm2``, ``gate_up``, ``down``); ``act``
-    the MLP's activation. Per layer ``ring[i]`` = (keys, values) (P, H, T, d), P = E x B beams (R = P rows without
-    ``wide``, P x children with it), ``wide[i]`` (R, H, W, d) or ``None``. Additive masks: ``ring_mask`` (E, Q, T),
+    the MLP's activation. Per layer ``ring[i]`` = (keys, values) (P, Hkv, T, d), P = E x B beams (R = P rows without
+    ``wide``, P x children with it), ``wide[i]`` (R, Hkv, W, d) or ``None``; Hkv key/value heads, each read by
+    H / Hkv query heads (``qkv`` holds H + 2 Hkv heads' rows). Additive masks: ``ring_mask`` (E, Q, T),
     ``wide_mask`` (Q, W). The new keys and values are written (in place) into the ring at ``ring_slots`` (Q,), or
     into ``wide`` at ``wide_slots`` (Q,) when it is given, before attending, so that each token reads itself.
     """
@@ -116,34 +115,38 @@ def beam_forward(ids, local, cos, sin, ring_mask, ring_slots, wide_mask, wide_sl
     x = (tokens[ids] + places[local.clamp(max=places.shape[0] - 1)]).to(head.dtype)  # (R, Q, D)
     rows, q_len, width = x.shape
     envs = cos.shape[0]
-    parents, heads, slots, dim = ring[0][0].shape
+    parents, kv_heads, slots, dim = ring[0][0].shape
+    heads = layers[0]["qkv"].shape[0] // dim - 2 * kv_heads  # query heads: kv_heads groups of `group`
+    group = heads // kv_heads  # 1 without grouped-query attention (Ainslie et al. 2023)
     cos, sin = cos[:, None, :, None], sin[:, None, :, None]  # (E, 1, Q, 1, d)
-    ring_mask = ring_mask[:, None, None, :, None]  # (E, 1, 1, Q, 1, T)
+    ring_mask = ring_mask[:, None, None, :, None, None]  # (E, 1, 1, Q, 1, 1, T)
     for i, w in enumerate(layers):
-        q, k, v = F.linear(rms_norm(x, w["norm1"], eps), w["qkv"]).view(rows, q_len, 3, heads, dim).unbind(2)
+        q, k, v = F.linear(rms_norm(x, w["norm1"], eps), w["qkv"]).split(
+            [heads * dim, kv_heads * dim, kv_heads * dim], -1)
         q = rotate(q.view(envs, rows // envs, q_len, heads, dim), cos, sin) * scaling  # (E, R/E, Q, H, d)
-        k = rotate(k.view(envs, rows // envs, q_len, heads, dim), cos, sin).view(rows, q_len, heads, dim)
+        k = rotate(k.view(envs, rows // envs, q_len, kv_heads, dim), cos, sin).view(rows, q_len, kv_heads, dim)
         own_k, own_v, at = (ring[i][0], ring[i][1], ring_slots) if wide is None else (*wide[i], wide_slots)
-        own_k.index_copy_(2, at, k.transpose(1, 2))  # (R, H, Q, d) into (R, H, T or W, d)
-        own_v.index_copy_(2, at, v.transpose(1, 2))
-        q = q.reshape(envs, parents // envs, -1, q_len, heads, dim)  # (E, B, children, Q, H, d)
-        ring_k = ring[i][0].view(envs, parents // envs, heads, slots, dim)
+        own_k.index_copy_(2, at, k.transpose(1, 2))  # (R, Hkv, Q, d) into (R, Hkv, T or W, d)
+        own_v.index_copy_(2, at, v.view(rows, q_len, kv_heads, dim).transpose(1, 2))
+        q = q.reshape(envs, parents // envs, -1, q_len, kv_heads, group, dim)  # (E, B, children, Q, Hkv, G, d)
+        ring_k = ring[i][0].view(envs, parents // envs, kv_heads, slots, dim)
         # one product per child: each is then a matrix-vector product, which inductor fuses into one kernel that
         # reads the parent's ring once for all its children (as one product (children, d) x (d, T), an extern
         # batched product per layer read it at half the speed)
-        scores = [(torch.stack([torch.einsum("ebqhd,ebhtd->ebqht", child, ring_k) for child in q.unbind(2)], 2)
+        scores = [(torch.stack([torch.einsum("ebqkgd,ebktd->ebqkgt", child, ring_k) for child in q.unbind(2)], 2)
                    + ring_mask).reshape(rows, q_len, heads, slots)]  # (R, Q, H, T)
         if wide is not None:
-            scores.append(torch.einsum("rqhd,rhwd->rqhw", q.reshape(rows, q_len, heads, dim), wide[i][0])
-                          + wide_mask[:, None])  # (R, Q, H, W)
+            scores.append(torch.einsum("rqkgd,rkwd->rqkgw", q.reshape(rows, q_len, kv_heads, group, dim), wide[i][0])
+                          .reshape(rows, q_len, heads, -1) + wide_mask[:, None])  # (R, Q, H, W)
         sizes = [s.shape[-1] for s in scores]
         p = torch.cat(scores, -1).float().softmax(-1).to(x.dtype).split(sizes, -1)  # (R, Q, H, keys)
-        ring_v = ring[i][1].view(envs, parents // envs, heads, slots, dim)
-        out = torch.stack([torch.einsum("ebqht,ebhtd->ebqhd", child, ring_v) for child in p[0].view(
-            envs, parents // envs, -1, q_len, heads, slots).unbind(2)], 2).reshape(rows, q_len, heads, dim)
+        ring_v = ring[i][1].view(envs, parents // envs, kv_heads, slots, dim)
+        out = torch.stack([torch.einsum("ebqkgt,ebktd->ebqkgd", child, ring_v) for child in p[0].reshape(
+            envs, parents // envs, -1, q_len, kv_heads, group, slots).unbind(2)], 2).reshape(rows, q_len, heads, dim)
         if wide is not None:
-            out = out + torch.einsum("rqhw,rhwd->rqhd", p[1], wide[i][1])
-        x = x + F.linear(out.reshape(rows, q_len, width), w["o"])
+            out = out + torch.einsum("rqkgw,rkwd->rqkgd", p[1].reshape(rows, q_len, kv_heads, group, -1),
+                                     wide[i][1]).reshape(rows, q_len, heads, dim)
+        x = x + F.linear(out.reshape(rows, q_len, heads * dim), w["o"])
         gate, up = F.linear(rms_norm(x, w["norm2"], eps), w["gate_up"]).chunk(2, -1)
         x = x + F.linear(act(gate) * up, w["down"])
     logits = F.linear(rms_norm(x[:, -1], norm, eps), head).float()  # (R, V')

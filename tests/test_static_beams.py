@@ -79,6 +79,17 @@ def test_the_static_decoder_plans_what_the_engine_plans(model, tok, spec, config
         np.testing.assert_allclose(static.values, engine.values, rtol=1e-5, atol=1e-5)
 
 
+def test_the_static_decoder_plans_what_the_engine_plans_with_grouped_query_attention(tok, spec):
+    """Four query heads reading two key/value heads (the ring keeps the two): the same plan as the engine's."""
+    torch.manual_seed(1)
+    text = TINY_LLAMA | {"num_attention_heads": 4, "num_key_value_heads": 2}
+    gqa = GeneralistForCausalLM(GeneralistConfig(vocab_layout=tok.layout.to_dict(), text_config=text)).eval()
+    engine, static = _plans(gqa, tok, spec, _contexts(tok, spec), beam_width=3, horizon=4, context_steps=3)
+    assert np.array_equal(engine.plan_ids, static.plan_ids)
+    assert np.array_equal(engine.observation_ids, static.observation_ids)
+    np.testing.assert_allclose(static.scores, engine.scores, rtol=1e-5, atol=1e-6)
+
+
 def test_a_forward_computes_the_logits_of_the_next_tokens_ids_only(model, tok, spec):
     """``feed(..., next_allowed=(a, b))``: the logits of ids a..b-1 alone, the same values as those columns of the
     whole range's; ids outside the decoder's range are refused by name."""

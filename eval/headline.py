@@ -189,7 +189,7 @@ class Row:
 _CONTROL = "`python train.py --preset control` (≤ 30 min; runs `ctl-pv`)"
 _LOWQ = "`--preset control-lowq` (5 % expert data, DT trained on one-step windows; runs `lowqw1`)"
 _LOWQ_BEFORE = "the preset before 2026-12-06 (whole-episode DT sequences; runs `lowqst`)"
-_TT_LOG = "decode_tt_2026-12-07-narrow3.log"
+_TT_LOG = "decode_tt_2026-12-07-gqa.log"
 ROWS: tuple[Row, ...] = (
     Row(f"{_CONTROL}, Gato mode prompted, 7 tasks", Iqm("control_pv_gato_recount", 0.9), "IQM ≥ 0.9"),
     Row("same runs, Decision Transformer (target = expert return)", Iqm("control_pv_dt", 0.9), "IQM ≥ 0.9"),
